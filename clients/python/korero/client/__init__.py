@@ -1,0 +1,8 @@
+"""Kōrero's Python client: an async `ChatClient` over the generated stubs."""
+
+from __future__ import annotations
+
+from korero.client._client import ChatClient, Conversation
+from korero.client._errors import ChatError
+
+__all__ = ["ChatClient", "ChatError", "Conversation"]

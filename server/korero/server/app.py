@@ -1,0 +1,137 @@
+"""Wiring: build the gRPC server from settings, run it, drain it on SIGTERM.
+
+No conversation logic lives here; it only connects the pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from korero.chat.v1 import chat_pb2, chat_pb2_grpc
+from korero.server.context import PromptAssembler
+from korero.server.engine import ConversationEngine
+from korero.server.llm import LLMProvider, OpenAIProvider
+from korero.server.servicer import ChatServicer, Lifecycle
+from korero.server.settings import Settings
+from korero.server.store import SessionStore
+
+__all__ = ["KoreroServer", "run"]
+
+log = logging.getLogger(__name__)
+
+CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+_SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 1),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_concurrent_streams", 100_000),
+]
+
+
+@dataclass
+class KoreroServer:
+    """A running Kōrero gRPC server and the parts it owns."""
+
+    server: grpc.aio.Server
+    port: int
+    engine: ConversationEngine
+    lifecycle: Lifecycle
+    health: health_aio.HealthServicer
+    store: SessionStore
+    llm: LLMProvider
+    settings: Settings
+
+    @classmethod
+    async def start(
+        cls,
+        settings: Settings,
+        *,
+        store: SessionStore | None = None,
+        llm: LLMProvider | None = None,
+    ) -> KoreroServer:
+        """Build everything from settings (or injected parts) and start listening."""
+        store = store or SessionStore.connect(settings.redis, settings.engine)
+        llm = llm or OpenAIProvider(settings.llm)
+        engine = ConversationEngine(
+            store,
+            llm,
+            PromptAssembler(settings.engine.system_prompt),
+            settings.engine,
+            settings.llm,
+        )
+        lifecycle = Lifecycle()
+        health = health_aio.HealthServicer()
+        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(
+            ChatServicer(engine, settings, lifecycle), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(
+            (CHAT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
+        port = server.add_insecure_port(settings.server.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {settings.server.listen}")
+        await server.start()
+        for service in ("", CHAT_SERVICE):
+            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return cls(server, port, engine, lifecycle, health, store, llm, settings)
+
+    @property
+    def address(self) -> str:
+        host = self.settings.server.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING at once, refuse new streams, let turns finish, then stop."""
+        grace = self.settings.server.shutdown_grace if grace is None else grace
+        log.info("event=draining grace=%.1f open_streams=%d", grace, self.lifecycle.open_streams)
+        await self.health.enter_graceful_shutdown()
+        self.lifecycle.begin_drain()
+        await self.engine.drain(grace)
+        await self.server.stop(grace=1.0)
+        await self.llm.aclose()
+        await self.store.close()
+        log.info("event=stopped")
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain."""
+    app = await KoreroServer.start(settings)
+    log.info(
+        "event=serving address=%s redis=%s llm=%s model=%s",
+        app.address,
+        _redact(settings.redis.url),
+        settings.llm.base_url,
+        settings.llm.model,
+    )
+    try:
+        await app.store.ping()
+    except Exception as exc:  # noqa: BLE001 - a warning, serving goes on
+        log.warning("event=redis_unreachable error=%s", type(exc).__name__)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await app.shutdown()
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest

@@ -1,0 +1,99 @@
+"""The exception tree of the server.
+
+    KoreroError                 root: a gRPC status code, an UPPER_SNAKE reason,
+     │                          a user-safe message, retryable, retry_after
+     ├── InvalidArgumentError   bad input from the client (INVALID_ARGUMENT)
+     ├── NotFoundError          a named resource does not exist (NOT_FOUND)
+     ├── StoreUnavailableError  Redis down, slow or failing (UNAVAILABLE)
+     ├── UpstreamError          the LLM upstream failed (code depends on cause)
+     └── ShuttingDownError      the server is draining (UNAVAILABLE)
+
+Lower-layer exceptions (`redis`, `openai`) are translated into these exactly
+once, at their boundary (`store.py`, `llm.py`). The transport turns a
+`KoreroError` into a `TurnError` event inside a turn, or into a gRPC status
+with `google.rpc.ErrorInfo` / `RetryInfo` details when it ends a call.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+__all__ = [
+    "ERROR_DOMAIN",
+    "InvalidArgumentError",
+    "KoreroError",
+    "NotFoundError",
+    "ShuttingDownError",
+    "StoreUnavailableError",
+    "UpstreamError",
+]
+
+ERROR_DOMAIN = "korero.chat.v1"
+"""`google.rpc.ErrorInfo.domain` of every error the server raises."""
+
+
+class KoreroError(Exception):
+    """Root of every error the server reports to clients."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code.name}, {self.reason!r}, {self.message!r})"
+
+
+class InvalidArgumentError(KoreroError):
+    """The client sent something the server cannot accept."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, reason, message)
+
+
+class NotFoundError(KoreroError):
+    """A named resource does not exist (for this tenant)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(grpc.StatusCode.NOT_FOUND, reason, message)
+
+
+class StoreUnavailableError(KoreroError):
+    """The session store could not be reached in time."""
+
+    def __init__(self, message: str = "session store unavailable") -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            "STORE_UNAVAILABLE",
+            message,
+            retryable=True,
+            retry_after=1.0,
+        )
+
+
+class UpstreamError(KoreroError):
+    """The LLM upstream failed; `code` and `reason` say how."""
+
+
+class ShuttingDownError(KoreroError):
+    """The server is draining; the client should reconnect elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            "SERVER_SHUTTING_DOWN",
+            "server is shutting down; reconnect and resume the session",
+            retryable=True,
+            retry_after=0.0,
+        )

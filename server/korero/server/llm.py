@@ -1,0 +1,216 @@
+"""The LLM provider: any OpenAI-compatible endpoint through the `openai` package.
+
+`openai` exceptions are translated to `UpstreamError` here, in one table,
+and nowhere else. Retrying and deadlines are the engine's business: the
+provider makes one attempt per call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import httpx2 as httpx  # the HTTP library of openai>=3; its errors can escape a stream
+import openai
+
+from korero.server.errors import UpstreamError
+from korero.server.settings import LLMSettings
+
+__all__ = [
+    "OPENAI_ERROR_TABLE",
+    "LLMChunk",
+    "LLMProvider",
+    "LLMRequest",
+    "OpenAIProvider",
+    "TokenUsage",
+    "estimate_tokens",
+    "translate_openai_error",
+]
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Tokens used by one call; `estimated` when the upstream did not say."""
+
+    input_tokens: int
+    output_tokens: int
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """One chat completion request."""
+
+    messages: Sequence[dict[str, str]]
+    model: str
+    max_tokens: int
+    temperature: float
+
+
+@dataclass(frozen=True)
+class LLMChunk:
+    """A piece of a streamed answer: text, a finish reason, or usage."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: TokenUsage | None = None
+
+
+class LLMProvider(Protocol):
+    """Streams a chat completion. Raises only `UpstreamError`.
+
+    Closing the returned iterator (or cancelling its consumer) must abort the
+    upstream request, so a cancelled turn stops costing tokens.
+    """
+
+    def stream(self, request: LLMRequest) -> AsyncIterator[LLMChunk]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count (about 4 characters per token) for upstreams that send no usage."""
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+# (code, reason, retryable) by exception class; the most specific class wins.
+OPENAI_ERROR_TABLE: dict[type[BaseException], tuple[grpc.StatusCode, str, bool]] = {
+    openai.OpenAIError: (grpc.StatusCode.INTERNAL, "UPSTREAM_ERROR", False),
+    openai.APIError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_ERROR", True),
+    openai.APIConnectionError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE", True),
+    openai.APITimeoutError: (grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT", True),
+    openai.APIResponseValidationError: (
+        grpc.StatusCode.INTERNAL,
+        "UPSTREAM_BAD_RESPONSE",
+        False,
+    ),
+    openai.APIStatusError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_STATUS_ERROR", True),
+    openai.BadRequestError: (grpc.StatusCode.INTERNAL, "UPSTREAM_REJECTED_REQUEST", False),
+    openai.AuthenticationError: (grpc.StatusCode.INTERNAL, "UPSTREAM_AUTH_FAILED", False),
+    openai.OAuthError: (grpc.StatusCode.INTERNAL, "UPSTREAM_AUTH_FAILED", False),
+    openai.PermissionDeniedError: (grpc.StatusCode.INTERNAL, "UPSTREAM_PERMISSION_DENIED", False),
+    openai.NotFoundError: (grpc.StatusCode.INTERNAL, "UPSTREAM_MODEL_NOT_FOUND", False),
+    openai.ConflictError: (grpc.StatusCode.ABORTED, "UPSTREAM_CONFLICT", True),
+    openai.UnprocessableEntityError: (
+        grpc.StatusCode.INTERNAL,
+        "UPSTREAM_REJECTED_REQUEST",
+        False,
+    ),
+    openai.RateLimitError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", True),
+    openai.InternalServerError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_SERVER_ERROR", True),
+    openai.LengthFinishReasonError: (grpc.StatusCode.INTERNAL, "UPSTREAM_LENGTH_LIMIT", False),
+    openai.ContentFilterFinishReasonError: (
+        grpc.StatusCode.INTERNAL,
+        "UPSTREAM_CONTENT_FILTERED",
+        False,
+    ),
+    openai.InvalidWebhookSignatureError: (grpc.StatusCode.INTERNAL, "UPSTREAM_ERROR", False),
+    openai.WebSocketConnectionClosedError: (
+        grpc.StatusCode.UNAVAILABLE,
+        "UPSTREAM_UNREACHABLE",
+        True,
+    ),
+    openai.WebSocketQueueFullError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_OVERLOADED", True),
+}
+
+_USER_MESSAGES = {
+    "UPSTREAM_RATE_LIMITED": "the assistant is busy right now; please try again shortly",
+    "UPSTREAM_TIMEOUT": "the assistant took too long to answer; please try again",
+    "UPSTREAM_UNREACHABLE": "the assistant is unreachable right now; please try again",
+}
+
+
+def translate_openai_error(exc: BaseException) -> UpstreamError:
+    """The one mapping from an `openai` (or stream transport) exception to our error."""
+    if isinstance(exc, httpx.TransportError | httpx.StreamError):
+        # A stream cut mid-answer surfaces as the transport's error, not openai's.
+        return UpstreamError(
+            grpc.StatusCode.UNAVAILABLE,
+            "UPSTREAM_STREAM_INTERRUPTED",
+            "the assistant's answer was interrupted; please try again",
+            retryable=True,
+        )
+    for cls in type(exc).__mro__:
+        if cls in OPENAI_ERROR_TABLE:
+            code, reason, retryable = OPENAI_ERROR_TABLE[cls]
+            break
+    else:
+        code, reason, retryable = OPENAI_ERROR_TABLE[openai.OpenAIError]
+    message = _USER_MESSAGES.get(reason, "the assistant could not answer; please try again later")
+    retry_after = _retry_after(exc)
+    status = getattr(exc, "status_code", None)
+    detail = f" (upstream HTTP {status})" if status else ""
+    return UpstreamError(
+        code, reason, message + detail, retryable=retryable, retry_after=retry_after
+    )
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            return max(0.0, float(raw) * scale)
+        except ValueError:
+            continue
+    return None
+
+
+class OpenAIProvider:
+    """`openai.AsyncOpenAI` pointed at any OpenAI-compatible base URL."""
+
+    def __init__(self, settings: LLMSettings, client: openai.AsyncOpenAI | None = None) -> None:
+        self._settings = settings
+        self._client = client or openai.AsyncOpenAI(
+            base_url=settings.base_url,
+            api_key=settings.api_key,
+            max_retries=0,  # the engine retries, and only before the first token
+            timeout=openai.Timeout(connect=5.0, read=None, write=10.0, pool=10.0),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def stream(self, request: LLMRequest) -> AsyncIterator[LLMChunk]:
+        kwargs: dict[str, Any] = {
+            "model": request.model,
+            "messages": list(request.messages),
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        try:
+            stream = await self._client.chat.completions.create(**kwargs)
+        except (openai.OpenAIError, httpx.TransportError) as exc:
+            raise translate_openai_error(exc) from exc
+        try:
+            async for chunk in stream:
+                usage = None
+                if chunk.usage is not None:
+                    usage = TokenUsage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                text, finish = "", None
+                if chunk.choices:
+                    choice = chunk.choices[0]
+                    text = choice.delta.content or "" if choice.delta else ""
+                    finish = choice.finish_reason
+                if text or finish or usage:
+                    yield LLMChunk(text, finish, usage)
+        except (openai.OpenAIError, httpx.TransportError, httpx.StreamError) as exc:
+            raise translate_openai_error(exc) from exc
+        finally:
+            # Closing the response closes the HTTP stream: the upstream sees the
+            # client go away and stops generating.
+            await stream.close()

@@ -1,0 +1,209 @@
+"""Settings: the one place that reads the environment.
+
+Every knob is a field of a frozen dataclass with its environment variable,
+default and description declared next to it, so `korero serve --help` and the
+README table come from the same source. Everything else receives a `Settings`
+through its constructor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+__all__ = [
+    "EngineSettings",
+    "LLMSettings",
+    "RedisSettings",
+    "ServerSettings",
+    "Settings",
+    "SettingsError",
+    "env_reference",
+]
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_LLM_BASE_URL = "http://127.0.0.1:8088/v1"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a friendly, concise customer-support assistant. Answer the "
+    "customer's question using the facts you are given. If you do not know, "
+    "say so and offer to connect them with a human agent."
+)
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value that cannot be used."""
+
+
+def _env(name: str, default: Any, doc: str, *, aliases: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"env": name, "doc": doc, "aliases": aliases})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The gRPC listener and process lifecycle."""
+
+    listen: str = _env("KORERO_LISTEN", DEFAULT_LISTEN, "gRPC listen address HOST:PORT")
+    """Where the gRPC server listens; port 0 picks a free port."""
+    shutdown_grace: float = _env(
+        "KORERO_SHUTDOWN_GRACE", 10.0, "seconds turns in flight may finish after SIGTERM"
+    )
+    """After SIGTERM, how long turns in flight may run before streams are ended."""
+    heartbeat_interval: float = _env(
+        "KORERO_HEARTBEAT_INTERVAL", 15.0, "seconds of silence before a heartbeat event"
+    )
+    """An idle Chat stream gets a heartbeat event this often (keeps proxies from closing it)."""
+    first_frame_timeout: float = _env(
+        "KORERO_FIRST_FRAME_TIMEOUT", 30.0, "seconds a new stream may wait before `start`"
+    )
+    """A Chat stream that sends no first frame within this time is closed."""
+    log_level: str = _env("KORERO_LOG_LEVEL", "INFO", "log level (DEBUG, INFO, WARNING)")
+    """Log level of the structured (key=value) logs."""
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """The Redis holding all session state."""
+
+    url: str = _env("REDIS_URL", DEFAULT_REDIS_URL, "Redis URL for session state")
+    """redis:// or rediss:// URL."""
+    max_connections: int = _env(
+        "KORERO_REDIS_MAX_CONNECTIONS", 64, "size of the blocking Redis connection pool"
+    )
+    """Callers wait for a free connection instead of failing when all are in use."""
+    timeout: float = _env("KORERO_REDIS_TIMEOUT", 2.0, "seconds per Redis call before UNAVAILABLE")
+    """Socket timeout, and the longest wait for a pooled connection."""
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """The OpenAI-compatible upstream."""
+
+    base_url: str = _env(
+        "KORERO_LLM_BASE_URL",
+        DEFAULT_LLM_BASE_URL,
+        "OpenAI-compatible base URL (default: the simulated upstream)",
+        aliases=("OPENAI_BASE_URL",),
+    )
+    """Base URL ending in /v1; the default is `korero upstream-sim` on its default port."""
+    api_key: str = _env(
+        "KORERO_LLM_API_KEY", "sim", "API key for the upstream", aliases=("OPENAI_API_KEY",)
+    )
+    """Bearer token sent to the upstream."""
+    model: str = _env("KORERO_LLM_MODEL", "korero-sim-1", "model name sent to the upstream")
+    """Model name; shown to clients in the turn-started event."""
+    max_tokens: int = _env("KORERO_LLM_MAX_TOKENS", 512, "most tokens in one answer")
+    """Answer length cap; hitting it ends the turn with FINISH_REASON_LENGTH."""
+    temperature: float = _env("KORERO_LLM_TEMPERATURE", 0.2, "sampling temperature")
+    """Sampling temperature."""
+    first_token_timeout: float = _env(
+        "KORERO_LLM_FIRST_TOKEN_TIMEOUT", 15.0, "seconds to wait for the first token"
+    )
+    """Per attempt; a stalled upstream ends the turn with DEADLINE_EXCEEDED."""
+    max_retries: int = _env(
+        "KORERO_LLM_MAX_RETRIES", 2, "retries of a failed call, only before the first token"
+    )
+    """Retries of retryable failures (429, 5xx, connection); never after text was sent."""
+    retry_backoff: float = _env("KORERO_LLM_RETRY_BACKOFF", 0.2, "seconds before the first retry")
+    """Base of the exponential backoff; an upstream Retry-After wins when it fits the deadline."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Conversation behaviour."""
+
+    tenant: str = _env("KORERO_TENANT", "default", "tenant for all keys until auth is configured")
+    """Every Redis key starts with the tenant."""
+    system_prompt: str = _env(
+        "KORERO_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT, "system prompt put before every turn"
+    )
+    """The system prompt."""
+    prompt_version: str = _env("KORERO_PROMPT_VERSION", "v1", "version label of the system prompt")
+    """Recorded with each answer (and part of cache keys later)."""
+    turn_timeout: float = _env(
+        "KORERO_TURN_TIMEOUT", 120.0, "seconds a turn may take when the client sets no deadline"
+    )
+    """Overall deadline of one turn; a shorter gRPC deadline from the client wins."""
+    history_max_messages: int = _env(
+        "KORERO_HISTORY_MAX_MESSAGES", 200, "messages kept in a session's stored history"
+    )
+    """Older messages are trimmed from Redis."""
+    prompt_history_messages: int = _env(
+        "KORERO_PROMPT_HISTORY_MESSAGES", 20, "most recent messages put into the prompt"
+    )
+    """How much history goes into the prompt."""
+    session_ttl: int = _env("KORERO_SESSION_TTL", 7 * 24 * 3600, "seconds a quiet session is kept")
+    """Every turn renews it."""
+    max_message_bytes: int = _env(
+        "KORERO_MAX_MESSAGE_BYTES", 8000, "largest user message, in UTF-8 bytes"
+    )
+    """Larger messages get INVALID_ARGUMENT."""
+    coalesce_window_ms: float = _env(
+        "KORERO_COALESCE_WINDOW_MS", 30.0, "window merging text deltas after the first"
+    )
+    """The first delta of a turn goes out at once; later ones are merged over this window."""
+    coalesce_max_bytes: int = _env(
+        "KORERO_COALESCE_MAX_BYTES", 2048, "flush merged text at this many bytes"
+    )
+    """A merged delta is sent early when it reaches this size."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings, grouped by concern."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    llm: LLMSettings = field(default_factory=LLMSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from `environ` (default: `os.environ`)."""
+        env = os.environ if environ is None else environ
+        groups = {g.name: _read_group(_group_defaults(g), env) for g in dataclasses.fields(cls)}
+        return cls(**groups)
+
+
+_G = TypeVar("_G")
+
+
+def _group_defaults(group: dataclasses.Field[Any]) -> Any:
+    return group.default_factory()  # type: ignore[misc]
+
+
+def _read_group(defaults: _G, env: Mapping[str, str]) -> _G:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(defaults):  # type: ignore[arg-type]
+        names = (f.metadata["env"], *f.metadata["aliases"])
+        raw = next((env[n] for n in names if env.get(n, "") != ""), None)
+        if raw is None:
+            continue
+        values[f.name] = _convert(f.metadata["env"], raw, type(getattr(defaults, f.name)))
+    return dataclasses.replace(defaults, **values)  # type: ignore[type-var]
+
+
+def _convert(name: str, raw: str, kind: type) -> Any:
+    try:
+        value = kind(raw.strip()) if kind is not str else raw
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if kind in (int, float) and value < 0:
+        raise SettingsError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+def env_reference() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting, in declaration order."""
+    rows: list[tuple[str, str, str]] = []
+    for group in dataclasses.fields(Settings):
+        defaults = _group_defaults(group)
+        for f in dataclasses.fields(defaults):
+            names = " / ".join((f.metadata["env"], *f.metadata["aliases"]))
+            default = getattr(defaults, f.name)
+            shown = default if not isinstance(default, str) or len(default) < 40 else "(long text)"
+            rows.append((names, str(shown), f.metadata["doc"]))
+    return rows
