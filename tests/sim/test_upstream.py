@@ -294,6 +294,21 @@ async def test_cut_fault_breaks_the_stream_after_some_tokens(
     assert recorded.disconnected_at is None
 
 
+async def test_cut_after_the_last_token_withholds_finish_and_done(
+    sim: UpstreamSim, client: AsyncOpenAI
+) -> None:
+    sim.inject(Fault("cut", after_tokens=100))
+    stream = await open_stream(client)
+    received: list[ChatCompletionChunk] = []
+
+    with pytest.raises(openai.APIConnectionError):
+        await read_all(stream, received)
+
+    assert text_of(received) == sim.answer_for(MESSAGES)
+    assert finish_reason_of(received) is None
+    assert sim.requests[-1].tokens_sent == 40
+
+
 async def test_cut_fault_without_stream_gets_no_response(
     sim: UpstreamSim, client: AsyncOpenAI
 ) -> None:
@@ -337,8 +352,11 @@ async def test_stall_before_first_token_then_disconnect(
     assert recorded.first_token_at is None
 
 
-async def test_short_stall_resumes_the_stream(sim: UpstreamSim, client: AsyncOpenAI) -> None:
-    sim.inject(Fault("stall", after_tokens=3, stall_seconds=0.2))
+@pytest.mark.parametrize("after_tokens", [3, 100])
+async def test_short_stall_resumes_the_stream(
+    sim: UpstreamSim, client: AsyncOpenAI, after_tokens: int
+) -> None:
+    sim.inject(Fault("stall", after_tokens=after_tokens, stall_seconds=0.2))
     started = time.monotonic()
 
     chunks = await collect(client)

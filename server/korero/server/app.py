@@ -14,7 +14,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-
 from korero.chat.v1 import chat_pb2, chat_pb2_grpc
 from korero.server.context import PromptAssembler
 from korero.server.engine import ConversationEngine
@@ -78,8 +77,11 @@ class KoreroServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
-            (CHAT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                CHAT_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         port = server.add_insecure_port(settings.server.listen)
@@ -120,7 +122,7 @@ async def run(settings: Settings) -> None:
     )
     try:
         await app.store.ping()
-    except Exception as exc:  # noqa: BLE001 - a warning, serving goes on
+    except Exception as exc:
         log.warning("event=redis_unreachable error=%s", type(exc).__name__)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

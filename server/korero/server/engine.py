@@ -21,7 +21,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
-
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.coalesce import DeltaCoalescer
 from korero.server.context import ContextAssembler
@@ -443,10 +442,9 @@ class ConversationEngine:
                     estimated=True,
                 )
             turn.publish(usage=usage_to_pb(usage))
-            status = "cancelled" if finish == "cancelled" else "done"
             record = TurnRecord(
                 turn.turn_id,
-                status,
+                "cancelled" if finish == "cancelled" else "done",
                 answer=text,
                 finish_reason=finish or "stop",
                 model=model,
@@ -620,4 +618,3 @@ class ConversationEngine:
             # The turn still ends with one terminal event; its lock expires on its own.
             log.warning("event=finish_turn_failed reason=%s", store_error.reason)
         turn.publish(error=error_event_body(error, turn.client_message_id))
-

@@ -8,14 +8,13 @@ provider makes one attempt per call.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 import httpx2 as httpx  # the HTTP library of openai>=3; its errors can escape a stream
 import openai
-
 from korero.server.errors import UpstreamError
 from korero.server.settings import LLMSettings
 
@@ -70,7 +69,7 @@ class LLMProvider(Protocol):
     upstream request, so a cancelled turn stops costing tokens.
     """
 
-    def stream(self, request: LLMRequest) -> AsyncIterator[LLMChunk]: ...
+    def stream(self, request: LLMRequest) -> AsyncGenerator[LLMChunk, None]: ...
 
     async def aclose(self) -> None: ...
 
@@ -183,7 +182,7 @@ class OpenAIProvider:
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def stream(self, request: LLMRequest) -> AsyncIterator[LLMChunk]:
+    async def stream(self, request: LLMRequest) -> AsyncGenerator[LLMChunk, None]:
         kwargs: dict[str, Any] = {
             "model": request.model,
             "messages": list(request.messages),

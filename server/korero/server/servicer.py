@@ -19,7 +19,6 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-
 from korero.chat.v1 import chat_pb2 as pb
 from korero.chat.v1 import chat_pb2_grpc
 from korero.server.engine import ConversationEngine, Turn, error_event_body
@@ -101,7 +100,9 @@ def error_status(error: KoreroError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-async def abort_with_error(context: grpc.aio.ServicerContext[Any, Any], error: KoreroError) -> NoReturn:
+async def abort_with_error(
+    context: grpc.aio.ServicerContext[Any, Any], error: KoreroError
+) -> NoReturn:
     """End the call with `error` as its status."""
     await context.abort_with_status(error_status(error))
     raise AssertionError("abort_with_status returned")  # pragma: no cover
@@ -314,7 +315,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             )
         except KoreroError as error:
             stream.reject(error, message.client_message_id)
-
 
     # SendMessage: one turn, server streaming ---------------------------------------
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 __all__ = [
     "EngineSettings",
@@ -172,7 +172,8 @@ _G = TypeVar("_G")
 
 
 def _group_defaults(group: dataclasses.Field[Any]) -> Any:
-    return group.default_factory()  # type: ignore[misc]
+    factory = cast(Callable[[], Any], group.default_factory)
+    return factory()
 
 
 def _read_group(defaults: _G, env: Mapping[str, str]) -> _G:
@@ -187,12 +188,14 @@ def _read_group(defaults: _G, env: Mapping[str, str]) -> _G:
 
 
 def _convert(name: str, raw: str, kind: type) -> Any:
+    if kind is str:
+        return raw
     try:
-        value = kind(raw.strip()) if kind is not str else raw
+        value: float = kind(raw.strip())
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-    if kind in (int, float) and value < 0:
-        raise SettingsError(f"{name}={raw!r} must not be negative")
+    if not value >= 0:  # negative or NaN
+        raise SettingsError(f"{name}={raw!r} must be a non-negative number")
     return value
 
 
@@ -203,7 +206,6 @@ def env_reference() -> list[tuple[str, str, str]]:
         defaults = _group_defaults(group)
         for f in dataclasses.fields(defaults):
             names = " / ".join((f.metadata["env"], *f.metadata["aliases"]))
-            default = getattr(defaults, f.name)
-            shown = default if not isinstance(default, str) or len(default) < 40 else "(long text)"
-            rows.append((names, str(shown), f.metadata["doc"]))
+            shown = str(getattr(defaults, f.name))
+            rows.append((names, shown if len(shown) < 40 else "(long text)", f.metadata["doc"]))
     return rows

@@ -31,8 +31,6 @@ from typing import Any, Literal
 import grpc
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
-from redis.commands.core import AsyncScript
-
 from korero.server.errors import (
     InvalidArgumentError,
     KoreroError,
@@ -40,6 +38,7 @@ from korero.server.errors import (
     StoreUnavailableError,
 )
 from korero.server.settings import EngineSettings, RedisSettings
+from redis.commands.core import AsyncScript
 
 __all__ = [
     "SEQ_BLOCK",
@@ -460,7 +459,9 @@ class SessionStore:
     ) -> TurnRecord | None:
         """The stored record of a message's turn, if any."""
         async with self._boundary():
-            raw = await self._redis.hget(session_key(tenant, session_id, "turns"), client_message_id)
+            raw = await self._redis.hget(
+                session_key(tenant, session_id, "turns"), client_message_id
+            )
         return TurnRecord.from_json(raw) if raw else None
 
     async def reserve_seqs(self, tenant: str, session_id: str, count: int) -> int:
@@ -494,4 +495,3 @@ def _decode_page_token(token: str) -> int:
     if kind != "o" or offset < 0:
         raise InvalidArgumentError("INVALID_PAGE_TOKEN", "page_token was not issued by this server")
     return offset
-

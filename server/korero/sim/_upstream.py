@@ -310,6 +310,39 @@ def _token_interval(config: SimConfig) -> float:
     return 0.0 if rate <= 0 or math.isinf(rate) else 1.0 / rate
 
 
+def _encode_stream(
+    completion_id: str,
+    model: str,
+    tokens: list[str],
+    finish_reason: str,
+    usage: dict[str, int] | None,
+) -> tuple[bytes, list[bytes], bytes]:
+    """SSE bytes of a streamed answer: the role chunk, one chunk per token, and the tail.
+
+    The tail holds the finish chunk, the usage chunk when `usage` is given, and ``[DONE]``.
+    """
+    envelope = (
+        f'data: {{"id":{json.dumps(completion_id)},"object":"chat.completion.chunk",'
+        f'"created":{int(time.time())},"model":{json.dumps(model)},"choices":'
+    )
+    role_chunk = (
+        envelope + '[{"index":0,"delta":{"role":"assistant","content":""},'
+        '"finish_reason":null}]}\n\n'
+    )
+    token_chunks = [
+        (
+            envelope + '[{"index":0,"delta":{"content":'
+            f'{json.dumps(token, ensure_ascii=False)}}},"finish_reason":null}}]}}\n\n'
+        ).encode()
+        for token in tokens
+    ]
+    tail = envelope + f'[{{"index":0,"delta":{{}},"finish_reason":"{finish_reason}"}}]}}\n\n'
+    if usage is not None:
+        tail += envelope + f'[],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'
+    tail += "data: [DONE]\n\n"
+    return role_chunk.encode(), token_chunks, tail.encode()
+
+
 class UpstreamSim:
     """A simulated OpenAI-compatible upstream on a real TCP port.
 
@@ -667,26 +700,9 @@ class UpstreamSim:
     ) -> web.StreamResponse:
         # Every chunk is encoded before the first write so the per-token work
         # is one sleep (when rate limited) and one write.
-        envelope = (
-            f'data: {{"id":"chatcmpl-sim{recorded.id}","object":"chat.completion.chunk",'
-            f'"created":{int(time.time())},"model":{json.dumps(model)},"choices":'
+        role_chunk, token_chunks, tail = _encode_stream(
+            f"chatcmpl-sim{recorded.id}", model, tokens, finish_reason, usage
         )
-        role_chunk = (
-            envelope + '[{"index":0,"delta":{"role":"assistant","content":""},'
-            '"finish_reason":null}]}\n\n'
-        ).encode()
-        token_chunks = [
-            (
-                envelope + '[{"index":0,"delta":{"content":'
-                f'{json.dumps(token, ensure_ascii=False)}}},"finish_reason":null}}]}}\n\n'
-            ).encode()
-            for token in tokens
-        ]
-        tail = envelope + f'[{{"index":0,"delta":{{}},"finish_reason":"{finish_reason}"}}]}}\n\n'
-        if usage is not None:
-            tail += envelope + f'[],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'
-        tail += "data: [DONE]\n\n"
-
         interrupt_at: int | None = None
         if fault is not None and fault.kind in ("cut", "stall"):
             interrupt_at = min(fault.after_tokens, len(tokens))
@@ -725,9 +741,13 @@ class UpstreamSim:
                 if index == 0:
                     recorded.first_token_at = time.monotonic()
                     self._notify()
-            if interrupt_at == len(token_chunks) and fault is not None and fault.kind == "cut":
-                return self._cut(request, recorded, resp)
-            await resp.write(tail.encode())
+            if interrupt_at == len(token_chunks) and fault is not None:
+                # The fault asked for more tokens than the answer has: it
+                # strikes before the finish chunk.
+                if fault.kind == "cut":
+                    return self._cut(request, recorded, resp)
+                await asyncio.sleep(fault.stall_seconds)
+            await resp.write(tail)
             await resp.write_eof()
         except ConnectionError:
             self._mark_disconnected(recorded)

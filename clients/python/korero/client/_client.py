@@ -9,7 +9,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
-
 from korero.chat.v1 import chat_pb2 as pb
 from korero.chat.v1 import chat_pb2_grpc
 from korero.client._errors import ChatError
@@ -72,9 +71,7 @@ class Conversation:
             if kind == "heartbeat":
                 continue
             yield event
-            if kind in _TERMINAL and (
-                event.turn_id or event.error.client_message_id in ("", cmid)
-            ):
+            if kind in _TERMINAL and (event.turn_id or event.error.client_message_id in ("", cmid)):
                 return
 
     async def cancel(self, turn_id: str = "") -> None:
@@ -139,12 +136,17 @@ class ChatClient:
         self,
         session_id: str = "",
         metadata: pb.SessionMetadata | None = None,
-        timeout: float | None = None,
+        stream_timeout: float | None = None,
     ) -> Conversation:
-        """Open a Chat stream, starting a new session or resuming `session_id`."""
-        call = self._stub.Chat(metadata=self._metadata, timeout=timeout)
+        """Open a Chat stream, starting a new session or resuming `session_id`.
+
+        `stream_timeout` becomes the gRPC deadline of the whole stream.
+        """
+        call = self._stub.Chat(metadata=self._metadata, timeout=stream_timeout)
         try:
-            await call.write(pb.ChatRequest(start=pb.StartSession(session_id=session_id, metadata=metadata)))
+            await call.write(
+                pb.ChatRequest(start=pb.StartSession(session_id=session_id, metadata=metadata))
+            )
             first = await call.read()
         except grpc.aio.AioRpcError as error:
             raise ChatError.from_rpc_error(error) from None
@@ -168,13 +170,14 @@ class ChatClient:
             )
         except grpc.aio.AioRpcError as error:
             raise ChatError.from_rpc_error(error) from None
-        return response.session
+        session: pb.Session = response.session
+        return session
 
     async def list_messages(
         self, session_id: str, page_size: int = 0, page_token: str = ""
     ) -> pb.ListMessagesResponse:
         try:
-            return await self._stub.ListMessages(
+            response: pb.ListMessagesResponse = await self._stub.ListMessages(
                 pb.ListMessagesRequest(
                     session_id=session_id, page_size=page_size, page_token=page_token
                 ),
@@ -182,3 +185,4 @@ class ChatClient:
             )
         except grpc.aio.AioRpcError as error:
             raise ChatError.from_rpc_error(error) from None
+        return response

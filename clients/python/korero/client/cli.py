@@ -11,13 +11,12 @@ import asyncio
 import contextlib
 import os
 import signal
+import stat
 import sys
-import uuid
 from importlib.metadata import entry_points
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client._client import ChatClient, Conversation
 from korero.client._errors import ChatError
@@ -25,6 +24,8 @@ from korero.client._errors import ChatError
 __all__ = ["main"]
 
 DEFAULT_TARGET = os.environ.get("KORERO_TARGET", "127.0.0.1:50051")
+
+_CODE_NAMES: dict[int, str] = {code.value[0]: code.name for code in grpc.StatusCode}
 
 _FINISH = {
     pb.FINISH_REASON_STOP: "stop",
@@ -64,7 +65,7 @@ class _Terminal:
         sys.stdout.write(prompt)
         sys.stdout.flush()
         loop = asyncio.get_running_loop()
-        if self._reader is None and not os.path.isfile(f"/proc/self/fd/{sys.stdin.fileno()}"):
+        if self._reader is None and not stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode):
             with contextlib.suppress(ValueError, OSError):
                 reader = asyncio.StreamReader()
                 await loop.connect_read_pipe(
@@ -83,13 +84,11 @@ class _Terminal:
 
 async def _turn(conversation: Conversation, text: str) -> None:
     loop = asyncio.get_running_loop()
-    cancel_sent = False
+    cancelling: list[asyncio.Task[None]] = []
 
     def on_interrupt() -> None:
-        nonlocal cancel_sent
-        if not cancel_sent:
-            cancel_sent = True
-            loop.create_task(conversation.cancel())
+        if not cancelling:
+            cancelling.append(loop.create_task(conversation.cancel()))
 
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     try:
@@ -102,20 +101,17 @@ async def _turn(conversation: Conversation, text: str) -> None:
                 print(f"\n{_summary(event.done)}")
             elif kind == "error":
                 err = event.error
-                print(f"\n[error {grpc.StatusCode(_code(err.code)).name} {err.reason}: {err.message}]")
+                print(
+                    f"\n[error {_CODE_NAMES.get(err.code, err.code)} {err.reason}: {err.message}]"
+                )
     finally:
         loop.remove_signal_handler(signal.SIGINT)
 
 
-def _code(number: int) -> tuple[int, str]:
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code.value
-    return grpc.StatusCode.UNKNOWN.value
-
-
 async def _chat(args: argparse.Namespace) -> int:
-    metadata = pb.SessionMetadata(customer_name=args.name or "", booking_reference=args.booking or "")
+    metadata = pb.SessionMetadata(
+        customer_name=args.name or "", booking_reference=args.booking or ""
+    )
     terminal = _Terminal()
     async with ChatClient(args.target) as client:
         try:

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# `make run`: Redis (started if none answers), the simulated upstream (unless a
+# real endpoint is configured) and the Kōrero server in the foreground.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+RUN_DIR=.run
+mkdir -p "$RUN_DIR"
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
+export REDIS_URL
+LISTEN=${KORERO_LISTEN:-127.0.0.1:50051}
+SIM_PORT=${KORERO_SIM_PORT:-8088}
+
+redis_hostport=$("$VENV/bin/python" - "$REDIS_URL" <<'PY'
+import sys, urllib.parse
+u = urllib.parse.urlparse(sys.argv[1])
+print(f"{u.hostname or '127.0.0.1'} {u.port or 6379}")
+PY
+)
+read -r redis_host redis_port <<<"$redis_hostport"
+if "$VENV/bin/python" -c "import redis,sys; redis.Redis.from_url(sys.argv[1], socket_timeout=1).ping()" "$REDIS_URL" 2>/dev/null; then
+  echo "run: Redis answers at $REDIS_URL"
+elif [ "$redis_host" = "127.0.0.1" ] || [ "$redis_host" = "localhost" ]; then
+  echo "run: no Redis at $REDIS_URL; starting redis-server on port $redis_port (no persistence)"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
+    --dir "$PWD/$RUN_DIR" --logfile "$PWD/$RUN_DIR/redis.log" --pidfile "$PWD/$RUN_DIR/redis.pid"
+  for _ in $(seq 50); do
+    redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+else
+  echo "run: Redis at $REDIS_URL does not answer; start it or set REDIS_URL" >&2
+  exit 1
+fi
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+if [ -z "${KORERO_LLM_BASE_URL:-}${OPENAI_BASE_URL:-}" ]; then
+  export KORERO_LLM_BASE_URL="http://127.0.0.1:$SIM_PORT/v1"
+  "$VENV/bin/korero" upstream-sim --port "$SIM_PORT" --ttft-ms 150 --tokens-per-second 40 \
+    >"$RUN_DIR/upstream-sim.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 50); do
+    grep -q listening "$RUN_DIR/upstream-sim.log" 2>/dev/null && break
+    sleep 0.1
+  done
+  echo "run: simulated upstream at $KORERO_LLM_BASE_URL (answers are generated text, not a model)"
+else
+  echo "run: LLM upstream ${KORERO_LLM_BASE_URL:-$OPENAI_BASE_URL}"
+fi
+
+cat <<MSG
+run: Kōrero gRPC on $LISTEN. In a second terminal:
+       $VENV/bin/korero chat --target $LISTEN --name Aroha
+       $VENV/bin/korero health --target $LISTEN
+       $VENV/bin/grpcurl -plaintext $LISTEN list
+     Ctrl-C here stops everything started here.
+MSG
+"$VENV/bin/korero" serve --listen "$LISTEN" &
+pids+=($!)
+wait "${pids[-1]}"
