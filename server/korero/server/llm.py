@@ -126,10 +126,16 @@ _USER_MESSAGES = {
 }
 
 
-def translate_openai_error(exc: BaseException) -> UpstreamError:
-    """The one mapping from an `openai` (or stream transport) exception to our error."""
-    if isinstance(exc, httpx.TransportError | httpx.StreamError):
-        # A stream cut mid-answer surfaces as the transport's error, not openai's.
+def translate_openai_error(exc: BaseException, *, mid_stream: bool = False) -> UpstreamError:
+    """The one mapping from an `openai` (or HTTP transport) exception to our error.
+
+    `mid_stream`: the response had started, so a lost connection means the
+    answer was cut (openai raises APIConnectionError for that).
+    """
+    lost = (openai.APIConnectionError, httpx.TransportError, httpx.StreamError)
+    if isinstance(exc, httpx.TransportError | httpx.StreamError) or (
+        mid_stream and isinstance(exc, lost)
+    ):
         return UpstreamError(
             grpc.StatusCode.UNAVAILABLE,
             "UPSTREAM_STREAM_INTERRUPTED",
@@ -207,7 +213,10 @@ class OpenAIProvider:
                     finish = choice.finish_reason
                 if text or finish or usage:
                     yield LLMChunk(text, finish, usage)
-        except (openai.OpenAIError, httpx.TransportError, httpx.StreamError) as exc:
+        except (openai.APIConnectionError, httpx.TransportError, httpx.StreamError) as exc:
+            # Once the response has started, a lost connection is a cut answer.
+            raise translate_openai_error(exc, mid_stream=True) from exc
+        except openai.OpenAIError as exc:
             raise translate_openai_error(exc) from exc
         finally:
             # Closing the response closes the HTTP stream: the upstream sees the

@@ -1,0 +1,128 @@
+"""Shared fixtures: real Redis (private, on a free port), the simulated
+upstream over real HTTP, and the real server on port 0."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from korero.client import ChatClient
+from korero.server.app import KoreroServer
+from korero.server.settings import (
+    EngineSettings,
+    LLMSettings,
+    RedisSettings,
+    ServerSettings,
+    Settings,
+)
+from korero.sim import SimConfig, UpstreamSim
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisProcess:
+    """A private redis-server that tests may stop, pause and restart."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture(scope="session")
+def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    proc = RedisProcess(tmp_path_factory.mktemp("redis"))
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def redis_url(redis_proc: RedisProcess) -> str:
+    redis_proc.client().flushall()
+    return redis_proc.url
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[UpstreamSim]:
+    async with UpstreamSim(SimConfig()) as upstream:
+        yield upstream
+
+
+def make_settings(redis_url: str, llm_url: str, **overrides: object) -> Settings:
+    """Test settings: port 0, short timeouts; overrides as 'group__field'."""
+    groups: dict[str, object] = {
+        "server": ServerSettings(listen="127.0.0.1:0", shutdown_grace=2.0),
+        "redis": RedisSettings(url=redis_url, timeout=1.0),
+        "llm": LLMSettings(base_url=llm_url, api_key="test", retry_backoff=0.01,
+                           first_token_timeout=5.0),
+        "engine": EngineSettings(coalesce_window_ms=20.0),
+    }
+    for key, value in overrides.items():
+        group, name = key.split("__")
+        groups[group] = dataclasses.replace(groups[group], **{name: value})  # type: ignore[type-var]
+    return Settings(**groups)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(redis_url: str, sim: UpstreamSim) -> Settings:
+    return make_settings(redis_url, sim.base_url)
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[KoreroServer]:
+    app = await KoreroServer.start(settings)
+    yield app
+    await app.shutdown(grace=0.5)
+
+
+@pytest.fixture
+async def client(server: KoreroServer) -> AsyncIterator[ChatClient]:
+    async with ChatClient(f"127.0.0.1:{server.port}") as c:
+        yield c

@@ -1,0 +1,23 @@
+"""Small helpers shared by tests."""
+
+from __future__ import annotations
+
+from korero.chat.v1 import chat_pb2 as pb
+from korero.client import Conversation
+
+
+async def run_turn(conversation: Conversation, text: str, cmid: str | None = None) -> list[pb.Event]:
+    """All events of one turn, terminal last."""
+    return [event async for event in conversation.send(text, cmid)]
+
+
+def kinds(events: list[pb.Event]) -> list[str]:
+    return [str(e.WhichOneof("kind")) for e in events]
+
+
+def text_of(events: list[pb.Event]) -> str:
+    return "".join(e.text_delta.text for e in events if e.WhichOneof("kind") == "text_delta")
+
+
+def terminals(events: list[pb.Event]) -> list[pb.Event]:
+    return [e for e in events if e.WhichOneof("kind") in ("done", "error")]
