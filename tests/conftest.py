@@ -48,8 +48,19 @@ class RedisProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -100,8 +111,9 @@ def make_settings(redis_url: str, llm_url: str, **overrides: object) -> Settings
     groups: dict[str, object] = {
         "server": ServerSettings(listen="127.0.0.1:0", shutdown_grace=2.0),
         "redis": RedisSettings(url=redis_url, timeout=1.0),
-        "llm": LLMSettings(base_url=llm_url, api_key="test", retry_backoff=0.01,
-                           first_token_timeout=5.0),
+        "llm": LLMSettings(
+            base_url=llm_url, api_key="test", retry_backoff=0.01, first_token_timeout=5.0
+        ),
         "engine": EngineSettings(coalesce_window_ms=20.0),
     }
     for key, value in overrides.items():

@@ -6,7 +6,9 @@ from korero.chat.v1 import chat_pb2 as pb
 from korero.client import Conversation
 
 
-async def run_turn(conversation: Conversation, text: str, cmid: str | None = None) -> list[pb.Event]:
+async def run_turn(
+    conversation: Conversation, text: str, cmid: str | None = None
+) -> list[pb.Event]:
     """All events of one turn, terminal last."""
     return [event async for event in conversation.send(text, cmid)]
 

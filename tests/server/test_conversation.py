@@ -170,7 +170,7 @@ async def test_list_messages_pages(client: ChatClient) -> None:
     assert len(page1.messages) == 4
     assert page1.next_page_token
     page2 = await client.list_messages(conversation.session_id, 4, page1.next_page_token)
-    assert [m.text for m in page2.messages][0] == "message 2"
+    assert next(m.text for m in page2.messages) == "message 2"
     assert len(page2.messages) == 2
     assert not page2.next_page_token
     with pytest.raises(ChatError) as info:

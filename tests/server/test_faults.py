@@ -44,7 +44,11 @@ async def test_rate_limit_is_retried_before_the_first_token(
 @pytest.mark.parametrize(
     ("fault", "code", "reason"),
     [
-        (Fault("rate_limit", count=5, retry_after=0.01), "RESOURCE_EXHAUSTED", "UPSTREAM_RATE_LIMITED"),
+        (
+            Fault("rate_limit", count=5, retry_after=0.01),
+            "RESOURCE_EXHAUSTED",
+            "UPSTREAM_RATE_LIMITED",
+        ),
         (Fault("server_error", count=5), "UNAVAILABLE", "UPSTREAM_SERVER_ERROR"),
         (Fault("status", status=401), "INTERNAL", "UPSTREAM_AUTH_FAILED"),
         (Fault("status", status=404), "INTERNAL", "UPSTREAM_MODEL_NOT_FOUND"),
@@ -116,6 +120,7 @@ async def test_cancel_message_cancels_the_upstream_request(
     recorded = await sim.wait_for(lambda r: r.disconnected_at is not None, timeout=2)
     assert recorded.tokens_sent < 200
     # The session survives a cancel.
+    sim.config = SimConfig()
     assert kinds(await run_turn(conversation, "Short one", "x2"))[-1] == "done"
 
 

@@ -13,6 +13,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from openai import AsyncOpenAI, AsyncStream
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+
 from korero.sim import (
     MAX_RECORDED_REQUESTS,
     Fault,
@@ -21,8 +24,6 @@ from korero.sim import (
     _upstream,
     compose_answer,
 )
-from openai import AsyncOpenAI, AsyncStream
-from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are a helpful support agent."},

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+
 from korero.chat.v1 import chat_pb2, chat_pb2_grpc
 from korero.server.context import PromptAssembler
 from korero.server.engine import ConversationEngine
@@ -84,9 +85,10 @@ class KoreroServer:
             ),
             server,
         )
-        port = server.add_insecure_port(settings.server.listen)
-        if port == 0:
-            raise OSError(f"cannot listen on {settings.server.listen}")
+        try:
+            port = server.add_insecure_port(settings.server.listen)
+        except RuntimeError as exc:  # grpcio's way of saying the bind failed
+            raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
         await server.start()
         for service in ("", CHAT_SERVICE):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)

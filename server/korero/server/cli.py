@@ -9,6 +9,7 @@ import os
 import sys
 
 import uvloop
+
 from korero.server.settings import Settings, SettingsError, env_reference
 
 __all__ = ["register"]

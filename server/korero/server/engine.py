@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
+
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.coalesce import DeltaCoalescer
 from korero.server.context import ContextAssembler

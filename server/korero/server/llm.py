@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import grpc
 import httpx2 as httpx  # the HTTP library of openai>=3; its errors can escape a stream
 import openai
+
 from korero.server.errors import UpstreamError
 from korero.server.settings import LLMSettings
 

@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from korero.chat.v1 import chat_pb2 as pb
 from korero.chat.v1 import chat_pb2_grpc
 from korero.server.engine import ConversationEngine, Turn, error_event_body
@@ -114,7 +115,7 @@ def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     Ending the turn slightly before the call's own deadline leaves time to
     deliver the terminal event instead of the bare DEADLINE_EXCEEDED status.
     """
-    remaining = context.time_remaining()
+    remaining: float | None = context.time_remaining()
     if remaining is None:
         return None
     return time.monotonic() + max(0.0, remaining - min(0.1, remaining * 0.1))

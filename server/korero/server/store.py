@@ -31,6 +31,8 @@ from typing import Any, Literal
 import grpc
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.commands.core import AsyncScript
+
 from korero.server.errors import (
     InvalidArgumentError,
     KoreroError,
@@ -38,7 +40,6 @@ from korero.server.errors import (
     StoreUnavailableError,
 )
 from korero.server.settings import EngineSettings, RedisSettings
-from redis.commands.core import AsyncScript
 
 __all__ = [
     "SEQ_BLOCK",

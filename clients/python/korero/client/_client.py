@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
+
 from korero.chat.v1 import chat_pb2 as pb
 from korero.chat.v1 import chat_pb2_grpc
 from korero.client._errors import ChatError
@@ -52,12 +53,7 @@ class Conversation:
         Heartbeats are skipped. Raises `ChatError` if the stream ends first.
         """
         cmid = client_message_id or uuid.uuid4().hex
-        try:
-            await self._call.write(
-                pb.ChatRequest(message=pb.UserMessage(client_message_id=cmid, text=text))
-            )
-        except grpc.aio.AioRpcError as error:
-            raise ChatError.from_rpc_error(error) from None
+        await self._write(pb.ChatRequest(message=pb.UserMessage(client_message_id=cmid, text=text)))
         while True:
             item = await self._queue.get()
             if item is _CLOSED:
@@ -76,7 +72,19 @@ class Conversation:
 
     async def cancel(self, turn_id: str = "") -> None:
         """Cancel the turn in flight (or the named one)."""
-        await self._call.write(pb.ChatRequest(cancel=pb.CancelTurn(turn_id=turn_id)))
+        await self._write(pb.ChatRequest(cancel=pb.CancelTurn(turn_id=turn_id)))
+
+    async def _write(self, request: pb.ChatRequest) -> None:
+        try:
+            await self._call.write(request)
+        except grpc.aio.AioRpcError as error:
+            raise ChatError.from_rpc_error(error) from None
+        except asyncio.InvalidStateError:
+            # The server already ended the stream: report how it ended.
+            await asyncio.wait({self._reader}, timeout=5.0)
+            raise self._error or ChatError(
+                grpc.StatusCode.UNAVAILABLE, "the stream has ended"
+            ) from None
 
     async def close(self) -> None:
         """Half-close and wait for the server to end the stream."""

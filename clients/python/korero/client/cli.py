@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client._client import ChatClient, Conversation
 from korero.client._errors import ChatError

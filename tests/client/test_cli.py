@@ -1,0 +1,142 @@
+"""The `korero` command as a person uses it, run as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from korero.server.app import KoreroServer
+from korero.sim import SimConfig, UpstreamSim
+from tests.conftest import free_port
+
+KORERO = str(Path(sys.executable).parent / "korero")
+
+
+async def _run(*args: str, stdin: bytes = b"", timeout: float = 20) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        KORERO,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    return int(proc.returncode or 0), out.decode(), err.decode()
+
+
+async def test_chat_streams_answers_and_resumes(server: KoreroServer, sim: UpstreamSim) -> None:
+    target = f"127.0.0.1:{server.port}"
+    code, out, err = await _run(
+        "chat",
+        "--target",
+        target,
+        "--name",
+        "Aroha",
+        stdin=b"Where is my bag?\nAnd my refund?\n",
+    )
+    assert code == 0, err
+    assert "session " in out
+    assert " started" in out
+    assert 'You asked: "Where is my bag?"' in out
+    assert "Aroha" in out
+    assert out.count("[stop · ") == 2  # usage and latency after each answer
+    assert "first token" in out
+    session_id = out.split("resume with: korero chat --session ")[1].split()[0]
+
+    code, out, err = await _run(
+        "chat", "--target", target, "--session", session_id, stdin=b"/quit\n"
+    )
+    assert code == 0, err
+    assert f"session {session_id} resumed (4 messages)" in out
+
+
+async def test_chat_ctrl_c_cancels_the_answer_not_the_session(
+    server: KoreroServer, sim: UpstreamSim
+) -> None:
+    sim.config = SimConfig(tokens_per_second=10, answer_tokens=100)
+    proc = await asyncio.create_subprocess_exec(
+        KORERO,
+        "chat",
+        "--target",
+        f"127.0.0.1:{server.port}",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.write(b"Tell me a long story\n")
+    await proc.stdin.drain()
+    await sim.wait_for(lambda r: r.tokens_sent >= 2)
+    proc.send_signal(signal.SIGINT)
+    await sim.wait_for(lambda r: r.disconnected_at is not None, timeout=5)
+    sim.config = SimConfig()
+    proc.stdin.write(b"Short one\n")
+    proc.stdin.close()
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    text = out.decode()
+    assert proc.returncode == 0, err.decode()
+    assert "[cancelled · " in text
+    assert "[stop · " in text  # the session went on after the cancel
+
+
+async def test_chat_reports_an_unreachable_server_plainly() -> None:
+    code, _out, err = await _run("chat", "--target", f"127.0.0.1:{free_port()}")
+    assert code == 1
+    assert "cannot open a session" in err
+    assert "Traceback" not in err
+
+
+async def test_health_exit_codes(server: KoreroServer) -> None:
+    code, out, _ = await _run("health", "--target", f"127.0.0.1:{server.port}")
+    assert code == 0
+    assert "SERVING" in out
+    code, _, err = await _run("health", "--target", f"127.0.0.1:{free_port()}", "--timeout", "1")
+    assert code == 2
+    assert "UNAVAILABLE" in err
+
+
+async def test_serve_help_lists_every_setting() -> None:
+    code, out, _ = await _run("serve", "--help")
+    assert code == 0
+    for name in (
+        "KORERO_LISTEN",
+        "REDIS_URL",
+        "KORERO_LLM_BASE_URL",
+        "OPENAI_API_KEY",
+        "KORERO_LLM_MODEL",
+        "KORERO_SHUTDOWN_GRACE",
+        "KORERO_COALESCE_WINDOW_MS",
+    ):
+        assert name in out
+
+
+async def test_serve_rejects_bad_settings_without_a_traceback() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        KORERO,
+        "serve",
+        env={**os.environ, "KORERO_LLM_MAX_TOKENS": "lots"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 2
+    assert "KORERO_LLM_MAX_TOKENS='lots' is not a valid int" in err.decode()
+    assert "Traceback" not in err.decode()
+
+
+async def test_serve_reports_a_bad_listen_address_plainly() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        KORERO,
+        "serve",
+        "--listen",
+        "256.0.0.1:1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 1
+    assert "cannot listen" in err.decode()

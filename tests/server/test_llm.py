@@ -1,0 +1,78 @@
+"""The openai boundary: every exception class is mapped, once, to a typed error."""
+
+from __future__ import annotations
+
+import inspect
+
+import grpc
+import httpx2
+import openai
+import pytest
+
+from korero.server.errors import UpstreamError
+from korero.server.llm import OPENAI_ERROR_TABLE, translate_openai_error
+
+
+def _openai_exception_classes() -> list[type[BaseException]]:
+    return [
+        obj
+        for _, obj in inspect.getmembers(openai, inspect.isclass)
+        if issubclass(obj, BaseException)
+        and obj.__module__.startswith("openai")
+        and not obj.__name__.startswith("_")
+    ]
+
+
+def _instance(cls: type[BaseException]) -> BaseException:
+    request = httpx2.Request("POST", "http://upstream/v1/chat/completions")
+    response = httpx2.Response(
+        429, request=request, headers={"retry-after": "2"}, json={"error": {"message": "x"}}
+    )
+    for args, kwargs in (
+        ((), {"message": "m", "response": response, "body": None}),
+        ((), {"request": request}),
+        ((), {"response": response, "body": None}),
+        (("m",), {"request": request, "body": None}),
+        (("m",), {}),
+        ((), {}),
+    ):
+        try:
+            return cls(*args, **kwargs)
+        except TypeError:
+            continue
+    return cls.__new__(cls)
+
+
+def test_the_openai_package_exports_exceptions() -> None:
+    assert len(_openai_exception_classes()) >= 15
+
+
+@pytest.mark.parametrize("cls", _openai_exception_classes(), ids=lambda c: c.__name__)
+def test_every_openai_exception_class_has_its_own_entry(cls: type[BaseException]) -> None:
+    # An explicit row per class: a new class in a new openai release fails here
+    # until someone decides what it means for clients.
+    assert cls in OPENAI_ERROR_TABLE, f"{cls.__name__} is not mapped"
+    error = translate_openai_error(_instance(cls))
+    assert isinstance(error, UpstreamError)
+    code, reason, retryable = OPENAI_ERROR_TABLE[cls]
+    assert error.code == code
+    assert error.reason == reason
+    assert error.retryable == retryable
+    assert error.reason.isupper()
+    assert error.message
+
+
+def test_rate_limit_carries_retry_after() -> None:
+    error = translate_openai_error(_instance(openai.RateLimitError))
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.retry_after == 2.0
+
+
+def test_a_lost_connection_mid_stream_is_an_interrupted_answer() -> None:
+    exc = _instance(openai.APIConnectionError)
+    assert translate_openai_error(exc).reason == "UPSTREAM_UNREACHABLE"
+    assert translate_openai_error(exc, mid_stream=True).reason == "UPSTREAM_STREAM_INTERRUPTED"
+    assert (
+        translate_openai_error(httpx2.RemoteProtocolError("cut")).reason
+        == "UPSTREAM_STREAM_INTERRUPTED"
+    )

@@ -1,0 +1,157 @@
+"""The Redis layer: round trips per turn, key layout, error translation, outages."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.connection import Connection
+
+from korero.client import ChatClient, ChatError
+from korero.server.app import KoreroServer
+from korero.server.errors import StoreUnavailableError
+from korero.server.settings import EngineSettings, Settings
+from korero.server.store import SessionStore, translate_redis_error
+from korero.sim import UpstreamSim
+from tests.conftest import RedisProcess, free_port, make_settings
+from tests.helpers import kinds, run_turn
+
+
+class CountingConnection(Connection):
+    """Counts writes to the socket: one per round trip (a pipeline is one write)."""
+
+    sends: ClassVar[int] = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sends += 1
+        await super().send_packed_command(command, check_health)
+
+
+async def test_a_turn_costs_two_redis_round_trips(
+    redis_proc: RedisProcess, redis_url: str, sim: UpstreamSim
+) -> None:
+    settings = make_settings(redis_url, sim.base_url)
+    pool = aioredis.BlockingConnectionPool(
+        port=redis_proc.port, connection_class=CountingConnection, max_connections=8
+    )
+    store = SessionStore(aioredis.Redis(connection_pool=pool), settings.engine)
+    app = await KoreroServer.start(settings, store=store)
+    try:
+        async with ChatClient(f"127.0.0.1:{app.port}") as client:
+            conversation = await client.conversation()
+            await run_turn(conversation, "warm-up (loads the Lua scripts)", "w")
+            sync = redis_proc.client()
+            evalsha_before = sync.info("commandstats")["cmdstat_evalsha"]["calls"]
+            before = CountingConnection.sends
+            events = await run_turn(conversation, "What can I bring on board?", "m")
+            assert kinds(events)[-1] == "done"
+            assert CountingConnection.sends - before == 2
+            assert sync.info("commandstats")["cmdstat_evalsha"]["calls"] - evalsha_before == 2
+    finally:
+        await app.shutdown(grace=0)
+
+
+async def test_every_key_is_under_the_tenant_and_session_hash_tag(
+    redis_proc: RedisProcess, client: ChatClient
+) -> None:
+    conversation = await client.conversation()
+    await run_turn(conversation, "hello", "k1")
+    keys = sorted(k.decode() for k in redis_proc.client().keys("*"))
+    sid = conversation.session_id
+    assert keys == [
+        f"kr:{{default:{sid}}}:history",
+        f"kr:{{default:{sid}}}:meta",
+        f"kr:{{default:{sid}}}:turns",
+    ]
+    for key in keys:
+        assert redis_proc.client().pttl(key) > 0  # nothing is kept forever
+
+
+async def test_history_is_bounded(redis_url: str, sim: UpstreamSim) -> None:
+    settings = make_settings(
+        redis_url, sim.base_url, engine__history_max_messages=4, engine__prompt_history_messages=3
+    )
+    app = await KoreroServer.start(settings)
+    try:
+        async with ChatClient(f"127.0.0.1:{app.port}") as client:
+            conversation = await client.conversation()
+            for i in range(4):
+                await run_turn(conversation, f"q{i}", f"h{i}")
+            history = await client.list_messages(conversation.session_id)
+            assert [m.text for m in history.messages][::2] == ["q2", "q3"]
+            # the prompt holds the system message plus the last 3 messages
+            assert len(sim.requests[-1].body["messages"]) == 4
+    finally:
+        await app.shutdown(grace=0)
+
+
+def _redis_exception_classes() -> list[type[BaseException]]:
+    return [
+        obj
+        for _, obj in inspect.getmembers(rexc, inspect.isclass)
+        if issubclass(obj, rexc.RedisError)
+    ]
+
+
+@pytest.mark.parametrize("cls", _redis_exception_classes(), ids=lambda c: c.__name__)
+def test_every_redis_exception_is_translated(cls: type[BaseException]) -> None:
+    try:
+        exc = cls("boom")
+    except ValueError:  # cluster redirections parse "SLOT HOST:PORT"
+        exc = cls("1 127.0.0.1:7000")
+    error = translate_redis_error(exc)
+    assert error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+    assert error.reason in ("STORE_UNAVAILABLE", "STORE_ERROR")
+    if issubclass(cls, rexc.ConnectionError | rexc.TimeoutError):
+        assert isinstance(error, StoreUnavailableError)
+        assert error.retryable
+
+
+async def test_redis_down_gives_unavailable_not_a_hang(tmp_path: Any, sim: UpstreamSim) -> None:
+    private = RedisProcess(tmp_path)
+    private.start()
+    settings: Settings = make_settings(private.url, sim.base_url)
+    app = await KoreroServer.start(settings)
+    try:
+        async with ChatClient(f"127.0.0.1:{app.port}") as client:
+            conversation = await client.conversation()
+            assert kinds(await run_turn(conversation, "before the outage", "r1"))[-1] == "done"
+            private.stop()
+            events = await run_turn(conversation, "during the outage", "r2")
+            assert events[-1].error.reason == "STORE_UNAVAILABLE"
+            assert events[-1].error.retryable
+            with pytest.raises(ChatError) as info:
+                await client.conversation()
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            assert info.value.reason == "STORE_UNAVAILABLE"
+            assert info.value.retry_after is not None
+            # Redis comes back empty (no persistence): the old session is gone,
+            # which the stream says plainly, and a new session works.
+            private.start()
+            events = await run_turn(conversation, "after the outage", "r3")
+            assert events[-1].error.reason == "SESSION_NOT_FOUND"
+            fresh = await client.conversation()
+            assert kinds(await run_turn(fresh, "after the outage", "r4"))[-1] == "done"
+    finally:
+        private.stop()
+        await app.shutdown(grace=0)
+
+
+async def test_unreachable_redis_at_startup_still_serves_health(sim: UpstreamSim) -> None:
+    settings = make_settings(f"redis://127.0.0.1:{free_port()}/0", sim.base_url)
+    app = await KoreroServer.start(settings)
+    try:
+        async with ChatClient(f"127.0.0.1:{app.port}") as client:
+            with pytest.raises(ChatError) as info:
+                await client.conversation()
+            assert info.value.reason == "STORE_UNAVAILABLE"
+    finally:
+        await app.shutdown(grace=0)
+
+
+def test_engine_settings_defaults_bound_history() -> None:
+    assert EngineSettings().prompt_history_messages <= EngineSettings().history_max_messages

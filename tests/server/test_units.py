@@ -1,0 +1,92 @@
+"""Small pieces: settings parsing and delta coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from korero.server.coalesce import DeltaCoalescer
+from korero.server.settings import Settings, SettingsError, env_reference
+
+
+def test_settings_defaults_follow_conventions() -> None:
+    s = Settings.from_env({})
+    assert s.server.listen == "127.0.0.1:50051"
+    assert s.redis.url == "redis://127.0.0.1:6379/0"
+    assert s.engine.tenant == "default"
+
+
+def test_settings_read_environment_and_aliases() -> None:
+    s = Settings.from_env(
+        {
+            "KORERO_LISTEN": "0.0.0.0:6000",
+            "OPENAI_BASE_URL": "https://api.example/v1",
+            "OPENAI_API_KEY": "sk-test",
+            "KORERO_LLM_MAX_TOKENS": "64",
+            "KORERO_COALESCE_WINDOW_MS": "12.5",
+        }
+    )
+    assert s.server.listen == "0.0.0.0:6000"
+    assert s.llm.base_url == "https://api.example/v1"
+    assert s.llm.api_key == "sk-test"
+    assert s.llm.max_tokens == 64
+    assert s.engine.coalesce_window_ms == 12.5
+    # the project's own name wins over the alias
+    assert Settings.from_env({"KORERO_LLM_MODEL": "a", "OPENAI_MODEL": "b"}).llm.model == "a"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("KORERO_LLM_MAX_TOKENS", "many"),
+        ("KORERO_SHUTDOWN_GRACE", "-1"),
+        ("KORERO_REDIS_TIMEOUT", "nan"),
+    ],
+)
+def test_bad_settings_are_named_in_the_error(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_every_setting_is_documented() -> None:
+    rows = env_reference()
+    assert len(rows) >= 20
+    assert all(doc for _, _, doc in rows)
+    readme = Path("README.md").read_text(encoding="utf-8")
+    for name, _, _ in rows:
+        assert name.split(" / ")[0] in readme, f"{name} missing from README"
+
+
+async def test_coalescer_sends_first_piece_at_once_then_merges() -> None:
+    sent: list[str] = []
+    c = DeltaCoalescer(sent.append, window=0.05, max_bytes=1000)
+    c.add("Hello")
+    assert sent == ["Hello"]
+    for word in (" there", ",", " how", " are"):
+        c.add(word)
+    assert sent == ["Hello"]  # held inside the window
+    await asyncio.sleep(0.08)
+    assert sent == ["Hello", " there, how are"]
+    c.add(" you")
+    c.flush()
+    assert sent == ["Hello", " there, how are", " you"]
+
+
+async def test_coalescer_flushes_early_when_full() -> None:
+    sent: list[str] = []
+    c = DeltaCoalescer(sent.append, window=10.0, max_bytes=8)
+    c.add("a")
+    c.add("bcd")
+    c.add("efghij")
+    assert sent == ["a", "bcdefghij"]
+    c.close()
+
+
+async def test_coalescer_with_zero_window_sends_everything() -> None:
+    sent: list[str] = []
+    c = DeltaCoalescer(sent.append, window=0.0, max_bytes=1000)
+    for piece in "abc":
+        c.add(piece)
+    assert sent == ["a", "b", "c"]
