@@ -136,15 +136,16 @@ class _Stream:
     def sink(self, event: pb.Event) -> None:
         self.out.put_nowait(event)
 
-    def reject(self, error: KoreroError, client_message_id: str = "") -> None:
+    def rejection(self, error: KoreroError, client_message_id: str = "") -> pb.Event:
         """An error outside any turn: not part of the resumable log, so it repeats the seq."""
-        self.out.put_nowait(
-            pb.Event(
-                session_id=self.session_id,
-                seq=self.last_seq,
-                error=error_event_body(error, client_message_id),
-            )
+        return pb.Event(
+            session_id=self.session_id,
+            seq=self.last_seq,
+            error=error_event_body(error, client_message_id),
         )
+
+    def reject(self, error: KoreroError, client_message_id: str = "") -> None:
+        self.out.put_nowait(self.rejection(error, client_message_id))
 
     @property
     def turn_in_flight(self) -> bool:
@@ -209,7 +210,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             async for response in self._pump(stream):
                 yield response
             if stream.draining:
-                await abort_with_error(context, ShuttingDownError())
+                # Say it in-band first: a client writing while the status
+                # arrives may see its call fail with INTERNAL instead.
+                goaway = ShuttingDownError()
+                yield pb.ChatResponse(event=stream.rejection(goaway))
+                await abort_with_error(context, goaway)
         finally:
             heartbeat.cancel()
             reader.cancel()
@@ -290,7 +295,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     )
                 else:
                     stream.reject(InvalidArgumentError("REQUEST_EMPTY", "the request sets no kind"))
-        except grpc.aio.AioRpcError:
+        except (grpc.aio.AioRpcError, grpc.aio.AbortError, grpc.aio.UsageError):
             return  # the call ended under us; the handler's cleanup runs
         # Half-close: finish the turn in flight, then end the stream cleanly.
         if stream.turn is not None:

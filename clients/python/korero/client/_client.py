@@ -17,6 +17,7 @@ from korero.client._errors import ChatError
 __all__ = ["ChatClient", "Conversation"]
 
 _TERMINAL = frozenset({"done", "error"})
+SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"
 _CLOSED = object()
 
 
@@ -31,6 +32,7 @@ class Conversation:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._reader = asyncio.create_task(self._read())
         self._error: ChatError | None = None
+        self._goaway: ChatError | None = None
 
     async def _read(self) -> None:
         try:
@@ -38,9 +40,14 @@ class Conversation:
                 response = await self._call.read()
                 if response is grpc.aio.EOF:
                     break
-                self._queue.put_nowait(response.event)
+                event = response.event
+                if not event.turn_id and event.error.reason == SHUTTING_DOWN:
+                    # The server's in-band notice that it is ending the stream.
+                    self._goaway = ChatError.from_event(event.error)
+                    continue
+                self._queue.put_nowait(event)
         except grpc.aio.AioRpcError as error:
-            self._error = ChatError.from_rpc_error(error)
+            self._error = self._goaway or ChatError.from_rpc_error(error)
         except asyncio.CancelledError:
             pass
         self._queue.put_nowait(_CLOSED)
@@ -77,14 +84,15 @@ class Conversation:
     async def _write(self, request: pb.ChatRequest) -> None:
         try:
             await self._call.write(request)
-        except grpc.aio.AioRpcError as error:
-            raise ChatError.from_rpc_error(error) from None
-        except asyncio.InvalidStateError:
-            # The server already ended the stream: report how it ended.
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+            # The stream ended under us. The status the server ended it with
+            # arrives on the read side; a failed write only says "it's gone".
             await asyncio.wait({self._reader}, timeout=5.0)
-            raise self._error or ChatError(
-                grpc.StatusCode.UNAVAILABLE, "the stream has ended"
-            ) from None
+            if self._error is not None:
+                raise self._error from None
+            if isinstance(error, grpc.aio.AioRpcError):
+                raise ChatError.from_rpc_error(error) from None
+            raise ChatError(grpc.StatusCode.UNAVAILABLE, "the stream has ended") from None
 
     async def close(self) -> None:
         """Half-close and wait for the server to end the stream."""

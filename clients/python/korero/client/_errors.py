@@ -5,9 +5,12 @@ from __future__ import annotations
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from korero.chat.v1 import chat_pb2 as pb
+
 __all__ = ["ChatError"]
 
 _DETAILS_KEY = "grpc-status-details-bin"
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class ChatError(Exception):
@@ -35,6 +38,20 @@ class ChatError(Exception):
     def __str__(self) -> str:
         reason = f" ({self.reason})" if self.reason else ""
         return f"{self.code.name}{reason}: {self.message}"
+
+    @classmethod
+    def from_event(cls, error: pb.TurnError) -> ChatError:
+        """An `error` event as an exception (for callers that prefer raising)."""
+        retry_after = None
+        if error.HasField("retry_after"):
+            retry_after = error.retry_after.ToNanoseconds() / 1e9
+        return cls(
+            _CODES.get(error.code, grpc.StatusCode.UNKNOWN),
+            error.message,
+            error.reason,
+            error.retryable,
+            retry_after,
+        )
 
     @classmethod
     def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> ChatError:
