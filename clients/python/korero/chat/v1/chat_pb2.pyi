@@ -400,6 +400,8 @@ class Event(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    CITATION_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session this event belongs to."""
     turn_id: _builtins.str
@@ -436,6 +438,14 @@ class Event(_message.Message):
     def error(self) -> Global___TurnError:
         """The turn ended with an error (terminal)."""
 
+    @_builtins.property
+    def citation(self) -> Global___Citation:
+        """A knowledge-base source the answer draws on."""
+
+    @_builtins.property
+    def rate_limit(self) -> Global___RateLimitStatus:
+        """The caller's remaining rate-limit budget."""
+
     def __init__(
         self,
         *,
@@ -449,12 +459,14 @@ class Event(_message.Message):
         heartbeat: Global___Heartbeat | None = ...,
         done: Global___TurnDone | None = ...,
         error: Global___TurnError | None = ...,
+        citation: Global___Citation | None = ...,
+        rate_limit: Global___RateLimitStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "error", b"error", "heartbeat", b"heartbeat", "kind", b"kind", "session_started", b"session_started", "text_delta", b"text_delta", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["citation", b"citation", "done", b"done", "error", b"error", "heartbeat", b"heartbeat", "kind", b"kind", "rate_limit", b"rate_limit", "session_started", b"session_started", "text_delta", b"text_delta", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "error", b"error", "heartbeat", b"heartbeat", "kind", b"kind", "seq", b"seq", "session_id", b"session_id", "session_started", b"session_started", "text_delta", b"text_delta", "turn_id", b"turn_id", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["citation", b"citation", "done", b"done", "error", b"error", "heartbeat", b"heartbeat", "kind", b"kind", "rate_limit", b"rate_limit", "seq", b"seq", "session_id", b"session_id", "session_started", b"session_started", "text_delta", b"text_delta", "turn_id", b"turn_id", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["session_started", "turn_started", "text_delta", "usage", "heartbeat", "done", "error"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["session_started", "turn_started", "text_delta", "usage", "heartbeat", "done", "error", "citation", "rate_limit"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -497,6 +509,8 @@ class TurnStarted(_message.Message):
     CLIENT_MESSAGE_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    INTENT_FIELD_NUMBER: _builtins.int
     client_message_id: _builtins.str
     """The client's idempotency key for the message that started the turn."""
     model: _builtins.str
@@ -505,16 +519,22 @@ class TurnStarted(_message.Message):
     """True when this turn repeats an answer already produced for the same
     `client_message_id` (an idempotent retry).
     """
+    trace_id: _builtins.str
+    """W3C trace id of the turn (32 hex digits), for finding it in traces."""
+    intent: _builtins.str
+    """How the message was classified (e.g. `policy_question`), when routed."""
     def __init__(
         self,
         *,
         client_message_id: _builtins.str = ...,
         model: _builtins.str = ...,
         replayed: _builtins.bool = ...,
+        trace_id: _builtins.str = ...,
+        intent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_message_id", b"client_message_id", "model", b"model", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_message_id", b"client_message_id", "intent", b"intent", "model", b"model", "replayed", b"replayed", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -592,6 +612,80 @@ class Heartbeat(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class Citation(_message.Message):
+    """Citation names a knowledge-base source of the answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_TITLE_FIELD_NUMBER: _builtins.int
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    SECTION_FIELD_NUMBER: _builtins.int
+    SNIPPET_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    document_title: _builtins.str
+    """The document's title, e.g. `Baggage Policy`."""
+    document_id: _builtins.str
+    """The document's id within the tenant's knowledge base."""
+    section: _builtins.str
+    """The section, e.g. `2.1`."""
+    snippet: _builtins.str
+    """A short excerpt of the cited text."""
+    score: _builtins.float
+    """Retrieval score; higher is more relevant."""
+    def __init__(
+        self,
+        *,
+        document_title: _builtins.str = ...,
+        document_id: _builtins.str = ...,
+        section: _builtins.str = ...,
+        snippet: _builtins.str = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "document_title", b"document_title", "score", b"score", "section", b"section", "snippet", b"snippet"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Citation: _TypeAlias = Citation  # noqa: Y015
+
+@_typing.final
+class RateLimitStatus(_message.Message):
+    """RateLimitStatus reports the caller's remaining budget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMAINING_REQUESTS_FIELD_NUMBER: _builtins.int
+    REMAINING_TOKENS_FIELD_NUMBER: _builtins.int
+    RESET_AFTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    remaining_requests: _builtins.int
+    """Requests left in the current window."""
+    remaining_tokens: _builtins.int
+    """LLM tokens left in the current window."""
+    limit: _builtins.str
+    """Which limit is closest to running out, e.g. `session_messages`."""
+    @_builtins.property
+    def reset_after(self) -> _duration_pb2.Duration:
+        """Time until the budget is fully restored."""
+
+    def __init__(
+        self,
+        *,
+        remaining_requests: _builtins.int = ...,
+        remaining_tokens: _builtins.int = ...,
+        reset_after: _duration_pb2.Duration | None = ...,
+        limit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reset_after", b"reset_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "remaining_requests", b"remaining_requests", "remaining_tokens", b"remaining_tokens", "reset_after", b"reset_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimitStatus: _TypeAlias = RateLimitStatus  # noqa: Y015
 
 @_typing.final
 class TurnDone(_message.Message):
