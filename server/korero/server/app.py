@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from korero.chat.v1 import chat_pb2, chat_pb2_grpc
 from korero.server.context import PromptAssembler
 from korero.server.engine import ConversationEngine
+from korero.server.identity import AnonymousAuthenticator
 from korero.server.llm import LLMProvider, OpenAIProvider
 from korero.server.servicer import ChatServicer, Lifecycle
 from korero.server.settings import Settings
@@ -73,8 +74,9 @@ class KoreroServer:
         lifecycle = Lifecycle()
         health = health_aio.HealthServicer()
         server = grpc.aio.server(options=_SERVER_OPTIONS)
+        authenticator = AnonymousAuthenticator(settings.engine.tenant)
         chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(engine, settings, lifecycle), server
+            ChatServicer(engine, settings, lifecycle, authenticator), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(

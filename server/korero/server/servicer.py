@@ -29,6 +29,7 @@ from korero.server.errors import (
     KoreroError,
     ShuttingDownError,
 )
+from korero.server.identity import Authenticator
 from korero.server.settings import Settings
 
 __all__ = ["ChatServicer", "Lifecycle", "abort_with_error"]
@@ -175,15 +176,24 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     """ChatService on the conversation engine."""
 
     def __init__(
-        self, engine: ConversationEngine, settings: Settings, lifecycle: Lifecycle
+        self,
+        engine: ConversationEngine,
+        settings: Settings,
+        lifecycle: Lifecycle,
+        authenticator: Authenticator,
     ) -> None:
         self._engine = engine
         self._settings = settings
         self._lifecycle = lifecycle
+        self._authenticator = authenticator
 
-    def _tenant(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
-        # Until authentication lands every caller is the configured tenant.
-        return self._settings.engine.tenant
+    async def _tenant(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value if isinstance(value, str) else value.decode()
+        identity = await self._authenticator.authenticate(authorization)
+        return identity.tenant
 
     # Chat: one bidirectional stream per session -----------------------------------
 
@@ -195,7 +205,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         try:
             self._lifecycle.check_open()
             first = await self._first_frame(request_iterator)
-            tenant = self._tenant(context)
+            tenant = await self._tenant(context)
             started = await self._engine.open_session(
                 tenant, first.start.session_id, first.start.metadata
             )
@@ -341,7 +351,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         try:
             try:
                 self._lifecycle.check_open()
-                tenant = self._tenant(context)
+                tenant = await self._tenant(context)
                 session_id = request.session_id
                 if not session_id:
                     started = await self._engine.open_session(tenant, "", request.metadata)
@@ -370,7 +380,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         context: grpc.aio.ServicerContext[pb.GetSessionRequest, pb.GetSessionResponse],
     ) -> pb.GetSessionResponse:
         try:
-            session = await self._engine.get_session(self._tenant(context), request.session_id)
+            session = await self._engine.get_session(
+                await self._tenant(context), request.session_id
+            )
         except KoreroError as error:
             await abort_with_error(context, error)
         return pb.GetSessionResponse(session=session)
@@ -382,7 +394,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> pb.ListMessagesResponse:
         try:
             return await self._engine.list_messages(
-                self._tenant(context), request.session_id, request.page_size, request.page_token
+                await self._tenant(context),
+                request.session_id,
+                request.page_size,
+                request.page_token,
             )
         except KoreroError as error:
             await abort_with_error(context, error)
