@@ -17,8 +17,11 @@ import redis
 from korero.client import ChatClient
 from korero.server.app import KoreroServer
 from korero.server.settings import (
+    AuthSettings,
     EngineSettings,
     LLMSettings,
+    ObservabilitySettings,
+    RateLimitSettings,
     RedisSettings,
     ServerSettings,
     Settings,
@@ -115,6 +118,9 @@ def make_settings(redis_url: str, llm_url: str, **overrides: object) -> Settings
             base_url=llm_url, api_key="test", retry_backoff=0.01, first_token_timeout=5.0
         ),
         "engine": EngineSettings(coalesce_window_ms=20.0),
+        "auth": AuthSettings(key_cache_seconds=0.0),
+        "limits": RateLimitSettings(),
+        "observability": ObservabilitySettings(metrics_listen="127.0.0.1:0"),
     }
     for key, value in overrides.items():
         group, name = key.split("__")

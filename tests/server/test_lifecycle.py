@@ -57,6 +57,7 @@ async def server_proc(redis_url: str, sim: UpstreamSim) -> AsyncIterator[ServerP
             "KORERO_LLM_BASE_URL": sim.base_url,
             "KORERO_SHUTDOWN_GRACE": "5",
             "KORERO_LOG_LEVEL": "INFO",
+            "KORERO_METRICS_LISTEN": "127.0.0.1:0",
         }
     )
     yield server
@@ -118,6 +119,7 @@ async def test_turn_longer_than_the_grace_period_ends_with_an_error_event(
             "REDIS_URL": redis_url,
             "KORERO_LLM_BASE_URL": sim.base_url,
             "KORERO_SHUTDOWN_GRACE": "0.5",
+            "KORERO_METRICS_LISTEN": "127.0.0.1:0",
         }
     )
     try:

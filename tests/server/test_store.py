@@ -31,10 +31,24 @@ class CountingConnection(Connection):
         await super().send_packed_command(command, check_health)
 
 
-async def test_a_turn_costs_two_redis_round_trips(
-    redis_proc: RedisProcess, redis_url: str, sim: UpstreamSim
+@pytest.mark.parametrize(
+    ("limits", "round_trips", "scripts"),
+    [
+        # admission check | begin turn | finish turn + token settlement (one pipeline)
+        (True, 3, 4),
+        # begin turn | finish turn
+        (False, 2, 2),
+    ],
+)
+async def test_round_trips_per_turn(
+    redis_proc: RedisProcess,
+    redis_url: str,
+    sim: UpstreamSim,
+    limits: bool,
+    round_trips: int,
+    scripts: int,
 ) -> None:
-    settings = make_settings(redis_url, sim.base_url)
+    settings = make_settings(redis_url, sim.base_url, limits__enabled=limits)
     pool = aioredis.BlockingConnectionPool(
         port=redis_proc.port, connection_class=CountingConnection, max_connections=8
     )
@@ -49,8 +63,9 @@ async def test_a_turn_costs_two_redis_round_trips(
             before = CountingConnection.sends
             events = await run_turn(conversation, "What can I bring on board?", "m")
             assert kinds(events)[-1] == "done"
-            assert CountingConnection.sends - before == 2
-            assert sync.info("commandstats")["cmdstat_evalsha"]["calls"] - evalsha_before == 2
+            assert CountingConnection.sends - before == round_trips
+            evalsha = sync.info("commandstats")["cmdstat_evalsha"]["calls"] - evalsha_before
+            assert evalsha == scripts
     finally:
         await app.shutdown(grace=0)
 
@@ -62,11 +77,17 @@ async def test_every_key_is_under_the_tenant_and_session_hash_tag(
     await run_turn(conversation, "hello", "k1")
     keys = sorted(k.decode() for k in redis_proc.client().keys("*"))
     sid = conversation.session_id
-    assert keys == [
-        f"kr:{{default:{sid}}}:history",
-        f"kr:{{default:{sid}}}:meta",
-        f"kr:{{default:{sid}}}:turns",
-    ]
+    assert keys == sorted(
+        [
+            f"kr:{{default:{sid}}}:history",
+            f"kr:{{default:{sid}}}:meta",
+            f"kr:{{default:{sid}}}:turns",
+            # rate-limit buckets share the tenant's hash tag (one slot per tenant)
+            "kr:{default}:rl:requests",
+            "kr:{default}:rl:tokens",
+            f"kr:{{default}}:rl:session:{sid}",
+        ]
+    )
     for key in keys:
         assert redis_proc.client().pttl(key) > 0  # nothing is kept forever
 

@@ -11,18 +11,26 @@ import signal
 from dataclasses import dataclass
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.redis import RedisInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
 
 from korero.chat.v1 import chat_pb2, chat_pb2_grpc
+from korero.server.auth import ApiKeyStore, AuthInterceptor, TokenAuthenticator
 from korero.server.context import PromptAssembler
 from korero.server.engine import ConversationEngine
-from korero.server.identity import AnonymousAuthenticator
+from korero.server.identity import AnonymousAuthenticator, Authenticator
 from korero.server.llm import LLMProvider, OpenAIProvider
+from korero.server.ratelimit import RateLimiter, RateLimitInterceptor
 from korero.server.servicer import ChatServicer, Lifecycle
 from korero.server.settings import Settings
 from korero.server.store import SessionStore
+from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
 
 __all__ = ["KoreroServer", "run"]
 
@@ -52,6 +60,14 @@ class KoreroServer:
     store: SessionStore
     llm: LLMProvider
     settings: Settings
+    authenticator: Authenticator
+    metrics: Metrics
+    metrics_runner: web.AppRunner | None = None
+    tracer_provider: TracerProvider | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics_runner is None else bound_port(self.metrics_runner)
 
     @classmethod
     async def start(
@@ -60,23 +76,48 @@ class KoreroServer:
         *,
         store: SessionStore | None = None,
         llm: LLMProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> KoreroServer:
         """Build everything from settings (or injected parts) and start listening."""
         store = store or SessionStore.connect(settings.redis, settings.engine)
         llm = llm or OpenAIProvider(settings.llm)
+        metrics = Metrics(settings.observability)
+        provider = tracer_provider or build_tracer_provider(settings.observability)
+        tracer = (provider or trace.get_tracer_provider()).get_tracer("korero.server")
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if provider is not None:
+            RedisInstrumentor.instrument_client(store.redis, tracer_provider=provider)
+            interceptors.append(aio_server_interceptor(tracer_provider=provider))  # type: ignore[no-untyped-call]
+        authenticator: Authenticator = AnonymousAuthenticator(settings.engine.tenant)
+        if settings.auth.mode == "on":
+            authenticator = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
+            interceptors.append(AuthInterceptor(authenticator, settings.auth))
+        limiter = None
+        if settings.limits.enabled:
+            limiter = RateLimiter(
+                store.redis,
+                settings.limits,
+                on_fallback=metrics.rate_limit_fallbacks.inc,
+                on_reject=lambda limit: metrics.rate_limit_rejections.labels(limit).inc(),
+            )
+            interceptors.append(
+                RateLimitInterceptor(limiter, settings.engine.tenant, settings.auth.open_methods)
+            )
         engine = ConversationEngine(
             store,
             llm,
             PromptAssembler(settings.engine.system_prompt),
             settings.engine,
             settings.llm,
+            limiter=limiter,
+            metrics=metrics,
+            tracer=tracer,
         )
         lifecycle = Lifecycle()
         health = health_aio.HealthServicer()
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
-        authenticator = AnonymousAuthenticator(settings.engine.tenant)
+        server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
         chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(engine, settings, lifecycle, authenticator), server
+            ChatServicer(engine, settings, lifecycle, metrics), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
@@ -94,7 +135,29 @@ class KoreroServer:
         await server.start()
         for service in ("", CHAT_SERVICE):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        return cls(server, port, engine, lifecycle, health, store, llm, settings)
+        try:
+            metrics_runner = await serve_metrics(metrics, settings.observability.metrics_listen)
+        except OSError as exc:  # metrics are not worth refusing to serve for
+            log.error(
+                "event=metrics_listen_failed listen=%s error=%s",
+                settings.observability.metrics_listen,
+                exc,
+            )
+            metrics_runner = None
+        return cls(
+            server,
+            port,
+            engine,
+            lifecycle,
+            health,
+            store,
+            llm,
+            settings,
+            authenticator,
+            metrics,
+            metrics_runner,
+            provider,
+        )
 
     @property
     def address(self) -> str:
@@ -109,6 +172,10 @@ class KoreroServer:
         self.lifecycle.begin_drain()
         await self.engine.drain(grace)
         await self.server.stop(grace=1.0)
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
+        if self.tracer_provider is not None:
+            self.tracer_provider.force_flush()
         await self.llm.aclose()
         await self.store.close()
         log.info("event=stopped")
@@ -118,11 +185,13 @@ async def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain."""
     app = await KoreroServer.start(settings)
     log.info(
-        "event=serving address=%s redis=%s llm=%s model=%s",
+        "event=serving address=%s redis=%s llm=%s model=%s auth=%s metrics_port=%s",
         app.address,
         _redact(settings.redis.url),
         settings.llm.base_url,
         settings.llm.model,
+        settings.auth.mode,
+        app.metrics_port,
     )
     try:
         await app.store.ping()

@@ -21,14 +21,18 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.coalesce import DeltaCoalescer
 from korero.server.context import ContextAssembler
 from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
 from korero.server.llm import LLMProvider, LLMRequest, TokenUsage, estimate_tokens
+from korero.server.ratelimit import Admission, RateLimiter
 from korero.server.settings import EngineSettings, LLMSettings
 from korero.server.store import SessionRecord, SessionStore, StoredMessage, TurnRecord
+from korero.server.telemetry import Metrics
 
 __all__ = [
     "ConversationEngine",
@@ -109,6 +113,45 @@ def _validate_message(message: pb.UserMessage, max_bytes: int) -> None:
         raise InvalidArgumentError(
             "MESSAGE_TOO_LARGE", f"message is {size} bytes; the limit is {max_bytes}"
         )
+
+
+def _announce(turn: Turn, model: str) -> None:
+    """The first events of a turn: turn started, then the caller's rate-limit budget."""
+    turn.publish(
+        turn_started=pb.TurnStarted(
+            client_message_id=turn.client_message_id, model=model, trace_id=_trace_id(turn)
+        )
+    )
+    if turn.admission is not None:
+        turn.publish(rate_limit=_rate_limit_status(turn.admission))
+
+
+def _trace_id(turn: Turn) -> str:
+    ctx = turn.span.get_span_context()
+    return trace.format_trace_id(ctx.trace_id) if ctx.is_valid else ""
+
+
+def _rate_limit_status(admission: Admission) -> pb.RateLimitStatus:
+    return pb.RateLimitStatus(
+        remaining_requests=admission.remaining_requests,
+        remaining_tokens=admission.remaining_tokens,
+        reset_after=_dur(admission.reset_after),
+        limit=admission.closest,
+    )
+
+
+def _llm_span_end(
+    span: trace.Span, timings: _Timings, usage: TokenUsage | None, finish: str | None
+) -> None:
+    if timings.first_token is not None:
+        span.set_attribute(
+            "gen_ai.response.time_to_first_token", timings.first_token - timings.started
+        )
+    if usage is not None:
+        span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
+    if finish:
+        span.set_attribute("gen_ai.response.finish_reasons", [finish])
 
 
 def _ts(seconds: float) -> timestamp_pb2.Timestamp:
@@ -222,6 +265,12 @@ class Turn:
     cancelled_by_client: bool = False
     finishing: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    admission: Admission | None = None
+    span: trace.Span = trace.INVALID_SPAN
+    timings: _Timings | None = None
+    outcome: str = "error"
+    reason: str = ""
+    usage: TokenUsage | None = None
 
     @property
     def done(self) -> bool:
@@ -269,6 +318,10 @@ class ConversationEngine:
         engine_settings: EngineSettings,
         llm_settings: LLMSettings,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        limiter: RateLimiter | None = None,
+        metrics: Metrics | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._store = store
         self._llm = llm
@@ -276,7 +329,14 @@ class ConversationEngine:
         self._settings = engine_settings
         self._llm_settings = llm_settings
         self._clock = clock
+        self._limiter = limiter
+        self._metrics = metrics
+        self._tracer = tracer or trace.get_tracer(__name__)
         self._turns: dict[tuple[str, str, str], Turn] = {}
+        # Reserved per message before the history is known; settled to real usage.
+        self._base_reservation = estimate_tokens(engine_settings.system_prompt) + (
+            llm_settings.max_tokens
+        )
 
     @property
     def store(self) -> SessionStore:
@@ -346,17 +406,43 @@ class ConversationEngine:
         if local is not None:  # a retry of a message whose turn runs here: join it
             local.subscribe(sink)
             return local
-        begin = await self._store.begin_turn(
-            tenant, session_id, message.client_message_id, message.text, _REPLAY_EVENTS
+        admission = None
+        if self._limiter is not None:
+            reservation = self._base_reservation + estimate_tokens(message.text)
+            admission = await self._limiter.admit_message(tenant, session_id, reservation)
+        turn_span = self._tracer.start_span(
+            "korero.turn",
+            attributes={
+                "korero.tenant": tenant,
+                "korero.session_id": session_id,
+                "gen_ai.request.model": self._llm_settings.model,
+            },
         )
-        if begin.status == "busy":
-            raise InvalidArgumentError(
-                "TURN_IN_FLIGHT",
-                f"turn {begin.turn_id} is still in flight; wait for it to end or cancel it",
-            )
+        scope = otel_context.attach(trace.set_span_in_context(turn_span))
+        try:
+            with self._tracer.start_as_current_span("korero.session_load"):
+                begin = await self._store.begin_turn(
+                    tenant, session_id, message.client_message_id, message.text, _REPLAY_EVENTS
+                )
+            if begin.status == "busy":
+                raise InvalidArgumentError(
+                    "TURN_IN_FLIGHT",
+                    f"turn {begin.turn_id} is still in flight; wait for it to end or cancel it",
+                )
+        except KoreroError as error:
+            turn_span.set_status(trace.StatusCode.ERROR, error.reason)
+            turn_span.end()
+            otel_context.detach(scope)
+            if admission is not None and self._limiter is not None:
+                await self._refund(admission)
+            raise
         turn = Turn(tenant, session_id, begin.turn_id, message.client_message_id, begin.seq_base)
+        turn.admission = admission
+        turn.span = turn_span
+        turn_span.set_attribute("korero.turn_id", turn.turn_id)
         turn.subscribe(sink)
         timings = _Timings(started=started, session_load=self._clock() - started)
+        turn.timings = timings
         if begin.status == "started":
             assert begin.session is not None
             body = self._run(turn, begin.session, begin.history, timings, deadline)
@@ -366,8 +452,20 @@ class ConversationEngine:
         else:  # running elsewhere: follow it through the store
             body = self._follow(turn, timings, deadline)
         self._turns[key] = turn
-        turn.task = asyncio.create_task(self._guard(turn, key, body), name=f"turn-{turn.turn_id}")
+        try:  # the task copies the context now: its spans are children of the turn
+            turn.task = asyncio.create_task(
+                self._guard(turn, key, body), name=f"turn-{turn.turn_id}"
+            )
+        finally:
+            otel_context.detach(scope)
         return turn
+
+    async def _refund(self, admission: Admission) -> None:
+        assert self._limiter is not None
+        call = self._limiter.settlement(admission, 0)
+        if call is not None:
+            with contextlib.suppress(KoreroError):
+                await self._store.run(call)
 
     async def drain(self, grace: float) -> None:
         """Let turns in flight finish for up to `grace` seconds, then end them."""
@@ -387,6 +485,31 @@ class ConversationEngine:
             self._turns.pop(key, None)
             turn.sinks.clear()
             turn.finished.set()
+            self._observe(turn)
+
+    def _observe(self, turn: Turn) -> None:
+        span = turn.span
+        span.set_attribute("korero.outcome", turn.outcome)
+        if turn.reason:
+            span.set_attribute("korero.error_reason", turn.reason)
+            span.set_status(trace.StatusCode.ERROR, turn.reason)
+        span.end()
+        if self._metrics is None or turn.timings is None:
+            return
+        timings = turn.timings
+        usage = turn.usage
+        self._metrics.turn_ended(
+            tenant=turn.tenant,
+            model=self._llm_settings.model,
+            outcome=turn.outcome,
+            reason=turn.reason,
+            duration=self._clock() - timings.started,
+            time_to_first_token=(
+                None if timings.first_token is None else timings.first_token - timings.started
+            ),
+            input_tokens=0 if usage is None or turn.outcome == "replayed" else usage.input_tokens,
+            output_tokens=0 if usage is None or turn.outcome == "replayed" else usage.output_tokens,
+        )
 
     async def _run(
         self,
@@ -398,9 +521,7 @@ class ConversationEngine:
     ) -> None:
         model = self._llm_settings.model
         seq_base = turn.seq
-        turn.publish(
-            turn_started=pb.TurnStarted(client_message_id=turn.client_message_id, model=model)
-        )
+        _announce(turn, model)
         answer: list[str] = []
 
         def emit_text(text: str) -> None:
@@ -417,11 +538,12 @@ class ConversationEngine:
         try:
             try:
                 t = self._clock()
-                messages = self._assembler.assemble(session.metadata, history)
+                with self._tracer.start_as_current_span("korero.context_assembly"):
+                    messages = self._assembler.assemble(session.metadata, history)
                 timings.context_assembly = self._clock() - t
                 limit = self._clock() + self._settings.turn_timeout
                 deadline = limit if deadline is None else min(deadline, limit)
-                usage, finish = await self._generate(
+                usage, finish = await self._traced_generate(
                     messages, model, deadline, coalescer, answer, timings
                 )
                 coalescer.flush()
@@ -443,6 +565,8 @@ class ConversationEngine:
                     estimated=True,
                 )
             turn.publish(usage=usage_to_pb(usage))
+            turn.usage = usage
+            turn.outcome = finish or "stop"
             record = TurnRecord(
                 turn.turn_id,
                 "cancelled" if finish == "cancelled" else "done",
@@ -470,6 +594,36 @@ class ConversationEngine:
                 KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error ({exc!r})"),
                 seq_base,
             )
+
+    async def _traced_generate(
+        self,
+        messages: list[dict[str, str]],
+        model: str,
+        deadline: float,
+        coalescer: DeltaCoalescer,
+        answer: list[str],
+        timings: _Timings,
+    ) -> tuple[TokenUsage | None, str | None]:
+        """`_generate` inside a GenAI client span."""
+        usage: TokenUsage | None = None
+        finish: str | None = None
+        with self._tracer.start_as_current_span(
+            f"chat {model}",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": model,
+                "gen_ai.request.max_tokens": self._llm_settings.max_tokens,
+            },
+        ) as llm_span:
+            try:
+                usage, finish = await self._generate(
+                    messages, model, deadline, coalescer, answer, timings
+                )
+            finally:
+                _llm_span_end(llm_span, timings, usage, finish)
+        return usage, finish
 
     async def _generate(
         self,
@@ -560,6 +714,10 @@ class ConversationEngine:
             turn.publish(text_delta=pb.TextDelta(text=record.answer))
         usage = TokenUsage(record.usage.get("input", 0), record.usage.get("output", 0))
         turn.publish(usage=usage_to_pb(usage))
+        turn.usage = usage
+        turn.outcome = "replayed"
+        if turn.admission is not None:
+            await self._refund(turn.admission)
         turn.publish(
             done=pb.TurnDone(
                 finish_reason=_FINISH_REASONS.get(record.finish_reason, pb.FINISH_REASON_STOP),
@@ -600,10 +758,22 @@ class ConversationEngine:
 
     async def _finish(self, turn: Turn, record: TurnRecord, seq_base: int) -> None:
         # Persist before the terminal event; that event's seq counts as issued.
+        # The token settlement rides in the same pipeline (no extra round trip).
         turn.finishing = True
-        await self._store.finish_turn(
-            turn.tenant, turn.session_id, turn.client_message_id, record, seq_base, turn.seq + 1
-        )
+        settle = None
+        if turn.admission is not None and self._limiter is not None:
+            used = turn.usage.total_tokens if turn.usage is not None else 0
+            settle = self._limiter.settlement(turn.admission, used)
+        with self._tracer.start_as_current_span("korero.persist"):
+            await self._store.finish_turn(
+                turn.tenant,
+                turn.session_id,
+                turn.client_message_id,
+                record,
+                seq_base,
+                turn.seq + 1,
+                also=() if settle is None else (settle,),
+            )
 
     async def _fail(self, turn: Turn, error: KoreroError, seq_base: int) -> None:
         log.info(
@@ -612,6 +782,8 @@ class ConversationEngine:
             error.code.name,
             error.reason,
         )
+        turn.outcome = "error"
+        turn.reason = error.reason
         record = TurnRecord(turn.turn_id, "failed", finish_reason=error.reason)
         try:
             await self._finish(turn, record, seq_base)

@@ -6,6 +6,7 @@
      ├── NotFoundError          a named resource does not exist (NOT_FOUND)
      ├── StoreUnavailableError  Redis down, slow or failing (UNAVAILABLE)
      ├── UpstreamError          the LLM upstream failed (code depends on cause)
+     ├── RateLimitedError       a limit is exhausted (RESOURCE_EXHAUSTED)
      └── ShuttingDownError      the server is draining (UNAVAILABLE)
 
 Lower-layer exceptions (`redis`, `openai`) are translated into these exactly
@@ -23,6 +24,7 @@ __all__ = [
     "InvalidArgumentError",
     "KoreroError",
     "NotFoundError",
+    "RateLimitedError",
     "ShuttingDownError",
     "StoreUnavailableError",
     "UpstreamError",
@@ -43,6 +45,7 @@ class KoreroError(Exception):
         *,
         retryable: bool = False,
         retry_after: float | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -50,6 +53,8 @@ class KoreroError(Exception):
         self.message = message
         self.retryable = retryable
         self.retry_after = retry_after
+        self.metadata = metadata or {}
+        """Extra `google.rpc.ErrorInfo.metadata` (e.g. which limit)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code.name}, {self.reason!r}, {self.message!r})"
@@ -84,6 +89,21 @@ class StoreUnavailableError(KoreroError):
 
 class UpstreamError(KoreroError):
     """The LLM upstream failed; `code` and `reason` say how."""
+
+
+class RateLimitedError(KoreroError):
+    """A rate limit is exhausted; `retry_after` says when to try again."""
+
+    def __init__(self, limit: str, retry_after: float) -> None:
+        super().__init__(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED",
+            f"rate limit `{limit}` reached; retry in {retry_after:.1f}s",
+            retryable=True,
+            retry_after=retry_after,
+            metadata={"limit": limit},
+        )
+        self.limit = limit
 
 
 class ShuttingDownError(KoreroError):

@@ -13,26 +13,24 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.chat.v1 import chat_pb2_grpc
+from korero.server.auth import current_identity
 from korero.server.engine import ConversationEngine, Turn, error_event_body
 from korero.server.errors import (
-    ERROR_DOMAIN,
     InvalidArgumentError,
     KoreroError,
     ShuttingDownError,
 )
-from korero.server.identity import Authenticator
 from korero.server.settings import Settings
+from korero.server.status import abort_with_error
+from korero.server.telemetry import Metrics
 
-__all__ = ["ChatServicer", "Lifecycle", "abort_with_error"]
+__all__ = ["ChatServicer", "Lifecycle"]
 
 log = logging.getLogger(__name__)
 
@@ -79,35 +77,6 @@ class Lifecycle:
         self.draining = True
         for queue in self._streams:
             queue.put_nowait(_DRAIN)
-
-
-def error_status(error: KoreroError) -> grpc.Status:
-    """A `KoreroError` as a gRPC status with ErrorInfo (and RetryInfo) details."""
-    info = any_pb2.Any()
-    info.Pack(
-        error_details_pb2.ErrorInfo(
-            reason=error.reason,
-            domain=ERROR_DOMAIN,
-            metadata={"retryable": str(error.retryable).lower()},
-        )
-    )
-    details = [info]
-    if error.retry_after is not None:
-        retry = any_pb2.Any()
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(error.retry_after * 1e9))
-        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        details.append(retry)
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
-    return rpc_status.to_status(status)
-
-
-async def abort_with_error(
-    context: grpc.aio.ServicerContext[Any, Any], error: KoreroError
-) -> NoReturn:
-    """End the call with `error` as its status."""
-    await context.abort_with_status(error_status(error))
-    raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -180,20 +149,17 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         engine: ConversationEngine,
         settings: Settings,
         lifecycle: Lifecycle,
-        authenticator: Authenticator,
+        metrics: Metrics,
     ) -> None:
         self._engine = engine
         self._settings = settings
         self._lifecycle = lifecycle
-        self._authenticator = authenticator
+        self._metrics = metrics
 
-    async def _tenant(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
-        authorization = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                authorization = value if isinstance(value, str) else value.decode()
-        identity = await self._authenticator.authenticate(authorization)
-        return identity.tenant
+    def _tenant(self) -> str:
+        # Set by AuthInterceptor; without authentication every caller is the default tenant.
+        identity = current_identity()
+        return identity.tenant if identity is not None else self._settings.engine.tenant
 
     # Chat: one bidirectional stream per session -----------------------------------
 
@@ -205,7 +171,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         try:
             self._lifecycle.check_open()
             first = await self._first_frame(request_iterator)
-            tenant = await self._tenant(context)
+            tenant = self._tenant()
             started = await self._engine.open_session(
                 tenant, first.start.session_id, first.start.metadata
             )
@@ -214,6 +180,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         stream = _Stream(tenant, started.session_id, last_seq=started.seq)
         yield pb.ChatResponse(event=started)
         self._lifecycle.register(stream.out)
+        self._metrics.active_streams.inc()
         reader = asyncio.create_task(self._read(request_iterator, context, stream))
         heartbeat = _Heartbeat(stream, self._settings.server.heartbeat_interval)
         try:
@@ -229,6 +196,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             heartbeat.cancel()
             reader.cancel()
             self._lifecycle.unregister(stream.out)
+            self._metrics.active_streams.dec()
             if stream.turn_in_flight:
                 assert stream.turn is not None
                 stream.turn.unsubscribe(stream.sink)
@@ -348,10 +316,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> AsyncIterator[pb.SendMessageResponse]:
         out: asyncio.Queue[pb.Event] = asyncio.Queue()
         turn: Turn | None = None
+        self._metrics.active_streams.inc()
         try:
             try:
                 self._lifecycle.check_open()
-                tenant = await self._tenant(context)
+                tenant = self._tenant()
                 session_id = request.session_id
                 if not session_id:
                     started = await self._engine.open_session(tenant, "", request.metadata)
@@ -368,6 +337,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 if event.WhichOneof("kind") in _TERMINAL:
                     return
         finally:
+            self._metrics.active_streams.dec()
             if turn is not None and not turn.done:
                 turn.unsubscribe(out.put_nowait)
                 turn.cancel()
@@ -380,9 +350,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         context: grpc.aio.ServicerContext[pb.GetSessionRequest, pb.GetSessionResponse],
     ) -> pb.GetSessionResponse:
         try:
-            session = await self._engine.get_session(
-                await self._tenant(context), request.session_id
-            )
+            session = await self._engine.get_session(self._tenant(), request.session_id)
         except KoreroError as error:
             await abort_with_error(context, error)
         return pb.GetSessionResponse(session=session)
@@ -394,7 +362,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> pb.ListMessagesResponse:
         try:
             return await self._engine.list_messages(
-                await self._tenant(context),
+                self._tenant(),
                 request.session_id,
                 request.page_size,
                 request.page_token,

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 __all__ = [
+    "AuthSettings",
     "EngineSettings",
     "LLMSettings",
+    "ObservabilitySettings",
+    "RateLimitSettings",
     "RedisSettings",
     "ServerSettings",
     "Settings",
@@ -152,6 +155,106 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """Who may call: API keys (in Redis) and JWTs."""
+
+    mode: str = _env("KORERO_AUTH", "off", "`on` requires a bearer token on every call")
+    """`off`: every caller is KORERO_TENANT. `on`: API key or JWT required."""
+    open_methods: str = _env(
+        "KORERO_AUTH_OPEN_METHODS",
+        "/grpc.health.v1.Health/,/grpc.reflection.",
+        "comma-separated method prefixes that need no token",
+    )
+    """Health checks and reflection stay open so probes and grpcurl work."""
+    key_cache_seconds: float = _env(
+        "KORERO_AUTH_KEY_CACHE_SECONDS", 5.0, "seconds a verified API key is cached in-process"
+    )
+    """A revoked key stops working within this time."""
+    jwt_secret: str = _env("KORERO_JWT_SECRET", "", "shared secret for HS256 JWTs")
+    """Set this or KORERO_JWT_JWKS_URL to accept JWTs."""
+    jwks_url: str = _env("KORERO_JWT_JWKS_URL", "", "JWKS URL for RS256/ES256 JWTs")
+    """Keys are cached; an unknown `kid` refetches at most once per refetch interval."""
+    jwt_algorithms: str = _env(
+        "KORERO_JWT_ALGORITHMS", "", "accepted JWT algorithms (default HS256 or RS256,ES256)"
+    )
+    """Pinned algorithm list; `none` is never accepted."""
+    jwt_audience: str = _env("KORERO_JWT_AUDIENCE", "korero", "required JWT `aud`")
+    """Tokens for another audience are rejected."""
+    jwt_issuer: str = _env("KORERO_JWT_ISSUER", "", "required JWT `iss` (empty: not checked)")
+    """Pin the issuer in production."""
+    jwt_tenant_claim: str = _env("KORERO_JWT_TENANT_CLAIM", "tenant", "JWT claim naming the tenant")
+    """A token without it is rejected."""
+    jwks_refetch_interval: float = _env(
+        "KORERO_JWKS_REFETCH_INTERVAL", 60.0, "least seconds between JWKS fetches"
+    )
+    """Bounds fetches caused by tokens with unknown key ids."""
+
+
+@dataclass(frozen=True)
+class RateLimitSettings:
+    """Per-session, per-tenant and LLM-token limits, enforced in Redis."""
+
+    enabled: bool = _env("KORERO_RATE_LIMITS", True, "enforce rate limits (true/false)")
+    """Turn all limits off (not recommended in production)."""
+    session_messages_per_minute: int = _env(
+        "KORERO_SESSION_MESSAGES_PER_MINUTE", 30, "messages per session per minute"
+    )
+    """Default tier: messages one session may send per minute."""
+    tenant_requests_per_minute: int = _env(
+        "KORERO_TENANT_REQUESTS_PER_MINUTE", 600, "calls + messages per tenant per minute"
+    )
+    """Default tier: new calls (streams, unary) and messages per tenant per minute."""
+    tenant_tokens_per_minute: int = _env(
+        "KORERO_TENANT_TOKENS_PER_MINUTE", 200_000, "LLM tokens per tenant per minute"
+    )
+    """Default tier: prompt + completion tokens per tenant per minute."""
+    tiers: str = _env(
+        "KORERO_RATE_TIERS",
+        "",
+        'JSON: per-tenant tiers, e.g. {"tiers":{"gold":{...}},"tenants":{"t1":"gold"}}',
+    )
+    """Named tiers overriding the defaults, and which tenant is on which tier."""
+    window_seconds: float = _env(
+        "KORERO_RATE_WINDOW_SECONDS", 60.0, "the window the per-minute limits refill over"
+    )
+    """Buckets refill evenly over this window (60 s: the limits are per minute)."""
+    redis_down: str = _env(
+        "KORERO_RATE_LIMIT_REDIS_DOWN",
+        "local",
+        "`local` (fail open to a per-process limiter) or `closed`",
+    )
+    """What to do when Redis cannot be reached for a limit check."""
+
+
+@dataclass(frozen=True)
+class ObservabilitySettings:
+    """Metrics and traces."""
+
+    metrics_listen: str = _env(
+        "KORERO_METRICS_LISTEN",
+        "127.0.0.1:9464",
+        "Prometheus /metrics HOST:PORT (`off` to disable)",
+    )
+    """Where Prometheus scrapes `/metrics`."""
+    trace_exporter: str = _env("KORERO_TRACE_EXPORTER", "none", "`none`, `otlp` or `console`")
+    """Spans are only recorded when an exporter is configured."""
+    otlp_endpoint: str = _env(
+        "KORERO_OTLP_ENDPOINT", "http://127.0.0.1:4318/v1/traces", "OTLP/HTTP traces endpoint"
+    )
+    """Used when KORERO_TRACE_EXPORTER=otlp."""
+    service_name: str = _env("KORERO_SERVICE_NAME", "korero", "service.name of traces")
+    """OpenTelemetry resource attribute."""
+    price_input_per_mtok: float = _env(
+        "KORERO_PRICE_INPUT_PER_MTOK", 0.0, "USD per million prompt tokens (cost metric)"
+    )
+    """Feeds the estimated-cost metric."""
+    price_output_per_mtok: float = _env(
+        "KORERO_PRICE_OUTPUT_PER_MTOK", 0.0, "USD per million completion tokens (cost metric)"
+    )
+    """Feeds the estimated-cost metric."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, grouped by concern."""
 
@@ -159,13 +262,28 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     llm: LLMSettings = field(default_factory=LLMSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    limits: RateLimitSettings = field(default_factory=RateLimitSettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read settings from `environ` (default: `os.environ`)."""
         env = os.environ if environ is None else environ
         groups = {g.name: _read_group(_group_defaults(g), env) for g in dataclasses.fields(cls)}
-        return cls(**groups)
+        settings = cls(**groups)
+        for name, value, allowed in (
+            ("KORERO_AUTH", settings.auth.mode, ("on", "off")),
+            ("KORERO_RATE_LIMIT_REDIS_DOWN", settings.limits.redis_down, ("local", "closed")),
+            (
+                "KORERO_TRACE_EXPORTER",
+                settings.observability.trace_exporter,
+                ("none", "otlp", "console"),
+            ),
+        ):
+            if value not in allowed:
+                raise SettingsError(f"{name}={value!r} must be one of {', '.join(allowed)}")
+        return settings
 
 
 _G = TypeVar("_G")
@@ -190,6 +308,13 @@ def _read_group(defaults: _G, env: Mapping[str, str]) -> _G:
 def _convert(name: str, raw: str, kind: type) -> Any:
     if kind is str:
         return raw
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name}={raw!r} is not true or false")
     try:
         value: float = kind(raw.strip())
     except ValueError:

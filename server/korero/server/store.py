@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,6 +39,7 @@ from korero.server.errors import (
     NotFoundError,
     StoreUnavailableError,
 )
+from korero.server.scripts import ScriptCall, run_scripts
 from korero.server.settings import EngineSettings, RedisSettings
 
 __all__ = [
@@ -432,28 +433,39 @@ class SessionStore:
         record: TurnRecord,
         seq_base: int,
         last_seq: int,
+        also: Sequence[ScriptCall] = (),
     ) -> None:
-        """Persist the outcome, release the lock and hand back unused seqs, in one round trip."""
+        """Persist the outcome, release the lock and hand back unused seqs, in one round trip.
+
+        `also`: more script calls (e.g. a rate-limit settlement) for the same pipeline.
+        """
         assistant = ""
         if record.status == "done" and record.answer:
             assistant = json.dumps(
                 {"role": "assistant", "text": record.answer, "turn_id": record.turn_id, "cmid": ""}
             )
+        finish = ScriptCall(
+            self._finish,
+            self._keys(tenant, session_id),
+            [
+                client_message_id,
+                record.turn_id,
+                record.status,
+                record.to_json(),
+                assistant,
+                seq_base + SEQ_BLOCK,
+                last_seq,
+                self._settings.history_max_messages,
+                self._ttl_ms,
+            ],
+        )
         async with self._boundary():
-            await self._finish(
-                keys=self._keys(tenant, session_id),
-                args=[
-                    client_message_id,
-                    record.turn_id,
-                    record.status,
-                    record.to_json(),
-                    assistant,
-                    seq_base + SEQ_BLOCK,
-                    last_seq,
-                    self._settings.history_max_messages,
-                    self._ttl_ms,
-                ],
-            )
+            await run_scripts(self._redis, [finish, *also])
+
+    async def run(self, call: ScriptCall) -> None:
+        """Run one script call (errors translated like every store call)."""
+        async with self._boundary():
+            await run_scripts(self._redis, [call])
 
     async def turn_record(
         self, tenant: str, session_id: str, client_message_id: str
