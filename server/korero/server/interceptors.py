@@ -8,6 +8,8 @@ is visible to the handler, which runs in the same task.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,13 +20,23 @@ from korero.server.status import abort_with_error
 
 __all__ = ["Before", "wrap_handler"]
 
+_DRAIN_FIRST_FRAME = 1.0  # seconds
+
 Before = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
 
 
-async def _check(before: Before, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+async def _check(
+    before: Before, context: grpc.aio.ServicerContext[Any, Any], requests: Any = None
+) -> None:
     try:
         await before(context)
     except KoreroError as error:
+        if requests is not None:
+            # Take the client's first frame before refusing: a client still
+            # writing it when the status lands sees its call fail with
+            # INTERNAL ("Internal error from Core") instead of our status.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(anext(aiter(requests)), _DRAIN_FIRST_FRAME)
         await abort_with_error(context, error)
 
 
@@ -55,14 +67,14 @@ def wrap_handler(handler: grpc.RpcMethodHandler, before: Before) -> grpc.RpcMeth
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: Any, context: Any) -> Any:
-            await _check(before, context)
+            await _check(before, context, requests)
             return await inner_su(requests, context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **common)
     inner_ss = handler.stream_stream
 
     async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
-        await _check(before, context)
+        await _check(before, context, requests)
         async for response in inner_ss(requests, context):
             yield response
 
