@@ -51,6 +51,9 @@ def _serve(args: argparse.Namespace) -> int:
         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
         stream=sys.stderr,
     )
+    # One line per upstream HTTP request is noise next to our own turn events.
+    for noisy in ("httpx", "httpx2", "openai"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     from korero.server.app import run  # noqa: PLC0415 - keep --help fast
 
     try:
