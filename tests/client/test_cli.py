@@ -140,3 +140,21 @@ async def test_serve_reports_a_bad_listen_address_plainly() -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 1
     assert "cannot listen" in err.decode()
+
+
+async def test_chat_sends_a_token(redis_url: str, sim: UpstreamSim) -> None:
+    from korero.server.auth import ApiKeyStore  # noqa: PLC0415
+    from tests.conftest import make_settings  # noqa: PLC0415
+
+    app = await KoreroServer.start(make_settings(redis_url, sim.base_url, auth__mode="on"))
+    try:
+        key, _ = await ApiKeyStore(app.store.redis).create("acme")
+        target = f"127.0.0.1:{app.port}"
+        code, out, err = await _run("chat", "--target", target, "--token", key, stdin=b"hi\n")
+        assert code == 0, err
+        assert "[stop · " in out
+        code, _, err = await _run("chat", "--target", target, stdin=b"hi\n")
+        assert code == 1
+        assert "UNAUTHENTICATED" in err
+    finally:
+        await app.shutdown(grace=0)

@@ -114,7 +114,8 @@ async def _chat(args: argparse.Namespace) -> int:
         customer_name=args.name or "", booking_reference=args.booking or ""
     )
     terminal = _Terminal()
-    async with ChatClient(args.target) as client:
+    auth = [("authorization", f"Bearer {args.token}")] if args.token else []
+    async with ChatClient(args.target, metadata=auth) as client:
         try:
             conversation = await client.conversation(args.session or "", metadata)
         except ChatError as error:
@@ -178,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--session", help="resume this session id instead of starting a new one")
     chat.add_argument("--name", help="customer name stored with a new session")
     chat.add_argument("--booking", help="booking reference stored with a new session")
+    chat.add_argument(
+        "--token",
+        default=os.environ.get("KORERO_TOKEN", ""),
+        help="API key or JWT sent as `authorization: Bearer` [$KORERO_TOKEN]",
+    )
     chat.set_defaults(func=lambda a: asyncio.run(_chat(a)))
     health = sub.add_parser(
         "health",
