@@ -16,10 +16,13 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from korero.chat.v1 import chat_pb2, chat_pb2_grpc
-from korero.server.context import PromptAssembler
+from korero.server.cache import ResponseCache
+from korero.server.context import KnowledgeAssembler, LLMSummarizer
 from korero.server.engine import ConversationEngine
 from korero.server.identity import AnonymousAuthenticator
+from korero.server.knowledge import KnowledgeBase, KnowledgeStore
 from korero.server.llm import LLMProvider, OpenAIProvider
+from korero.server.router import RuleRouter
 from korero.server.servicer import ChatServicer, Lifecycle
 from korero.server.settings import Settings
 from korero.server.store import SessionStore
@@ -64,12 +67,29 @@ class KoreroServer:
         """Build everything from settings (or injected parts) and start listening."""
         store = store or SessionStore.connect(settings.redis, settings.engine)
         llm = llm or OpenAIProvider(settings.llm)
+        knowledge = KnowledgeBase(KnowledgeStore(store.redis), settings.knowledge)
+        assembler = KnowledgeAssembler(
+            settings.engine.system_prompt,
+            settings.engine.prompt_version,
+            settings.prompt,
+            settings.knowledge,
+            knowledge,
+            LLMSummarizer(
+                llm,
+                settings.llm.model,
+                settings.prompt.summary_tokens,
+                settings.llm.first_token_timeout,
+            ),
+        )
         engine = ConversationEngine(
             store,
             llm,
-            PromptAssembler(settings.engine.system_prompt),
+            assembler,
             settings.engine,
             settings.llm,
+            router=RuleRouter(),
+            cache=ResponseCache(store.redis, settings.cache),
+            knowledge_settings=settings.knowledge,
         )
         lifecycle = Lifecycle()
         health = health_aio.HealthServicer()
