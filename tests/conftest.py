@@ -17,8 +17,11 @@ import redis
 from korero.client import ChatClient
 from korero.server.app import KoreroServer
 from korero.server.settings import (
+    CacheSettings,
     EngineSettings,
+    KnowledgeSettings,
     LLMSettings,
+    PromptSettings,
     RedisSettings,
     ServerSettings,
     Settings,
@@ -115,6 +118,9 @@ def make_settings(redis_url: str, llm_url: str, **overrides: object) -> Settings
             base_url=llm_url, api_key="test", retry_backoff=0.01, first_token_timeout=5.0
         ),
         "engine": EngineSettings(coalesce_window_ms=20.0),
+        "knowledge": KnowledgeSettings(),
+        "prompt": PromptSettings(),
+        "cache": CacheSettings(),
     }
     for key, value in overrides.items():
         group, name = key.split("__")

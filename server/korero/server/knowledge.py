@@ -247,7 +247,7 @@ local new = tonumber(ARGV[1])
 local prefix = ARGV[2]
 local old = tonumber(redis.call('HGET', meta, 'version') or '0')
 if old > new then
-  redis.call('UNLINK', prefix .. ':chunks:' .. new)
+  redis.call('UNLINK', prefix .. 'chunks:' .. new)
   return old
 end
 local t = redis.call('TIME')
@@ -255,8 +255,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', meta, 'version', new, 'documents', ARGV[3], 'chunks', ARGV[4],
            'ingested_at', now)
 if old > 0 and old ~= new then
-  redis.call('UNLINK', prefix .. ':chunks:' .. old)
-  local index = prefix .. ':cache:' .. old .. ':index'
+  redis.call('UNLINK', prefix .. 'chunks:' .. old)
+  local index = prefix .. 'cache:' .. old .. ':index'
   local members = redis.call('SMEMBERS', index)
   for i = 1, #members, 500 do
     redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))

@@ -30,6 +30,7 @@ K1 = 1.2
 B = 0.75
 
 _WORD = re.compile(r"[a-z0-9]+")
+_CONTRACTION = re.compile(r"['’](s|re|ve|ll|d|m|t)\b")
 _STOPWORD_TEXT = """a about above after again all am an and any are as at be been before being
 below between both but by can could did do does doing down during each few for from further
 had has have having he her here hers him his how i if in into is it its itself just let me
@@ -67,7 +68,8 @@ def tokenize(text: str, *, stem: bool = True) -> list[str]:
     """Lower-cased words without stopwords, lightly stemmed."""
     folded = unicodedata.normalize("NFKD", text.casefold())
     folded = "".join(c for c in folded if not unicodedata.combining(c))
-    words = [w for w in _WORD.findall(folded) if w not in STOPWORDS]
+    folded = _CONTRACTION.sub("", folded)
+    words = [w for w in _WORD.findall(folded) if len(w) > 1 and w not in STOPWORDS]
     return [_stem(w) for w in words] if stem else words
 
 

@@ -28,7 +28,8 @@ helpful without an API key; it is still a simulation, not a model):
   most words with the question, followed by the excerpt's citation label; at
   most ``max(answer_tokens, SimConfig.quote_tokens)`` tokens;
 * a summarization request (the system message starts with ``Summarize``) is
-  answered with ``Summary: the customer asked about`` and the start of each
+  answered with ``Summary: the customer asked about``, what an ``Earlier
+  summary:`` line said they asked about, and the first words of each
   ``customer:`` line. A token is
 a word with its leading space, so the concatenated deltas are the text.
 
@@ -275,6 +276,9 @@ _EXCERPT = re.compile(
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _WORDLIKE = re.compile(r"[a-z0-9]+")
 _CUSTOMER_LINE = re.compile(r"^customer:[ \t]*(.+)$", re.MULTILINE)
+_EARLIER = re.compile(
+    r"^Earlier summary: Summary: the customer asked about (.*?)\.?$", re.MULTILINE
+)
 
 
 def _as_tokens(text: str) -> list[str]:
@@ -296,7 +300,10 @@ def _quote_excerpts(question: str, excerpts: list[tuple[str, str]], name: str | 
 
 
 def _summarize(transcript: str) -> str:
-    asks = [" ".join(m.split()[:10]) for m in _CUSTOMER_LINE.findall(transcript)]
+    asks = [" ".join(m.split()[:4]) for m in _CUSTOMER_LINE.findall(transcript)]
+    earlier = _EARLIER.search(transcript)
+    if earlier:  # a rolling summary keeps what the previous one said
+        asks.insert(0, earlier.group(1).strip())
     return "Summary: the customer asked about " + "; ".join(asks or ["nothing yet"]) + "."
 
 
