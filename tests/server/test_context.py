@@ -12,8 +12,8 @@ from korero.client import ChatClient
 from korero.server.app import KoreroServer
 from korero.server.context import (
     FALLBACK_ANSWER,
-    KnowledgeAssembler,
     ContextRequest,
+    KnowledgeAssembler,
     prompt_tokens,
 )
 from korero.server.settings import KnowledgeSettings, PromptSettings, Settings
@@ -52,7 +52,8 @@ async def test_a_kb_question_is_answered_from_the_kb_with_citations(
     assert started.intent == "policy_question"
     assert started.model == "korero-sim-1 (simulated)"
     order = kinds(events)
-    assert order[0] == "turn_started" and order[-2:] == ["usage", "done"]
+    assert order[0] == "turn_started"
+    assert order[-2:] == ["usage", "done"]
     citations = [e.citation for e in of_kind(events, "citation")]
     assert citations, order
     assert order.index("citation") > order.index("text_delta")

@@ -14,7 +14,7 @@ from korero.server.knowledge import (
     parse_json,
     parse_markdown,
 )
-from korero.server.retrieval import B, K1, BM25Index, tokenize
+from korero.server.retrieval import K1, B, BM25Index, tokenize
 from korero.server.settings import KnowledgeSettings
 from tests.conftest import RedisProcess
 from tests.helpers import SAMPLE_KB
