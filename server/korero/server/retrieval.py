@@ -17,6 +17,7 @@ size.
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 import unicodedata
@@ -87,18 +88,24 @@ class BM25Index:
 
     def __init__(self, texts: Sequence[str], *, stem: bool = True) -> None:
         self._stem = stem
-        self._postings: dict[str, list[tuple[int, int]]] = {}
+        postings: dict[str, list[tuple[int, int]]] = {}
         lengths: list[int] = []
         for i, text in enumerate(texts):
             terms = Counter(tokenize(text, stem=stem))
             lengths.append(sum(terms.values()))
             for term, tf in terms.items():
-                self._postings.setdefault(term, []).append((i, tf))
+                postings.setdefault(term, []).append((i, tf))
         self._n = len(texts)
         avg = (sum(lengths) / self._n) if self._n else 1.0
-        # Per-document length normalization, precomputed: k1 * (1 - b + b * len / avg).
-        self._norm = [K1 * (1 - B + B * length / (avg or 1.0)) for length in lengths]
-        self._idf = {t: self._idf_of(len(p)) for t, p in self._postings.items()}
+        norm = [K1 * (1 - B + B * length / (avg or 1.0)) for length in lengths]
+        self._idf = {t: self._idf_of(len(p)) for t, p in postings.items()}
+        # Each posting's contribution is fixed once the index is built, so it is
+        # computed here and a query only adds numbers up.
+        self._weights: dict[str, list[tuple[int, float]]] = {
+            term: [(doc, idf * tf * (K1 + 1) / (tf + norm[doc])) for doc, tf in plist]
+            for term, plist in postings.items()
+            for idf in (self._idf[term],)
+        }
 
     def __len__(self) -> int:
         return self._n
@@ -113,13 +120,9 @@ class BM25Index:
             return []
         best_possible = sum(self._idf.get(t, self._idf_of(0)) * (K1 + 1) for t in terms)
         scores: dict[int, float] = {}
+        get = scores.get
         for term in terms:
-            postings = self._postings.get(term)
-            if postings is None:
-                continue
-            idf = self._idf[term]
-            norm = self._norm
-            for doc, tf in postings:
-                scores[doc] = scores.get(doc, 0.0) + idf * tf * (K1 + 1) / (tf + norm[doc])
-        ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:k]
+            for doc, weight in self._weights.get(term, ()):
+                scores[doc] = get(doc, 0.0) + weight
+        ranked = heapq.nsmallest(k, scores.items(), key=lambda item: (-item[1], item[0]))
         return [Hit(doc, round(raw / best_possible, 4), raw) for doc, raw in ranked]

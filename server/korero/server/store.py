@@ -5,14 +5,18 @@ in one Redis Cluster slot, and the tenant prefix keeps tenants apart):
 
     kr:{t:s}:meta     hash   created_at, updated_at (ms), metadata (JSON),
                              seq (last sequence number issued), turns (count),
-                             inflight / inflight_until (the turn lock)
-    kr:{t:s}:history  list   JSON messages, oldest first, trimmed to a bound
+                             inflight / inflight_until (the turn lock),
+                             summary (JSON: older turns, see context.py)
+    kr:{t:s}:history  list   JSON messages (user ones with the router's intent),
+                             oldest first, trimmed to a bound
     kr:{t:s}:turns    hash   client_message_id -> JSON turn record (idempotency)
 
 A turn costs two round trips: `begin_turn` (one Lua script: idempotency check,
 turn lock, user message persisted, history and metadata read back, a block of
 sequence numbers reserved) and `finish_turn` (one Lua script: answer and turn
-record persisted, lock released, unused sequence numbers handed back).
+record persisted, lock released, unused sequence numbers handed back). Another
+store's script (the response cache's lookup and store) can ride in the same
+pipeline as either (`ScriptCall`), so it adds no round trip.
 
 Redis exceptions are translated to `StoreUnavailableError` / `KoreroError`
 here and nowhere else.
