@@ -113,7 +113,7 @@ async def test_personal_turns_are_never_cached(
 async def test_identical_concurrent_misses_make_one_llm_call(
     app: KoreroServer, sim: UpstreamSim
 ) -> None:
-    sim.config = SimConfig(ttft=0.3)
+    sim.config = SimConfig(ttft=1.0)  # the leader answers late: all others start meanwhile
     async with ChatClient(f"127.0.0.1:{app.port}") as client:
         conversations = [await client.conversation() for _ in range(6)]
         results = await asyncio.gather(*(run_turn(c, QUESTION) for c in conversations))
