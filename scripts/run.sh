@@ -46,10 +46,14 @@ if [ -z "${KORERO_LLM_BASE_URL:-}${OPENAI_BASE_URL:-}" ]; then
     grep -q listening "$RUN_DIR/upstream-sim.log" 2>/dev/null && break
     sleep 0.1
   done
-  echo "run: simulated upstream at $KORERO_LLM_BASE_URL (answers are generated text, not a model)"
+  echo "run: simulated upstream at $KORERO_LLM_BASE_URL (simulated: quotes the knowledge base, not a model)"
 else
   echo "run: LLM upstream ${KORERO_LLM_BASE_URL:-$OPENAI_BASE_URL}"
 fi
+
+# The sample knowledge base (kb/sample), for the default tenant: a new KB version each start.
+"$VENV/bin/korero" kb ingest "${KORERO_KB_DIR:-kb/sample}" --tenant "${KORERO_TENANT:-default}" \
+  | sed 's/^/run: /'
 
 cat <<MSG
 run: Kōrero gRPC on $LISTEN. In a second terminal:

@@ -18,9 +18,12 @@ from korero.client import ChatClient
 from korero.server.app import KoreroServer
 from korero.server.settings import (
     AuthSettings,
+    CacheSettings,
     EngineSettings,
+    KnowledgeSettings,
     LLMSettings,
     ObservabilitySettings,
+    PromptSettings,
     RateLimitSettings,
     RedisSettings,
     ServerSettings,
@@ -121,6 +124,9 @@ def make_settings(redis_url: str, llm_url: str, **overrides: object) -> Settings
         "auth": AuthSettings(key_cache_seconds=0.0),
         "limits": RateLimitSettings(),
         "observability": ObservabilitySettings(metrics_listen="127.0.0.1:0"),
+        "knowledge": KnowledgeSettings(),
+        "prompt": PromptSettings(),
+        "cache": CacheSettings(),
     }
     for key, value in overrides.items():
         group, name = key.split("__")

@@ -36,10 +36,11 @@ class CountingConnection(Connection):
 @pytest.mark.parametrize(
     ("limits", "round_trips", "scripts"),
     [
-        # admission check | begin turn | finish turn + token settlement (one pipeline)
-        (True, 3, 4),
-        # begin turn | finish turn
-        (False, 2, 2),
+        # admission check | begin turn + cache lookup | finish turn + cache store (here:
+        # releasing the single-flight lock, nothing grounded was answered) + token settlement
+        (True, 3, 6),
+        # begin turn + cache lookup | finish turn + cache store
+        (False, 2, 4),
     ],
 )
 async def test_round_trips_per_turn(

@@ -563,3 +563,40 @@ async def test_cli_serves_until_sigterm() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_the_sim_quotes_knowledge_base_excerpts_with_their_citations() -> None:
+    system = (
+        "Rules, for example [Source: Not An Excerpt, Section 9].\n\n"
+        "Knowledge base excerpts:\n\n"
+        "[Source: Baggage Policy, Section 2.1] Checked baggage allowance\n"
+        "Economy Light fares include no checked baggage. Economy Standard fares include one "
+        "checked bag of up to 23 kg. Business fares include two bags.\n\n"
+        "[Source: Baggage Policy, Section 2.2] Size and weight limits\n"
+        "A checked bag must not weigh more than 32 kg."
+    )
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "How many checked bags on Economy Standard?"},
+    ]
+    text = "".join(compose_answer(messages, 40))
+    assert text.startswith("Here is what our policy says:")
+    assert (
+        "\n- Economy Light fares include no checked baggage. Economy Standard fares include one "
+        "checked bag of up to 23 kg. [Source: Baggage Policy, Section 2.1]" in text
+    )
+    assert text.endswith("32 kg. [Source: Baggage Policy, Section 2.2]")
+    assert "Not An Excerpt" not in text
+
+
+def test_the_sim_summarizes_a_transcript_and_keeps_the_earlier_summary() -> None:
+    messages = [
+        {"role": "system", "content": "Summarize this conversation."},
+        {
+            "role": "user",
+            "content": "Earlier summary: Summary: the customer asked about refunds.\n\n"
+            "Conversation:\ncustomer: where is my bag please\nassistant: it is coming",
+        },
+    ]
+    text = "".join(compose_answer(messages, 40))
+    assert text == "Summary: the customer asked about refunds; where is my bag."

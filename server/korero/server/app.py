@@ -22,11 +22,14 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from korero.chat.v1 import chat_pb2, chat_pb2_grpc
 from korero.server.auth import ApiKeyStore, AuthInterceptor, TokenAuthenticator
-from korero.server.context import PromptAssembler
+from korero.server.cache import ResponseCache
+from korero.server.context import KnowledgeAssembler, LLMSummarizer
 from korero.server.engine import ConversationEngine
 from korero.server.identity import AnonymousAuthenticator, Authenticator
+from korero.server.knowledge import KnowledgeBase, KnowledgeStore
 from korero.server.llm import LLMProvider, OpenAIProvider
 from korero.server.ratelimit import RateLimiter, RateLimitInterceptor
+from korero.server.router import RuleRouter
 from korero.server.servicer import ChatServicer, Lifecycle
 from korero.server.settings import Settings
 from korero.server.store import SessionStore
@@ -103,15 +106,32 @@ class KoreroServer:
             interceptors.append(
                 RateLimitInterceptor(limiter, settings.engine.tenant, settings.auth.open_methods)
             )
+        knowledge = KnowledgeBase(KnowledgeStore(store.redis), settings.knowledge)
+        assembler = KnowledgeAssembler(
+            settings.engine.system_prompt,
+            settings.engine.prompt_version,
+            settings.prompt,
+            settings.knowledge,
+            knowledge,
+            LLMSummarizer(
+                llm,
+                settings.llm.model,
+                settings.prompt.summary_tokens,
+                settings.llm.first_token_timeout,
+            ),
+        )
         engine = ConversationEngine(
             store,
             llm,
-            PromptAssembler(settings.engine.system_prompt),
+            assembler,
             settings.engine,
             settings.llm,
             limiter=limiter,
             metrics=metrics,
             tracer=tracer,
+            router=RuleRouter(),
+            cache=ResponseCache(store.redis, settings.cache),
+            knowledge_settings=settings.knowledge,
         )
         lifecycle = Lifecycle()
         health = health_aio.HealthServicer()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -25,13 +26,29 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from korero.chat.v1 import chat_pb2 as pb
+from korero.server.cache import CachedAnswer, CacheLookup, CacheProbe, ResponseCache
 from korero.server.coalesce import DeltaCoalescer
-from korero.server.context import ContextAssembler
+from korero.server.context import AssembledContext, ContextAssembler, ContextRequest
 from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
-from korero.server.llm import LLMProvider, LLMRequest, TokenUsage, estimate_tokens
+from korero.server.knowledge import Source
+from korero.server.llm import (
+    LLMProvider,
+    LLMRequest,
+    TokenUsage,
+    display_model,
+    estimate_tokens,
+)
 from korero.server.ratelimit import Admission, RateLimiter
-from korero.server.settings import EngineSettings, LLMSettings
-from korero.server.store import SessionRecord, SessionStore, StoredMessage, TurnRecord
+from korero.server.router import IntentRouter, RouteDecision, RuleRouter
+from korero.server.scripts import ScriptCall
+from korero.server.settings import EngineSettings, KnowledgeSettings, LLMSettings
+from korero.server.store import (
+    SessionRecord,
+    SessionStore,
+    StoredMessage,
+    TurnBegin,
+    TurnRecord,
+)
 from korero.server.telemetry import Metrics
 
 __all__ = [
@@ -52,7 +69,9 @@ _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_CLIENT_MESSAGE_ID = 128
 _MAX_METADATA_VALUE = 256
 _MAX_ATTRIBUTES = 32
-_REPLAY_EVENTS = 4  # turn started, one text delta, usage, done
+MAX_CITATIONS = 3
+_REPLAY_EVENTS = 4 + MAX_CITATIONS  # turn started, one text delta, citations, usage, done
+_CACHED_DELTA_CHARS = 160  # a cached answer is replayed in pieces of about this size
 _JOIN_POLL = 0.05
 
 _FINISH_REASONS = {
@@ -115,11 +134,38 @@ def _validate_message(message: pb.UserMessage, max_bytes: int) -> None:
         )
 
 
+_CITED = re.compile(r"\[Source:\s*([^,\]]+),\s*Section\s*([^\]]+)\]")
+
+
+def _snippet(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    return flat[:limit].rsplit(" ", 1)[0] + "…"
+
+
+def _replay_pieces(text: str, emit: Callable[[str], None], answer: list[str]) -> None:
+    """Send a known answer at once, as a stream of deltas cut at word boundaries."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + _CACHED_DELTA_CHARS)
+        if end < len(text):
+            space = text.rfind(" ", start + 1, end)
+            end = space if space > start else end
+        piece = text[start:end]
+        answer.append(piece)
+        emit(piece)
+        start = end
+
+
 def _announce(turn: Turn, model: str) -> None:
     """The first events of a turn: turn started, then the caller's rate-limit budget."""
     turn.publish(
         turn_started=pb.TurnStarted(
-            client_message_id=turn.client_message_id, model=model, trace_id=_trace_id(turn)
+            client_message_id=turn.client_message_id,
+            model=model,
+            intent=turn.intent,
+            trace_id=_trace_id(turn),
         )
     )
     if turn.admission is not None:
@@ -265,12 +311,22 @@ class Turn:
     cancelled_by_client: bool = False
     finishing: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    route: RouteDecision | None = None
+    """The router's decision for the message (intent, confidence, reasons): for spans too."""
+    cache_probe: CacheProbe | None = None
+    lookup: CacheLookup | None = None
+    """What the response cache said when the turn began (and the KB version)."""
+
     admission: Admission | None = None
     span: trace.Span = trace.INVALID_SPAN
     timings: _Timings | None = None
     outcome: str = "error"
     reason: str = ""
     usage: TokenUsage | None = None
+
+    @property
+    def intent(self) -> str:
+        return self.route.intent if self.route is not None else ""
 
     @property
     def done(self) -> bool:
@@ -319,6 +375,9 @@ class ConversationEngine:
         llm_settings: LLMSettings,
         clock: Callable[[], float] = time.monotonic,
         *,
+        router: IntentRouter | None = None,
+        cache: ResponseCache | None = None,
+        knowledge_settings: KnowledgeSettings | None = None,
         limiter: RateLimiter | None = None,
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
@@ -329,14 +388,21 @@ class ConversationEngine:
         self._settings = engine_settings
         self._llm_settings = llm_settings
         self._clock = clock
+        self._turns: dict[tuple[str, str, str], Turn] = {}
+        self._router: IntentRouter = router or RuleRouter()
+        self._cache = cache
+        self._knowledge = knowledge_settings or KnowledgeSettings()
         self._limiter = limiter
         self._metrics = metrics
         self._tracer = tracer or trace.get_tracer(__name__)
-        self._turns: dict[tuple[str, str, str], Turn] = {}
         # Reserved per message before the history is known; settled to real usage.
         self._base_reservation = estimate_tokens(engine_settings.system_prompt) + (
             llm_settings.max_tokens
         )
+
+    @property
+    def cache(self) -> ResponseCache | None:
+        return self._cache
 
     @property
     def store(self) -> SessionStore:
@@ -406,6 +472,7 @@ class ConversationEngine:
         if local is not None:  # a retry of a message whose turn runs here: join it
             local.subscribe(sink)
             return local
+        route = await self._router.route(message.text)
         admission = None
         if self._limiter is not None:
             reservation = self._base_reservation + estimate_tokens(message.text)
@@ -415,15 +482,14 @@ class ConversationEngine:
             attributes={
                 "korero.tenant": tenant,
                 "korero.session_id": session_id,
+                "korero.intent": route.intent,
+                "korero.intent_confidence": route.confidence,
                 "gen_ai.request.model": self._llm_settings.model,
             },
         )
         scope = otel_context.attach(trace.set_span_in_context(turn_span))
         try:
-            with self._tracer.start_as_current_span("korero.session_load"):
-                begin = await self._store.begin_turn(
-                    tenant, session_id, message.client_message_id, message.text, _REPLAY_EVENTS
-                )
+            begin, probe, lookup = await self._begin(tenant, session_id, message, route)
             if begin.status == "busy":
                 raise InvalidArgumentError(
                     "TURN_IN_FLIGHT",
@@ -433,10 +499,11 @@ class ConversationEngine:
             turn_span.set_status(trace.StatusCode.ERROR, error.reason)
             turn_span.end()
             otel_context.detach(scope)
-            if admission is not None and self._limiter is not None:
+            if admission is not None:
                 await self._refund(admission)
             raise
         turn = Turn(tenant, session_id, begin.turn_id, message.client_message_id, begin.seq_base)
+        turn.route, turn.cache_probe, turn.lookup = route, probe, lookup
         turn.admission = admission
         turn.span = turn_span
         turn_span.set_attribute("korero.turn_id", turn.turn_id)
@@ -459,6 +526,40 @@ class ConversationEngine:
         finally:
             otel_context.detach(scope)
         return turn
+
+    async def _begin(
+        self, tenant: str, session_id: str, message: pb.UserMessage, route: RouteDecision
+    ) -> tuple[TurnBegin, CacheProbe | None, CacheLookup | None]:
+        """`begin_turn` with the response-cache lookup in the same round trip."""
+        probe = None
+        if self._cache is not None:
+            probe = self._cache.probe(
+                tenant,
+                message.text,
+                route,
+                self._assembler.prompt_version,
+                self._llm_settings.model,
+            )
+        with self._tracer.start_as_current_span("korero.session_load"):
+            begin = await self._store.begin_turn(
+                tenant,
+                session_id,
+                message.client_message_id,
+                message.text,
+                _REPLAY_EVENTS,
+                intent=route.intent,
+                probe=probe.call if probe is not None else None,
+            )
+        lookup = probe.parse(begin.probe) if probe is not None else None
+        if (
+            self._cache is not None
+            and probe is not None
+            and lookup is not None
+            and lookup.status == "leader"
+            and begin.status != "started"
+        ):  # no answer will be generated here: free identical misses at once
+            await self._cache.release(probe, lookup.kb_version)
+        return begin, probe, lookup
 
     async def _refund(self, admission: Admission) -> None:
         assert self._limiter is not None
@@ -511,7 +612,7 @@ class ConversationEngine:
             output_tokens=0 if usage is None or turn.outcome == "replayed" else usage.output_tokens,
         )
 
-    async def _run(
+    async def _run(  # noqa: PLR0912, PLR0915 - one turn's lifecycle, top to bottom
         self,
         turn: Turn,
         session: SessionRecord,
@@ -521,7 +622,7 @@ class ConversationEngine:
     ) -> None:
         model = self._llm_settings.model
         seq_base = turn.seq
-        _announce(turn, model)
+        _announce(turn, display_model(model))
         answer: list[str] = []
 
         def emit_text(text: str) -> None:
@@ -535,17 +636,40 @@ class ConversationEngine:
         usage: TokenUsage | None = None
         finish: str | None = None
         messages: list[dict[str, str]] = []
+        context: AssembledContext | None = None
+        cached: CacheLookup | None = None
         try:
             try:
+                with self._tracer.start_as_current_span("korero.cache_lookup") as cache_span:
+                    cached = await self._cached_answer(turn, deadline)
+                    cache_span.set_attribute("korero.cache_hit", cached is not None)
                 t = self._clock()
-                with self._tracer.start_as_current_span("korero.context_assembly"):
-                    messages = self._assembler.assemble(session.metadata, history)
+                if cached is None:
+                    with self._tracer.start_as_current_span("korero.context_assembly"):
+                        context = await self._assembler.assemble(
+                            ContextRequest(
+                                turn.tenant,
+                                session,
+                                history,
+                                turn.route,
+                                turn.lookup.kb_version if turn.lookup is not None else 0,
+                            )
+                        )
+                    messages = context.messages
                 timings.context_assembly = self._clock() - t
                 limit = self._clock() + self._settings.turn_timeout
                 deadline = limit if deadline is None else min(deadline, limit)
-                usage, finish = await self._traced_generate(
-                    messages, model, deadline, coalescer, answer, timings
-                )
+                if cached is not None and cached.entry is not None:
+                    model = cached.entry.model or model
+                    _replay_pieces(cached.entry.answer, emit_text, answer)
+                    usage, finish = TokenUsage(0, 0), "stop"
+                elif context is not None and context.fallback is not None:
+                    _replay_pieces(context.fallback, emit_text, answer)
+                    usage, finish = TokenUsage(0, 0), "stop"
+                else:
+                    usage, finish = await self._traced_generate(
+                        messages, model, deadline, coalescer, answer, timings
+                    )
                 coalescer.flush()
             except asyncio.CancelledError:
                 coalescer.flush()
@@ -564,9 +688,12 @@ class ConversationEngine:
                     estimate_tokens(text),
                     estimated=True,
                 )
+            citations = self._citations(text, context, cached)
+            for citation in citations:
+                turn.publish(citation=pb.Citation(**citation))
             turn.publish(usage=usage_to_pb(usage))
             turn.usage = usage
-            turn.outcome = finish or "stop"
+            turn.outcome = "cached" if cached is not None else (finish or "stop")
             record = TurnRecord(
                 turn.turn_id,
                 "cancelled" if finish == "cancelled" else "done",
@@ -574,15 +701,26 @@ class ConversationEngine:
                 finish_reason=finish or "stop",
                 model=model,
                 usage={"input": usage.input_tokens, "output": usage.output_tokens},
+                citations=tuple(citations),
             )
-            await self._finish(turn, record, seq_base)
-            turn.publish(
-                done=pb.TurnDone(
-                    finish_reason=_FINISH_REASONS.get(finish or "stop", pb.FINISH_REASON_STOP),
-                    usage=usage_to_pb(usage),
-                    timings=timings.to_pb(self._clock()),
-                )
+            store_call = self._cache_store_call(turn, context, record, citations)
+            summary = context.summary if context is not None else None
+            await self._finish(
+                turn,
+                record,
+                seq_base,
+                summary=json.dumps(summary, ensure_ascii=False) if summary else "",
+                also=store_call,
             )
+            done = pb.TurnDone(
+                finish_reason=_FINISH_REASONS.get(finish or "stop", pb.FINISH_REASON_STOP),
+                usage=usage_to_pb(usage),
+                timings=timings.to_pb(self._clock()),
+            )
+            if cached is not None:
+                done.cached = True
+                done.cache_age.CopyFrom(_dur(cached.age))
+            turn.publish(done=done)
         except KoreroError as error:
             coalescer.close()
             await self._fail(turn, error, seq_base)
@@ -698,6 +836,69 @@ class ConversationEngine:
                 return usage, finish
             attempt += 1
 
+    async def _cached_answer(self, turn: Turn, deadline: float | None) -> CacheLookup | None:
+        """The cached answer for this turn, waiting for an identical miss in flight if any."""
+        lookup, probe = turn.lookup, turn.cache_probe
+        if self._cache is None or lookup is None or probe is None:
+            return None
+        if lookup.status == "follower":
+            limit = self._clock() + self._settings.turn_timeout
+            lookup = await self._cache.wait(
+                probe, lookup.kb_version, limit if deadline is None else min(deadline, limit)
+            )
+            turn.lookup = lookup
+        self._cache.record(lookup)
+        if self._metrics is not None:
+            self._metrics.cache_requests.labels("hit" if lookup.status == "hit" else "miss").inc()
+        return lookup if lookup.status == "hit" else None
+
+    def _citations(
+        self, text: str, context: AssembledContext | None, cached: CacheLookup | None
+    ) -> list[dict[str, Any]]:
+        """The sources the answer cites (all sources in the prompt if it cites none)."""
+        if cached is not None and cached.entry is not None:
+            return list(cached.entry.citations)[:MAX_CITATIONS]
+        if context is None or not context.sources or not text:
+            return []
+        cited = {(t.strip(), s.strip()) for t, s in _CITED.findall(text)}
+        chosen: list[Source] = [
+            src for src in context.sources if (src.chunk.document_title, src.chunk.section) in cited
+        ] or list(context.sources)
+        limit = self._knowledge.snippet_chars
+        return [
+            {
+                "document_title": src.chunk.document_title,
+                "document_id": src.chunk.document_id,
+                "section": src.chunk.section,
+                "snippet": _snippet(src.chunk.text, limit),
+                "score": src.score,
+            }
+            for src in chosen[:MAX_CITATIONS]
+        ]
+
+    def _cache_store_call(
+        self,
+        turn: Turn,
+        context: AssembledContext | None,
+        record: TurnRecord,
+        citations: list[dict[str, Any]],
+    ) -> ScriptCall | None:
+        """Store a shareable answer (or free the single-flight lock) with the turn's outcome."""
+        lookup, probe = turn.lookup, turn.cache_probe
+        if self._cache is None or probe is None or lookup is None or lookup.status != "leader":
+            return None
+        entry = None
+        if (
+            context is not None
+            and context.shareable
+            and record.status == "done"
+            and record.finish_reason == "stop"
+            and record.answer
+        ):
+            entry = CachedAnswer(record.answer, record.model, tuple(citations), dict(record.usage))
+            self._cache.stats.stores += 1
+        return self._cache.store_call(probe, lookup.kb_version, entry)
+
     def _may_retry(self, attempt: int, deadline: float, backoff: float) -> bool:
         return attempt < self._llm_settings.max_retries and self._clock() + backoff < deadline
 
@@ -712,6 +913,8 @@ class ConversationEngine:
         if record.answer:
             timings.first_token = self._clock()
             turn.publish(text_delta=pb.TextDelta(text=record.answer))
+        for citation in record.citations[:MAX_CITATIONS]:
+            turn.publish(citation=pb.Citation(**citation))
         usage = TokenUsage(record.usage.get("input", 0), record.usage.get("output", 0))
         turn.publish(usage=usage_to_pb(usage))
         turn.usage = usage
@@ -756,14 +959,24 @@ class ConversationEngine:
             )
         )
 
-    async def _finish(self, turn: Turn, record: TurnRecord, seq_base: int) -> None:
+    async def _finish(
+        self,
+        turn: Turn,
+        record: TurnRecord,
+        seq_base: int,
+        *,
+        summary: str = "",
+        also: ScriptCall | None = None,
+    ) -> None:
         # Persist before the terminal event; that event's seq counts as issued.
-        # The token settlement rides in the same pipeline (no extra round trip).
+        # A cache store and the token settlement ride in the same pipeline.
         turn.finishing = True
-        settle = None
+        calls = [] if also is None else [also]
         if turn.admission is not None and self._limiter is not None:
             used = turn.usage.total_tokens if turn.usage is not None else 0
             settle = self._limiter.settlement(turn.admission, used)
+            if settle is not None:
+                calls.append(settle)
         with self._tracer.start_as_current_span("korero.persist"):
             await self._store.finish_turn(
                 turn.tenant,
@@ -772,7 +985,8 @@ class ConversationEngine:
                 record,
                 seq_base,
                 turn.seq + 1,
-                also=() if settle is None else (settle,),
+                summary=summary,
+                also=calls,
             )
 
     async def _fail(self, turn: Turn, error: KoreroError, seq_base: int) -> None:
@@ -786,7 +1000,10 @@ class ConversationEngine:
         turn.reason = error.reason
         record = TurnRecord(turn.turn_id, "failed", finish_reason=error.reason)
         try:
-            await self._finish(turn, record, seq_base)
+            # Frees the response cache's single-flight lock too, if this turn held it.
+            await self._finish(
+                turn, record, seq_base, also=self._cache_store_call(turn, None, record, [])
+            )
         except KoreroError as store_error:
             # The turn still ends with one terminal event; its lock expires on its own.
             log.warning("event=finish_turn_failed reason=%s", store_error.reason)

@@ -21,11 +21,13 @@ from korero.server.settings import LLMSettings
 
 __all__ = [
     "OPENAI_ERROR_TABLE",
+    "SIMULATED_MODEL",
     "LLMChunk",
     "LLMProvider",
     "LLMRequest",
     "OpenAIProvider",
     "TokenUsage",
+    "display_model",
     "estimate_tokens",
     "translate_openai_error",
 ]
@@ -73,6 +75,15 @@ class LLMProvider(Protocol):
     def stream(self, request: LLMRequest) -> AsyncGenerator[LLMChunk, None]: ...
 
     async def aclose(self) -> None: ...
+
+
+SIMULATED_MODEL = "korero-sim-1"
+"""The model name of the simulated upstream (`korero upstream-sim`), the default."""
+
+
+def display_model(model: str) -> str:
+    """The model name shown to clients: the simulator's is labelled as simulated."""
+    return f"{model} (simulated)" if model == SIMULATED_MODEL else model
 
 
 def estimate_tokens(text: str) -> int:

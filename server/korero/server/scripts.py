@@ -18,8 +18,8 @@ class ScriptCall:
     """One invocation of a registered script."""
 
     script: AsyncScript
-    keys: list[str]
-    args: list[Any]
+    keys: Sequence[str]
+    args: Sequence[Any]
 
 
 async def run_scripts(client: aioredis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
@@ -34,7 +34,7 @@ async def run_scripts(client: aioredis.Redis, calls: Sequence[ScriptCall]) -> li
         results: list[Any] = await pipe.execute(raise_on_error=False)
     for i, (call, result) in enumerate(zip(calls, results, strict=True)):
         if isinstance(result, rexc.NoScriptError):
-            results[i] = await call.script(keys=call.keys, args=call.args)
+            results[i] = await call.script(keys=list(call.keys), args=list(call.args))
         elif isinstance(result, Exception):
             raise result
     return results

@@ -16,9 +16,12 @@ from typing import Any, TypeVar, cast
 
 __all__ = [
     "AuthSettings",
+    "CacheSettings",
     "EngineSettings",
+    "KnowledgeSettings",
     "LLMSettings",
     "ObservabilitySettings",
+    "PromptSettings",
     "RateLimitSettings",
     "RedisSettings",
     "ServerSettings",
@@ -255,6 +258,58 @@ class ObservabilitySettings:
 
 
 @dataclass(frozen=True)
+class KnowledgeSettings:
+    """The per-tenant knowledge base and retrieval."""
+
+    top_k: int = _env("KORERO_KB_TOP_K", 3, "knowledge-base chunks put into the prompt")
+    """At most this many chunks (best first) are retrieved for a question."""
+    min_score: float = _env(
+        "KORERO_KB_MIN_SCORE", 0.2, "normalized BM25 score a chunk needs to count as relevant"
+    )
+    """BM25 divided by the best score the query could reach (0..1); see docs/retrieval.md."""
+    snippet_chars: int = _env(
+        "KORERO_KB_SNIPPET_CHARS", 240, "longest snippet in a citation event, in characters"
+    )
+    """Citation events carry a short excerpt of the cited section."""
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """The token budget of the prompt."""
+
+    context_window: int = _env(
+        "KORERO_CONTEXT_WINDOW_TOKENS", 8192, "model context window, in tokens"
+    )
+    """Prompt plus answer must fit in this many (estimated) tokens."""
+    answer_reserve: int = _env(
+        "KORERO_ANSWER_RESERVE_TOKENS", 512, "tokens kept free for the answer"
+    )
+    """Subtracted from the context window before the prompt is filled."""
+    knowledge_tokens: int = _env(
+        "KORERO_PROMPT_KB_TOKENS", 1500, "most tokens of knowledge-base excerpts in a prompt"
+    )
+    """Retrieved chunks are added best first while they fit in this share."""
+    summary_tokens: int = _env(
+        "KORERO_SUMMARY_MAX_TOKENS", 200, "longest summary of older turns, in tokens"
+    )
+    """max_tokens of the summarization call; older turns that do not fit are summarized."""
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The tenant-scoped response cache."""
+
+    enabled: bool = _env("KORERO_CACHE_ENABLED", True, "cache answers to general policy questions")
+    """Only turns the router marks cacheable (no personal data, no follow-up) are cached."""
+    ttl: int = _env("KORERO_CACHE_TTL", 86400, "seconds a cached answer is kept")
+    """Entries also die when a knowledge-base ingest changes the KB version."""
+    lock_timeout: float = _env(
+        "KORERO_CACHE_LOCK_TIMEOUT", 20.0, "seconds identical misses wait for the first one"
+    )
+    """Single flight: the first miss holds a lock this long; the others wait for its answer."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, grouped by concern."""
 
@@ -265,6 +320,9 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     limits: RateLimitSettings = field(default_factory=RateLimitSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    knowledge: KnowledgeSettings = field(default_factory=KnowledgeSettings)
+    prompt: PromptSettings = field(default_factory=PromptSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -305,16 +363,20 @@ def _read_group(defaults: _G, env: Mapping[str, str]) -> _G:
     return dataclasses.replace(defaults, **values)  # type: ignore[type-var]
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def _convert(name: str, raw: str, kind: type) -> Any:
     if kind is str:
         return raw
     if kind is bool:
-        lowered = raw.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise SettingsError(f"{name}={raw!r} is not true or false")
+        word = raw.strip().lower()
+        if word not in _TRUE | _FALSE:
+            raise SettingsError(
+                f"{name}={raw!r} is not a boolean (true/false, 1/0, yes/no, on/off)"
+            )
+        return word in _TRUE
     try:
         value: float = kind(raw.strip())
     except ValueError:

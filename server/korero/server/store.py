@@ -5,14 +5,18 @@ in one Redis Cluster slot, and the tenant prefix keeps tenants apart):
 
     kr:{t:s}:meta     hash   created_at, updated_at (ms), metadata (JSON),
                              seq (last sequence number issued), turns (count),
-                             inflight / inflight_until (the turn lock)
-    kr:{t:s}:history  list   JSON messages, oldest first, trimmed to a bound
+                             inflight / inflight_until (the turn lock),
+                             summary (JSON: older turns, see context.py)
+    kr:{t:s}:history  list   JSON messages (user ones with the router's intent),
+                             oldest first, trimmed to a bound
     kr:{t:s}:turns    hash   client_message_id -> JSON turn record (idempotency)
 
 A turn costs two round trips: `begin_turn` (one Lua script: idempotency check,
 turn lock, user message persisted, history and metadata read back, a block of
 sequence numbers reserved) and `finish_turn` (one Lua script: answer and turn
-record persisted, lock released, unused sequence numbers handed back).
+record persisted, lock released, unused sequence numbers handed back). Another
+store's script (the response cache's lookup and store) can ride in the same
+pipeline as either (`ScriptCall`), so it adds no round trip.
 
 Redis exceptions are translated to `StoreUnavailableError` / `KoreroError`
 here and nowhere else.
@@ -49,6 +53,7 @@ __all__ = [
     "StoredMessage",
     "TurnBegin",
     "TurnRecord",
+    "redis_boundary",
     "session_key",
     "translate_redis_error",
 ]
@@ -85,6 +90,17 @@ def translate_redis_error(exc: BaseException) -> KoreroError:
     )
 
 
+@asynccontextmanager
+async def redis_boundary() -> AsyncIterator[None]:
+    """Translate Redis failures inside the block (for stores other than `SessionStore`)."""
+    try:
+        yield
+    except KoreroError:
+        raise
+    except (rexc.RedisError, OSError, TimeoutError) as exc:
+        raise translate_redis_error(exc) from exc
+
+
 def session_key(tenant: str, session_id: str, part: str) -> str:
     """The Redis key of one part of a session."""
     return f"kr:{{{tenant}:{session_id}}}:{part}"
@@ -99,11 +115,25 @@ class StoredMessage:
     turn_id: str
     client_message_id: str
     created_at: float  # unix seconds
+    intent: str = ""
+    """The router's decision for a user message (empty for answers)."""
+
+    @property
+    def turn_number(self) -> int:
+        """n of turn id `t<n>` (0 if the id has another form)."""
+        return int(self.turn_id[1:]) if self.turn_id[1:].isdigit() else 0
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> StoredMessage:
         d = json.loads(raw)
-        return cls(d["role"], d["text"], d["turn_id"], d.get("cmid", ""), d["ts"] / 1000)
+        return cls(
+            d["role"],
+            d["text"],
+            d["turn_id"],
+            d.get("cmid", ""),
+            d["ts"] / 1000,
+            d.get("intent", ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -118,6 +148,8 @@ class SessionRecord:
     last_seq: int
     turn_count: int
     message_count: int
+    summary: dict[str, Any] = field(default_factory=dict)
+    """Summary of older turns kept by context assembly: `{"through": n, "text": ...}`."""
 
     @classmethod
     def from_hash(
@@ -133,6 +165,7 @@ class SessionRecord:
             last_seq=int(h.get("seq", "0")),
             turn_count=int(h.get("turns", "0")),
             message_count=message_count,
+            summary=json.loads(h["summary"]) if h.get("summary") else {},
         )
 
 
@@ -146,6 +179,7 @@ class TurnRecord:
     finish_reason: str = ""
     model: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
+    citations: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(
@@ -156,6 +190,7 @@ class TurnRecord:
                 "finish_reason": self.finish_reason,
                 "model": self.model,
                 "usage": self.usage,
+                "citations": list(self.citations),
             },
             separators=(",", ":"),
         )
@@ -171,6 +206,7 @@ class TurnRecord:
             finish_reason=d.get("finish_reason", ""),
             model=d.get("model", ""),
             usage=usage if isinstance(usage, dict) else {},
+            citations=tuple(c for c in d.get("citations") or () if isinstance(c, dict)),
         )
 
 
@@ -191,6 +227,8 @@ class TurnBegin:
     record: TurnRecord | None = None
     session: SessionRecord | None = None
     history: tuple[StoredMessage, ...] = ()
+    probe: Any = None
+    """The reply of the `ScriptCall` sent along with `begin_turn`, if any."""
 
 
 _CREATE = """
@@ -252,8 +290,9 @@ redis.call('HSET', meta, 'seq', seq + tonumber(ARGV[7]), 'inflight', turn_id,
 redis.call('HSET', turns, cmid, cjson.encode({turn_id = turn_id, status = 'running'}))
 local last = redis.call('LINDEX', hist, -1)
 if not (rec and last and cjson.decode(last).cmid == cmid) then
-  redis.call('RPUSH', hist, cjson.encode({role = 'user', text = text, turn_id = turn_id,
-                                          cmid = cmid, ts = now}))
+  local msg = {role = 'user', text = text, turn_id = turn_id, cmid = cmid, ts = now}
+  if ARGV[9] and ARGV[9] ~= '' then msg.intent = ARGV[9] end
+  redis.call('RPUSH', hist, cjson.encode(msg))
   redis.call('LTRIM', hist, -tonumber(ARGV[3]), -1)
 end
 for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ARGV[5]) end
@@ -272,6 +311,7 @@ if ARGV[5] ~= '' then
   redis.call('LTRIM', hist, -tonumber(ARGV[8]), -1)
 end
 redis.call('HSET', turns, ARGV[1], ARGV[4])
+if ARGV[10] and ARGV[10] ~= '' then redis.call('HSET', meta, 'summary', ARGV[10]) end
 if redis.call('HGET', meta, 'inflight') == ARGV[2] then
   redis.call('HDEL', meta, 'inflight', 'inflight_until')
 end
@@ -392,38 +432,62 @@ class SessionStore:
         return messages, _encode_page_token(start + page_size) if more else ""
 
     async def begin_turn(
-        self, tenant: str, session_id: str, client_message_id: str, text: str, replay_events: int
+        self,
+        tenant: str,
+        session_id: str,
+        client_message_id: str,
+        text: str,
+        replay_events: int,
+        *,
+        intent: str = "",
+        probe: ScriptCall | None = None,
     ) -> TurnBegin:
-        """Record the user message and lock the session for a turn, in one round trip."""
+        """Record the user message and lock the session for a turn, in one round trip.
+
+        `intent` is stored with the user message; `probe` (a call on another
+        key space, e.g. the response cache) travels in the same pipeline and
+        its reply comes back as `TurnBegin.probe`.
+        """
         s = self._settings
+        call = ScriptCall(
+            self._begin,
+            tuple(self._keys(tenant, session_id)),
+            (
+                client_message_id,
+                text,
+                s.history_max_messages,
+                s.prompt_history_messages,
+                self._ttl_ms,
+                self._lock_ms,
+                SEQ_BLOCK,
+                replay_events,
+                intent,
+            ),
+        )
         async with self._boundary():
-            out = await self._begin(
-                keys=self._keys(tenant, session_id),
-                args=[
-                    client_message_id,
-                    text,
-                    s.history_max_messages,
-                    s.prompt_history_messages,
-                    self._ttl_ms,
-                    self._lock_ms,
-                    SEQ_BLOCK,
-                    replay_events,
-                ],
-            )
+            out, *rest = await run_scripts(self._redis, [call] if probe is None else [call, probe])
+            probed = rest[0] if rest else None
         status = out[0].decode()
         if status == "missing":
             raise InvalidArgumentError("SESSION_NOT_FOUND", f"session {session_id!r} has expired")
         if status == "replay":
             record = TurnRecord.from_json(out[1])
-            return TurnBegin("replay", record.turn_id, int(out[2]), record)
+            return TurnBegin("replay", record.turn_id, int(out[2]), record, probe=probed)
         if status == "running":
             record = TurnRecord.from_json(out[1])
-            return TurnBegin("running", record.turn_id, record=record)
+            return TurnBegin("running", record.turn_id, record=record, probe=probed)
         if status == "busy":
-            return TurnBegin("busy", out[1].decode())
+            return TurnBegin("busy", out[1].decode(), probe=probed)
         session = SessionRecord.from_hash(tenant, session_id, _pairs(out[3]), int(out[5]))
         history = tuple(StoredMessage.from_json(m) for m in out[4])
-        return TurnBegin("started", out[1].decode(), int(out[2]), session=session, history=history)
+        return TurnBegin(
+            "started",
+            out[1].decode(),
+            int(out[2]),
+            session=session,
+            history=history,
+            probe=probed,
+        )
 
     async def finish_turn(
         self,
@@ -433,21 +497,24 @@ class SessionStore:
         record: TurnRecord,
         seq_base: int,
         last_seq: int,
+        *,
+        summary: str = "",
         also: Sequence[ScriptCall] = (),
     ) -> None:
         """Persist the outcome, release the lock and hand back unused seqs, in one round trip.
 
-        `also`: more script calls (e.g. a rate-limit settlement) for the same pipeline.
+        `summary` (JSON) replaces the session's summary of older turns; `also`
+        (e.g. storing the answer in the response cache) rides in the same pipeline.
         """
         assistant = ""
         if record.status == "done" and record.answer:
             assistant = json.dumps(
                 {"role": "assistant", "text": record.answer, "turn_id": record.turn_id, "cmid": ""}
             )
-        finish = ScriptCall(
+        call = ScriptCall(
             self._finish,
-            self._keys(tenant, session_id),
-            [
+            tuple(self._keys(tenant, session_id)),
+            (
                 client_message_id,
                 record.turn_id,
                 record.status,
@@ -457,10 +524,11 @@ class SessionStore:
                 last_seq,
                 self._settings.history_max_messages,
                 self._ttl_ms,
-            ],
+                summary,
+            ),
         )
         async with self._boundary():
-            await run_scripts(self._redis, [finish, *also])
+            await run_scripts(self._redis, [call, *also])
 
     async def run(self, call: ScriptCall) -> None:
         """Run one script call (errors translated like every store call)."""

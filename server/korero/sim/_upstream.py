@@ -16,7 +16,21 @@ Answers are a pure function of the request's ``messages`` (see
   of the whole messages list.
 
 The answer has exactly `SimConfig.answer_tokens` tokens, so the echo and the
-name are themselves cut when that budget is smaller than they are. A token is
+name are themselves cut when that budget is smaller than they are.
+
+Two kinds of prompt get a more useful answer (this is what makes `make run`
+helpful without an API key; it is still a simulation, not a model):
+
+* a prompt with knowledge-base excerpts (lines starting
+  ``[Source: <title>, Section <id>]`` followed by the excerpt's text) is
+  answered by quoting them: ``Here is what our policy says:`` and, for the
+  first two excerpts, a bullet with the one or two sentences that share the
+  most words with the question, followed by the excerpt's citation label; at
+  most ``max(answer_tokens, SimConfig.quote_tokens)`` tokens;
+* a summarization request (the system message starts with ``Summarize``) is
+  answered with ``Summary: the customer asked about``, what an ``Earlier
+  summary:`` line said they asked about, and the first words of each
+  ``customer:`` line. A token is
 a word with its leading space, so the concatenated deltas are the text.
 
 Faults (`Fault`) queue up and are consumed, in order, by the next chat
@@ -115,6 +129,8 @@ class SimConfig:
     """Streaming rate after the first token; 0 or infinity means unlimited."""
     answer_tokens: int = DEFAULT_ANSWER_TOKENS
     """Tokens in a full answer, before any ``max_tokens`` cut."""
+    quote_tokens: int = 120
+    """Most tokens of an answer that quotes knowledge-base excerpts."""
     send_usage: bool = True
     """Whether usage is reported; False mimics servers that never send it."""
     model: str = DEFAULT_MODEL
@@ -254,11 +270,62 @@ def prompt_token_count(messages: Sequence[Mapping[str, Any]]) -> int:
     return sum(len(text.split()) for text in _message_texts(messages))
 
 
-def compose_answer(messages: Sequence[Mapping[str, Any]], answer_tokens: int) -> list[str]:
+_EXCERPT = re.compile(
+    r"^(\[Source: [^\]\n]+\])[^\n]*\n(.+?)(?=\n[ \t]*\n|\Z)", re.MULTILINE | re.DOTALL
+)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_WORDLIKE = re.compile(r"[a-z0-9]+")
+_CUSTOMER_LINE = re.compile(r"^customer:[ \t]*(.+)$", re.MULTILINE)
+_EARLIER = re.compile(
+    r"^Earlier summary: Summary: the customer asked about (.*?)\.?$", re.MULTILINE
+)
+
+
+def _as_tokens(text: str) -> list[str]:
+    return re.findall(r"\s*\S+", text)
+
+
+def _quote_excerpts(question: str, excerpts: list[tuple[str, str]], name: str | None) -> str:
+    asked = set(_WORDLIKE.findall(question.lower()))
+    lines = [f"Thanks, {name}. " if name else "", "Here is what our policy says:"]
+    for label, body in excerpts[:2]:
+        sentences = [s.strip() for s in _SENTENCE.split(" ".join(body.split())) if s.strip()]
+        ranked = sorted(
+            range(len(sentences)),
+            key=lambda i: (-len(asked & set(_WORDLIKE.findall(sentences[i].lower()))), i),
+        )
+        chosen = " ".join(sentences[i] for i in sorted(ranked[:2]))
+        lines.append(f"\n- {chosen} {label}")
+    return "".join(lines)
+
+
+def _summarize(transcript: str) -> str:
+    asks = [" ".join(m.split()[:4]) for m in _CUSTOMER_LINE.findall(transcript)]
+    earlier = _EARLIER.search(transcript)
+    if earlier:  # a rolling summary keeps what the previous one said
+        asks.insert(0, earlier.group(1).strip())
+    return "Summary: the customer asked about " + "; ".join(asks or ["nothing yet"]) + "."
+
+
+def compose_answer(
+    messages: Sequence[Mapping[str, Any]], answer_tokens: int, quote_tokens: int = 120
+) -> list[str]:
     """The answer to `messages` as tokens (words with their leading space).
 
     See the module docstring for how the text is built.
     """
+    texts = _message_texts(messages)
+    first_system = next(
+        (
+            _content_text(m.get("content"))
+            for m in messages
+            if isinstance(m, Mapping) and m.get("role") == "system"
+        ),
+        "",
+    )
+    if first_system.startswith("Summarize"):
+        return _as_tokens(_summarize("\n".join(texts[1:])))[: max(answer_tokens, quote_tokens)]
+    excerpts = [(m.group(1), m.group(2)) for t in texts for m in _EXCERPT.finditer(t)]
     last_user = ""
     name = None
     for message in messages:
@@ -269,6 +336,10 @@ def compose_answer(messages: Sequence[Mapping[str, Any]], answer_tokens: int) ->
             last_user = text
         if name is None and (match := _CUSTOMER_NAME.search(text)):
             name = " ".join(match.group(1).split())
+
+    if excerpts:
+        quoted = _quote_excerpts(last_user, excerpts, name)
+        return _as_tokens(quoted)[: max(answer_tokens, quote_tokens)]
 
     echo = " ".join(last_user.split())[:ECHO_CHARS].rstrip()
     words = ["You", "asked:", *f'"{echo}".'.split(" ")]
@@ -472,7 +543,8 @@ class UpstreamSim:
 
     def answer_for(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """The full text the sim answers to `messages` (before any ``max_tokens`` cut)."""
-        return "".join(compose_answer(messages, self.config.answer_tokens))
+        config = self.config
+        return "".join(compose_answer(messages, config.answer_tokens, config.quote_tokens))
 
     def _notify(self) -> None:
         self._changed.set()
@@ -567,7 +639,7 @@ class UpstreamSim:
             return await self._send_error(request, fault, recorded, headers)
 
         messages: list[Any] = body["messages"]
-        tokens = compose_answer(messages, config.answer_tokens)
+        tokens = compose_answer(messages, config.answer_tokens, config.quote_tokens)
         finish_reason = "stop"
         limit = _max_tokens(body)
         if limit is not None and limit < len(tokens):
