@@ -1,0 +1,7 @@
+"""Placeholder."""
+
+SCENARIOS: dict[str, object] = {}
+
+
+def run_scenarios(*a, **k):
+    return 0
