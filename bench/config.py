@@ -85,8 +85,6 @@ CALLS: dict[str, CallSpec] = {
         CallSpec(
             "grpc.health.v1.Health.Check", "unary", "HealthCheckRequest", "HealthCheckResponse"
         ),
-        # The reference server of the throughput scenario (bench/echo_server.py).
-        CallSpec("korero.bench.Echo.Chat", "bidi", "ChatRequest", "ChatResponse"),
     )
 }
 

@@ -84,10 +84,12 @@ class Workload:
     """Chat: only every n-th stream sends messages; the others just start and hold."""
     direct_base_url: str = ""
     """Interleave: after each Kōrero turn, the same question straight to this upstream."""
-    direct_system_prompt: str = "You are a helpful support assistant."
+    direct_system_prompt: str = ""
+    """System prompt of direct turns; empty: Kōrero's default, so both paths send alike."""
     direct_model: str = "korero-sim-1"
+    echo: bool = False
+    """Chat against bench/echo_server.py: pipeline `echo_messages` messages per stream."""
     echo_messages: int = 100
-    """Echo reference: messages written (pipelined) on each stream."""
     progress: bool = True
     grpc_options: tuple[tuple[str, Any], ...] = ()
 
@@ -254,6 +256,11 @@ class _Worker:
         if self.workload.direct_base_url:
             import openai  # noqa: PLC0415
 
+            from korero.server.settings import EngineSettings  # noqa: PLC0415
+
+            self.system_prompt = self.workload.direct_system_prompt or (
+                EngineSettings().system_prompt
+            )
             self.direct = openai.AsyncOpenAI(
                 base_url=self.workload.direct_base_url,
                 api_key="bench",
@@ -325,10 +332,10 @@ class _Worker:
                 )
             elif self.spec.kind == "server_stream":
                 await self._server_stream(call, messages[0], metadata)
-            elif self.spec.service == "korero.bench.Echo":
+            elif self.workload.echo:
                 await self._echo(call, metadata)
             else:
-                await self._chat(call, messages, metadata, number)
+                await self._chat(call, messages, metadata, number, fields)
         except self.grpc.aio.AioRpcError as exc:
             status = GO_CODE_NAMES.get(exc.code().name, exc.code().name)
             error = _go_error(exc.code().name, exc.details() or "")
@@ -389,7 +396,9 @@ class _Worker:
                 if kind == "error":
                     samples.turn_errors[event.error.reason] += 1
 
-    async def _chat(self, call: Any, messages: list[Any], metadata: Any, number: int) -> None:
+    async def _chat(
+        self, call: Any, messages: list[Any], metadata: Any, number: int, fields: dict[str, Any]
+    ) -> None:
         stream = call(metadata=metadata, timeout=self.cfg.timeout or None)
         await stream.write(self._parse(messages[0]))
         first = await stream.read()
@@ -399,18 +408,23 @@ class _Worker:
         self.open_now += 1
         self.shared.open[self.index] = self.open_now
         try:
-            rest = messages[1:]
+            rest = self.templates[1:]
+            history: list[dict[str, str]] = []
             active = self.workload.active_every <= 1 or number % self.workload.active_every == 0
             if rest and active:
                 count = self.cfg.stream_call_count - 1 if self.cfg.stream_call_count else len(rest)
-                for i, message in enumerate(itertools.islice(itertools.cycle(rest), count)):
-                    request = self._parse(message)
+                for i, template in enumerate(itertools.islice(itertools.cycle(rest), count)):
+                    # Rendered per send (ghz: stream-dynamic-messages), so a cycled message
+                    # gets a new {{newUUID}} and is not a retry of the one before.
+                    request = self._parse(
+                        messages[i + 1] if i < len(rest) else template.render(fields, self.rng)
+                    )
                     text = request.message.text
                     if self.direct is not None and i % 2 == 1:
-                        await self._direct_turn(text)
+                        await self._direct_turn(text, history)
                     await self._chat_turn(stream, request)
                     if self.direct is not None and i % 2 == 0:
-                        await self._direct_turn(text)
+                        await self._direct_turn(text, history)
                     if self.cfg.stream_interval:
                         await asyncio.sleep(self.cfg.stream_interval)
             if self.workload.hold:
@@ -461,17 +475,18 @@ class _Worker:
                     samples.turn_errors[event.error.reason] += 1
                 return
 
-    async def _direct_turn(self, text: str) -> None:
+    async def _direct_turn(self, text: str, history: list[dict[str, str]]) -> None:
+        """One turn straight to the upstream, with the prompt Kōrero would assemble."""
         samples = self.streams["direct"]
+        history.append({"role": "user", "content": text})
+        del history[: max(0, len(history) - 20)]  # KORERO_PROMPT_HISTORY_MESSAGES
+        answer: list[str] = []
         t0 = time.perf_counter_ns()
         last = 0
         try:
             stream = await self.direct.chat.completions.create(
                 model=self.workload.direct_model,
-                messages=[
-                    {"role": "system", "content": self.workload.direct_system_prompt},
-                    {"role": "user", "content": text},
-                ],
+                messages=[{"role": "system", "content": self.system_prompt}, *history],
                 max_tokens=512,
                 temperature=0.2,
                 stream=True,
@@ -489,8 +504,10 @@ class _Worker:
                     last = now
                     samples.deltas += 1
                     samples.text_bytes += len(chunk.choices[0].delta.content.encode())
+                    answer.append(chunk.choices[0].delta.content)
         except Exception as exc:
             samples.turn_errors[type(exc).__name__] += 1
+        history.append({"role": "assistant", "content": "".join(answer)})
         samples.turns += 1
         samples.add(samples.turns_ns, time.perf_counter_ns() - t0)
 
