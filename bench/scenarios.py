@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import signal
 import sys
 import threading
 import time
@@ -360,6 +361,9 @@ def scenario_open(ctx: Ctx) -> dict[str, Any]:
                 host, turns=1, concurrency=n, connections=max(4, n // 500), total=n,
                 timeout=300, name=f"open {n}",
             )  # fmt: skip
+            # Opens are paced (ghz --rps): 5,000 `start`s at once queue on the Redis pool
+            # longer than KORERO_REDIS_TIMEOUT and fail with UNAVAILABLE (seen in a first run).
+            cfg = dataclasses.replace(cfg, rps=500.0)
             wl = load.Workload(cfg, processes=ctx.processes, hold=120.0, active_every=20)
 
             def at_peak(open_now: int, pid: int = pid) -> dict[str, Any]:
@@ -717,6 +721,11 @@ SCENARIOS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
 def run_scenarios(only: list[str] | None, *, quick: bool, results: Path, processes: int = 2) -> int:
     """Run the chosen scenarios (all by default); 1 if any failed to run."""
     load.raise_fd_limit()
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: helpers are killed
+
+    signal.signal(signal.SIGTERM, interrupt)
     results.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(quick=quick, results=results, processes=processes)
     failed = []
