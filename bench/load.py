@@ -673,9 +673,17 @@ def run(
     hard_deadline = t0 + run_for + max(cfg.timeout, 5.0) + 30.0
     try:
         while any(r is None for r in results):
+            lost = False
             for i, pipe in enumerate(pipes):
                 if results[i] is None and pipe.poll(0.02):
-                    results[i] = pipe.recv()
+                    try:
+                        results[i] = pipe.recv()
+                    except EOFError:  # the worker died; its calls are lost, say so below
+                        lost = True
+            if lost:
+                print("bench: a client process died; stopping the run", file=sys.stderr)
+                shared.stop.set()
+                break
             now = time.monotonic()
             for i, proc in enumerate(procs):
                 if proc.pid is not None and results[i] is None:
