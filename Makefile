@@ -3,7 +3,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup generate check-generate lint test run bench clean
+.PHONY: setup generate check-generate lint test run bench bench-quick bench-smoke clean
 
 setup: $(STAMP)                 ## venv + every dependency (Debian redis-server too)
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt scripts/setup.sh
@@ -26,8 +26,14 @@ test: lint check-generate       ## everything CI runs
 run: $(STAMP)                   ## Redis (if none), simulated upstream, server
 	scripts/run.sh
 
-bench: $(STAMP)                 ## benchmarks (see bench/README.md)
-	$(BIN)/python -m bench
+bench: $(STAMP)                 ## benchmarks (see bench/README.md); never run by CI
+	$(BIN)/pip install -q -c constraints.txt -e '.[bench]' && $(BIN)/python -m bench
+
+bench-quick: $(STAMP)           ## every scenario at small sizes (a few minutes)
+	$(BIN)/pip install -q -c constraints.txt -e '.[bench]' && $(BIN)/python -m bench scenarios --quick
+
+bench-smoke: $(STAMP)           ## the load tool against a real server, report checked (seconds)
+	$(BIN)/pytest -q tests/bench
 
 clean:
 	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Kōrero benchmarks: ghz-format configs, a load tool writing ghz reports, scenarios."""
