@@ -169,8 +169,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         context: grpc.aio.ServicerContext[pb.ChatRequest, pb.ChatResponse],
     ) -> AsyncIterator[pb.ChatResponse]:
         try:
-            self._lifecycle.check_open()
+            # The first frame is read before refusing a draining server's stream:
+            # a client still writing it when the status lands would see INTERNAL.
             first = await self._first_frame(request_iterator)
+            self._lifecycle.check_open()
             tenant = self._tenant()
             started = await self._engine.open_session(
                 tenant, first.start.session_id, first.start.metadata
