@@ -23,6 +23,7 @@ from korero.server.llm import LLMProvider, OpenAIProvider
 from korero.server.servicer import ChatServicer, Lifecycle
 from korero.server.settings import Settings
 from korero.server.store import SessionStore
+from korero.server.websocket import WebSocketServer
 
 __all__ = ["KoreroServer", "run"]
 
@@ -52,6 +53,7 @@ class KoreroServer:
     store: SessionStore
     llm: LLMProvider
     settings: Settings
+    websocket: WebSocketServer | None = None
 
     @classmethod
     async def start(
@@ -91,10 +93,14 @@ class KoreroServer:
             port = server.add_insecure_port(settings.server.listen)
         except RuntimeError as exc:  # grpcio's way of saying the bind failed
             raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
+        websocket = None
+        if settings.server.ws_listen.lower() != "off":
+            websocket = WebSocketServer(engine, settings, authenticator)
+            await websocket.start()
         await server.start()
         for service in ("", CHAT_SERVICE):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        return cls(server, port, engine, lifecycle, health, store, llm, settings)
+        return cls(server, port, engine, lifecycle, health, store, llm, settings, websocket)
 
     @property
     def address(self) -> str:
@@ -107,7 +113,11 @@ class KoreroServer:
         log.info("event=draining grace=%.1f open_streams=%d", grace, self.lifecycle.open_streams)
         await self.health.enter_graceful_shutdown()
         self.lifecycle.begin_drain()
+        if self.websocket is not None:
+            self.websocket.begin_drain()
         await self.engine.drain(grace)
+        if self.websocket is not None:
+            await self.websocket.close()
         await self.server.stop(grace=1.0)
         await self.llm.aclose()
         await self.store.close()
@@ -124,6 +134,8 @@ async def run(settings: Settings) -> None:
         settings.llm.base_url,
         settings.llm.model,
     )
+    if app.websocket is not None:
+        log.info("event=ws_serving address=%s path=/ws/chat", app.websocket.address)
     try:
         await app.store.ping()
     except Exception as exc:
