@@ -1,13 +1,15 @@
 """Envoy's added time to first token at N concurrent streams, against direct, in one run.
 
-    .venv/bin/python bench/envoy_ttft.py [--streams 100] [--turns 5] [--rounds 2]
+    .venv/bin/python bench/envoy_ttft.py [--streams 100] [--turns 2] [--rounds 2]
+        [--answer-tokens 10] [--tokens-per-second 2] [--envoy-concurrency 1]
 
 Starts its own private parts on free loopback ports: redis-server, the
 simulated upstream (`korero upstream-sim`), one `korero serve` and Envoy with
 envoy/envoy.yaml rendered by scripts/envoy-config. Then `--streams` clients
-each run `--turns` SendMessage turns back to back (so about that many streams
-are open at once), measuring the time from sending the request to the first
-text delta, for three paths in alternating rounds:
+open a session, then run `--turns` SendMessage turns back to back, starting
+spread over one answer's length (so about that many streams are open at
+once), measuring the time from sending the request to the first text delta,
+for three paths in alternating rounds:
 
 * direct: native gRPC to Kōrero;
 * envoy-grpc: native gRPC through Envoy's listener;
@@ -320,12 +322,14 @@ async def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=100, help="concurrent clients (streams)")
-    parser.add_argument("--turns", type=int, default=3, help="turns per client per round")
+    parser.add_argument("--turns", type=int, default=2, help="turns per client per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over the three paths")
     parser.add_argument("--sim-ttft-ms", type=int, default=0, help="upstream time to first token")
-    parser.add_argument("--answer-tokens", type=int, default=20, help="tokens per answer")
+    # Defaults: 5 s answers, so 100 streams are open at once while the machine
+    # is not saturated and the difference is Envoy's, not CPU queueing.
+    parser.add_argument("--answer-tokens", type=int, default=10, help="tokens per answer")
     parser.add_argument(
-        "--tokens-per-second", type=float, default=10.0, help="upstream token rate per answer"
+        "--tokens-per-second", type=float, default=2.0, help="upstream token rate per answer"
     )
     parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
     sys.exit(asyncio.run(main(parser.parse_args())))

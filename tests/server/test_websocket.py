@@ -282,3 +282,22 @@ async def test_drain_refuses_new_sockets_finishes_turns_then_closes_with_1012(
     finally:
         if app.websocket is not None and app.websocket.open_sockets:
             await app.shutdown(grace=0)
+
+
+class BrokenAuthenticator:
+    async def authenticate(self, authorization: str | None) -> Identity:
+        raise RuntimeError("identity provider exploded")
+
+
+async def test_an_unexpected_failure_closes_with_1011(
+    server: KoreroServer, settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    adapter = WebSocketServer(server.engine, settings, BrokenAuthenticator())
+    await adapter.start()
+    try:
+        async with http.ws_connect(ws_url(adapter)) as ws:
+            await send(ws, start())
+            assert (await receive(ws)).error.reason == "INTERNAL"
+            assert await closed_with(ws) == (1011, "INTERNAL INTERNAL")
+    finally:
+        await adapter.close()

@@ -479,6 +479,11 @@ class WebSocketServer:
                 self._authenticator,
                 _authorization_from_handshake(request),
             ).run()
+        except Exception as exc:
+            log.exception("event=ws_failed")
+            await conn.fail(
+                KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error ({exc!r})")
+            )
         finally:
             self._connections.discard(conn)
             conn.ended.set_result(None)
