@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import re
+import signal
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -301,3 +306,48 @@ async def test_an_unexpected_failure_closes_with_1011(
             assert await closed_with(ws) == (1011, "INTERNAL INTERNAL")
     finally:
         await adapter.close()
+
+
+async def test_sigterm_closes_sockets_with_1012_after_their_turn(
+    redis_url: str, sim: UpstreamSim, http: aiohttp.ClientSession
+) -> None:
+    sim.config = SimConfig(ttft=0.1, tokens_per_second=30, answer_tokens=15)  # ~0.6 s
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "korero"),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        env={
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "KORERO_LLM_BASE_URL": sim.base_url,
+            "KORERO_WS_LISTEN": "127.0.0.1:0",
+            "KORERO_SHUTDOWN_GRACE": "5",
+        },
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        port = 0
+        async with asyncio.timeout(15):
+            while not port:
+                line = await proc.stderr.readline()
+                assert line, "server exited before serving"
+                if match := re.search(rb"event=ws_serving address=\S+:(\d+)", line):
+                    port = int(match.group(1))
+        url = f"ws://127.0.0.1:{port}{CHAT_PATH}"
+        async with http.ws_connect(url) as busy:
+            await send(busy, start())
+            await receive(busy)
+            await send(busy, message("in flight", "m1"))
+            assert (await receive(busy)).WhichOneof("kind") == "turn_started"
+            proc.send_signal(signal.SIGTERM)
+            events = await turn_events(busy)
+            assert events[-1].done.finish_reason == pb.FINISH_REASON_STOP
+            assert (await receive(busy)).error.reason == "SERVER_SHUTTING_DOWN"
+            assert await closed_with(busy) == (1012, "UNAVAILABLE SERVER_SHUTTING_DOWN")
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
