@@ -2,12 +2,22 @@
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+WEB    := clients/web
+WEB_STAMP := $(WEB)/node_modules/.installed
+WEB_SRC   := $(shell find $(WEB)/src $(WEB)/static protos -type f -not -path '*/gen/*' 2>/dev/null) \
+             $(WEB)/build.mjs $(WEB)/buf.gen.yaml $(WEB)/tsconfig.json scripts/build-web.sh
 
-.PHONY: setup generate check-generate lint test run bench bench-quick bench-smoke clean
+.PHONY: setup web generate check-generate lint test run bench bench-quick bench-smoke clean
 
-setup: $(STAMP)                 ## venv + every dependency (Debian redis-server too)
+setup: $(STAMP) $(WEB_STAMP)    ## venv + every dependency (Debian redis-server, chromium too)
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt scripts/setup.sh
 	scripts/setup.sh
+$(WEB_STAMP): $(WEB)/package.json $(WEB)/package-lock.json scripts/setup-web.sh
+	scripts/setup-web.sh
+
+web: $(WEB)/dist/app.js         ## build the chat page into clients/web/dist
+$(WEB)/dist/app.js: $(STAMP) $(WEB_STAMP) $(WEB_SRC)
+	scripts/build-web.sh
 
 generate: $(STAMP)              ## regenerate clients/python from protos/
 	$(BIN)/buf generate
@@ -15,15 +25,16 @@ generate: $(STAMP)              ## regenerate clients/python from protos/
 check-generate: $(STAMP)        ## fail if generated code drifted from protos/
 	scripts/check-generate.sh
 
-lint: $(STAMP)                  ## buf lint + format, ruff, mypy --strict
+lint: $(STAMP)                  ## buf lint + format, ruff, mypy --strict, envoy --mode validate
 	$(BIN)/buf lint && $(BIN)/buf format --diff --exit-code
+	$(BIN)/envoy --mode validate -c envoy/envoy.yaml --disable-hot-restart -l error
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/mypy server clients/python/korero/client
 
-test: lint check-generate       ## everything CI runs
+test: lint check-generate web   ## everything CI runs (browser tests included)
 	$(BIN)/pytest
 
-run: $(STAMP)                   ## Redis (if none), simulated upstream, server
+run: $(STAMP) web               ## Redis (if none), simulated upstream, server, Envoy + chat page
 	scripts/run.sh
 
 bench: $(STAMP)                 ## benchmarks (see bench/README.md); never run by CI
@@ -36,4 +47,4 @@ bench-smoke: $(STAMP)           ## the load tool against a real server, report c
 	$(BIN)/pytest -q tests/bench
 
 clean:
-	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache artifacts $(WEB)/node_modules $(WEB)/dist $(WEB)/src/gen

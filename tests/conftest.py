@@ -115,7 +115,7 @@ async def sim() -> AsyncIterator[UpstreamSim]:
 def make_settings(redis_url: str, llm_url: str, **overrides: object) -> Settings:
     """Test settings: port 0, short timeouts; overrides as 'group__field'."""
     groups: dict[str, object] = {
-        "server": ServerSettings(listen="127.0.0.1:0", shutdown_grace=2.0),
+        "server": ServerSettings(listen="127.0.0.1:0", shutdown_grace=2.0, ws_listen="127.0.0.1:0"),
         "redis": RedisSettings(url=redis_url, timeout=1.0),
         "llm": LLMSettings(
             base_url=llm_url, api_key="test", retry_backoff=0.01, first_token_timeout=5.0

@@ -37,7 +37,7 @@ async def start_server_process(env: dict[str, str]) -> ServerProcess:
         "serve",
         "--listen",
         "127.0.0.1:0",
-        env={**os.environ, **env},
+        env={"KORERO_WS_LISTEN": "127.0.0.1:0", **os.environ, **env},
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None

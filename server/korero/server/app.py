@@ -34,6 +34,7 @@ from korero.server.servicer import ChatServicer, Lifecycle
 from korero.server.settings import Settings
 from korero.server.store import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
+from korero.server.websocket import WebSocketServer
 
 __all__ = ["KoreroServer", "run"]
 
@@ -69,6 +70,7 @@ class KoreroServer:
     metrics: Metrics
     metrics_runner: web.AppRunner | None = None
     tracer_provider: TracerProvider | None = None
+    websocket: WebSocketServer | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -154,6 +156,10 @@ class KoreroServer:
             port = server.add_insecure_port(settings.server.listen)
         except RuntimeError as exc:  # grpcio's way of saying the bind failed
             raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
+        websocket = None
+        if settings.server.ws_listen.lower() != "off":
+            websocket = WebSocketServer(engine, settings, authenticator)
+            await websocket.start()
         await server.start()
         for service in ("", CHAT_SERVICE):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -179,6 +185,7 @@ class KoreroServer:
             metrics,
             metrics_runner,
             provider,
+            websocket,
         )
 
     @property
@@ -192,7 +199,11 @@ class KoreroServer:
         log.info("event=draining grace=%.1f open_streams=%d", grace, self.lifecycle.open_streams)
         await self.health.enter_graceful_shutdown()
         self.lifecycle.begin_drain()
+        if self.websocket is not None:
+            self.websocket.begin_drain()
         await self.engine.drain(grace)
+        if self.websocket is not None:
+            await self.websocket.close()
         await self.server.stop(grace=1.0)
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
@@ -215,6 +226,8 @@ async def run(settings: Settings) -> None:
         settings.auth.mode,
         app.metrics_port,
     )
+    if app.websocket is not None:
+        log.info("event=ws_serving address=%s path=/ws/chat", app.websocket.address)
     try:
         await app.store.ping()
     except Exception as exc:

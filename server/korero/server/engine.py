@@ -405,6 +405,10 @@ class ConversationEngine:
         return self._cache
 
     @property
+    def limiter(self) -> RateLimiter | None:
+        return self._limiter
+
+    @property
     def store(self) -> SessionStore:
         return self._store
 

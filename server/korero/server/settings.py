@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_WS_LISTEN = "127.0.0.1:8081"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_LLM_BASE_URL = "http://127.0.0.1:8088/v1"
 DEFAULT_SYSTEM_PROMPT = (
@@ -68,6 +69,16 @@ class ServerSettings:
     """A Chat stream that sends no first frame within this time is closed."""
     log_level: str = _env("KORERO_LOG_LEVEL", "INFO", "log level (DEBUG, INFO, WARNING)")
     """Log level of the structured (key=value) logs."""
+    ws_listen: str = _env(
+        "KORERO_WS_LISTEN",
+        DEFAULT_WS_LISTEN,
+        "WebSocket adapter (and chat page) HOST:PORT, or `off`",
+    )
+    """Where the WebSocket adapter listens (behind Envoy's `/ws/` route); `off` disables it."""
+    web_root: str = _env(
+        "KORERO_WEB_ROOT", "", "directory of the built chat page served at / (empty: none)"
+    )
+    """The WebSocket listener serves this directory's files (clients/web/dist) at `/`."""
 
 
 @dataclass(frozen=True)

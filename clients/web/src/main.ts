@@ -1,0 +1,348 @@
+// The Kōrero chat page: one session, two routes through the Envoy sidecar.
+//
+// gRPC-Web: each turn is one server-streaming SendMessage call (browsers cannot
+// stream requests over gRPC-Web); cancelling aborts the call, which cancels the
+// turn and the upstream LLM request on the server.
+// WebSocket: one socket carries the session (`/ws/chat`); frames are the same
+// ChatRequest / ChatResponse protobuf messages as the gRPC Chat stream, binary,
+// one message per WebSocket message; cancelling sends a `cancel` frame.
+// Switching routes keeps the session: the WebSocket resumes it with `start`.
+
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
+import { createGrpcWebTransport } from "@connectrpc/connect-web";
+import {
+  ChatRequestSchema,
+  ChatResponseSchema,
+  ChatService,
+  type Event,
+  FinishReason,
+} from "./gen/korero/chat/v1/chat_pb.js";
+
+type RouteName = "grpc-web" | "websocket";
+
+/** What the page saw, for people (the DOM) and for the browser tests (window.korero). */
+interface EventRecord {
+  route: RouteName;
+  kind: string;
+  seq: string;
+  turnId: string;
+  text?: string;
+  at: number;
+}
+
+declare global {
+  interface Window {
+    korero: { events: EventRecord[]; closes: { code: number; reason: string }[] };
+  }
+}
+window.korero = { events: [], closes: [] };
+
+const WS_PROTOCOL = "korero.chat.v1+proto";
+const BEARER_PREFIX = "korero.bearer.";
+
+const $ = <T extends HTMLElement>(id: string): T => document.getElementById(id) as T;
+const log = $<HTMLElement>("log");
+const input = $<HTMLInputElement>("input");
+const sendButton = $<HTMLButtonElement>("send");
+const cancelButton = $<HTMLButtonElement>("cancel");
+const routeSelect = $<HTMLSelectElement>("route");
+const statusLine = $<HTMLElement>("status");
+const sessionLabel = $<HTMLElement>("session");
+
+// An optional token (localStorage "korero.token") goes to the same Authenticator
+// on both routes: as the authorization header, or as a WebSocket subprotocol.
+const token = localStorage.getItem("korero.token") ?? "";
+
+let sessionId = "";
+
+function setStatus(text: string): void {
+  statusLine.textContent = text;
+}
+
+function newId(): string {
+  return crypto.randomUUID();
+}
+
+/** One assistant bubble: text, citations and the line with usage and finish. */
+class AnswerView {
+  private readonly text: HTMLElement;
+  private readonly citations: HTMLOListElement;
+  private readonly meta: HTMLElement;
+  private ttftShown = false;
+  private readonly startedAt = performance.now();
+
+  constructor(question: string) {
+    const user = document.createElement("div");
+    user.className = "msg user";
+    user.textContent = question;
+    const bubble = document.createElement("div");
+    bubble.className = "msg assistant";
+    this.text = document.createElement("div");
+    this.text.className = "text";
+    this.citations = document.createElement("ol");
+    this.citations.className = "citations";
+    this.meta = document.createElement("div");
+    this.meta.className = "meta";
+    this.meta.textContent = "…";
+    bubble.append(this.text, this.citations, this.meta);
+    log.append(user, bubble);
+    bubble.scrollIntoView({ block: "end" });
+  }
+
+  /** Show one event; true when it ends the turn. */
+  show(route: RouteName, event: Event): boolean {
+    const kind = event.kind;
+    const record: EventRecord = {
+      route,
+      kind: kind.case ?? "none",
+      seq: event.seq.toString(),
+      turnId: event.turnId,
+      at: performance.now(),
+    };
+    window.korero.events.push(record);
+    switch (kind.case) {
+      case "sessionStarted":
+        sessionId = event.sessionId;
+        sessionLabel.textContent = `session ${sessionId}`;
+        return false;
+      case "turnStarted":
+        this.meta.textContent = kind.value.replayed ? "replaying…" : "thinking…";
+        return false;
+      case "textDelta":
+        record.text = kind.value.text;
+        this.text.textContent += kind.value.text;
+        if (!this.ttftShown) {
+          this.ttftShown = true;
+          this.meta.textContent = `first token after ${Math.round(performance.now() - this.startedAt)} ms…`;
+        }
+        this.text.parentElement?.scrollIntoView({ block: "end" });
+        return false;
+      case "citation": {
+        const item = document.createElement("li");
+        const c = kind.value;
+        item.textContent = `${c.documentTitle}${c.section ? ` — ${c.section}` : ""}: ${c.snippet}`;
+        this.citations.append(item);
+        return false;
+      }
+      case "usage":
+        this.meta.textContent = `tokens: ${kind.value.inputTokens} in, ${kind.value.outputTokens} out${kind.value.estimated ? " (estimated)" : ""}`;
+        return false;
+      case "rateLimit":
+        setStatus(`rate limit: ${kind.value.remainingRequests} requests left (${kind.value.limit})`);
+        return false;
+      case "heartbeat":
+        return false;
+      case "done": {
+        const d = kind.value;
+        const finish = FinishReason[d.finishReason].toLowerCase().replace("finish_reason_", "");
+        const usage = d.usage;
+        const ttft = d.timings?.timeToFirstToken;
+        const ttftMs = ttft ? Math.round(Number(ttft.seconds) * 1000 + ttft.nanos / 1e6) : undefined;
+        this.meta.textContent =
+          `${finish === "cancelled" ? "cancelled" : `done (${finish})`}` +
+          (usage ? ` · tokens: ${usage.inputTokens} in, ${usage.outputTokens} out${usage.estimated ? " (estimated)" : ""}` : "") +
+          (ttftMs !== undefined ? ` · first token ${ttftMs} ms` : "") +
+          (d.cached ? " · cached" : "");
+        this.meta.dataset.terminal = finish;
+        return true;
+      }
+      case "error": {
+        const e = kind.value;
+        this.markError(`error ${Code[e.code] ?? e.code} ${e.reason}: ${e.message}${e.retryable ? " (retryable)" : ""}`);
+        return event.turnId !== "" || !sessionId;
+      }
+      default:
+        return false;
+    }
+  }
+
+  markCancelled(): void {
+    this.meta.textContent = "cancelled";
+    this.meta.dataset.terminal = "cancelled";
+  }
+
+  markError(text: string): void {
+    this.meta.textContent = text;
+    this.meta.className = "meta error";
+    this.meta.dataset.terminal = "error";
+  }
+}
+
+interface Route {
+  readonly name: RouteName;
+  /** Run one turn; resolves once it ended (terminal event, cancel or failure). */
+  send(text: string, view: AnswerView): Promise<void>;
+  cancel(): void;
+  close(): void;
+}
+
+class GrpcWebRoute implements Route {
+  readonly name = "grpc-web" as const;
+  private readonly client;
+  private abort: AbortController | null = null;
+
+  constructor() {
+    const auth: Interceptor = (next) => async (req) => {
+      if (token) req.header.set("authorization", `Bearer ${token}`);
+      return await next(req);
+    };
+    const transport = createGrpcWebTransport({
+      baseUrl: window.location.origin, // Envoy serves the page and the API: one origin
+      interceptors: [auth],
+    });
+    this.client = createClient(ChatService, transport);
+  }
+
+  async send(text: string, view: AnswerView): Promise<void> {
+    this.abort = new AbortController();
+    try {
+      const stream = this.client.sendMessage(
+        { sessionId, message: { clientMessageId: newId(), text } },
+        { signal: this.abort.signal },
+      );
+      for await (const response of stream) {
+        if (response.event && view.show(this.name, response.event)) break;
+      }
+    } catch (err) {
+      const error = ConnectError.from(err);
+      if (error.code === Code.Canceled) view.markCancelled();
+      else view.markError(`error ${Code[error.code]}: ${error.rawMessage}`);
+    } finally {
+      this.abort = null;
+    }
+  }
+
+  cancel(): void {
+    this.abort?.abort();
+  }
+
+  close(): void {
+    this.cancel();
+  }
+}
+
+class WebSocketRoute implements Route {
+  readonly name = "websocket" as const;
+  private socket: WebSocket | null = null;
+  private opening: Promise<WebSocket> | null = null;
+  private view: AnswerView | null = null;
+  private turnId = "";
+  private settle: (() => void) | null = null;
+
+  private connect(): Promise<WebSocket> {
+    if (this.socket && this.socket.readyState === WebSocket.OPEN) return Promise.resolve(this.socket);
+    if (this.opening) return this.opening;
+    this.opening = new Promise<WebSocket>((resolve, reject) => {
+      const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
+      const protocols = [WS_PROTOCOL];
+      if (token) protocols.push(BEARER_PREFIX + btoa(token).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, ""));
+      const ws = new WebSocket(`${scheme}//${window.location.host}/ws/chat`, protocols);
+      ws.binaryType = "arraybuffer";
+      let started = false;
+      ws.onopen = () => {
+        const start = create(ChatRequestSchema, { kind: { case: "start", value: { sessionId } } });
+        ws.send(toBinary(ChatRequestSchema, start));
+      };
+      ws.onmessage = (msg: MessageEvent<ArrayBuffer>) => {
+        const event = fromBinary(ChatResponseSchema, new Uint8Array(msg.data)).event;
+        if (!event) return;
+        if (!started && event.kind.case === "sessionStarted") {
+          started = true;
+          window.korero.events.push({ route: this.name, kind: "sessionStarted", seq: event.seq.toString(), turnId: "", at: performance.now() });
+          sessionId = event.sessionId;
+          sessionLabel.textContent = `session ${sessionId}`;
+          this.socket = ws;
+          resolve(ws);
+          return;
+        }
+        if (event.kind.case === "turnStarted") this.turnId = event.turnId;
+        if (this.view && this.view.show(this.name, event)) this.finish();
+      };
+      ws.onclose = (e: CloseEvent) => {
+        window.korero.closes.push({ code: e.code, reason: e.reason });
+        setStatus(`WebSocket closed: ${e.code} ${e.reason}`);
+        this.socket = null;
+        this.opening = null;
+        if (!started) reject(new Error(`closed ${e.code} ${e.reason}`));
+        this.view?.markError(`connection closed: ${e.code} ${e.reason}`);
+        this.finish();
+      };
+    });
+    const opening = this.opening;
+    opening.finally(() => {
+      if (this.opening === opening) this.opening = null;
+    }).catch(() => undefined);
+    return opening;
+  }
+
+  private finish(): void {
+    this.view = null;
+    this.turnId = "";
+    const settle = this.settle;
+    this.settle = null;
+    settle?.();
+  }
+
+  async send(text: string, view: AnswerView): Promise<void> {
+    let ws: WebSocket;
+    try {
+      ws = await this.connect();
+    } catch (err) {
+      view.markError(String(err));
+      return;
+    }
+    this.view = view;
+    const done = new Promise<void>((resolve) => (this.settle = resolve));
+    const message = create(ChatRequestSchema, {
+      kind: { case: "message", value: { clientMessageId: newId(), text } },
+    });
+    ws.send(toBinary(ChatRequestSchema, message));
+    await done;
+  }
+
+  cancel(): void {
+    if (!this.socket) return;
+    const cancel = create(ChatRequestSchema, { kind: { case: "cancel", value: { turnId: this.turnId } } });
+    this.socket.send(toBinary(ChatRequestSchema, cancel));
+  }
+
+  close(): void {
+    this.socket?.close(1000, "route switched");
+    this.socket = null;
+  }
+}
+
+let route: Route = new GrpcWebRoute();
+
+routeSelect.addEventListener("change", () => {
+  route.close();
+  const name = routeSelect.value as RouteName;
+  route = name === "websocket" ? new WebSocketRoute() : new GrpcWebRoute();
+  document.body.dataset.route = name;
+  setStatus(`route: ${name}`);
+});
+
+$<HTMLFormElement>("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = input.value.trim();
+  if (!text || document.body.dataset.turn === "streaming") return;
+  input.value = "";
+  const view = new AnswerView(text);
+  document.body.dataset.turn = "streaming";
+  sendButton.disabled = true;
+  cancelButton.disabled = false;
+  routeSelect.disabled = true;
+  setStatus(`answering via ${route.name}…`);
+  void route.send(text, view).finally(() => {
+    document.body.dataset.turn = "idle";
+    sendButton.disabled = false;
+    cancelButton.disabled = true;
+    routeSelect.disabled = false;
+    setStatus(`ready (${route.name})`);
+    input.focus();
+  });
+});
+
+cancelButton.addEventListener("click", () => route.cancel());
+input.focus();

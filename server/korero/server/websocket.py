@@ -1,0 +1,514 @@
+"""The WebSocket transport: one session per socket, over the conversation engine.
+
+Browsers cannot open a gRPC bidirectional stream, so Envoy routes `/ws/`
+here. The adapter is as thin as the gRPC servicer: frames in become engine
+calls, engine events out become frames. It mirrors `ChatService.Chat`:
+
+* Framing. Every WebSocket message is one whole protobuf message: client to
+  server a `korero.chat.v1.ChatRequest`, server to client a
+  `korero.chat.v1.ChatResponse` (no length prefix; the WebSocket message is
+  the frame). Subprotocol `korero.chat.v1+proto` (or none) uses binary
+  messages with the protobuf encoding; `korero.chat.v1+json` uses text
+  messages with protobuf's canonical JSON mapping.
+* The first request must be `start`; then `message` and `cancel`, exactly as
+  on a Chat stream. Errors inside a turn are `error` events; the socket stays.
+* Credentials go through the same `Authenticator` as gRPC, as the
+  `authorization` value: from an `Authorization` header (non-browser
+  clients), from a `korero.bearer.<base64url token>` subprotocol (browsers
+  cannot set headers), or from a text frame `{"authorization": "Bearer …"}`
+  sent before `start`.
+* Errors that end the socket are sent in-band first (an `error` event with
+  the canonical code, reason and retryable flag), then the socket closes
+  with a code and a reason `<CODE_NAME> <REASON>`; see `close_code_for`.
+* Closing the socket (or losing it) cancels the turn in flight, which closes
+  the upstream LLM request. On SIGTERM, new sockets are refused, turns in
+  flight finish (or end when the grace period does), then sockets close
+  with 1012 (service restart): reconnect and resume the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import grpc
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+
+from korero.chat.v1 import chat_pb2 as pb
+from korero.server.engine import ConversationEngine, Turn, error_event_body
+from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
+from korero.server.identity import Authenticator
+from korero.server.settings import Settings
+
+__all__ = [
+    "BEARER_PREFIX",
+    "CHAT_PATH",
+    "JSON_PROTOCOL",
+    "PROTO_PROTOCOL",
+    "WebSocketServer",
+    "close_code_for",
+]
+
+log = logging.getLogger(__name__)
+
+CHAT_PATH: Final = "/ws/chat"
+PROTO_PROTOCOL: Final = "korero.chat.v1+proto"
+JSON_PROTOCOL: Final = "korero.chat.v1+json"
+BEARER_PREFIX: Final = "korero.bearer."
+"""A subprotocol `korero.bearer.<base64url token>` carries `Bearer <token>`."""
+
+# A ChatRequest is at most a message (KORERO_MAX_MESSAGE_BYTES) plus ids and
+# metadata; anything far larger is refused by aiohttp with 1009 (too big).
+_MAX_FRAME_BYTES: Final = 256 * 1024
+_CLOSE_REASON_BYTES: Final = 123  # RFC 6455: a close frame's reason fits in 125 bytes
+_CLOSE_WAIT: Final = 5.0
+_TERMINAL = frozenset({"done", "error"})
+
+_ALREADY_STARTED = InvalidArgumentError(
+    "SESSION_ALREADY_STARTED", "`start` is only valid as the first frame"
+)
+_REQUEST_EMPTY = InvalidArgumentError("REQUEST_EMPTY", "the request sets no kind")
+
+_DRAIN: Final = "drain"
+_HEARTBEAT: Final = "heartbeat"
+_END: Final = "end"
+
+
+class _FrameError(Exception):
+    """A frame the adapter cannot read: ends the socket with `code`."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def close_code_for(error: KoreroError) -> int:
+    """The WebSocket close code for an error that ends a socket.
+
+    1012 (service restart) when the server drains, 1013 (try again later)
+    for other retryable unavailability, 1011 for internal errors, and 1008
+    (policy violation) for everything the client must change: credentials,
+    the first frame, an unknown session.
+    """
+    if isinstance(error, ShuttingDownError):
+        return int(WSCloseCode.SERVICE_RESTART)
+    if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return int(WSCloseCode.TRY_AGAIN_LATER)
+    if error.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        return int(WSCloseCode.INTERNAL_ERROR)
+    return int(WSCloseCode.POLICY_VIOLATION)
+
+
+def _close_reason(text: str) -> bytes:
+    return text.encode()[:_CLOSE_REASON_BYTES]
+
+
+class _Codec:
+    """Reads ChatRequests and writes ChatResponses in the negotiated framing."""
+
+    def __init__(self, json_mode: bool) -> None:
+        self.json_mode = json_mode
+
+    def decode(self, msg: WSMessage) -> pb.ChatRequest:
+        if self.json_mode:
+            if msg.type != WSMsgType.TEXT:
+                raise _FrameError(
+                    int(WSCloseCode.UNSUPPORTED_DATA),
+                    f"FRAME_TYPE_INVALID {JSON_PROTOCOL} takes text frames",
+                )
+            try:
+                return json_format.Parse(str(msg.data), pb.ChatRequest())
+            except json_format.ParseError as exc:
+                raise _FrameError(
+                    int(WSCloseCode.INVALID_TEXT), f"FRAME_INVALID not a ChatRequest: {exc}"
+                ) from None
+        if msg.type != WSMsgType.BINARY:
+            raise _FrameError(
+                int(WSCloseCode.UNSUPPORTED_DATA),
+                f"FRAME_TYPE_INVALID {PROTO_PROTOCOL} takes binary frames",
+            )
+        try:
+            return pb.ChatRequest.FromString(bytes(msg.data))
+        except DecodeError:
+            raise _FrameError(
+                int(WSCloseCode.INVALID_TEXT), "FRAME_INVALID not a ChatRequest message"
+            ) from None
+
+    async def send(self, ws: web.WebSocketResponse, event: pb.Event) -> None:
+        response = pb.ChatResponse(event=event)
+        if self.json_mode:
+            await ws.send_str(json_format.MessageToJson(response, indent=None))
+        else:
+            await ws.send_bytes(response.SerializeToString())
+
+
+def _auth_frame(msg: WSMessage) -> str | None:
+    """The `authorization` of a text frame `{"authorization": "…"}`, else None."""
+    if msg.type != WSMsgType.TEXT:
+        return None
+    try:
+        data = json.loads(str(msg.data))
+    except ValueError:
+        return None
+    if isinstance(data, dict) and set(data) == {"authorization"}:
+        value = data["authorization"]
+        return value if isinstance(value, str) else None
+    return None
+
+
+def _authorization_from_handshake(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header:
+        return header
+    offered = request.headers.get("Sec-WebSocket-Protocol", "")
+    for proto in (p.strip() for p in offered.split(",")):
+        if proto.startswith(BEARER_PREFIX):
+            token = proto[len(BEARER_PREFIX) :]
+            try:
+                decoded = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return f"Bearer {token}"  # not base64url: let the authenticator judge it
+            return f"Bearer {decoded}"
+    return None
+
+
+@dataclass(eq=False)  # identity semantics: connections live in a set
+class _Connection:
+    """State of one socket (one session)."""
+
+    ws: web.WebSocketResponse
+    codec: _Codec
+    tenant: str = ""
+    session_id: str = ""
+    out: asyncio.Queue[pb.Event | str] = field(default_factory=asyncio.Queue)
+    turn: Turn | None = None
+    last_seq: int = 0
+    draining: bool = False
+    active: bool = True
+    ended: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def sink(self, event: pb.Event) -> None:
+        self.out.put_nowait(event)
+
+    def rejection(self, error: KoreroError, client_message_id: str = "") -> pb.Event:
+        """An error outside any turn: not part of the resumable log, so it repeats the seq."""
+        return pb.Event(
+            session_id=self.session_id,
+            seq=self.last_seq,
+            error=error_event_body(error, client_message_id),
+        )
+
+    @property
+    def turn_in_flight(self) -> bool:
+        return self.turn is not None and not self.turn.done
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.close(code=code, message=_close_reason(reason))
+
+    async def fail(self, error: KoreroError) -> None:
+        """End the socket for `error`: say it in-band, then close with its code."""
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.codec.send(self.ws, self.rejection(error))
+        await self.close(close_code_for(error), f"{error.code.name} {error.reason}")
+
+
+class _ChatSocket:
+    """The Chat logic of one socket: first frame, then messages and cancels."""
+
+    def __init__(
+        self,
+        conn: _Connection,
+        engine: ConversationEngine,
+        settings: Settings,
+        authenticator: Authenticator,
+        authorization: str | None,
+    ) -> None:
+        self._conn = conn
+        self._engine = engine
+        self._settings = settings
+        self._authenticator = authenticator
+        self._authorization = authorization
+
+    async def run(self) -> None:
+        conn = self._conn
+        try:
+            first = await self._first_frame()
+            identity = await self._authenticator.authenticate(self._authorization)
+            # The same rules as the gRPC interceptors: scope, then the tenant's call limit.
+            if identity.scopes and "chat:write" not in identity.scopes:
+                raise KoreroError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "SCOPE_MISSING",
+                    "this credential lacks the `chat:write` scope",
+                )
+            if self._engine.limiter is not None:
+                await self._engine.limiter.admit_call(identity.tenant)
+            conn.tenant = identity.tenant
+            started = await self._engine.open_session(
+                conn.tenant, first.start.session_id, first.start.metadata
+            )
+        except _FrameError as exc:
+            await conn.close(exc.code, exc.reason)
+            return
+        except KoreroError as error:
+            await conn.fail(error)
+            return
+        conn.session_id = started.session_id
+        conn.last_seq = started.seq
+        await conn.codec.send(conn.ws, started)
+        reader = asyncio.create_task(self._read())
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._pump()
+        except (ConnectionError, RuntimeError):
+            pass  # the socket went away while we wrote to it
+        finally:
+            heartbeat.cancel()
+            reader.cancel()
+            if conn.turn_in_flight:
+                assert conn.turn is not None
+                conn.turn.unsubscribe(conn.sink)
+                conn.turn.cancel()  # the client went away: stop the upstream call
+
+    async def _receive(self) -> WSMessage | None:
+        """The next data message, or None when the socket closed."""
+        msg = await self._conn.ws.receive()
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            return None
+        return msg
+
+    async def _first_frame(self) -> pb.ChatRequest:
+        timeout = self._settings.server.first_frame_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                msg = await self._receive()
+                if msg is not None and (authorization := _auth_frame(msg)) is not None:
+                    self._authorization = authorization
+                    msg = await self._receive()
+        except TimeoutError:
+            raise KoreroError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "FIRST_FRAME_TIMEOUT",
+                f"no start frame within {timeout:g}s",
+            ) from None
+        if msg is None:
+            raise InvalidArgumentError(
+                "FIRST_FRAME_MISSING", "the socket closed before its first frame (start)"
+            )
+        first = self._conn.codec.decode(msg)
+        if first.WhichOneof("kind") != "start":
+            raise InvalidArgumentError(
+                "FIRST_FRAME_NOT_START", "the first frame of a chat socket must be `start`"
+            )
+        return first
+
+    async def _heartbeat(self) -> None:
+        """Queue a heartbeat event when nothing was sent for a whole interval."""
+        interval = self._settings.server.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            if not self._conn.active:
+                self._conn.out.put_nowait(_HEARTBEAT)
+            self._conn.active = False
+
+    async def _pump(self) -> None:
+        """Outbound frames until the socket closes or the server drains."""
+        conn = self._conn
+        while True:
+            item = await conn.out.get()
+            if item == _END:
+                return
+            if item == _HEARTBEAT:
+                await conn.codec.send(
+                    conn.ws,
+                    pb.Event(
+                        session_id=conn.session_id, seq=conn.last_seq, heartbeat=pb.Heartbeat()
+                    ),
+                )
+                continue
+            if item == _DRAIN:
+                conn.draining = True
+                if not conn.turn_in_flight:
+                    await conn.fail(ShuttingDownError())
+                    return
+                continue
+            assert isinstance(item, pb.Event)
+            conn.active = True
+            conn.last_seq = max(conn.last_seq, item.seq)
+            await conn.codec.send(conn.ws, item)
+            if conn.draining and item.WhichOneof("kind") in _TERMINAL:
+                await conn.fail(ShuttingDownError())
+                return
+
+    async def _read(self) -> None:
+        conn = self._conn
+        try:
+            while (msg := await self._receive()) is not None:
+                request = conn.codec.decode(msg)
+                kind = request.WhichOneof("kind")
+                if kind == "message":
+                    await self._on_message(request.message)
+                elif kind == "cancel":
+                    turn = conn.turn
+                    wanted = request.cancel.turn_id
+                    if turn is not None and (not wanted or wanted == turn.turn_id):
+                        turn.cancel()
+                elif kind == "start":
+                    conn.out.put_nowait(conn.rejection(_ALREADY_STARTED))
+                else:
+                    conn.out.put_nowait(conn.rejection(_REQUEST_EMPTY))
+        except _FrameError as exc:
+            await conn.close(exc.code, exc.reason)
+        # Closed (by either side): the pump ends, and the turn in flight with it.
+        conn.out.put_nowait(_END)
+
+    async def _on_message(self, message: pb.UserMessage) -> None:
+        conn = self._conn
+        current = conn.turn
+        if current is not None and not current.done:
+            if current.client_message_id == message.client_message_id:
+                return  # a resend of the message being answered on this very socket
+            conn.out.put_nowait(
+                conn.rejection(
+                    InvalidArgumentError(
+                        "TURN_IN_FLIGHT",
+                        f"turn {current.turn_id} is still in flight; "
+                        "wait for it to end or cancel it",
+                    ),
+                    message.client_message_id,
+                )
+            )
+            return
+        if conn.draining:
+            return
+        try:
+            conn.turn = await self._engine.start_turn(
+                conn.tenant, conn.session_id, message, conn.sink, None
+            )
+        except KoreroError as error:
+            conn.out.put_nowait(conn.rejection(error, message.client_message_id))
+
+
+class WebSocketServer:
+    """The aiohttp listener: `/ws/chat`, `/healthz`, and the chat page's files."""
+
+    def __init__(
+        self,
+        engine: ConversationEngine,
+        settings: Settings,
+        authenticator: Authenticator,
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._authenticator = authenticator
+        self._connections: set[_Connection] = set()
+        self._draining = False
+        self._runner: web.AppRunner | None = None
+        self._web_root = (
+            Path(settings.server.web_root).resolve() if settings.server.web_root else None
+        )
+        self.port = 0
+
+    @property
+    def open_sockets(self) -> int:
+        return len(self._connections)
+
+    @property
+    def address(self) -> str:
+        host = self._settings.server.ws_listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def build_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get(CHAT_PATH, self._chat)
+        app.router.add_get("/healthz", self._healthz)
+        if self._web_root is not None:
+            app.router.add_get("/", self._page)
+            app.router.add_get("/{name}", self._page)
+        return app
+
+    async def start(self) -> None:
+        host, _, port = self._settings.server.ws_listen.rpartition(":")
+        runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host or "127.0.0.1", int(port), reuse_port=True)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+
+    def begin_drain(self) -> None:
+        """Refuse new sockets; idle sockets close now, busy ones after their turn."""
+        self._draining = True
+        for conn in self._connections:
+            conn.out.put_nowait(_DRAIN)
+
+    async def close(self) -> None:
+        """Close what is still open (after the engine drained) and stop listening."""
+        self.begin_drain()
+        if self._connections:
+            await asyncio.wait([c.ended for c in self._connections], timeout=_CLOSE_WAIT)
+        for conn in list(self._connections):
+            await conn.fail(ShuttingDownError())
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(
+            protocols=(PROTO_PROTOCOL, JSON_PROTOCOL), max_msg_size=_MAX_FRAME_BYTES
+        )
+        await ws.prepare(request)
+        conn = _Connection(ws, _Codec(json_mode=ws.ws_protocol == JSON_PROTOCOL))
+        if self._draining:
+            await conn.fail(ShuttingDownError())
+            return ws
+        self._connections.add(conn)
+        try:
+            await _ChatSocket(
+                conn,
+                self._engine,
+                self._settings,
+                self._authenticator,
+                _authorization_from_handshake(request),
+            ).run()
+        except Exception as exc:
+            log.exception("event=ws_failed")
+            await conn.fail(
+                KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error ({exc!r})")
+            )
+        finally:
+            self._connections.discard(conn)
+            conn.ended.set_result(None)
+            if not ws.closed:
+                await conn.close(int(WSCloseCode.OK), "")
+        return ws
+
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        if self._draining:
+            return web.Response(status=503, text="draining\n")
+        return web.Response(text="ok\n")
+
+    async def _page(self, request: web.Request) -> web.StreamResponse:
+        assert self._web_root is not None
+        name = request.match_info.get("name") or "index.html"
+        path = (self._web_root / name).resolve()
+        if path.parent != self._web_root or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,71 @@
+"""The chat page in real Chromium (playwright-core), through Envoy, on both routes.
+
+The browser side lives in clients/web/tests/e2e.mjs; this test starts the
+real parts around it and checks what the upstream saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from korero.sim import UpstreamSim
+from tests.browser.envoy import ROOT, EnvoyProcess
+
+CHROMIUM = next(
+    (p for p in ("/usr/lib/chromium/chromium", "/usr/bin/chromium") if Path(p).exists()),
+    None,
+)
+NODE = shutil.which("node")
+E2E = ROOT / "clients" / "web" / "tests" / "e2e.mjs"
+ARTIFACTS = ROOT / "artifacts"
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("KORERO_SKIP_BROWSER") == "1", reason="KORERO_SKIP_BROWSER=1"
+)
+
+
+@pytest.mark.timeout(120)
+async def test_chat_page_streams_and_cancels_on_both_routes(
+    envoy: EnvoyProcess, sim: UpstreamSim
+) -> None:
+    assert CHROMIUM is not None, "Debian chromium is missing: run `make setup`"
+    assert NODE is not None, "node is missing: run `make setup`"
+    assert (ROOT / "clients" / "web" / "dist" / "app.js").exists(), "run `make web` first"
+    proc = await asyncio.create_subprocess_exec(
+        NODE,
+        str(E2E),
+        env={
+            **os.environ,
+            "KORERO_PAGE_URL": envoy.url,
+            "KORERO_SIM_URL": sim.base_url.removesuffix("/v1") + "/",
+            "KORERO_ARTIFACTS": str(ARTIFACTS),
+            "CHROMIUM": CHROMIUM,
+        },
+        cwd=E2E.parent,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 100)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = out.decode()
+    assert proc.returncode == 0, text
+    results = json.loads(next(line[4:] for line in text.splitlines() if line.startswith("E2E ")))
+    assert results["consoleErrors"] == []
+    for route in ("grpc-web", "websocket"):
+        assert results[route]["answered"]["deltas"] >= 2
+        assert (ARTIFACTS / f"browser-{route}.png").stat().st_size > 1000
+    # Four turns reached the upstream: two answered in full, two cut off by the cancel.
+    chats = [r for r in sim.requests if r.body.get("messages")]
+    assert len(chats) == 4
+    assert [r.finished_at is not None for r in chats] == [True, False, True, False]
+    assert [r.disconnected_at is not None for r in chats] == [False, True, False, True]
