@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -20,7 +19,8 @@ import grpc
 from korero.chat.v1 import chat_pb2 as pb
 from korero.chat.v1 import chat_pb2_grpc
 from korero.server.auth import current_identity
-from korero.server.engine import ConversationEngine, Turn, error_event_body
+from korero.server.conversation import ChatSession
+from korero.server.engine import ConversationEngine, Turn
 from korero.server.errors import (
     InvalidArgumentError,
     KoreroError,
@@ -37,46 +37,31 @@ log = logging.getLogger(__name__)
 _TERMINAL = frozenset({"done", "error"})
 
 
-class _Signal:
-    """Out-of-band items on a stream's outbound queue."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"<{self.name}>"
-
-
-_DRAIN = _Signal("drain")
-_HEARTBEAT = _Signal("heartbeat")
-_END = _Signal("end")
-
-
 class Lifecycle:
-    """Serving or draining; tells open streams when the server starts to drain."""
+    """Serving or draining; tells open sessions when the server starts to drain."""
 
     def __init__(self) -> None:
         self.draining = False
-        self._streams: set[asyncio.Queue[Any]] = set()
+        self._sessions: set[ChatSession] = set()
 
     @property
     def open_streams(self) -> int:
-        return len(self._streams)
+        return len(self._sessions)
 
     def check_open(self) -> None:
         if self.draining:
             raise ShuttingDownError()
 
-    def register(self, queue: asyncio.Queue[Any]) -> None:
-        self._streams.add(queue)
+    def register(self, session: ChatSession) -> None:
+        self._sessions.add(session)
 
-    def unregister(self, queue: asyncio.Queue[Any]) -> None:
-        self._streams.discard(queue)
+    def unregister(self, session: ChatSession) -> None:
+        self._sessions.discard(session)
 
     def begin_drain(self) -> None:
         self.draining = True
-        for queue in self._streams:
-            queue.put_nowait(_DRAIN)
+        for session in self._sessions:
+            session.drain()
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -89,56 +74,6 @@ def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     if remaining is None:
         return None
     return time.monotonic() + max(0.0, remaining - min(0.1, remaining * 0.1))
-
-
-@dataclass
-class _Stream:
-    """State of one Chat stream."""
-
-    tenant: str
-    session_id: str
-    out: asyncio.Queue[pb.Event | _Signal] = field(default_factory=asyncio.Queue)
-    turn: Turn | None = None
-    last_seq: int = 0
-    draining: bool = False
-    active: bool = True  # something was sent since the last heartbeat check
-
-    def sink(self, event: pb.Event) -> None:
-        self.out.put_nowait(event)
-
-    def rejection(self, error: KoreroError, client_message_id: str = "") -> pb.Event:
-        """An error outside any turn: not part of the resumable log, so it repeats the seq."""
-        return pb.Event(
-            session_id=self.session_id,
-            seq=self.last_seq,
-            error=error_event_body(error, client_message_id),
-        )
-
-    def reject(self, error: KoreroError, client_message_id: str = "") -> None:
-        self.out.put_nowait(self.rejection(error, client_message_id))
-
-    @property
-    def turn_in_flight(self) -> bool:
-        return self.turn is not None and not self.turn.done
-
-
-class _Heartbeat:
-    """Queues a heartbeat on a stream that sent nothing for a whole interval."""
-
-    def __init__(self, stream: _Stream, interval: float) -> None:
-        self._stream = stream
-        self._interval = interval
-        self._loop = asyncio.get_running_loop()
-        self._handle = self._loop.call_later(interval, self._tick)
-
-    def _tick(self) -> None:
-        if not self._stream.active:
-            self._stream.out.put_nowait(_HEARTBEAT)
-        self._stream.active = False
-        self._handle = self._loop.call_later(self._interval, self._tick)
-
-    def cancel(self) -> None:
-        self._handle.cancel()
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -179,30 +114,31 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             )
         except KoreroError as error:
             await abort_with_error(context, error)
-        stream = _Stream(tenant, started.session_id, last_seq=started.seq)
+        session = ChatSession(
+            self._engine,
+            tenant,
+            started,
+            self._settings.server.heartbeat_interval,
+            lambda: _deadline(context),
+        )
         yield pb.ChatResponse(event=started)
-        self._lifecycle.register(stream.out)
+        self._lifecycle.register(session)
         self._metrics.active_streams.inc()
-        reader = asyncio.create_task(self._read(request_iterator, context, stream))
-        heartbeat = _Heartbeat(stream, self._settings.server.heartbeat_interval)
+        reader = asyncio.create_task(self._read(request_iterator, session))
         try:
-            async for response in self._pump(stream):
-                yield response
-            if stream.draining:
+            async for event in session.outbound():
+                yield pb.ChatResponse(event=event)
+            if session.draining:
                 # Say it in-band first: a client writing while the status
                 # arrives may see its call fail with INTERNAL instead.
                 goaway = ShuttingDownError()
-                yield pb.ChatResponse(event=stream.rejection(goaway))
+                yield pb.ChatResponse(event=session.rejection(goaway))
                 await abort_with_error(context, goaway)
         finally:
-            heartbeat.cancel()
             reader.cancel()
-            self._lifecycle.unregister(stream.out)
+            self._lifecycle.unregister(session)
             self._metrics.active_streams.dec()
-            if stream.turn_in_flight:
-                assert stream.turn is not None
-                stream.turn.unsubscribe(stream.sink)
-                stream.turn.cancel()  # the client went away: stop the upstream call
+            session.close()  # a turn still in flight: the client went away, stop it
 
     async def _first_frame(self, requests: AsyncIterator[pb.ChatRequest]) -> pb.ChatRequest:
         timeout = self._settings.server.first_frame_timeout
@@ -225,89 +161,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             )
         return first
 
-    async def _pump(self, stream: _Stream) -> AsyncIterator[pb.ChatResponse]:
-        """Outbound frames until the client half-closes or the server drains."""
-        while True:
-            item = await stream.out.get()
-            if isinstance(item, _Signal):
-                if item is _END:
-                    return
-                if item is _HEARTBEAT:
-                    yield pb.ChatResponse(
-                        event=pb.Event(
-                            session_id=stream.session_id,
-                            seq=stream.last_seq,
-                            heartbeat=pb.Heartbeat(),
-                        )
-                    )
-                    continue
-                stream.draining = True  # _DRAIN
-                if not stream.turn_in_flight:
-                    return
-                continue
-            stream.active = True
-            stream.last_seq = max(stream.last_seq, item.seq)
-            yield pb.ChatResponse(event=item)
-            if stream.draining and item.WhichOneof("kind") in _TERMINAL:
-                return
-
-    async def _read(
-        self,
-        requests: AsyncIterator[pb.ChatRequest],
-        context: grpc.aio.ServicerContext[Any, Any],
-        stream: _Stream,
-    ) -> None:
+    @staticmethod
+    async def _read(requests: AsyncIterator[pb.ChatRequest], session: ChatSession) -> None:
         try:
             async for request in requests:
-                kind = request.WhichOneof("kind")
-                if kind == "message":
-                    await self._on_message(request.message, context, stream)
-                elif kind == "cancel":
-                    turn = stream.turn
-                    wanted = request.cancel.turn_id
-                    if turn is not None and (not wanted or wanted == turn.turn_id):
-                        turn.cancel()
-                elif kind == "start":
-                    stream.reject(
-                        InvalidArgumentError(
-                            "SESSION_ALREADY_STARTED", "`start` is only valid as the first frame"
-                        )
-                    )
-                else:
-                    stream.reject(InvalidArgumentError("REQUEST_EMPTY", "the request sets no kind"))
+                await session.handle(request)
         except (grpc.aio.AioRpcError, grpc.aio.AbortError, grpc.aio.UsageError):
             return  # the call ended under us; the handler's cleanup runs
-        # Half-close: finish the turn in flight, then end the stream cleanly.
-        if stream.turn is not None:
-            await stream.turn.wait()
-        stream.out.put_nowait(_END)
-
-    async def _on_message(
-        self,
-        message: pb.UserMessage,
-        context: grpc.aio.ServicerContext[Any, Any],
-        stream: _Stream,
-    ) -> None:
-        current = stream.turn
-        if current is not None and not current.done:
-            if current.client_message_id == message.client_message_id:
-                return  # a resend of the message being answered on this very stream
-            stream.reject(
-                InvalidArgumentError(
-                    "TURN_IN_FLIGHT",
-                    f"turn {current.turn_id} is still in flight; wait for it to end or cancel it",
-                ),
-                message.client_message_id,
-            )
-            return
-        if stream.draining:
-            return
-        try:
-            stream.turn = await self._engine.start_turn(
-                stream.tenant, stream.session_id, message, stream.sink, _deadline(context)
-            )
-        except KoreroError as error:
-            stream.reject(error, message.client_message_id)
+        await session.finish()  # half-close: the turn in flight ends, then the stream
 
     # SendMessage: one turn, server streaming ---------------------------------------
 

@@ -44,7 +44,8 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from korero.chat.v1 import chat_pb2 as pb
-from korero.server.engine import ConversationEngine, Turn, error_event_body
+from korero.server.conversation import ChatSession
+from korero.server.engine import ConversationEngine, error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
 from korero.server.identity import Authenticator
 from korero.server.settings import Settings
@@ -71,16 +72,6 @@ BEARER_PREFIX: Final = "korero.bearer."
 _MAX_FRAME_BYTES: Final = 256 * 1024
 _CLOSE_REASON_BYTES: Final = 123  # RFC 6455: a close frame's reason fits in 125 bytes
 _CLOSE_WAIT: Final = 5.0
-_TERMINAL = frozenset({"done", "error"})
-
-_ALREADY_STARTED = InvalidArgumentError(
-    "SESSION_ALREADY_STARTED", "`start` is only valid as the first frame"
-)
-_REQUEST_EMPTY = InvalidArgumentError("REQUEST_EMPTY", "the request sets no kind")
-
-_DRAIN: Final = "drain"
-_HEARTBEAT: Final = "heartbeat"
-_END: Final = "end"
 
 
 class _FrameError(Exception):
@@ -184,35 +175,18 @@ def _authorization_from_handshake(request: web.Request) -> str | None:
 
 @dataclass(eq=False)  # identity semantics: connections live in a set
 class _Connection:
-    """State of one socket (one session)."""
+    """One socket (one session)."""
 
     ws: web.WebSocketResponse
     codec: _Codec
-    tenant: str = ""
-    session_id: str = ""
-    out: asyncio.Queue[pb.Event | str] = field(default_factory=asyncio.Queue)
-    turn: Turn | None = None
-    last_seq: int = 0
-    draining: bool = False
-    active: bool = True
+    session: ChatSession | None = None
     ended: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
-    def sink(self, event: pb.Event) -> None:
-        self.out.put_nowait(event)
-
-    def rejection(self, error: KoreroError, client_message_id: str = "") -> pb.Event:
-        """An error outside any turn: not part of the resumable log, so it repeats the seq."""
-        return pb.Event(
-            session_id=self.session_id,
-            seq=self.last_seq,
-            error=error_event_body(error, client_message_id),
-        )
-
-    @property
-    def turn_in_flight(self) -> bool:
-        return self.turn is not None and not self.turn.done
+    def drain(self) -> None:
+        if self.session is not None:
+            self.session.drain()
 
     async def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -220,8 +194,13 @@ class _Connection:
 
     async def fail(self, error: KoreroError) -> None:
         """End the socket for `error`: say it in-band, then close with its code."""
+        event = (
+            self.session.rejection(error)
+            if self.session is not None
+            else pb.Event(error=error_event_body(error))
+        )
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.codec.send(self.ws, self.rejection(error))
+            await self.codec.send(self.ws, event)
         await self.close(close_code_for(error), f"{error.code.name} {error.reason}")
 
 
@@ -256,9 +235,8 @@ class _ChatSocket:
                 )
             if self._engine.limiter is not None:
                 await self._engine.limiter.admit_call(identity.tenant)
-            conn.tenant = identity.tenant
             started = await self._engine.open_session(
-                conn.tenant, first.start.session_id, first.start.metadata
+                identity.tenant, first.start.session_id, first.start.metadata
             )
         except _FrameError as exc:
             await conn.close(exc.code, exc.reason)
@@ -266,22 +244,22 @@ class _ChatSocket:
         except KoreroError as error:
             await conn.fail(error)
             return
-        conn.session_id = started.session_id
-        conn.last_seq = started.seq
+        session = ChatSession(
+            self._engine, identity.tenant, started, self._settings.server.heartbeat_interval
+        )
+        conn.session = session
         await conn.codec.send(conn.ws, started)
-        reader = asyncio.create_task(self._read())
-        heartbeat = asyncio.create_task(self._heartbeat())
+        reader = asyncio.create_task(self._read(session))
         try:
-            await self._pump()
+            async for event in session.outbound():
+                await conn.codec.send(conn.ws, event)
+            if session.draining:
+                await conn.fail(ShuttingDownError())
         except (ConnectionError, RuntimeError):
             pass  # the socket went away while we wrote to it
         finally:
-            heartbeat.cancel()
             reader.cancel()
-            if conn.turn_in_flight:
-                assert conn.turn is not None
-                conn.turn.unsubscribe(conn.sink)
-                conn.turn.cancel()  # the client went away: stop the upstream call
+            session.close()  # a turn still in flight: the client went away, stop it
 
     async def _receive(self) -> WSMessage | None:
         """The next data message, or None when the socket closed."""
@@ -315,91 +293,15 @@ class _ChatSocket:
             )
         return first
 
-    async def _heartbeat(self) -> None:
-        """Queue a heartbeat event when nothing was sent for a whole interval."""
-        interval = self._settings.server.heartbeat_interval
-        while True:
-            await asyncio.sleep(interval)
-            if not self._conn.active:
-                self._conn.out.put_nowait(_HEARTBEAT)
-            self._conn.active = False
-
-    async def _pump(self) -> None:
-        """Outbound frames until the socket closes or the server drains."""
-        conn = self._conn
-        while True:
-            item = await conn.out.get()
-            if item == _END:
-                return
-            if item == _HEARTBEAT:
-                await conn.codec.send(
-                    conn.ws,
-                    pb.Event(
-                        session_id=conn.session_id, seq=conn.last_seq, heartbeat=pb.Heartbeat()
-                    ),
-                )
-                continue
-            if item == _DRAIN:
-                conn.draining = True
-                if not conn.turn_in_flight:
-                    await conn.fail(ShuttingDownError())
-                    return
-                continue
-            assert isinstance(item, pb.Event)
-            conn.active = True
-            conn.last_seq = max(conn.last_seq, item.seq)
-            await conn.codec.send(conn.ws, item)
-            if conn.draining and item.WhichOneof("kind") in _TERMINAL:
-                await conn.fail(ShuttingDownError())
-                return
-
-    async def _read(self) -> None:
+    async def _read(self, session: ChatSession) -> None:
         conn = self._conn
         try:
             while (msg := await self._receive()) is not None:
-                request = conn.codec.decode(msg)
-                kind = request.WhichOneof("kind")
-                if kind == "message":
-                    await self._on_message(request.message)
-                elif kind == "cancel":
-                    turn = conn.turn
-                    wanted = request.cancel.turn_id
-                    if turn is not None and (not wanted or wanted == turn.turn_id):
-                        turn.cancel()
-                elif kind == "start":
-                    conn.out.put_nowait(conn.rejection(_ALREADY_STARTED))
-                else:
-                    conn.out.put_nowait(conn.rejection(_REQUEST_EMPTY))
+                await session.handle(conn.codec.decode(msg))
         except _FrameError as exc:
             await conn.close(exc.code, exc.reason)
-        # Closed (by either side): the pump ends, and the turn in flight with it.
-        conn.out.put_nowait(_END)
-
-    async def _on_message(self, message: pb.UserMessage) -> None:
-        conn = self._conn
-        current = conn.turn
-        if current is not None and not current.done:
-            if current.client_message_id == message.client_message_id:
-                return  # a resend of the message being answered on this very socket
-            conn.out.put_nowait(
-                conn.rejection(
-                    InvalidArgumentError(
-                        "TURN_IN_FLIGHT",
-                        f"turn {current.turn_id} is still in flight; "
-                        "wait for it to end or cancel it",
-                    ),
-                    message.client_message_id,
-                )
-            )
-            return
-        if conn.draining:
-            return
-        try:
-            conn.turn = await self._engine.start_turn(
-                conn.tenant, conn.session_id, message, conn.sink, None
-            )
-        except KoreroError as error:
-            conn.out.put_nowait(conn.rejection(error, message.client_message_id))
+        # Closed (by either side): the outbound stream ends, and the turn in flight with it.
+        session.end()
 
 
 class WebSocketServer:
@@ -457,7 +359,7 @@ class WebSocketServer:
         """Refuse new sockets; idle sockets close now, busy ones after their turn."""
         self._draining = True
         for conn in self._connections:
-            conn.out.put_nowait(_DRAIN)
+            conn.drain()
 
     async def close(self) -> None:
         """Close what is still open (after the engine drained) and stop listening."""

@@ -1,0 +1,178 @@
+"""The Chat rules of one live session, shared by every full-duplex transport.
+
+The gRPC `Chat` stream and the WebSocket adapter both open a session with the
+engine and then hand each decoded `ChatRequest` to a `ChatSession`; they send
+whatever `outbound()` yields, in their own framing. So the rules live here
+once: one turn at a time (a resend of the message in flight is ignored, any
+other message is refused with `TURN_IN_FLIGHT`), `cancel`, refusals that
+repeat the last seq, heartbeats on a quiet stream, and draining (an idle
+session ends at once, a busy one after its turn's terminal event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from korero.chat.v1 import chat_pb2 as pb
+from korero.server.engine import ConversationEngine, Turn, error_event_body
+from korero.server.errors import InvalidArgumentError, KoreroError
+
+__all__ = ["ChatSession"]
+
+_TERMINAL = frozenset({"done", "error"})
+
+
+class _Signal:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+_DRAIN = _Signal("drain")
+_HEARTBEAT = _Signal("heartbeat")
+_END = _Signal("end")
+
+
+class ChatSession:
+    """One session being talked to over a full-duplex transport."""
+
+    def __init__(
+        self,
+        engine: ConversationEngine,
+        tenant: str,
+        started: pb.Event,
+        heartbeat_interval: float,
+        deadline: Callable[[], float | None] = lambda: None,
+    ) -> None:
+        self._engine = engine
+        self.tenant = tenant
+        self.session_id = started.session_id
+        self.last_seq = started.seq
+        self.turn: Turn | None = None
+        self.draining = False
+        """Set once the server started draining; the transport then says goodbye."""
+        self._deadline = deadline
+        self._out: asyncio.Queue[pb.Event | _Signal] = asyncio.Queue()
+        self._active = True  # something was sent since the last heartbeat check
+        self._interval = heartbeat_interval
+        self._loop = asyncio.get_running_loop()
+        self._heartbeat = self._loop.call_later(heartbeat_interval, self._tick)
+
+    @property
+    def turn_in_flight(self) -> bool:
+        return self.turn is not None and not self.turn.done
+
+    def rejection(self, error: KoreroError, client_message_id: str = "") -> pb.Event:
+        """An error outside any turn: not part of the resumable log, so it repeats the seq."""
+        return pb.Event(
+            session_id=self.session_id,
+            seq=self.last_seq,
+            error=error_event_body(error, client_message_id),
+        )
+
+    def _sink(self, event: pb.Event) -> None:
+        self._out.put_nowait(event)
+
+    def _tick(self) -> None:
+        if not self._active:
+            self._out.put_nowait(_HEARTBEAT)
+        self._active = False
+        self._heartbeat = self._loop.call_later(self._interval, self._tick)
+
+    # Inbound ------------------------------------------------------------------
+
+    async def handle(self, request: pb.ChatRequest) -> None:
+        """Act on one request frame after the first."""
+        kind = request.WhichOneof("kind")
+        if kind == "message":
+            await self._on_message(request.message)
+        elif kind == "cancel":
+            turn = self.turn
+            wanted = request.cancel.turn_id
+            if turn is not None and (not wanted or wanted == turn.turn_id):
+                turn.cancel()
+        elif kind == "start":
+            self._out.put_nowait(
+                self.rejection(
+                    InvalidArgumentError(
+                        "SESSION_ALREADY_STARTED", "`start` is only valid as the first frame"
+                    )
+                )
+            )
+        else:
+            self._out.put_nowait(
+                self.rejection(InvalidArgumentError("REQUEST_EMPTY", "the request sets no kind"))
+            )
+
+    async def _on_message(self, message: pb.UserMessage) -> None:
+        current = self.turn
+        if current is not None and not current.done:
+            if current.client_message_id == message.client_message_id:
+                return  # a resend of the message being answered on this very stream
+            self._out.put_nowait(
+                self.rejection(
+                    InvalidArgumentError(
+                        "TURN_IN_FLIGHT",
+                        f"turn {current.turn_id} is still in flight; "
+                        "wait for it to end or cancel it",
+                    ),
+                    message.client_message_id,
+                )
+            )
+            return
+        if self.draining:
+            return
+        try:
+            self.turn = await self._engine.start_turn(
+                self.tenant, self.session_id, message, self._sink, self._deadline()
+            )
+        except KoreroError as error:
+            self._out.put_nowait(self.rejection(error, message.client_message_id))
+
+    async def finish(self) -> None:
+        """The client sent its last frame: end once the turn in flight has ended."""
+        if self.turn is not None:
+            await self.turn.wait()
+        self._out.put_nowait(_END)
+
+    def end(self) -> None:
+        """The client is gone: end the outbound stream now."""
+        self._out.put_nowait(_END)
+
+    def drain(self) -> None:
+        """The server is draining: end now if idle, else after the turn's terminal event."""
+        self._out.put_nowait(_DRAIN)
+
+    # Outbound -----------------------------------------------------------------
+
+    async def outbound(self) -> AsyncIterator[pb.Event]:
+        """Events to send, until the client is done or the server drains."""
+        while True:
+            item = await self._out.get()
+            if isinstance(item, _Signal):
+                if item is _END:
+                    return
+                if item is _HEARTBEAT:
+                    yield pb.Event(
+                        session_id=self.session_id, seq=self.last_seq, heartbeat=pb.Heartbeat()
+                    )
+                    continue
+                self.draining = True  # _DRAIN
+                if not self.turn_in_flight:
+                    return
+                continue
+            self._active = True
+            self.last_seq = max(self.last_seq, item.seq)
+            yield item
+            if self.draining and item.WhichOneof("kind") in _TERMINAL:
+                return
+
+    def close(self) -> None:
+        """Stop the heartbeat; a turn still in flight is cancelled (stops the upstream call)."""
+        self._heartbeat.cancel()
+        if self.turn is not None and not self.turn.done:
+            self.turn.unsubscribe(self._sink)
+            self.turn.cancel()
