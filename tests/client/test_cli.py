@@ -158,3 +158,20 @@ async def test_chat_sends_a_token(redis_url: str, sim: UpstreamSim) -> None:
         assert "UNAUTHENTICATED" in err
     finally:
         await app.shutdown(grace=0)
+
+
+async def test_chat_shows_the_sources_of_a_grounded_answer(
+    server: KoreroServer, redis_url: str
+) -> None:
+    from tests.helpers import ingest_sample  # noqa: PLC0415
+
+    await ingest_sample(redis_url)
+    code, out, err = await _run(
+        "chat",
+        "--target",
+        f"127.0.0.1:{server.port}",
+        stdin=b"What's the checked baggage allowance?\n",
+    )
+    assert code == 0, err
+    assert "[Source: " in out  # the answer cites inline
+    assert "  source: Baggage Policy, section " in out  # and the citation events are listed

@@ -92,14 +92,21 @@ async def _turn(conversation: Conversation, text: str) -> None:
             cancelling.append(loop.create_task(conversation.cancel()))
 
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    sources: list[str] = []
     try:
         async for event in conversation.send(text):
             kind = event.WhichOneof("kind")
             if kind == "text_delta":
                 sys.stdout.write(event.text_delta.text)
                 sys.stdout.flush()
+            elif kind == "citation":
+                c = event.citation
+                sources.append(f"  source: {c.document_title}, section {c.section}")
             elif kind == "done":
-                print(f"\n{_summary(event.done)}")
+                print()
+                for line in sources:
+                    print(line)
+                print(_summary(event.done))
             elif kind == "error":
                 err = event.error
                 print(
