@@ -228,6 +228,12 @@ async def run(settings: Settings) -> None:
     )
     if app.websocket is not None:
         log.info("event=ws_serving address=%s path=/ws/chat", app.websocket.address)
+    host = settings.server.listen.rsplit(":", 1)[0].strip("[]")
+    if settings.auth.mode == "off" and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "event=auth_off_on_network address=%s hint=set KORERO_AUTH=on before exposing it",
+            app.address,
+        )
     try:
         await app.store.ping()
     except Exception as exc:
