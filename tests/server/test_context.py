@@ -178,3 +178,22 @@ async def test_older_turns_are_summarized_through_the_llm_and_the_summary_is_reu
     stored = json.loads(meta[b"summary"])
     assert stored["through"] >= 1
     assert stored["text"].startswith("Summary: the customer asked about")
+
+
+async def test_a_history_window_that_opens_on_an_answer_needs_no_summary(
+    redis_url: str, sim: UpstreamSim
+) -> None:
+    # The prompt holds the last 4 stored messages (ending with the new question),
+    # so from the third turn on the window opens on an assistant answer. Everything
+    # still fits the budget by far: no turn may pay for a summarization call (this
+    # once cost ~80 ms a turn).
+    settings = make_settings(redis_url, sim.base_url, engine__prompt_history_messages=4)
+    app = await KoreroServer.start(settings)
+    try:
+        async with ChatClient(f"127.0.0.1:{app.port}") as client:
+            conversation = await client.conversation()
+            for i in range(6):
+                assert kinds(await run_turn(conversation, f"question {i}", f"q{i}"))[-1] == "done"
+    finally:
+        await app.shutdown(grace=0)
+    assert len(sim.requests) == 6  # one LLM call per turn, none for summaries

@@ -303,6 +303,11 @@ class KnowledgeAssembler:
         through = int(summary.get("through", 0) or 0)
         text = str(summary.get("text", "") or "")
         pending = [m for m in older if m.turn_number > through or m.turn_number == 0]
+        # The stored window may open on an answer (its question was trimmed away);
+        # drop such a head first, or "everything fits" never holds and every turn
+        # would pay for a summary.
+        while pending and pending[0].role != "user":
+            pending.pop(0)
         current_cost = count_tokens(text) + 1 if text else 0
         if len(self._newest_that_fit(pending, budget - current_cost)) == len(pending):
             return text, None, pending
