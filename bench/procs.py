@@ -238,6 +238,12 @@ class ProcessGroup:
             "KORERO_LLM_API_KEY": "bench",
             "KORERO_LOG_LEVEL": "WARNING",
             "KORERO_REDIS_MAX_CONNECTIONS": "256",
+            # The limiter stays on (its Redis round trip is part of every measured turn), with
+            # budgets no scenario reaches: the defaults (600 requests/min per tenant, all load
+            # is one tenant) would throttle every load scenario to 10 turns/s.
+            "KORERO_SESSION_MESSAGES_PER_MINUTE": "1000000",
+            "KORERO_TENANT_REQUESTS_PER_MINUTE": "1000000000",
+            "KORERO_TENANT_TOKENS_PER_MINUTE": "1000000000000",
             **(env or {}),
         }
         procs = [
