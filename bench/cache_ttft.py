@@ -40,6 +40,8 @@ from korero.client import ChatClient, Conversation  # noqa: E402
 from korero.server.app import KoreroServer  # noqa: E402
 from korero.server.settings import (  # noqa: E402
     LLMSettings,
+    ObservabilitySettings,
+    RateLimitSettings,
     RedisSettings,
     ServerSettings,
     Settings,
@@ -101,6 +103,14 @@ async def _run(args: argparse.Namespace, redis_url: str) -> None:
             server=ServerSettings(listen="127.0.0.1:0"),
             redis=RedisSettings(url=redis_url),
             llm=LLMSettings(base_url=sim.base_url, api_key="bench"),
+            # The limiter stays on (its round trip is part of a turn) with budgets
+            # this run cannot reach: 300+ turns on one session would hit 30/min.
+            limits=RateLimitSettings(
+                session_messages_per_minute=10**6,
+                tenant_requests_per_minute=10**9,
+                tenant_tokens_per_minute=10**12,
+            ),
+            observability=ObservabilitySettings(metrics_listen="off"),
         )
         await ingest_sample(redis_url)
         app = await KoreroServer.start(settings)
