@@ -483,18 +483,31 @@ class _Worker:
         answer: list[str] = []
         t0 = time.perf_counter_ns()
         last = 0
+        import httpx2  # noqa: PLC0415 - only the direct path needs it
+
+        from korero.server.llm import SSE_DONE, parse_sse_line  # noqa: PLC0415
+
+        # The same client path the server uses for its upstream (the openai
+        # client's generic `post`, SSE lines parsed by `parse_sse_line`), so
+        # "added" is Kōrero's own cost, not a difference between SDK paths.
+        body = {
+            "model": self.workload.direct_model,
+            "messages": [{"role": "system", "content": self.system_prompt}, *history],
+            "max_tokens": 512,
+            "temperature": 0.2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         try:
-            stream = await self.direct.chat.completions.create(
-                model=self.workload.direct_model,
-                messages=[{"role": "system", "content": self.system_prompt}, *history],
-                max_tokens=512,
-                temperature=0.2,
-                stream=True,
-                stream_options={"include_usage": True},
+            response = await self.direct.post(
+                "/chat/completions", cast_to=httpx2.Response, body=body, stream=True
             )
-            async with contextlib.aclosing(stream):
-                async for chunk in stream:
-                    if not chunk.choices or not chunk.choices[0].delta.content:
+            try:
+                async for line in response.aiter_lines():
+                    chunk = parse_sse_line(line)
+                    if chunk is SSE_DONE:
+                        break
+                    if chunk is None or not chunk.text:
                         continue
                     now = time.perf_counter_ns()
                     if last:
@@ -503,8 +516,10 @@ class _Worker:
                         samples.add(samples.ttfd, now - t0)
                     last = now
                     samples.deltas += 1
-                    samples.text_bytes += len(chunk.choices[0].delta.content.encode())
-                    answer.append(chunk.choices[0].delta.content)
+                    samples.text_bytes += len(chunk.text.encode())
+                    answer.append(chunk.text)
+            finally:
+                await response.aclose()
         except Exception as exc:
             samples.turn_errors[type(exc).__name__] += 1
         history.append({"role": "assistant", "content": "".join(answer)})

@@ -79,27 +79,27 @@ def test_a_lost_connection_mid_stream_is_an_interrupted_answer() -> None:
 
 
 def test_sse_lines_are_parsed_without_the_sdk_models() -> None:
-    from korero.server.llm import _DONE, LLMChunk, _parse_sse_line  # noqa: PLC0415
+    from korero.server.llm import SSE_DONE, LLMChunk, parse_sse_line  # noqa: PLC0415
 
     chunk = (
         'data: {"id":"c","object":"chat.completion.chunk","choices":'
         '[{"index":0,"delta":{"content":" hi"},"finish_reason":null}]}'
     )
-    assert _parse_sse_line(chunk) == LLMChunk(" hi", None, None)
+    assert parse_sse_line(chunk) == LLMChunk(" hi", None, None)
     end = 'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}'
-    assert _parse_sse_line(end) == LLMChunk("", "length", None)
+    assert parse_sse_line(end) == LLMChunk("", "length", None)
     usage = 'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}'
-    parsed = _parse_sse_line(usage)
+    parsed = parse_sse_line(usage)
     assert parsed is not None
     assert parsed.usage is not None
     assert parsed.usage.total_tokens == 10
-    assert _parse_sse_line("data: [DONE]") is _DONE
-    assert _parse_sse_line("") is None
-    assert _parse_sse_line(": keep-alive comment") is None
+    assert parse_sse_line("data: [DONE]") is SSE_DONE
+    assert parse_sse_line("") is None
+    assert parse_sse_line(": keep-alive comment") is None
     with pytest.raises(UpstreamError) as bad:
-        _parse_sse_line("data: {not json")
+        parse_sse_line("data: {not json")
     assert bad.value.reason == "UPSTREAM_BAD_RESPONSE"
     with pytest.raises(UpstreamError) as err:
-        _parse_sse_line('data: {"error": {"message": "overloaded", "type": "server_error"}}')
+        parse_sse_line('data: {"error": {"message": "overloaded", "type": "server_error"}}')
     assert err.value.reason == "UPSTREAM_ERROR"
     assert err.value.retryable

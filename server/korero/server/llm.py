@@ -23,6 +23,7 @@ from korero.server.settings import LLMSettings
 __all__ = [
     "OPENAI_ERROR_TABLE",
     "SIMULATED_MODEL",
+    "SSE_DONE",
     "LLMChunk",
     "LLMProvider",
     "LLMRequest",
@@ -30,6 +31,7 @@ __all__ = [
     "TokenUsage",
     "display_model",
     "estimate_tokens",
+    "parse_sse_line",
     "translate_openai_error",
 ]
 
@@ -236,8 +238,8 @@ class OpenAIProvider:
             raise translate_openai_error(exc) from exc
         try:
             async for line in response.aiter_lines():
-                chunk = _parse_sse_line(line)
-                if chunk is _DONE:
+                chunk = parse_sse_line(line)
+                if chunk is SSE_DONE:
                     break
                 if chunk is not None:
                     yield chunk
@@ -252,16 +254,16 @@ class OpenAIProvider:
             await response.aclose()
 
 
-_DONE = LLMChunk(finish_reason="[DONE]")
+SSE_DONE = LLMChunk(finish_reason="[DONE]")
 
 
-def _parse_sse_line(line: str) -> LLMChunk | None:
+def parse_sse_line(line: str) -> LLMChunk | None:
     """One `data:` line of a chat.completion.chunk stream (None: nothing in it)."""
     if not line.startswith("data:"):
         return None  # blank separators, comments, `event:` lines
     payload = line[5:].strip()
     if payload == "[DONE]":
-        return _DONE
+        return SSE_DONE
     try:
         data = json.loads(payload)
     except ValueError:
