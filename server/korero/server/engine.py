@@ -951,6 +951,9 @@ class ConversationEngine:
                 break
             await asyncio.sleep(_JOIN_POLL)
         turn.seq = await self._store.reserve_seqs(turn.tenant, turn.session_id, 1)
+        if turn.admission is not None:
+            await self._refund(turn.admission)  # no tokens were spent on this attempt
+        turn.reason = "TURN_NOT_COMPLETED"
         turn.publish(
             error=error_event_body(
                 KoreroError(
