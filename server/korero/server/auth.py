@@ -37,7 +37,7 @@ import redis.exceptions as rexc
 
 from korero.server.errors import KoreroError
 from korero.server.identity import Identity
-from korero.server.interceptors import wrap_handler
+from korero.server.interceptors import refusal
 from korero.server.settings import AuthSettings
 from korero.server.store import translate_redis_error
 
@@ -48,6 +48,7 @@ __all__ = [
     "JwksCache",
     "TokenAuthenticator",
     "current_identity",
+    "refused_by_auth",
     "scope_for_method",
 ]
 
@@ -59,6 +60,7 @@ _KEY = re.compile(r"^kr_([a-z0-9][a-z0-9-]{0,62})_([A-Za-z0-9_-]{20,})$")
 _identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
     "korero_identity", default=None
 )
+_refused: contextvars.ContextVar[bool] = contextvars.ContextVar("korero_refused", default=False)
 
 # The scope each method needs from a key or token that carries scopes.
 _METHOD_SCOPES = {
@@ -72,6 +74,11 @@ _METHOD_SCOPES = {
 def current_identity() -> Identity | None:
     """The identity of the call being served (set by `AuthInterceptor`)."""
     return _identity.get()
+
+
+def refused_by_auth() -> bool:
+    """True while `AuthInterceptor` is refusing the call being intercepted."""
+    return _refused.get()
 
 
 def scope_for_method(method: str) -> str | None:
@@ -348,16 +355,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(self._open):
-            return handler
+        if method.startswith(self._open):
+            return await continuation(handler_call_details)
         authorization = None
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
                 authorization = value if isinstance(value, str) else value.decode()
-
-        async def before(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        # Checked before the inner interceptors run, so they (the rate limiter)
+        # see the caller's identity, or that the call is being refused.
+        refused: KoreroError | None = None
+        try:
             identity = await self._authenticator.authenticate(authorization)
             needed = scope_for_method(method)
             if identity.scopes and needed and needed not in identity.scopes:
@@ -367,5 +375,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     f"this credential lacks the `{needed}` scope",
                 )
             _identity.set(identity)
-
-        return wrap_handler(handler, before)
+        except KoreroError as error:
+            refused = error
+            _refused.set(True)
+        handler = await continuation(handler_call_details)
+        if refused is None or handler is None:
+            return handler
+        return refusal(handler, refused)

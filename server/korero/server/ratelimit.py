@@ -42,9 +42,9 @@ import grpc
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from korero.server.auth import current_identity
+from korero.server.auth import current_identity, refused_by_auth
 from korero.server.errors import RateLimitedError, StoreUnavailableError
-from korero.server.interceptors import wrap_handler
+from korero.server.interceptors import checked
 from korero.server.scripts import ScriptCall
 from korero.server.settings import RateLimitSettings, SettingsError
 
@@ -328,12 +328,12 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self._open):
+        if (
+            handler is None
+            or handler_call_details.method.startswith(self._open)
+            or refused_by_auth()  # a refused call costs the tenant nothing
+        ):
             return handler
-
-        async def before(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            identity = current_identity()
-            tenant = identity.tenant if identity is not None else self._default_tenant
-            await self._limiter.admit_call(tenant)
-
-        return wrap_handler(handler, before)
+        identity = current_identity()
+        tenant = identity.tenant if identity is not None else self._default_tenant
+        return await checked(handler, lambda: self._limiter.admit_call(tenant))
