@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient
 from korero.server.app import KoreroServer
-from korero.server.auth import ApiKeyStore
+from korero.server.policy.tokens import ApiKeyStore
 from korero.server.settings import (
     AuthSettings,
     EngineSettings,

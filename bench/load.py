@@ -485,7 +485,7 @@ class _Worker:
         last = 0
         import httpx2  # noqa: PLC0415 - only the direct path needs it
 
-        from korero.server.llm import SSE_DONE, parse_sse_line  # noqa: PLC0415
+        from korero.server.llm.provider import SSE_DONE, parse_sse_line  # noqa: PLC0415
 
         # The same client path the server uses for its upstream (the openai
         # client's generic `post`, SSE lines parsed by `parse_sse_line`), so

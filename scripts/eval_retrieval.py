@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "server"))
 
-from korero.server.knowledge import Chunk, load_documents  # noqa: E402
-from korero.server.retrieval import BM25Index, tokenize  # noqa: E402
+from korero.server.context.knowledge import Chunk, load_documents  # noqa: E402
+from korero.server.context.retrieval import BM25Index, tokenize  # noqa: E402
 
 Ranker = Callable[[str], list[tuple[int, float]]]
 

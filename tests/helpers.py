@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import Conversation
-from korero.server.knowledge import KnowledgeStore, load_documents
+from korero.server.context.knowledge import KnowledgeStore, load_documents
 
 
 async def run_turn(

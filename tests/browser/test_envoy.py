@@ -13,7 +13,7 @@ import aiohttp
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient
 from korero.server.app import KoreroServer
-from korero.server.websocket import CHAT_PATH
+from korero.server.transport.websocket import CHAT_PATH
 from tests.browser.envoy import ROOT, EnvoyProcess, render_config, validate
 from tests.helpers import kinds, run_turn
 

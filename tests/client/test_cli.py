@@ -143,7 +143,7 @@ async def test_serve_reports_a_bad_listen_address_plainly() -> None:
 
 
 async def test_chat_sends_a_token(redis_url: str, sim: UpstreamSim) -> None:
-    from korero.server.auth import ApiKeyStore  # noqa: PLC0415
+    from korero.server.policy.tokens import ApiKeyStore  # noqa: PLC0415
     from tests.conftest import make_settings  # noqa: PLC0415
 
     app = await KoreroServer.start(make_settings(redis_url, sim.base_url, auth__mode="on"))

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient, ChatError
 from korero.server.app import KoreroServer
-from korero.server.auth import ApiKeyStore, JwksCache
+from korero.server.policy.tokens import ApiKeyStore, JwksCache
 from korero.sim import UpstreamSim
 from tests.conftest import RedisProcess, make_settings
 from tests.helpers import kinds, run_turn

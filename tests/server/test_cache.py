@@ -13,9 +13,9 @@ import redis.asyncio as aioredis
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient
 from korero.server.app import KoreroServer
-from korero.server.cache import normalize_question
+from korero.server.context.cache import normalize_question
 from korero.server.settings import Settings
-from korero.server.store import SessionStore
+from korero.server.storage.sessions import SessionStore
 from korero.sim import SimConfig, UpstreamSim
 from tests.conftest import RedisProcess, make_settings
 from tests.helpers import ingest_sample, kinds, of_kind, run_turn, text_of

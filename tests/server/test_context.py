@@ -10,14 +10,14 @@ import pytest
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient
 from korero.server.app import KoreroServer
-from korero.server.context import (
+from korero.server.context.assembly import (
     FALLBACK_ANSWER,
     ContextRequest,
     KnowledgeAssembler,
     prompt_tokens,
 )
 from korero.server.settings import KnowledgeSettings, PromptSettings, Settings
-from korero.server.store import SessionRecord, StoredMessage
+from korero.server.storage.sessions import SessionRecord, StoredMessage
 from korero.sim import UpstreamSim
 from tests.conftest import RedisProcess, make_settings
 from tests.helpers import ingest_sample, kinds, of_kind, run_turn, text_of

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from korero.server.knowledge import (
+from korero.server.context.knowledge import (
     KnowledgeBase,
     KnowledgeStore,
     load_documents,
     parse_json,
     parse_markdown,
 )
-from korero.server.retrieval import K1, B, BM25Index, tokenize
+from korero.server.context.retrieval import K1, B, BM25Index, tokenize
 from korero.server.settings import KnowledgeSettings
 from tests.conftest import RedisProcess
 from tests.helpers import SAMPLE_KB

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from korero.server.errors import UpstreamError
-from korero.server.llm import OPENAI_ERROR_TABLE, translate_openai_error
+from korero.server.llm.provider import OPENAI_ERROR_TABLE, translate_openai_error
 
 
 def _openai_exception_classes() -> list[type[BaseException]]:
@@ -79,7 +79,7 @@ def test_a_lost_connection_mid_stream_is_an_interrupted_answer() -> None:
 
 
 def test_sse_lines_are_parsed_without_the_sdk_models() -> None:
-    from korero.server.llm import SSE_DONE, LLMChunk, parse_sse_line  # noqa: PLC0415
+    from korero.server.llm.provider import SSE_DONE, LLMChunk, parse_sse_line  # noqa: PLC0415
 
     chunk = (
         'data: {"id":"c","object":"chat.completion.chunk","choices":'

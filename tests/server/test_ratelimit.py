@@ -18,7 +18,7 @@ from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient, ChatError
 from korero.server.app import KoreroServer
 from korero.server.errors import RateLimitedError, StoreUnavailableError
-from korero.server.ratelimit import RateLimiter
+from korero.server.policy.ratelimit import RateLimiter
 from korero.server.settings import RateLimitSettings
 from korero.sim import SimConfig, UpstreamSim
 from tests.conftest import RedisProcess, free_port, make_settings

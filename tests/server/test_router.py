@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from korero.server.router import RuleRouter
+from korero.server.context.router import RuleRouter
 
 ROUTER = RuleRouter()
 

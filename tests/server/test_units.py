@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from korero.server.coalesce import DeltaCoalescer
+from korero.server.conversation.coalesce import DeltaCoalescer
 from korero.server.settings import Settings, SettingsError, env_reference
 
 

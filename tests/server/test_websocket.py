@@ -20,9 +20,9 @@ from google.protobuf import json_format
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.app import KoreroServer
 from korero.server.errors import KoreroError
-from korero.server.identity import Identity
+from korero.server.policy.identity import Identity
 from korero.server.settings import Settings
-from korero.server.websocket import (
+from korero.server.transport.websocket import (
     BEARER_PREFIX,
     CHAT_PATH,
     JSON_PROTOCOL,

@@ -21,20 +21,20 @@ from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
 from korero.chat.v1 import chat_pb2, chat_pb2_grpc
-from korero.server.auth import ApiKeyStore, AuthInterceptor, TokenAuthenticator
-from korero.server.cache import ResponseCache
-from korero.server.context import KnowledgeAssembler, LLMSummarizer
-from korero.server.engine import ConversationEngine
-from korero.server.identity import AnonymousAuthenticator, Authenticator
-from korero.server.knowledge import KnowledgeBase, KnowledgeStore
-from korero.server.llm import LLMProvider, OpenAIProvider
-from korero.server.ratelimit import RateLimiter, RateLimitInterceptor
-from korero.server.router import RuleRouter
-from korero.server.servicer import ChatServicer, Lifecycle
+from korero.server.context.assembly import KnowledgeAssembler, LLMSummarizer
+from korero.server.context.cache import ResponseCache
+from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore
+from korero.server.context.router import RuleRouter
+from korero.server.conversation.engine import ConversationEngine
+from korero.server.llm.provider import LLMProvider, OpenAIProvider
+from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
+from korero.server.policy.ratelimit import RateLimiter, RateLimitInterceptor
+from korero.server.policy.tokens import ApiKeyStore, AuthInterceptor, TokenAuthenticator
 from korero.server.settings import Settings
-from korero.server.store import SessionStore
+from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
-from korero.server.websocket import WebSocketServer
+from korero.server.transport.grpc_service import ChatServicer, Lifecycle
+from korero.server.transport.websocket import WebSocketServer
 
 __all__ = ["KoreroServer", "run"]
 

@@ -42,11 +42,11 @@ import grpc
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from korero.server.auth import current_identity, refused_by_auth
 from korero.server.errors import RateLimitedError, StoreUnavailableError
-from korero.server.interceptors import checked
-from korero.server.scripts import ScriptCall
+from korero.server.policy.tokens import current_identity, refused_by_auth
 from korero.server.settings import RateLimitSettings, SettingsError
+from korero.server.storage.scripts import ScriptCall
+from korero.server.transport.interceptors import checked
 
 __all__ = [
     "Admission",

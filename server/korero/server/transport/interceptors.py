@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from korero.server.errors import KoreroError
-from korero.server.status import abort_with_error
+from korero.server.transport.status import abort_with_error
 
 __all__ = ["checked", "refusal"]
 

@@ -36,10 +36,10 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from korero.server.errors import KoreroError
-from korero.server.identity import Identity
-from korero.server.interceptors import refusal
+from korero.server.policy.identity import Identity
 from korero.server.settings import AuthSettings
-from korero.server.store import translate_redis_error
+from korero.server.storage.sessions import translate_redis_error
+from korero.server.transport.interceptors import refusal
 
 __all__ = [
     "ApiKeyRecord",

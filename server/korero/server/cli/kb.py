@@ -10,8 +10,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore, load_documents
 from korero.server.errors import KoreroError
-from korero.server.knowledge import KnowledgeBase, KnowledgeStore, load_documents
 from korero.server.settings import Settings, SettingsError
 
 __all__ = ["register"]
@@ -48,7 +48,7 @@ def _run(coro: object) -> int:
     try:
         return int(asyncio.run(coro))  # type: ignore[arg-type]
     except (SettingsError, ValueError, OSError, KoreroError) as exc:
-        print(f"korero kb: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"korero kb: {exc}", file=sys.stderr)
         return 1
 
 
@@ -73,7 +73,7 @@ async def _ingest(args: argparse.Namespace) -> int:
     finally:
         await client.aclose()
     chunks = sum(len(d.chunks) for d in documents)
-    print(  # noqa: T201
+    print(
         f"ingested {len(documents)} documents, {chunks} chunks for tenant {tenant}: "
         f"kb version {version}"
     )
@@ -95,5 +95,5 @@ async def _search(args: argparse.Namespace) -> int:
         await client.aclose()
     for source in sources:
         relevant = "" if source.score >= settings.knowledge.min_score else "  (below threshold)"
-        print(f"{source.score:.3f}  {source.label} {source.chunk.heading}{relevant}")  # noqa: T201
+        print(f"{source.score:.3f}  {source.label} {source.chunk.heading}{relevant}")
     return 0

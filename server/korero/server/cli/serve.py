@@ -44,7 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env(environ)
     except SettingsError as exc:
-        print(f"korero serve: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"korero serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.server.log_level.upper(),
@@ -60,6 +60,6 @@ def _serve(args: argparse.Namespace) -> int:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run(settings))
     except OSError as exc:
-        print(f"korero serve: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"korero serve: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -18,17 +18,17 @@ import grpc
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.chat.v1 import chat_pb2_grpc
-from korero.server.auth import current_identity
-from korero.server.conversation import ChatSession
-from korero.server.engine import ConversationEngine, Turn
+from korero.server.conversation.engine import ConversationEngine, Turn
 from korero.server.errors import (
     InvalidArgumentError,
     KoreroError,
     ShuttingDownError,
 )
+from korero.server.policy.tokens import current_identity
 from korero.server.settings import Settings
-from korero.server.status import abort_with_error
 from korero.server.telemetry import Metrics
+from korero.server.transport.chat_session import ChatSession
+from korero.server.transport.status import abort_with_error
 
 __all__ = ["ChatServicer", "Lifecycle"]
 

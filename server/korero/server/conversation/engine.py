@@ -26,23 +26,23 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from korero.chat.v1 import chat_pb2 as pb
-from korero.server.cache import CachedAnswer, CacheLookup, CacheProbe, ResponseCache
-from korero.server.coalesce import DeltaCoalescer
-from korero.server.context import AssembledContext, ContextAssembler, ContextRequest
+from korero.server.context.assembly import AssembledContext, ContextAssembler, ContextRequest
+from korero.server.context.cache import CachedAnswer, CacheLookup, CacheProbe, ResponseCache
+from korero.server.context.knowledge import Source
+from korero.server.context.router import IntentRouter, RouteDecision, RuleRouter
+from korero.server.conversation.coalesce import DeltaCoalescer
 from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
-from korero.server.knowledge import Source
-from korero.server.llm import (
+from korero.server.llm.provider import (
     LLMProvider,
     LLMRequest,
     TokenUsage,
     display_model,
     estimate_tokens,
 )
-from korero.server.ratelimit import Admission, RateLimiter
-from korero.server.router import IntentRouter, RouteDecision, RuleRouter
-from korero.server.scripts import ScriptCall
+from korero.server.policy.ratelimit import Admission, RateLimiter
 from korero.server.settings import EngineSettings, KnowledgeSettings, LLMSettings
-from korero.server.store import (
+from korero.server.storage.scripts import ScriptCall
+from korero.server.storage.sessions import (
     SessionRecord,
     SessionStore,
     StoredMessage,

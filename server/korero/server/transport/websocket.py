@@ -44,11 +44,11 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from korero.chat.v1 import chat_pb2 as pb
-from korero.server.conversation import ChatSession
-from korero.server.engine import ConversationEngine, error_event_body
+from korero.server.conversation.engine import ConversationEngine, error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
-from korero.server.identity import Authenticator
+from korero.server.policy.identity import Authenticator
 from korero.server.settings import Settings
+from korero.server.transport.chat_session import ChatSession
 
 __all__ = [
     "BEARER_PREFIX",

@@ -41,12 +41,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from korero.server.context.knowledge import KnowledgeBase, Source
+from korero.server.context.router import RouteDecision
 from korero.server.errors import KoreroError
-from korero.server.knowledge import KnowledgeBase, Source
-from korero.server.llm import LLMProvider, LLMRequest
-from korero.server.router import RouteDecision
+from korero.server.llm.provider import LLMProvider, LLMRequest
 from korero.server.settings import KnowledgeSettings, PromptSettings
-from korero.server.store import SessionRecord, StoredMessage
+from korero.server.storage.sessions import SessionRecord, StoredMessage
 
 __all__ = [
     "FALLBACK_ANSWER",

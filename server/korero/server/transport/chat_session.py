@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from korero.chat.v1 import chat_pb2 as pb
-from korero.server.engine import ConversationEngine, Turn, error_event_body
+from korero.server.conversation.engine import ConversationEngine, Turn, error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError
 
 __all__ = ["ChatSession"]

@@ -39,9 +39,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from korero.server.retrieval import BM25Index
+from korero.server.context.retrieval import BM25Index
 from korero.server.settings import KnowledgeSettings
-from korero.server.store import redis_boundary
+from korero.server.storage.sessions import redis_boundary
 
 __all__ = [
     "MAX_CHUNK_WORDS",

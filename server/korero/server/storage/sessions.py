@@ -43,8 +43,8 @@ from korero.server.errors import (
     NotFoundError,
     StoreUnavailableError,
 )
-from korero.server.scripts import ScriptCall, run_scripts
 from korero.server.settings import EngineSettings, RedisSettings
+from korero.server.storage.scripts import ScriptCall, run_scripts
 
 __all__ = [
     "SEQ_BLOCK",

@@ -1,0 +1,1 @@
+"""`korero` subcommands of the server package: `serve`, `keys`, `kb`."""

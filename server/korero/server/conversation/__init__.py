@@ -1,0 +1,8 @@
+"""The conversation engine: sessions and turns, independent of any transport.
+
+`engine` (sessions, starting turns, draining), `turn` (one turn in flight and
+its subscribers), `runner` (a turn's lifecycle: cache, context, generation,
+persistence), `generation` (the upstream call with retries and timeouts),
+`validation` (input rules), `wire` (stored records as protobuf) and
+`coalesce` (merging text deltas).
+"""

@@ -1,0 +1,7 @@
+"""Call policy: who is calling and how much they may do.
+
+`identity` (the `Identity` every transport works with), `tokens` (API keys and
+JWTs), `api_keys` (the key store), `ratelimit` (token buckets in Redis) and
+`gate` — the one `CallGate` (authenticate → scope → tenant call limit) that
+the gRPC interceptor and the WebSocket adapter both call.
+"""
