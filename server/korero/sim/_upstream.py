@@ -63,6 +63,8 @@ from typing import Any, Literal, Self, get_args
 
 from aiohttp import web
 
+from korero.server.context import citations
+
 __all__ = [
     "DEFAULT_MODEL",
     "MAX_RECORDED_REQUESTS",
@@ -270,9 +272,6 @@ def prompt_token_count(messages: Sequence[Mapping[str, Any]]) -> int:
     return sum(len(text.split()) for text in _message_texts(messages))
 
 
-_EXCERPT = re.compile(
-    r"^(\[Source: [^\]\n]+\])[^\n]*\n(.+?)(?=\n[ \t]*\n|\Z)", re.MULTILINE | re.DOTALL
-)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _WORDLIKE = re.compile(r"[a-z0-9]+")
 _CUSTOMER_LINE = re.compile(r"^customer:[ \t]*(.+)$", re.MULTILINE)
@@ -325,7 +324,7 @@ def compose_answer(
     )
     if first_system.startswith("Summarize"):
         return _as_tokens(_summarize("\n".join(texts[1:])))[: max(answer_tokens, quote_tokens)]
-    excerpts = [(m.group(1), m.group(2)) for t in texts for m in _EXCERPT.finditer(t)]
+    excerpts = [(m.group(1), m.group(2)) for t in texts for m in citations.EXCERPT.finditer(t)]
     last_user = ""
     name = None
     for message in messages:
