@@ -143,6 +143,7 @@ def test_every_redis_exception_is_translated(cls: type[BaseException]) -> None:
         rexc.ClusterError,
         rexc.TryAgainError,
         rexc.AskError,
+        rexc.SlotNotCoveredError,
     )
     if issubclass(cls, transient):
         assert isinstance(error, StoreUnavailableError)
