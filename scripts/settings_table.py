@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """The settings table in docs/operating.md, generated from the one list.
 
     .venv/bin/python scripts/settings_table.py            # rewrite the table in place
@@ -42,7 +43,7 @@ def splice(text: str, table: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Rewrite or check the settings table.")
     parser.add_argument("--check", action="store_true", help="fail if the table is out of date")
     args = parser.parse_args(argv)
     text = DOC.read_text(encoding="utf-8")
