@@ -6,11 +6,13 @@ No conversation logic lives here; it only connects the pieces.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from dataclasses import dataclass
 
 import grpc
+import redis.asyncio as aioredis
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -20,12 +22,17 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
+from korero.agent.v1 import agent_pb2, agent_pb2_grpc
 from korero.chat.v1 import chat_pb2, chat_pb2_grpc
 from korero.server.context.assembly import KnowledgeAssembler, LLMSummarizer
 from korero.server.context.cache import ResponseCache
 from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore
 from korero.server.context.router import RuleRouter
 from korero.server.conversation.engine import ConversationEngine
+from korero.server.handoff.relay import RelayHub
+from korero.server.handoff.service import HandoffService
+from korero.server.handoff.store import HandoffStore
+from korero.server.handoff.webhooks import WebhookDispatcher, WebhookOutbox
 from korero.server.llm.provider import LLMProvider, OpenAIProvider
 from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.policy.gate import CallGate
@@ -35,6 +42,7 @@ from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.settings import Settings
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
+from korero.server.transport.agent_service import AgentDeskServicer
 from korero.server.transport.chat_session import StreamRules
 from korero.server.transport.grpc_service import ChatServicer
 from korero.server.transport.interceptors import GateInterceptor
@@ -46,6 +54,7 @@ __all__ = ["KoreroServer", "run"]
 log = logging.getLogger(__name__)
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentDeskService"].full_name
 
 _SERVER_OPTIONS = [
     ("grpc.so_reuseport", 1),
@@ -76,6 +85,8 @@ class KoreroServer:
     metrics_runner: web.AppRunner | None = None
     tracer_provider: TracerProvider | None = None
     websocket: WebSocketServer | None = None
+    handoff: HandoffService | None = None
+    webhooks: WebhookDispatcher | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -133,6 +144,7 @@ class KoreroServer:
                 timeout=settings.llm.first_token_timeout,
             ),
         )
+        handoff, webhooks = await _build_handoff(settings, store, metrics)
         engine = ConversationEngine(
             store=store,
             llm=llm,
@@ -146,6 +158,7 @@ class KoreroServer:
             router=RuleRouter(),
             cache=ResponseCache(store.redis, settings.cache) if settings.cache.enabled else None,
             knowledge=kb_store,
+            handoff=handoff,
         )
         lifecycle = Lifecycle()
         health = health_aio.HealthServicer()
@@ -160,10 +173,24 @@ class KoreroServer:
             ),
             server,
         )
+        services = [CHAT_SERVICE]
+        if handoff is not None:
+            agent_pb2_grpc.add_AgentDeskServiceServicer_to_server(
+                AgentDeskServicer(
+                    service=handoff,
+                    lifecycle=lifecycle,
+                    metrics=metrics,
+                    heartbeat_interval=settings.server.heartbeat_interval,
+                    first_frame_timeout=settings.server.first_frame_timeout,
+                    default_tenant=settings.engine.tenant,
+                ),
+                server,
+            )
+            services.append(AGENT_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
             (
-                CHAT_SERVICE,
+                *services,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -181,10 +208,11 @@ class KoreroServer:
                 listen=settings.server.ws_listen,
                 rules=StreamRules.from_settings(settings.server),
                 web_root=settings.server.web_root,
+                handoff=handoff,
             )
             await websocket.start()
         await server.start()
-        for service in ("", CHAT_SERVICE):
+        for service in ("", *services):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         try:
             metrics_runner = await serve_metrics(metrics, settings.observability.metrics_listen)
@@ -209,6 +237,8 @@ class KoreroServer:
             metrics_runner,
             provider,
             websocket,
+            handoff,
+            webhooks,
         )
 
     @property
@@ -227,6 +257,10 @@ class KoreroServer:
         await self.engine.drain(grace)
         if self.websocket is not None:
             await self.websocket.close()
+        if self.webhooks is not None:
+            await self.webhooks.close()
+        if self.handoff is not None:
+            await self.handoff.close()
         await self.server.stop(grace=1.0)
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
@@ -235,6 +269,43 @@ class KoreroServer:
         await self.llm.aclose()
         await self.store.close()
         log.info("event=stopped")
+
+
+async def _build_handoff(
+    settings: Settings, store: SessionStore, metrics: Metrics
+) -> tuple[HandoffService | None, WebhookDispatcher]:
+    """The handoff service (None when off) and the webhook dispatcher, started."""
+    handoff = None
+    if settings.handoff.enabled:
+        handoff = HandoffService(
+            store=HandoffStore(
+                store.redis,
+                ttl_seconds=settings.engine.session_ttl,
+                relay_max=settings.handoff.relay_log_max,
+            ),
+            # Its own connection, without the pool's read timeout: it idles by design.
+            hub=RelayHub(
+                aioredis.Redis.from_url(
+                    settings.redis.url,
+                    socket_connect_timeout=settings.redis.timeout,
+                    health_check_interval=30,
+                )
+            ),
+            settings=settings.handoff,
+            outbox=WebhookOutbox(settings.webhooks),
+            metrics=metrics,
+        )
+        await handoff.start()
+    webhooks = WebhookDispatcher(
+        store.redis,
+        settings.webhooks,
+        on_result=lambda result: metrics.webhook_deliveries.labels(result).inc(),
+    )
+    webhooks.start()
+    if handoff is not None:
+        for tenant in settings.webhooks.targets:
+            handoff.hub.watch(tenant, None, functools.partial(webhooks.wake, tenant))
+    return handoff, webhooks
 
 
 async def run(settings: Settings) -> None:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
@@ -27,6 +28,7 @@ from korero.server.context.cache import CacheLookup, CacheProbe, ResponseCache
 from korero.server.context.knowledge import KnowledgeStore
 from korero.server.context.router import IntentRouter, RouteDecision, RuleRouter
 from korero.server.conversation.generation import AnswerGenerator
+from korero.server.conversation.hooks import HandoffHook
 from korero.server.conversation.runner import REPLAY_EVENTS, TurnRunner
 from korero.server.conversation.turn import EventSink, StageTimings, Turn, TurnPlan
 from korero.server.conversation.validation import (
@@ -71,6 +73,7 @@ class ConversationEngine:
         limiter: RateLimiter | None = None,
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
+        handoff: HandoffHook | None = None,
     ) -> None:
         self._store = store
         self._assembler = assembler
@@ -84,6 +87,7 @@ class ConversationEngine:
         self._limiter = limiter
         self._metrics = metrics
         self._tracer = tracer or trace.get_tracer(__name__)
+        self._handoff = handoff
         # Reserved per message before the history is known; settled to real usage.
         self._base_reservation = estimate_tokens(settings.system_prompt) + llm_settings.max_tokens
         self._runner = TurnRunner(
@@ -100,6 +104,7 @@ class ConversationEngine:
             limiter=limiter,
             record_cache_request=self._count_cache_request,
             clock=clock,
+            handoff=handoff,
         )
 
     @property
@@ -113,6 +118,10 @@ class ConversationEngine:
     @property
     def store(self) -> SessionStore:
         return self._store
+
+    @property
+    def handoff(self) -> HandoffHook | None:
+        return self._handoff
 
     @property
     def active_turns(self) -> int:
@@ -179,6 +188,7 @@ class ConversationEngine:
             local.subscribe(sink)
             return local
         route = await self._router.route(message.text)
+        signals = self._handoff.signals(message.text, route) if self._handoff else None
         admission = None
         if self._limiter is not None:
             reservation = self._base_reservation + estimate_tokens(message.text)
@@ -195,7 +205,16 @@ class ConversationEngine:
         )
         scope = otel_context.attach(trace.set_span_in_context(turn_span))
         try:
-            begin, probe, lookup, kb_version = await self._begin(tenant, session_id, message, route)
+            begin, probe, lookup, kb_version = await self._begin(
+                tenant, session_id, message, route, signals
+            )
+            if begin.status == "human":  # a person owns the session: the bot stays silent
+                relayed = await self._relay(tenant, session_id, begin.turn_id, message, route, sink)
+                turn_span.end()
+                otel_context.detach(scope)
+                if admission is not None:
+                    await self._runner.refund(admission)
+                return relayed
             if begin.status == "busy":
                 raise InvalidArgumentError(
                     "TURN_IN_FLIGHT",
@@ -214,7 +233,7 @@ class ConversationEngine:
             begin.turn_id,
             message.client_message_id,
             begin.seq_base,
-            plan=TurnPlan(route, admission, probe, kb_version),
+            plan=TurnPlan(route, admission, probe, kb_version, signals),
             lookup=lookup,
             span=turn_span,
             timings=StageTimings(started=started, session_load=self._clock() - started),
@@ -239,8 +258,38 @@ class ConversationEngine:
             otel_context.detach(scope)
         return turn
 
+    async def _relay(
+        self,
+        tenant: str,
+        session_id: str,
+        handoff_id: str,
+        message: pb.UserMessage,
+        route: RouteDecision,
+        sink: EventSink,
+    ) -> Turn:
+        """Hand a message to the human who owns the session (handoff/)."""
+        relayed = None
+        if self._handoff is not None:
+            signals = self._handoff.signals(message.text, route)
+            relayed = await self._handoff.relay(
+                tenant, session_id, handoff_id, message, signals, route, sink
+            )
+        if relayed is None:  # the agent let go of the session a moment ago
+            raise KoreroError(
+                grpc.StatusCode.ABORTED,
+                "HANDOFF_ENDED",
+                "the agent has just left the conversation; send the message again",
+                retryable=True,
+            )
+        return relayed
+
     async def _begin(
-        self, tenant: str, session_id: str, message: pb.UserMessage, route: RouteDecision
+        self,
+        tenant: str,
+        session_id: str,
+        message: pb.UserMessage,
+        route: RouteDecision,
+        signals: dict[str, float] | None = None,
     ) -> tuple[TurnBegin, CacheProbe | None, CacheLookup | None, int]:
         """`begin_turn` with the KB version and the cache lookup in the same round trip."""
         also: list[ScriptCall] = []
@@ -260,6 +309,7 @@ class ConversationEngine:
                 message.text,
                 REPLAY_EVENTS,
                 intent=route.intent,
+                signals=signals,
                 also=also,
             )
         replies = list(begin.replies)

@@ -28,6 +28,7 @@ from korero.server.context.assembly import AssembledContext, ContextAssembler, C
 from korero.server.context.cache import CachedAnswer, CacheLookup, ResponseCache
 from korero.server.conversation.coalesce import DeltaCoalescer
 from korero.server.conversation.generation import AnswerGenerator
+from korero.server.conversation.hooks import HandoffHook
 from korero.server.conversation.turn import Turn
 from korero.server.conversation.wire import (
     FINISH_REASONS,
@@ -90,6 +91,7 @@ class _Answer:
     finish: str | None = None
     context: AssembledContext | None = None
     cached: CacheLookup | None = None
+    handoff: pb.HandoffRequested | None = None
 
     @property
     def text(self) -> str:
@@ -113,6 +115,7 @@ class TurnRunner:
         limiter: RateLimiter | None = None,
         record_cache_request: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        handoff: HandoffHook | None = None,
     ) -> None:
         self._store = store
         self._assembler = assembler
@@ -125,6 +128,7 @@ class TurnRunner:
         self._limiter = limiter
         self._record_cache_request = record_cache_request or (lambda _hit: None)
         self._clock = clock
+        self._handoff = handoff
 
     # A new turn -----------------------------------------------------------------
 
@@ -139,6 +143,8 @@ class TurnRunner:
         assert turn.timings is not None
         timings = turn.timings
         seq_base = turn.seq
+        if self._handoff is not None:
+            turn.sentiment = self._handoff.reading(turn.plan.signals, history)
         self._announce(turn)
         answer = _Answer(self._model)
 
@@ -173,6 +179,8 @@ class TurnRunner:
                 KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error ({exc!r})"),
                 seq_base,
             )
+        if answer.handoff is not None and self._handoff is not None and turn.result.reason == "":
+            await self._handoff.escalate(turn, answer.handoff)  # after the terminal event
 
     def _announce(self, turn: Turn) -> None:
         """The first events of a turn: turn started, then the caller's rate-limit budget."""
@@ -182,6 +190,7 @@ class TurnRunner:
                 model=display_model(self._model),
                 intent=turn.intent,
                 trace_id=_trace_id(turn),
+                sentiment=turn.sentiment,
             )
         )
         if turn.plan.admission is not None:
@@ -221,7 +230,17 @@ class TurnRunner:
         limit = self._clock() + self._settings.turn_timeout
         deadline = limit if deadline is None else min(deadline, limit)
         cached = answer.cached.entry if answer.cached is not None else None
-        if cached is not None:
+        escalation = None
+        if self._handoff is not None:
+            fallback = answer.context is not None and answer.context.fallback is not None
+            escalation = self._handoff.escalation(turn, request.history, fallback=fallback)
+        if escalation is not None:  # the bot says so in plain words, and nothing else
+            answer.context = answer.cached = None
+            _replay_pieces(escalation[0], emit_text, answer.pieces)
+            answer.usage, answer.finish = TokenUsage(0, 0), "stop"
+            answer.handoff = escalation[1]
+            turn.publish(handoff_requested=escalation[1])
+        elif cached is not None:
             answer.model = cached.model or answer.model
             _replay_pieces(cached.answer, emit_text, answer.pieces)
             answer.usage, answer.finish = TokenUsage(0, 0), "stop"

@@ -5,15 +5,38 @@ tenant's keys can never be read through another tenant's name, and the keys
 that one Lua script touches share a Redis Cluster slot:
 
     kr:{t:s}:meta | history | turns     one session (see `sessions.py`)
+    kr:{t:s}:relay                      the session's handoff relay log (stream)
+    kr:{t:desk}:handoffs | sessions | agents | stats | queues | queue:<q>
+                                        a tenant's agent desk (see handoff/)
+    kr:{t:desk}:wh:<target> | wh:<target>:dead | wh:<target>:lease
+                                        a tenant's webhook outbox per endpoint
     kr:{t:kb}:meta | chunks:<v> | cache:<v>:…   a tenant's knowledge base
                                         and response cache (see context/)
     kr:{t:auth}:apikeys                 a tenant's API keys (see policy/)
     kr:{t}:rl:…                         a tenant's rate-limit buckets
+
+Pub/sub channels follow the same layout (`kr:{t:s}:notify` wakes whoever
+relays a session, `kr:{t:desk}:notify` whoever serves a tenant's desk), so
+one pattern subscription per instance, `NOTIFY_PATTERN`, hears them all.
 """
 
 from __future__ import annotations
 
-__all__ = ["api_keys_key", "kb_key", "rate_limit_key", "session_key"]
+__all__ = [
+    "NOTIFY_PATTERN",
+    "api_keys_key",
+    "desk_channel",
+    "desk_key",
+    "kb_key",
+    "parse_notify_channel",
+    "rate_limit_key",
+    "session_channel",
+    "session_key",
+]
+
+NOTIFY_PATTERN = "kr:{*}:notify"
+"""Matches every session and desk channel."""
+_DESK = "desk"
 
 
 def session_key(tenant: str, session_id: str, part: str) -> str:
@@ -34,3 +57,29 @@ def api_keys_key(tenant: str) -> str:
 def rate_limit_key(tenant: str, part: str) -> str:
     """A tenant's token bucket: `requests`, `tokens` or `session:<id>`."""
     return f"kr:{{{tenant}}}:rl:{part}"
+
+
+def desk_key(tenant: str, part: str) -> str:
+    """A key of a tenant's agent desk (queues, handoffs, agents, webhook outbox)."""
+    return f"kr:{{{tenant}:{_DESK}}}:{part}"
+
+
+def session_channel(tenant: str, session_id: str) -> str:
+    """The channel announcing new entries in a session's relay log."""
+    return session_key(tenant, session_id, "notify")
+
+
+def desk_channel(tenant: str) -> str:
+    """The channel announcing changes at a tenant's desk."""
+    return desk_key(tenant, "notify")
+
+
+def parse_notify_channel(channel: str) -> tuple[str, str | None] | None:
+    """(tenant, session id) of a session channel, (tenant, None) of a desk channel."""
+    if not (channel.startswith("kr:{") and channel.endswith("}:notify")):
+        return None
+    tag = channel[4 : -len("}:notify")]
+    tenant, sep, rest = tag.partition(":")
+    if not sep or not tenant or not rest:
+        return None
+    return (tenant, None) if rest == _DESK else (tenant, rest)

@@ -57,6 +57,8 @@ if rec then
     return {'running', rec}
   end
 end
+local owner = redis.call('HGET', meta, 'owner')
+if owner then return {'human', owner} end
 if locked then return {'busy', holder} end
 local n = redis.call('HINCRBY', meta, 'turns', 1)
 local turn_id = 't' .. n
@@ -68,6 +70,9 @@ local last = redis.call('LINDEX', hist, -1)
 if not (rec and last and cjson.decode(last).cmid == cmid) then
   local msg = {role = 'user', text = text, turn_id = turn_id, cmid = cmid, ts = now}
   if ARGV[9] and ARGV[9] ~= '' then msg.intent = ARGV[9] end
+  if ARGV[10] and ARGV[10] ~= '' then
+    for k, v in pairs(cjson.decode(ARGV[10])) do msg[k] = v end
+  end
   redis.call('RPUSH', hist, cjson.encode(msg))
   redis.call('LTRIM', hist, -tonumber(ARGV[3]), -1)
 end

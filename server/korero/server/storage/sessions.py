@@ -6,6 +6,7 @@ in one Redis Cluster slot, and the tenant prefix keeps tenants apart):
     kr:{t:s}:meta     hash   created_at, updated_at (ms), metadata (JSON),
                              seq (last sequence number issued), turns (count),
                              inflight / inflight_until (the turn lock),
+                             owner (the handoff owning the session, see handoff/),
                              summary (JSON: older turns, see context/assembly.py)
     kr:{t:s}:history  list   JSON messages (user ones with the router's intent),
                              oldest first, trimmed to a bound
@@ -159,11 +160,14 @@ class SessionStore:
         replay_events: int,
         *,
         intent: str = "",
+        signals: Mapping[str, float] | None = None,
         also: Sequence[ScriptCall] = (),
     ) -> TurnBegin:
         """Record the user message and lock the session for a turn, in one round trip.
 
-        `intent` is stored with the user message; `also` (calls on other key
+        `intent` and `signals` (e.g. sentiment, router confidence) are stored
+        with the user message. A session a human agent owns is not touched:
+        the status is `human` and `turn_id` names the owning handoff. `also` (calls on other key
         spaces: the KB version, the response cache) travel in the same pipeline
         and their replies come back, in order, as `TurnBegin.replies`.
         """
@@ -181,6 +185,7 @@ class SessionStore:
                 SEQ_BLOCK,
                 replay_events,
                 intent,
+                _dumps(signals) if signals else "",
             ),
         )
         async with redis_boundary():
@@ -194,8 +199,8 @@ class SessionStore:
         if status == "running":
             record = TurnRecord.from_json(out[1])
             return TurnBegin("running", record.turn_id, record=record, replies=tuple(replies))
-        if status == "busy":
-            return TurnBegin("busy", out[1].decode(), replies=tuple(replies))
+        if status in ("busy", "human"):
+            return TurnBegin(status, out[1].decode(), replies=tuple(replies))
         session = SessionRecord.from_hash(tenant, session_id, _pairs(out[3]), int(out[5]))
         history = tuple(StoredMessage.from_json(m) for m in out[4])
         if history and history[-1].client_message_id == client_message_id:

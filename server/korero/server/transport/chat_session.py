@@ -7,6 +7,11 @@ once: one turn at a time (a resend of the message in flight is ignored, any
 other message is refused with `TURN_IN_FLIGHT`), `cancel`, refusals that
 repeat the last seq, heartbeats on a quiet stream, and draining (an idle
 session ends at once, a busy one after its turn's terminal event).
+
+When the server hands conversations to humans (handoff/), the session also
+follows its relay feed: handoff events and the agent's messages arrive on
+the same stream, in seq order, never in the middle of a bot turn; and
+`handoff` (the client asking for a person) is handled here.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import grpc
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.conversation.engine import ConversationEngine, Turn
+from korero.server.conversation.hooks import RelayFeed
 from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError
 from korero.server.settings import ServerSettings
@@ -109,6 +115,20 @@ class ChatSession:
         self._interval = heartbeat_interval
         self._loop = asyncio.get_running_loop()
         self._heartbeat = self._loop.call_later(heartbeat_interval, self._tick)
+        self._feed: RelayFeed | None = None
+        self._requests: set[asyncio.Task[None]] = set()
+        handoff = engine.handoff
+        if handoff is not None:
+            self._feed = handoff.feed(
+                tenant, self.session_id, started.seq, self._out.put_nowait, self._turn_wait
+            )
+
+    def _turn_wait(self) -> asyncio.Future[None] | None:
+        """What relay events wait for: the end of the bot turn in flight, if any."""
+        turn = self.turn
+        if turn is None or turn.done:
+            return None
+        return asyncio.ensure_future(turn.wait())
 
     @property
     def turn_in_flight(self) -> bool:
@@ -123,6 +143,8 @@ class ChatSession:
         )
 
     def _sink(self, event: pb.Event) -> None:
+        if self._feed is not None and event.WhichOneof("kind") == "message_relayed":
+            return  # it comes through the relay feed, in order with the agent's messages
         self._out.put_nowait(event)
 
     def _tick(self) -> None:
@@ -143,6 +165,10 @@ class ChatSession:
             wanted = request.cancel.turn_id
             if turn is not None and (not wanted or wanted == turn.turn_id):
                 turn.cancel()
+        elif kind == "handoff":
+            task = asyncio.create_task(self._on_handoff(request.handoff))
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
         elif kind == "start":
             self._out.put_nowait(
                 self.rejection(
@@ -155,6 +181,24 @@ class ChatSession:
             self._out.put_nowait(
                 self.rejection(InvalidArgumentError("REQUEST_EMPTY", "the request sets no kind"))
             )
+
+    async def _on_handoff(self, request: pb.RequestHandoff) -> None:
+        """The client asks for a person: end the bot's turn in flight, then hand over."""
+        handoff = self._engine.handoff
+        try:
+            if handoff is None:
+                raise KoreroError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "HANDOFF_UNAVAILABLE",
+                    "handing over to a human is not available here",
+                )
+            turn = self.turn
+            if turn is not None and not turn.done:
+                turn.cancel()
+                await turn.wait()
+            await handoff.request(self.tenant, self.session_id, request.reason)
+        except KoreroError as error:
+            self._out.put_nowait(self.rejection(error))
 
     async def _on_message(self, message: pb.UserMessage) -> None:
         current = self.turn
@@ -175,6 +219,9 @@ class ChatSession:
         if self.draining:
             return
         try:
+            if self._feed is not None and self._feed.active:
+                # Relay events not yet delivered go before this message's events.
+                await self._feed.catch_up()
             self.turn = await self._engine.start_turn(
                 self.tenant, self.session_id, message, self._sink, self._deadline()
             )
@@ -222,6 +269,10 @@ class ChatSession:
     def close(self) -> None:
         """Stop the heartbeat; a turn still in flight is cancelled (stops the upstream call)."""
         self._heartbeat.cancel()
+        if self._feed is not None:
+            self._feed.close()
+        for task in self._requests:
+            task.cancel()
         if self.turn is not None and not self.turn.done:
             self.turn.unsubscribe(self._sink)
             self.turn.cancel()
