@@ -17,6 +17,17 @@ from korero.client._errors import ChatError
 __all__ = ["ChatClient", "Conversation"]
 
 _TERMINAL = frozenset({"done", "error"})
+_SESSION_KINDS = frozenset(
+    {
+        "handoff_requested",
+        "handoff_queued",
+        "agent_joined",
+        "agent_message",
+        "agent_left",
+        "handoff_ended",
+    }
+)
+"""Events about the conversation rather than one message: see `Conversation.notifications`."""
 SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"
 _CLOSED = object()
 
@@ -30,6 +41,8 @@ class Conversation:
         self.session_id = started.session_id
         self.last_seq = started.seq
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.notifications: asyncio.Queue[pb.Event] = asyncio.Queue()
+        """Handoff events and agent messages that belong to no turn, in seq order."""
         self._reader = asyncio.create_task(self._read())
         self._error: ChatError | None = None
         self._goaway: ChatError | None = None
@@ -44,6 +57,10 @@ class Conversation:
                 if not event.turn_id and event.error.reason == SHUTTING_DOWN:
                     # The server's in-band notice that it is ending the stream.
                     self._goaway = ChatError.from_event(event.error)
+                    continue
+                if not event.turn_id and event.WhichOneof("kind") in _SESSION_KINDS:
+                    self.last_seq = max(self.last_seq, event.seq)
+                    self.notifications.put_nowait(event)
                     continue
                 self._queue.put_nowait(event)
         except grpc.aio.AioRpcError as error:
@@ -76,6 +93,16 @@ class Conversation:
             yield event
             if kind in _TERMINAL and (event.turn_id or event.error.client_message_id in ("", cmid)):
                 return
+            if kind == "message_relayed" and event.message_relayed.client_message_id == cmid:
+                return  # a human owns the conversation: the message went to the agent
+
+    async def request_handoff(self, reason: str = "") -> None:
+        """Ask for a human agent; what follows arrives in `notifications`."""
+        await self._write(pb.ChatRequest(handoff=pb.RequestHandoff(reason=reason)))
+
+    async def next_notification(self, timeout: float | None = None) -> pb.Event:
+        """The next handoff event or agent message (TimeoutError after `timeout`)."""
+        return await asyncio.wait_for(self.notifications.get(), timeout)
 
     async def cancel(self, turn_id: str = "") -> None:
         """Cancel the turn in flight (or the named one)."""
