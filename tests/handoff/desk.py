@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +38,7 @@ class Agent:
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = agent_pb2_grpc.AgentDeskServiceStub(self.channel)
         self.events: list[apb.DeskEvent] = []
-        self._seen = 0
+        self._taken: set[int] = set()
         self._changed = asyncio.Condition()
         self.call: Any = None
         self._reader: asyncio.Task[None] | None = None
@@ -78,13 +79,12 @@ class Agent:
         """The next event of `kind` not yet returned (and matching `field=value`)."""
         async with asyncio.timeout(timeout), self._changed:
             while True:
-                for i in range(self._seen, len(self.events)):
-                    event = self.events[i]
-                    if event.WhichOneof("kind") != kind:
+                for i, event in enumerate(self.events):
+                    if i in self._taken or event.WhichOneof("kind") != kind:
                         continue
                     body = getattr(event, kind)
                     if all(getattr(body, k) == v for k, v in match.items()):
-                        self._seen = i + 1
+                        self._taken.add(i)
                         return event
                 if self.error is not None:
                     raise AssertionError(f"desk stream ended: {self.error}")
@@ -137,10 +137,8 @@ class Agent:
 
     async def close(self) -> None:
         if self.call is not None:
-            try:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await self.call.done_writing()
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                pass
         if self._reader is not None:
             try:
                 await asyncio.wait_for(self._reader, 3)

@@ -34,7 +34,8 @@ async def test_complaint_escalates_to_an_agent_and_returns_to_the_bot(start_serv
         assert started.sentiment.score < -0.5
         assert "member of our team" in text_of(events)
         requested = [e for e in events if e.WhichOneof("kind") == "handoff_requested"]
-        assert requested and requested[0].handoff_requested.trigger == pb.HANDOFF_TRIGGER_COMPLAINT
+        assert requested
+        assert requested[0].handoff_requested.trigger == pb.HANDOFF_TRIGGER_COMPLAINT
         assert kinds(events)[-2:] == ["usage", "done"]
         assert len(sim.requests) == upstream_before  # the bot did not ask the model
         handoff_id = requested[0].handoff_requested.handoff_id
@@ -57,7 +58,7 @@ async def test_complaint_escalates_to_an_agent_and_returns_to_the_bot(start_serv
         assert list(packet.intent_history) == ["complaint"]
         assert packet.sentiment.score < -0.5
         assert "Aroha" in packet.summary
-        assert [m.text for m in packet.transcript][0] == COMPLAINT
+        assert next(m.text for m in packet.transcript) == COMPLAINT
         assert not agent.of_kind("offered")
 
         # while waiting, the customer's message goes to the desk, not the bot

@@ -239,7 +239,10 @@ async def test_agent_pick_end_to_end(start_server, sim) -> None:  # type: ignore
 
 def test_settings_parse_triggers_and_scores() -> None:
     settings = Settings.from_env(
-        {"KORERO_HANDOFF_TRIGGERS": "complaint, sentiment", "KORERO_HANDOFF_SENTIMENT_TREND": "-0.6"}
+        {
+            "KORERO_HANDOFF_TRIGGERS": "complaint, sentiment",
+            "KORERO_HANDOFF_SENTIMENT_TREND": "-0.6",
+        }
     )
     assert settings.handoff.triggers == ("sentiment", "complaint")
     assert settings.handoff.sentiment_trend == -0.6

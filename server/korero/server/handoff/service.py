@@ -540,27 +540,26 @@ class HandoffService:
             raise DeskError(
                 grpc.StatusCode.NOT_FOUND, "HANDOFF_NOT_FOUND", f"no open handoff {handoff_id!r}"
             )
-        if first:
-            self._announced.pop(handoff_id, None)
-            if self._metrics is not None:
-                self._metrics.handoff_wait.observe(
-                    max(0.0, (record.joined - record.requested) / 1000)
-                )
-            log.info(
-                "event=handoff_accepted tenant=%s handoff=%s agent=%s wait_ms=%d",
-                tenant,
-                handoff_id,
-                agent.agent_id,
-                record.joined - record.requested,
-            )
-            await self._tell(
-                tenant,
-                record,
-                agent_joined=pb.AgentJoined(
-                    handoff_id=handoff_id, agent_display_name=agent.display_name
-                ),
-            )
-            await self.announce_queue(tenant)
+        if status == "already":
+            return record
+        self._announced.pop(handoff_id, None)
+        if first and self._metrics is not None:
+            self._metrics.handoff_wait.observe(max(0.0, (record.joined - record.requested) / 1000))
+        log.info(
+            "event=handoff_accepted tenant=%s handoff=%s agent=%s first=%s",
+            tenant,
+            handoff_id,
+            agent.agent_id,
+            first,
+        )
+        await self._tell(
+            tenant,
+            record,
+            agent_joined=pb.AgentJoined(
+                handoff_id=handoff_id, agent_display_name=agent.display_name
+            ),
+        )
+        await self.announce_queue(tenant)
         return record
 
     async def decline(self, tenant: str, agent: AgentProfile, handoff_id: str) -> None:
