@@ -1,5 +1,8 @@
 """Settings: the one place that reads the environment.
 
+One module on purpose (it is longer than 400 lines): it is the one list the
+settings table and `korero serve --help` are generated from.
+
 Every knob is a field of a frozen dataclass with its environment variable,
 default and description declared next to it, so `korero serve --help` and the
 settings table in docs/operating.md come from the same source. Values are

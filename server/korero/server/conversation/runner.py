@@ -6,6 +6,10 @@ outcome is persisted (`finish`) before the terminal event is published.
 `replay` answers a retried message whose answer is stored; `follow` waits for
 a retried message whose turn runs on another instance. Whatever fails, the
 turn ends with exactly one `done` or `error` event (`fail`).
+
+Longer than 400 lines on purpose: it is one lifecycle read top to bottom, and
+every path out of it (done, replay, follow, fail) shares the same persistence
+step; splitting them would pass the same half-dozen collaborators around.
 """
 
 from __future__ import annotations
