@@ -110,7 +110,7 @@ async def _run(args: argparse.Namespace, redis_url: str) -> None:
                 tenant_requests_per_minute=10**9,
                 tenant_tokens_per_minute=10**12,
             ),
-            observability=ObservabilitySettings(metrics_listen="off"),
+            observability=ObservabilitySettings(metrics_listen=None),
         )
         await ingest_sample(redis_url)
         app = await KoreroServer.start(settings)

@@ -75,7 +75,7 @@ def _settings(redis_url: str, llm_url: str, full: bool) -> Settings:
             tenant_requests_per_minute=10**9,
             tenant_tokens_per_minute=10**12,
         ),
-        observability=ObservabilitySettings(metrics_listen="off"),
+        observability=ObservabilitySettings(metrics_listen=None),
     )
 
 

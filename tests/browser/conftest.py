@@ -20,7 +20,7 @@ WEB_DIST = ROOT / "clients" / "web" / "dist"
 def web_settings(redis_url: str, sim: UpstreamSim) -> Settings:
     # Slow enough that an answer streams visibly (~0.6 s), fast enough for CI.
     sim.config = SimConfig(ttft=0.05, tokens_per_second=40, answer_tokens=24)
-    return make_settings(redis_url, sim.base_url, server__web_root=str(WEB_DIST))
+    return make_settings(redis_url, sim.base_url, server__web_root=WEB_DIST)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from korero.server.context.assembly import (
     prompt_tokens,
 )
 from korero.server.settings import KnowledgeSettings, PromptSettings, Settings
-from korero.server.storage.sessions import SessionRecord, StoredMessage
+from korero.server.storage.records import SessionRecord, StoredMessage
 from korero.sim import UpstreamSim
 from tests.conftest import RedisProcess, make_settings
 from tests.helpers import ingest_sample, kinds, of_kind, run_turn, text_of

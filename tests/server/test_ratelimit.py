@@ -19,7 +19,7 @@ from korero.client import ChatClient, ChatError
 from korero.server.app import KoreroServer
 from korero.server.errors import RateLimitedError, StoreUnavailableError
 from korero.server.policy.ratelimit import RateLimiter
-from korero.server.settings import RateLimitSettings
+from korero.server.settings import RateLimitSettings, RateTiers
 from korero.sim import SimConfig, UpstreamSim
 from tests.conftest import RedisProcess, free_port, make_settings
 from tests.helpers import kinds, run_turn
@@ -190,7 +190,7 @@ async def test_tiers_give_tenants_different_limits(redis_url: str, sim: Upstream
     tiers = json.dumps(
         {"tiers": {"gold": {"tenant_requests_per_minute": 5}}, "tenants": {"gold-co": "gold"}}
     )
-    limiter_settings = RateLimitSettings(tenant_requests_per_minute=2, tiers=tiers)
+    limiter_settings = RateLimitSettings(tenant_requests_per_minute=2, tiers=RateTiers.parse(tiers))
     client = aioredis.Redis.from_url(redis_url)
     limiter = RateLimiter(client, limiter_settings)
     try:

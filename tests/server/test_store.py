@@ -17,7 +17,8 @@ from korero.client import ChatClient, ChatError
 from korero.server.app import KoreroServer
 from korero.server.errors import StoreUnavailableError
 from korero.server.settings import EngineSettings, Settings
-from korero.server.storage.sessions import SessionStore, translate_redis_error
+from korero.server.storage.boundary import translate_redis_error
+from korero.server.storage.sessions import SessionStore
 from korero.sim import UpstreamSim
 from tests.conftest import RedisProcess, free_port, make_settings
 from tests.helpers import kinds, run_turn

@@ -20,8 +20,10 @@ from google.protobuf import json_format
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.app import KoreroServer
 from korero.server.errors import KoreroError
-from korero.server.policy.identity import Identity
+from korero.server.policy.gate import CallGate
+from korero.server.policy.identity import Authenticator, Identity
 from korero.server.settings import Settings
+from korero.server.transport.chat_session import StreamRules
 from korero.server.transport.websocket import (
     BEARER_PREFIX,
     CHAT_PATH,
@@ -218,6 +220,22 @@ async def test_bad_requests_inside_a_session_are_error_events(
         assert (await turn_events(ws))[-1].WhichOneof("kind") == "done"
 
 
+def adapter_with(
+    settings: Settings, server: KoreroServer, authenticator: Authenticator
+) -> WebSocketServer:
+    """A second adapter on the running server's engine, behind `authenticator`."""
+    return WebSocketServer(
+        engine=server.engine,
+        gate=CallGate(
+            authenticator=authenticator,
+            open_methods=settings.auth.open_methods,
+            default_tenant=settings.engine.tenant,
+        ),
+        listen="127.0.0.1:0",
+        rules=StreamRules.from_settings(settings.server),
+    )
+
+
 class RecordingAuthenticator:
     """Accepts `Bearer good` as tenant `acme`; records what each socket presented."""
 
@@ -235,7 +253,7 @@ async def test_credentials_reach_the_authenticator_from_each_place(
     server: KoreroServer, settings: Settings, http: aiohttp.ClientSession
 ) -> None:
     auth = RecordingAuthenticator()
-    adapter = WebSocketServer(server.engine, settings, auth)
+    adapter = adapter_with(settings, server, auth)
     await adapter.start()
     try:
         bearer = BEARER_PREFIX + base64.urlsafe_b64encode(b"good").decode().rstrip("=")
@@ -299,7 +317,7 @@ class BrokenAuthenticator:
 async def test_an_unexpected_failure_closes_with_1011(
     server: KoreroServer, settings: Settings, http: aiohttp.ClientSession
 ) -> None:
-    adapter = WebSocketServer(server.engine, settings, BrokenAuthenticator())
+    adapter = adapter_with(settings, server, BrokenAuthenticator())
     await adapter.start()
     try:
         async with http.ws_connect(ws_url(adapter)) as ws:

@@ -27,13 +27,18 @@ from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore
 from korero.server.context.router import RuleRouter
 from korero.server.conversation.engine import ConversationEngine
 from korero.server.llm.provider import LLMProvider, OpenAIProvider
+from korero.server.policy.api_keys import ApiKeyStore
+from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
-from korero.server.policy.ratelimit import RateLimiter, RateLimitInterceptor
-from korero.server.policy.tokens import ApiKeyStore, AuthInterceptor, TokenAuthenticator
+from korero.server.policy.ratelimit import RateLimiter
+from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.settings import Settings
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
-from korero.server.transport.grpc_service import ChatServicer, Lifecycle
+from korero.server.transport.chat_session import StreamRules
+from korero.server.transport.grpc_service import ChatServicer
+from korero.server.transport.interceptors import GateInterceptor
+from korero.server.transport.lifecycle import Lifecycle
 from korero.server.transport.websocket import WebSocketServer
 
 __all__ = ["KoreroServer", "run"]
@@ -98,7 +103,6 @@ class KoreroServer:
         authenticator: Authenticator = AnonymousAuthenticator(settings.engine.tenant)
         if settings.auth.mode == "on":
             authenticator = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
-            interceptors.append(AuthInterceptor(authenticator, settings.auth))
         limiter = None
         if settings.limits.enabled:
             limiter = RateLimiter(
@@ -107,9 +111,15 @@ class KoreroServer:
                 on_fallback=metrics.rate_limit_fallbacks.inc,
                 on_reject=lambda limit: metrics.rate_limit_rejections.labels(limit).inc(),
             )
-            interceptors.append(
-                RateLimitInterceptor(limiter, settings.engine.tenant, settings.auth.open_methods)
-            )
+        gate = CallGate(
+            authenticator=authenticator,
+            open_methods=settings.auth.open_methods,
+            default_tenant=settings.engine.tenant,
+            limiter=limiter,
+            authenticates=settings.auth.mode == "on",
+        )
+        if gate.checks_anything:
+            interceptors.append(GateInterceptor(gate))
         knowledge = KnowledgeBase(KnowledgeStore(store.redis), settings.knowledge)
         assembler = KnowledgeAssembler(
             settings.engine.system_prompt,
@@ -141,7 +151,14 @@ class KoreroServer:
         health = health_aio.HealthServicer()
         server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
         chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(engine, settings, lifecycle, metrics), server
+            ChatServicer(
+                engine=engine,
+                lifecycle=lifecycle,
+                metrics=metrics,
+                rules=StreamRules.from_settings(settings.server),
+                default_tenant=settings.engine.tenant,
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
@@ -157,8 +174,14 @@ class KoreroServer:
         except RuntimeError as exc:  # grpcio's way of saying the bind failed
             raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
         websocket = None
-        if settings.server.ws_listen.lower() != "off":
-            websocket = WebSocketServer(engine, settings, authenticator)
+        if settings.server.ws_listen is not None:
+            websocket = WebSocketServer(
+                engine=engine,
+                gate=gate,
+                listen=settings.server.ws_listen,
+                rules=StreamRules.from_settings(settings.server),
+                web_root=settings.server.web_root,
+            )
             await websocket.start()
         await server.start()
         for service in ("", CHAT_SERVICE):

@@ -2,17 +2,21 @@
 
 Every knob is a field of a frozen dataclass with its environment variable,
 default and description declared next to it, so `korero serve --help` and the
-README table come from the same source. Everything else receives a `Settings`
-through its constructor.
+settings table in docs/operating.md come from the same source. Values are
+typed here, at the edge: enum-like words are `Literal`s checked on reading,
+lists are tuples, rate tiers are parsed JSON, and "off" is `None`. Every
+component receives only the group (or fields) it uses, by keyword.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast, get_args
 
 __all__ = [
     "AuthSettings",
@@ -23,6 +27,7 @@ __all__ = [
     "ObservabilitySettings",
     "PromptSettings",
     "RateLimitSettings",
+    "RateTiers",
     "RedisSettings",
     "ServerSettings",
     "Settings",
@@ -45,8 +50,92 @@ class SettingsError(ValueError):
     """An environment variable has a value that cannot be used."""
 
 
-def _env(name: str, default: Any, doc: str, *, aliases: tuple[str, ...] = ()) -> Any:
-    return field(default=default, metadata={"env": name, "doc": doc, "aliases": aliases})
+AuthMode = Literal["on", "off"]
+LimiterRedisDown = Literal["local", "closed"]
+TraceExporter = Literal["none", "otlp", "console"]
+
+_TIER_FIELDS = (
+    "session_messages_per_minute",
+    "tenant_requests_per_minute",
+    "tenant_tokens_per_minute",
+)
+
+
+@dataclass(frozen=True)
+class RateTiers:
+    """Named rate tiers (partial overrides of the default limits) and who is on which."""
+
+    tiers: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    """Tier name -> {limit field: value}; missing fields take the default limits."""
+    tenants: Mapping[str, str] = field(default_factory=dict)
+    """Tenant -> tier name (every name is one of `tiers`)."""
+
+    @classmethod
+    def parse(cls, raw: str) -> RateTiers:
+        """`{"tiers": {"gold": {...}}, "tenants": {"t1": "gold"}}`; raises ValueError."""
+        if not raw.strip():
+            return cls()
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("expected a JSON object")
+        tiers: dict[str, dict[str, int]] = {}
+        for name, spec in (doc.get("tiers") or {}).items():
+            if not isinstance(spec, dict) or set(spec) - set(_TIER_FIELDS):
+                raise ValueError(f"tier {name!r} may only set {', '.join(_TIER_FIELDS)}")
+            values = {k: int(v) for k, v in spec.items()}
+            if any(v < 0 for v in values.values()):
+                raise ValueError(f"tier {name!r} has a negative limit")
+            tiers[name] = values
+        tenants = {str(t): str(n) for t, n in (doc.get("tenants") or {}).items()}
+        unknown = sorted(set(tenants.values()) - set(tiers))
+        if unknown:
+            raise ValueError(f"tenants refer to unknown tiers: {', '.join(unknown)}")
+        return cls(tiers, tenants)
+
+    def __str__(self) -> str:
+        if not self.tiers and not self.tenants:
+            return ""
+        return json.dumps({"tiers": self.tiers, "tenants": self.tenants})
+
+
+def _env(
+    name: str,
+    default: Any,
+    doc: str,
+    *,
+    aliases: tuple[str, ...] = (),
+    parse: Callable[[str], Any] | None = None,
+) -> Any:
+    meta = {"env": name, "doc": doc, "aliases": aliases, "parse": parse}
+    if isinstance(default, RateTiers):
+        return field(default_factory=RateTiers, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _choice(kind: Any) -> Callable[[str], Any]:
+    allowed = get_args(kind)
+
+    def parse(raw: str) -> Any:
+        word = raw.strip().lower()
+        if word not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return word
+
+    return parse
+
+
+def _off_or(raw: str) -> str | None:
+    """An address, or None for `off`."""
+    return None if raw.strip().lower() == "off" else raw.strip()
+
+
+def _words(raw: str) -> tuple[str, ...]:
+    """A comma-separated list."""
+    return tuple(w.strip() for w in raw.split(",") if w.strip())
+
+
+def _path(raw: str) -> Path:
+    return Path(raw)
 
 
 @dataclass(frozen=True)
@@ -69,14 +158,18 @@ class ServerSettings:
     """A Chat stream that sends no first frame within this time is closed."""
     log_level: str = _env("KORERO_LOG_LEVEL", "INFO", "log level (DEBUG, INFO, WARNING)")
     """Log level of the structured (key=value) logs."""
-    ws_listen: str = _env(
+    ws_listen: str | None = _env(
         "KORERO_WS_LISTEN",
         DEFAULT_WS_LISTEN,
         "WebSocket adapter (and chat page) HOST:PORT, or `off`",
+        parse=_off_or,
     )
-    """Where the WebSocket adapter listens (behind Envoy's `/ws/` route); `off` disables it."""
-    web_root: str = _env(
-        "KORERO_WEB_ROOT", "", "directory of the built chat page served at / (empty: none)"
+    """Where the WebSocket adapter listens (behind Envoy's `/ws/` route); None: off."""
+    web_root: Path | None = _env(
+        "KORERO_WEB_ROOT",
+        None,
+        "directory of the built chat page served at / (empty: none)",
+        parse=_path,
     )
     """The WebSocket listener serves this directory's files (clients/web/dist) at `/`."""
 
@@ -172,29 +265,37 @@ class EngineSettings:
 class AuthSettings:
     """Who may call: API keys (in Redis) and JWTs."""
 
-    mode: str = _env("KORERO_AUTH", "off", "`on` requires a bearer token on every call")
+    mode: AuthMode = _env(
+        "KORERO_AUTH", "off", "`on` requires a bearer token on every call", parse=_choice(AuthMode)
+    )
     """`off`: every caller is KORERO_TENANT. `on`: API key or JWT required."""
-    open_methods: str = _env(
+    open_methods: tuple[str, ...] = _env(
         "KORERO_AUTH_OPEN_METHODS",
-        "/grpc.health.v1.Health/,/grpc.reflection.",
+        ("/grpc.health.v1.Health/", "/grpc.reflection."),
         "comma-separated method prefixes that need no token",
+        parse=_words,
     )
     """Health checks and reflection stay open so probes and grpcurl work."""
     key_cache_seconds: float = _env(
         "KORERO_AUTH_KEY_CACHE_SECONDS", 5.0, "seconds a verified API key is cached in-process"
     )
     """A revoked key stops working within this time."""
-    jwt_secret: str = _env("KORERO_JWT_SECRET", "", "shared secret for HS256 JWTs")
+    jwt_secret: str | None = _env("KORERO_JWT_SECRET", None, "shared secret for HS256 JWTs")
     """Set this or KORERO_JWT_JWKS_URL to accept JWTs."""
-    jwks_url: str = _env("KORERO_JWT_JWKS_URL", "", "JWKS URL for RS256/ES256 JWTs")
+    jwks_url: str | None = _env("KORERO_JWT_JWKS_URL", None, "JWKS URL for RS256/ES256 JWTs")
     """Keys are cached; an unknown `kid` refetches at most once per refetch interval."""
-    jwt_algorithms: str = _env(
-        "KORERO_JWT_ALGORITHMS", "", "accepted JWT algorithms (default HS256 or RS256,ES256)"
+    jwt_algorithms: tuple[str, ...] | None = _env(
+        "KORERO_JWT_ALGORITHMS",
+        None,
+        "accepted JWT algorithms (default HS256 or RS256,ES256)",
+        parse=_words,
     )
     """Pinned algorithm list; `none` is never accepted."""
     jwt_audience: str = _env("KORERO_JWT_AUDIENCE", "korero", "required JWT `aud`")
     """Tokens for another audience are rejected."""
-    jwt_issuer: str = _env("KORERO_JWT_ISSUER", "", "required JWT `iss` (empty: not checked)")
+    jwt_issuer: str | None = _env(
+        "KORERO_JWT_ISSUER", None, "required JWT `iss` (empty: not checked)"
+    )
     """Pin the issuer in production."""
     jwt_tenant_claim: str = _env("KORERO_JWT_TENANT_CLAIM", "tenant", "JWT claim naming the tenant")
     """A token without it is rejected."""
@@ -222,20 +323,22 @@ class RateLimitSettings:
         "KORERO_TENANT_TOKENS_PER_MINUTE", 200_000, "LLM tokens per tenant per minute"
     )
     """Default tier: prompt + completion tokens per tenant per minute."""
-    tiers: str = _env(
+    tiers: RateTiers = _env(
         "KORERO_RATE_TIERS",
-        "",
+        RateTiers(),
         'JSON: per-tenant tiers, e.g. {"tiers":{"gold":{...}},"tenants":{"t1":"gold"}}',
+        parse=RateTiers.parse,
     )
     """Named tiers overriding the defaults, and which tenant is on which tier."""
     window_seconds: float = _env(
         "KORERO_RATE_WINDOW_SECONDS", 60.0, "the window the per-minute limits refill over"
     )
     """Buckets refill evenly over this window (60 s: the limits are per minute)."""
-    redis_down: str = _env(
+    redis_down: LimiterRedisDown = _env(
         "KORERO_RATE_LIMIT_REDIS_DOWN",
         "local",
         "`local` (fail open to a per-process limiter) or `closed`",
+        parse=_choice(LimiterRedisDown),
     )
     """What to do when Redis cannot be reached for a limit check."""
 
@@ -244,13 +347,16 @@ class RateLimitSettings:
 class ObservabilitySettings:
     """Metrics and traces."""
 
-    metrics_listen: str = _env(
+    metrics_listen: str | None = _env(
         "KORERO_METRICS_LISTEN",
         "127.0.0.1:9464",
         "Prometheus /metrics HOST:PORT (`off` to disable)",
+        parse=_off_or,
     )
     """Where Prometheus scrapes `/metrics`."""
-    trace_exporter: str = _env("KORERO_TRACE_EXPORTER", "none", "`none`, `otlp` or `console`")
+    trace_exporter: TraceExporter = _env(
+        "KORERO_TRACE_EXPORTER", "none", "`none`, `otlp` or `console`", parse=_choice(TraceExporter)
+    )
     """Spans are only recorded when an exporter is configured."""
     otlp_endpoint: str = _env(
         "KORERO_OTLP_ENDPOINT", "http://127.0.0.1:4318/v1/traces", "OTLP/HTTP traces endpoint"
@@ -340,19 +446,7 @@ class Settings:
         """Read settings from `environ` (default: `os.environ`)."""
         env = os.environ if environ is None else environ
         groups = {g.name: _read_group(_group_defaults(g), env) for g in dataclasses.fields(cls)}
-        settings = cls(**groups)
-        for name, value, allowed in (
-            ("KORERO_AUTH", settings.auth.mode, ("on", "off")),
-            ("KORERO_RATE_LIMIT_REDIS_DOWN", settings.limits.redis_down, ("local", "closed")),
-            (
-                "KORERO_TRACE_EXPORTER",
-                settings.observability.trace_exporter,
-                ("none", "otlp", "console"),
-            ),
-        ):
-            if value not in allowed:
-                raise SettingsError(f"{name}={value!r} must be one of {', '.join(allowed)}")
-        return settings
+        return cls(**groups)
 
 
 _G = TypeVar("_G")
@@ -370,7 +464,14 @@ def _read_group(defaults: _G, env: Mapping[str, str]) -> _G:
         raw = next((env[n] for n in names if env.get(n, "") != ""), None)
         if raw is None:
             continue
-        values[f.name] = _convert(f.metadata["env"], raw, type(getattr(defaults, f.name)))
+        parse = f.metadata["parse"]
+        if parse is not None:
+            try:
+                values[f.name] = parse(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{f.metadata['env']}={raw!r}: {exc}") from None
+        else:
+            values[f.name] = _convert(f.metadata["env"], raw, type(getattr(defaults, f.name)))
     return dataclasses.replace(defaults, **values)  # type: ignore[type-var]
 
 
@@ -397,6 +498,15 @@ def _convert(name: str, raw: str, kind: type) -> Any:
     return value
 
 
+def _shown(value: Any) -> str:
+    """A default as an operator would write it in the environment."""
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
 def env_reference() -> list[tuple[str, str, str]]:
     """(variable, default, description) for every setting, in declaration order."""
     rows: list[tuple[str, str, str]] = []
@@ -404,6 +514,6 @@ def env_reference() -> list[tuple[str, str, str]]:
         defaults = _group_defaults(group)
         for f in dataclasses.fields(defaults):
             names = " / ".join((f.metadata["env"], *f.metadata["aliases"]))
-            shown = str(getattr(defaults, f.name))
+            shown = _shown(getattr(defaults, f.name))
             rows.append((names, shown if len(shown) < 40 else "(long text)", f.metadata["doc"]))
     return rows

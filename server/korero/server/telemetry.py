@@ -144,9 +144,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-async def serve_metrics(metrics: Metrics, listen: str) -> web.AppRunner | None:
-    """Serve `/metrics` on `listen` (HOST:PORT; port 0 picks one); None when `off`."""
-    if listen.strip().lower() == "off":
+async def serve_metrics(metrics: Metrics, listen: str | None) -> web.AppRunner | None:
+    """Serve `/metrics` on `listen` (HOST:PORT; port 0 picks one); None when off (None)."""
+    if listen is None:
         return None
     host, _, port = listen.rpartition(":")
 

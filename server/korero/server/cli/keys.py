@@ -11,7 +11,7 @@ import sys
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from korero.server.policy.tokens import ApiKeyStore, valid_tenant
+from korero.server.policy.api_keys import ApiKeyStore, valid_tenant
 from korero.server.settings import Settings, SettingsError
 
 __all__ = ["register"]

@@ -46,7 +46,7 @@ from korero.server.context.router import RouteDecision
 from korero.server.errors import KoreroError
 from korero.server.llm.provider import LLMProvider, LLMRequest
 from korero.server.settings import KnowledgeSettings, PromptSettings
-from korero.server.storage.sessions import SessionRecord, StoredMessage
+from korero.server.storage.records import SessionRecord, StoredMessage
 
 __all__ = [
     "FALLBACK_ANSWER",

@@ -42,11 +42,11 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from korero.server.context.knowledge import kb_key
 from korero.server.context.router import RouteDecision
 from korero.server.settings import CacheSettings
+from korero.server.storage.boundary import redis_boundary
+from korero.server.storage.keys import kb_key
 from korero.server.storage.scripts import ScriptCall
-from korero.server.storage.sessions import redis_boundary
 
 __all__ = [
     "CacheLookup",

@@ -41,7 +41,8 @@ from redis.commands.core import AsyncScript
 
 from korero.server.context.retrieval import BM25Index
 from korero.server.settings import KnowledgeSettings
-from korero.server.storage.sessions import redis_boundary
+from korero.server.storage.boundary import redis_boundary
+from korero.server.storage.keys import kb_key
 
 __all__ = [
     "MAX_CHUNK_WORDS",
@@ -50,7 +51,6 @@ __all__ = [
     "KnowledgeBase",
     "KnowledgeStore",
     "Source",
-    "kb_key",
     "load_documents",
 ]
 
@@ -58,11 +58,6 @@ MAX_CHUNK_WORDS = 220
 """A section longer than this is split into parts (each part keeps the section id)."""
 
 _WRITE_BATCH = 500
-
-
-def kb_key(tenant: str, part: str) -> str:
-    """The Redis key of one part of a tenant's knowledge base."""
-    return f"kr:{{{tenant}:kb}}:{part}"
 
 
 @dataclass(frozen=True)

@@ -41,14 +41,9 @@ from korero.server.llm.provider import (
 )
 from korero.server.policy.ratelimit import Admission, RateLimiter
 from korero.server.settings import EngineSettings, KnowledgeSettings, LLMSettings
+from korero.server.storage.records import SessionRecord, StoredMessage, TurnBegin, TurnRecord
 from korero.server.storage.scripts import ScriptCall
-from korero.server.storage.sessions import (
-    SessionRecord,
-    SessionStore,
-    StoredMessage,
-    TurnBegin,
-    TurnRecord,
-)
+from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics
 
 __all__ = [

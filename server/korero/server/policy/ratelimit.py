@@ -30,28 +30,24 @@ open to a per-process limiter with the same limits (counted in a metric),
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import redis.asyncio as aioredis
-import redis.exceptions as rexc
 
 from korero.server.errors import RateLimitedError, StoreUnavailableError
-from korero.server.policy.tokens import current_identity, refused_by_auth
-from korero.server.settings import RateLimitSettings, SettingsError
+from korero.server.settings import RateLimitSettings
+from korero.server.storage.boundary import redis_boundary
+from korero.server.storage.keys import rate_limit_key
 from korero.server.storage.scripts import ScriptCall
-from korero.server.transport.interceptors import checked
 
 __all__ = [
     "Admission",
     "LocalBuckets",
-    "RateLimitInterceptor",
     "RateLimiter",
     "Tier",
     "parse_tiers",
@@ -109,28 +105,21 @@ class Tier:
 
 
 def parse_tiers(settings: RateLimitSettings) -> tuple[Tier, dict[str, Tier]]:
-    """The default tier and each tenant's tier from `KORERO_RATE_TIERS`."""
+    """The default tier and each tenant's tier (tiers are parsed and checked in settings)."""
     default = Tier(
         settings.session_messages_per_minute,
         settings.tenant_requests_per_minute,
         settings.tenant_tokens_per_minute,
     )
-    if not settings.tiers.strip():
-        return default, {}
-    try:
-        doc = json.loads(settings.tiers)
-        named = {
-            name: Tier(
-                int(spec.get("session_messages_per_minute", default.session_messages)),
-                int(spec.get("tenant_requests_per_minute", default.tenant_requests)),
-                int(spec.get("tenant_tokens_per_minute", default.tenant_tokens)),
-            )
-            for name, spec in doc.get("tiers", {}).items()
-        }
-        tenants = {tenant: named[tier] for tenant, tier in doc.get("tenants", {}).items()}
-    except (ValueError, KeyError, AttributeError, TypeError) as exc:
-        raise SettingsError(f"KORERO_RATE_TIERS is not valid: {exc!r}") from None
-    return default, tenants
+    named = {
+        name: Tier(
+            spec.get("session_messages_per_minute", default.session_messages),
+            spec.get("tenant_requests_per_minute", default.tenant_requests),
+            spec.get("tenant_tokens_per_minute", default.tenant_tokens),
+        )
+        for name, spec in settings.tiers.tiers.items()
+    }
+    return default, {tenant: named[tier] for tenant, tier in settings.tiers.tenants.items()}
 
 
 @dataclass(frozen=True)
@@ -222,11 +211,11 @@ class RateLimiter:
     def _spec(self, name: str, tenant: str, session_id: str, cost: float) -> _Spec:
         tier = self.tier(tenant)
         if name == "session_messages":
-            key, capacity = f"kr:{{{tenant}}}:rl:session:{session_id}", tier.session_messages
+            key, capacity = rate_limit_key(tenant, f"session:{session_id}"), tier.session_messages
         elif name == "tenant_requests":
-            key, capacity = f"kr:{{{tenant}}}:rl:requests", tier.tenant_requests
+            key, capacity = rate_limit_key(tenant, "requests"), tier.tenant_requests
         else:
-            key, capacity = f"kr:{{{tenant}}}:rl:tokens", tier.tenant_tokens
+            key, capacity = rate_limit_key(tenant, "tokens"), tier.tenant_tokens
         return _Spec(name, key, capacity, capacity / self._window_ms, cost)
 
     @staticmethod
@@ -241,8 +230,9 @@ class RateLimiter:
     ) -> tuple[bool, float, int, list[float], bool]:
         keys, args = self._args(specs, force)
         try:
-            out = await self._script(keys=keys, args=args)
-        except (rexc.ConnectionError, rexc.TimeoutError, OSError, TimeoutError) as exc:
+            async with redis_boundary():
+                out = await self._script(keys=keys, args=args)
+        except StoreUnavailableError as exc:
             if self._settings.redis_down == "closed":
                 raise StoreUnavailableError("rate limiter unavailable") from exc
             self._on_fallback()
@@ -308,32 +298,3 @@ class RateLimiter:
         )
         keys, args = self._args([spec], force=True)
         return ScriptCall(self._script, keys, args)
-
-
-class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Counts every new call against its tenant's request limit.
-
-    Messages inside a stream are limited by the engine (`admit_message`), so a
-    long-lived stream cannot bypass the limits.
-    """
-
-    def __init__(self, limiter: RateLimiter, default_tenant: str, open_methods: str) -> None:
-        self._limiter = limiter
-        self._default_tenant = default_tenant
-        self._open = tuple(p.strip() for p in open_methods.split(",") if p.strip())
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if (
-            handler is None
-            or handler_call_details.method.startswith(self._open)
-            or refused_by_auth()  # a refused call costs the tenant nothing
-        ):
-            return handler
-        identity = current_identity()
-        tenant = identity.tenant if identity is not None else self._default_tenant
-        return await checked(handler, lambda: self._limiter.admit_call(tenant))

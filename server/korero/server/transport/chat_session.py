@@ -12,13 +12,61 @@ session ends at once, a busy one after its turn's terminal event).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.conversation.engine import ConversationEngine, Turn, error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError
+from korero.server.settings import ServerSettings
 
-__all__ = ["ChatSession"]
+__all__ = ["ChatSession", "StreamRules", "read_first_frame"]
+
+
+@dataclass(frozen=True)
+class StreamRules:
+    """The timing rules of a full-duplex chat stream, whatever carries it."""
+
+    heartbeat_interval: float
+    first_frame_timeout: float
+
+    @classmethod
+    def from_settings(cls, server: ServerSettings) -> StreamRules:
+        return cls(
+            heartbeat_interval=server.heartbeat_interval,
+            first_frame_timeout=server.first_frame_timeout,
+        )
+
+
+async def read_first_frame(
+    receive: Callable[[], Awaitable[pb.ChatRequest | None]], within: float, stream: str
+) -> pb.ChatRequest:
+    """The first frame of a stream, which must be `start` and arrive within `within` seconds.
+
+    `receive` returns None when the client closed first; `stream` names the
+    stream in messages ("Chat stream", "chat socket").
+    """
+    try:
+        async with asyncio.timeout(within):
+            first = await receive()
+    except TimeoutError:
+        raise KoreroError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "FIRST_FRAME_TIMEOUT",
+            f"no start frame within {within:g}s",
+        ) from None
+    if first is None:
+        raise InvalidArgumentError(
+            "FIRST_FRAME_MISSING", f"the {stream} closed before its first frame (start)"
+        )
+    if first.WhichOneof("kind") != "start":
+        raise InvalidArgumentError(
+            "FIRST_FRAME_NOT_START", f"the first frame of a {stream} must be `start`"
+        )
+    return first
+
 
 _TERMINAL = frozenset({"done", "error"})
 

@@ -20,48 +20,20 @@ from korero.chat.v1 import chat_pb2 as pb
 from korero.chat.v1 import chat_pb2_grpc
 from korero.server.conversation.engine import ConversationEngine, Turn
 from korero.server.errors import (
-    InvalidArgumentError,
     KoreroError,
     ShuttingDownError,
 )
-from korero.server.policy.tokens import current_identity
-from korero.server.settings import Settings
 from korero.server.telemetry import Metrics
-from korero.server.transport.chat_session import ChatSession
+from korero.server.transport.chat_session import ChatSession, StreamRules, read_first_frame
+from korero.server.transport.interceptors import current_identity
+from korero.server.transport.lifecycle import Lifecycle
 from korero.server.transport.status import abort_with_error
 
-__all__ = ["ChatServicer", "Lifecycle"]
+__all__ = ["ChatServicer"]
 
 log = logging.getLogger(__name__)
 
 _TERMINAL = frozenset({"done", "error"})
-
-
-class Lifecycle:
-    """Serving or draining; tells open sessions when the server starts to drain."""
-
-    def __init__(self) -> None:
-        self.draining = False
-        self._sessions: set[ChatSession] = set()
-
-    @property
-    def open_streams(self) -> int:
-        return len(self._sessions)
-
-    def check_open(self) -> None:
-        if self.draining:
-            raise ShuttingDownError()
-
-    def register(self, session: ChatSession) -> None:
-        self._sessions.add(session)
-
-    def unregister(self, session: ChatSession) -> None:
-        self._sessions.discard(session)
-
-    def begin_drain(self) -> None:
-        self.draining = True
-        for session in self._sessions:
-            session.drain()
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -81,20 +53,23 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     def __init__(
         self,
+        *,
         engine: ConversationEngine,
-        settings: Settings,
         lifecycle: Lifecycle,
         metrics: Metrics,
+        rules: StreamRules,
+        default_tenant: str,
     ) -> None:
         self._engine = engine
-        self._settings = settings
+        self._rules = rules
+        self._default_tenant = default_tenant
         self._lifecycle = lifecycle
         self._metrics = metrics
 
     def _tenant(self) -> str:
-        # Set by AuthInterceptor; without authentication every caller is the default tenant.
+        # Set by the gate; without authentication every caller is the default tenant.
         identity = current_identity()
-        return identity.tenant if identity is not None else self._settings.engine.tenant
+        return identity.tenant if identity is not None else self._default_tenant
 
     # Chat: one bidirectional stream per session -----------------------------------
 
@@ -106,7 +81,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         try:
             # The first frame is read before refusing a draining server's stream:
             # a client still writing it when the status lands would see INTERNAL.
-            first = await self._first_frame(request_iterator)
+            first = await read_first_frame(
+                lambda: anext(request_iterator, None),
+                self._rules.first_frame_timeout,
+                "Chat stream",
+            )
             self._lifecycle.check_open()
             tenant = self._tenant()
             started = await self._engine.open_session(
@@ -118,7 +97,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             self._engine,
             tenant,
             started,
-            self._settings.server.heartbeat_interval,
+            self._rules.heartbeat_interval,
             lambda: _deadline(context),
         )
         yield pb.ChatResponse(event=started)
@@ -139,27 +118,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             self._lifecycle.unregister(session)
             self._metrics.active_streams.dec()
             session.close()  # a turn still in flight: the client went away, stop it
-
-    async def _first_frame(self, requests: AsyncIterator[pb.ChatRequest]) -> pb.ChatRequest:
-        timeout = self._settings.server.first_frame_timeout
-        try:
-            async with asyncio.timeout(timeout):
-                first = await anext(requests)
-        except StopAsyncIteration:
-            raise InvalidArgumentError(
-                "FIRST_FRAME_MISSING", "the stream closed before its first frame (start)"
-            ) from None
-        except TimeoutError:
-            raise KoreroError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "FIRST_FRAME_TIMEOUT",
-                f"no start frame within {timeout:g}s",
-            ) from None
-        if first.WhichOneof("kind") != "start":
-            raise InvalidArgumentError(
-                "FIRST_FRAME_NOT_START", "the first frame of a Chat stream must be `start`"
-            )
-        return first
 
     @staticmethod
     async def _read(requests: AsyncIterator[pb.ChatRequest], session: ChatSession) -> None:

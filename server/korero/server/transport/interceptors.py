@@ -1,39 +1,71 @@
-"""One shape for every interceptor: a check before the call, no wrapper after it.
+"""The call gate as a gRPC interceptor: a check before the call, no wrapper after it.
 
-`checked` runs a check inside `intercept_service` — which grpc.aio awaits in
-the task that then runs the handler, so context variables set by the check
-(the caller's identity) are visible to the handler. When the check passes,
-the method's own handler is returned untouched: nothing is added per
-streamed message. When it raises `KoreroError`, a handler of the same kind
-is returned that ends the call with that error's status and details.
+`GateInterceptor` asks the `CallGate` inside `intercept_service` — which
+grpc.aio awaits in the task that then runs the handler, so the caller's
+identity, set here in a context variable, is visible to the servicer
+(`current_identity`). It is the only interceptor that decides anything, so no
+policy is handed from one interceptor to another. When the gate admits the
+call, the method's own handler is returned untouched: nothing is added per
+streamed message. When it refuses, a handler of the same kind is returned
+that ends the call with that error's status and details.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from korero.server.errors import KoreroError
+from korero.server.policy.gate import CallGate
+from korero.server.policy.identity import Identity
 from korero.server.transport.status import abort_with_error
 
-__all__ = ["checked", "refusal"]
+__all__ = ["GateInterceptor", "current_identity", "refusal"]
 
 _DRAIN_FIRST_FRAME = 1.0  # seconds
 
+_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "korero_identity", default=None
+)
 
-async def checked(
-    handler: grpc.RpcMethodHandler, check: Callable[[], Awaitable[object]]
-) -> grpc.RpcMethodHandler:
-    """`handler` if `check` passes, else a handler refusing the call."""
-    try:
-        await check()
-    except KoreroError as error:
-        return refusal(handler, error)
-    return handler
+
+def current_identity() -> Identity | None:
+    """The identity of the call being served (None: no gate, or an open method)."""
+    return _identity.get()
+
+
+class GateInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Applies the `CallGate` to every gRPC call."""
+
+    def __init__(self, gate: CallGate) -> None:
+        self._gate = gate
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        if self._gate.is_open(method):
+            return await continuation(handler_call_details)
+        authorization = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                authorization = value if isinstance(value, str) else value.decode()
+        refused: KoreroError | None = None
+        try:
+            _identity.set(await self._gate.admit(method, authorization))
+        except KoreroError as error:
+            refused = error
+        handler = await continuation(handler_call_details)
+        if refused is None or handler is None:
+            return handler
+        return refusal(handler, refused)
 
 
 async def _refuse(

@@ -12,7 +12,7 @@ calls, engine events out become frames. It mirrors `ChatService.Chat`:
   messages with protobuf's canonical JSON mapping.
 * The first request must be `start`; then `message` and `cancel`, exactly as
   on a Chat stream. Errors inside a turn are `error` events; the socket stays.
-* Credentials go through the same `Authenticator` as gRPC, as the
+* Credentials go through the same `CallGate` as gRPC, as the
   `authorization` value: from an `Authorization` header (non-browser
   clients), from a `korero.bearer.<base64url token>` subprotocol (browsers
   cannot set headers), or from a text frame `{"authorization": "Bearer …"}`
@@ -45,10 +45,9 @@ from google.protobuf.message import DecodeError
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.conversation.engine import ConversationEngine, error_event_body
-from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
-from korero.server.policy.identity import Authenticator
-from korero.server.settings import Settings
-from korero.server.transport.chat_session import ChatSession
+from korero.server.errors import KoreroError, ShuttingDownError
+from korero.server.policy.gate import CallGate
+from korero.server.transport.chat_session import ChatSession, StreamRules, read_first_frame
 
 __all__ = [
     "BEARER_PREFIX",
@@ -62,6 +61,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHAT_PATH: Final = "/ws/chat"
+CHAT_METHOD: Final = "/korero.chat.v1.ChatService/Chat"
+"""A socket is a Chat stream: the gate checks it as that method."""
 PROTO_PROTOCOL: Final = "korero.chat.v1+proto"
 JSON_PROTOCOL: Final = "korero.chat.v1+json"
 BEARER_PREFIX: Final = "korero.bearer."
@@ -211,32 +212,24 @@ class _ChatSocket:
         self,
         conn: _Connection,
         engine: ConversationEngine,
-        settings: Settings,
-        authenticator: Authenticator,
+        rules: StreamRules,
+        gate: CallGate,
         authorization: str | None,
     ) -> None:
         self._conn = conn
         self._engine = engine
-        self._settings = settings
-        self._authenticator = authenticator
+        self._rules = rules
+        self._gate = gate
         self._authorization = authorization
 
     async def run(self) -> None:
         conn = self._conn
         try:
             first = await self._first_frame()
-            identity = await self._authenticator.authenticate(self._authorization)
-            # The same rules as the gRPC interceptors: scope, then the tenant's call limit.
-            if identity.scopes and "chat:write" not in identity.scopes:
-                raise KoreroError(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "SCOPE_MISSING",
-                    "this credential lacks the `chat:write` scope",
-                )
-            if self._engine.limiter is not None:
-                await self._engine.limiter.admit_call(identity.tenant)
+            # The same gate as every gRPC call: authenticate, scope, tenant call limit.
+            tenant = (await self._gate.admit(CHAT_METHOD, self._authorization)).tenant
             started = await self._engine.open_session(
-                identity.tenant, first.start.session_id, first.start.metadata
+                tenant, first.start.session_id, first.start.metadata
             )
         except _FrameError as exc:
             await conn.close(exc.code, exc.reason)
@@ -244,9 +237,7 @@ class _ChatSocket:
         except KoreroError as error:
             await conn.fail(error)
             return
-        session = ChatSession(
-            self._engine, identity.tenant, started, self._settings.server.heartbeat_interval
-        )
+        session = ChatSession(self._engine, tenant, started, self._rules.heartbeat_interval)
         conn.session = session
         await conn.codec.send(conn.ws, started)
         reader = asyncio.create_task(self._read(session))
@@ -269,29 +260,14 @@ class _ChatSocket:
         return msg
 
     async def _first_frame(self) -> pb.ChatRequest:
-        timeout = self._settings.server.first_frame_timeout
-        try:
-            async with asyncio.timeout(timeout):
+        async def receive() -> pb.ChatRequest | None:
+            msg = await self._receive()
+            if msg is not None and (authorization := _auth_frame(msg)) is not None:
+                self._authorization = authorization
                 msg = await self._receive()
-                if msg is not None and (authorization := _auth_frame(msg)) is not None:
-                    self._authorization = authorization
-                    msg = await self._receive()
-        except TimeoutError:
-            raise KoreroError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "FIRST_FRAME_TIMEOUT",
-                f"no start frame within {timeout:g}s",
-            ) from None
-        if msg is None:
-            raise InvalidArgumentError(
-                "FIRST_FRAME_MISSING", "the socket closed before its first frame (start)"
-            )
-        first = self._conn.codec.decode(msg)
-        if first.WhichOneof("kind") != "start":
-            raise InvalidArgumentError(
-                "FIRST_FRAME_NOT_START", "the first frame of a chat socket must be `start`"
-            )
-        return first
+            return None if msg is None else self._conn.codec.decode(msg)
+
+        return await read_first_frame(receive, self._rules.first_frame_timeout, "chat socket")
 
     async def _read(self, session: ChatSession) -> None:
         conn = self._conn
@@ -309,19 +285,21 @@ class WebSocketServer:
 
     def __init__(
         self,
+        *,
         engine: ConversationEngine,
-        settings: Settings,
-        authenticator: Authenticator,
+        gate: CallGate,
+        listen: str,
+        rules: StreamRules,
+        web_root: Path | None = None,
     ) -> None:
         self._engine = engine
-        self._settings = settings
-        self._authenticator = authenticator
+        self._gate = gate
+        self._listen = listen
+        self._rules = rules
         self._connections: set[_Connection] = set()
         self._draining = False
         self._runner: web.AppRunner | None = None
-        self._web_root = (
-            Path(settings.server.web_root).resolve() if settings.server.web_root else None
-        )
+        self._web_root = web_root.resolve() if web_root is not None else None
         self.port = 0
 
     @property
@@ -330,7 +308,7 @@ class WebSocketServer:
 
     @property
     def address(self) -> str:
-        host = self._settings.server.ws_listen.rsplit(":", 1)[0]
+        host = self._listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
     def build_app(self) -> web.Application:
@@ -343,7 +321,7 @@ class WebSocketServer:
         return app
 
     async def start(self) -> None:
-        host, _, port = self._settings.server.ws_listen.rpartition(":")
+        host, _, port = self._listen.rpartition(":")
         runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, host or "127.0.0.1", int(port), reuse_port=True)
@@ -384,11 +362,7 @@ class WebSocketServer:
         self._connections.add(conn)
         try:
             await _ChatSocket(
-                conn,
-                self._engine,
-                self._settings,
-                self._authenticator,
-                _authorization_from_handshake(request),
+                conn, self._engine, self._rules, self._gate, _authorization_from_handshake(request)
             ).run()
         except Exception as exc:
             log.exception("event=ws_failed")

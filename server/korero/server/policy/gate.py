@@ -1,0 +1,82 @@
+"""The call gate: authenticate → scope → the tenant's call limit, in one place.
+
+Every transport asks the same `CallGate` before serving a call: the gRPC
+interceptor (transport/interceptors.py) for each RPC, the WebSocket adapter
+for each socket. The gate returns the caller's `Identity` or raises a
+`KoreroError` (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED,
+UNAVAILABLE); what the transport does with a refusal is its own framing.
+
+Scopes follow from the method, not from a table: a method of
+`korero.<domain>.v<N>.<Service>` needs `<domain>:read` when it is a standard
+read (AIP-131/132: `Get…`, `List…`) and `<domain>:write` otherwise. A
+credential without scopes may call everything of its tenant.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from korero.server.errors import KoreroError
+from korero.server.policy.identity import Authenticator, Identity
+from korero.server.policy.ratelimit import RateLimiter
+
+__all__ = ["CallGate", "scope_for_method"]
+
+_READ_PREFIXES = ("Get", "List")
+
+
+def scope_for_method(method: str) -> str | None:
+    """The scope `/korero.<domain>.vN.Service/Method` needs; None for other services."""
+    service, _, name = method.strip("/").rpartition("/")
+    parts = service.split(".")
+    if len(parts) < 4 or parts[0] != "korero" or not name:
+        return None
+    access = "read" if name.startswith(_READ_PREFIXES) else "write"
+    return f"{parts[1]}:{access}"
+
+
+class CallGate:
+    """Decides whether a call may start, for every transport."""
+
+    def __init__(
+        self,
+        *,
+        authenticator: Authenticator,
+        open_methods: tuple[str, ...],
+        default_tenant: str,
+        limiter: RateLimiter | None = None,
+        authenticates: bool = True,
+    ) -> None:
+        self._authenticator = authenticator
+        self._anonymous = Identity(tenant=default_tenant)
+        self._open = open_methods
+        self._limiter = limiter
+        self._authenticates = authenticates
+
+    @property
+    def checks_anything(self) -> bool:
+        """False when every call would pass unchecked (no auth, no limits)."""
+        return self._authenticates or self._limiter is not None
+
+    def is_open(self, method: str) -> bool:
+        """Methods that need no credentials and cost nothing (health, reflection)."""
+        return method.startswith(self._open)
+
+    async def admit(self, method: str, authorization: str | None) -> Identity:
+        """The caller's identity, or a `KoreroError` refusing the call.
+
+        Open methods pass without checks, as the default tenant.
+        """
+        if self.is_open(method):
+            return self._anonymous
+        identity = await self._authenticator.authenticate(authorization)
+        needed = scope_for_method(method)
+        if identity.scopes and needed is not None and needed not in identity.scopes:
+            raise KoreroError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "SCOPE_MISSING",
+                f"this credential lacks the `{needed}` scope",
+            )
+        if self._limiter is not None:
+            await self._limiter.admit_call(identity.tenant)  # a refused caller costs nothing
+        return identity
