@@ -13,7 +13,8 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from korero.server.policy.tokens import valid_tenant
+from korero.server.errors import KoreroError
+from korero.server.policy.api_keys import valid_tenant
 from korero.server.settings import Settings, SettingsError
 from korero.server.tools import ToolRegistry, ToolSpec, ToolSpecError
 
@@ -91,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
             return 2
     try:
         return asyncio.run(_act(args, settings.redis.url, specs))
-    except (rexc.RedisError, OSError) as exc:
+    except (rexc.RedisError, OSError, KoreroError) as exc:
         print(f"korero tools: Redis at {settings.redis.url} failed: {exc}", file=sys.stderr)
         return 1
 
