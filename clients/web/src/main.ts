@@ -18,6 +18,7 @@ import {
   type Event,
   FinishReason,
 } from "./gen/korero/chat/v1/chat_pb.js";
+import { renderMarkdown } from "./markdown.js";
 
 type RouteName = "grpc-web" | "websocket";
 
@@ -64,13 +65,19 @@ function newId(): string {
   return crypto.randomUUID();
 }
 
-/** One assistant bubble: text, citations and the line with usage and finish. */
+let answerCount = 0;
+
+/** One assistant bubble: text (rendered Markdown), sources, and the line with usage and finish. */
 class AnswerView {
   private readonly text: HTMLElement;
   private readonly citations: HTMLOListElement;
   private readonly meta: HTMLElement;
   private ttftShown = false;
   private readonly startedAt = performance.now();
+  private readonly prefix = `a${++answerCount}`;
+  private raw = "";
+  /** Sources-list entries by citation label (`Baggage Policy, Section 2.1`). */
+  private readonly sources = new Map<string, { id: string; n: number; item: HTMLLIElement }>();
 
   constructor(question: string) {
     const user = document.createElement("div");
@@ -88,6 +95,25 @@ class AnswerView {
     bubble.append(this.text, this.citations, this.meta);
     log.append(user, bubble);
     bubble.scrollIntoView({ block: "end" });
+  }
+
+  /** The sources-list entry of `label`, created (with the label as its text) if new. */
+  private source(label: string): { id: string; n: number; item: HTMLLIElement } {
+    let entry = this.sources.get(label);
+    if (!entry) {
+      const n = this.sources.size + 1;
+      const item = document.createElement("li");
+      item.id = `${this.prefix}-src-${n}`;
+      item.textContent = label;
+      entry = { id: item.id, n, item };
+      this.sources.set(label, entry);
+      this.citations.append(item);
+    }
+    return entry;
+  }
+
+  private render(): void {
+    this.text.innerHTML = renderMarkdown(this.raw, (label) => this.source(label));
   }
 
   /** Show one event; true when it ends the turn. */
@@ -111,7 +137,8 @@ class AnswerView {
         return false;
       case "textDelta":
         record.text = kind.value.text;
-        this.text.textContent += kind.value.text;
+        this.raw += kind.value.text;
+        this.render();
         if (!this.ttftShown) {
           this.ttftShown = true;
           this.meta.textContent = `first token after ${Math.round(performance.now() - this.startedAt)} ms…`;
@@ -119,10 +146,10 @@ class AnswerView {
         this.text.parentElement?.scrollIntoView({ block: "end" });
         return false;
       case "citation": {
-        const item = document.createElement("li");
         const c = kind.value;
-        item.textContent = `${c.documentTitle}${c.section ? ` — ${c.section}` : ""}: ${c.snippet}`;
-        this.citations.append(item);
+        const label = c.section ? `${c.documentTitle}, Section ${c.section}` : c.documentTitle;
+        const entry = this.source(label);
+        entry.item.textContent = `${label}: ${c.snippet}`;
         return false;
       }
       case "usage":
