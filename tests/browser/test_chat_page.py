@@ -79,4 +79,4 @@ async def test_chat_page_streams_and_cancels_on_both_routes(
     chats = [r for r in sim.requests if r.body.get("messages")]
     assert len(chats) == 6
     assert [r.finished_at is not None for r in chats] == [True, False, True, False, True, True]
-    assert [r.disconnected_at is not None for r in chats] == [False, True, False, True] + [False] * 2
+    assert [r.disconnected_at is not None for r in chats] == [0, 1, 0, 1, 0, 0]
