@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar, cast, get_args
 __all__ = [
     "AuthSettings",
     "CacheSettings",
+    "ToolSettings",
     "EngineSettings",
     "KnowledgeSettings",
     "LLMSettings",
@@ -427,6 +428,16 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
+class ToolSettings:
+    """The tool loop (live data through tenant-configured tools; see docs/tools.md)."""
+
+    max_rounds: int = _env(
+        "KORERO_TOOLS_MAX_ROUNDS", 3, "most rounds of tool calls in one turn (0: tools off)"
+    )
+    """After this many rounds the model is asked again without tools, so it must answer."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, grouped by concern."""
 
@@ -440,6 +451,7 @@ class Settings:
     knowledge: KnowledgeSettings = field(default_factory=KnowledgeSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    tools: ToolSettings = field(default_factory=ToolSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
