@@ -16,7 +16,7 @@ from korero.server.context.assembly import (
     KnowledgeAssembler,
     prompt_tokens,
 )
-from korero.server.settings import KnowledgeSettings, PromptSettings, Settings
+from korero.server.settings import PromptSettings, Settings
 from korero.server.storage.records import SessionRecord, StoredMessage
 from korero.sim import UpstreamSim
 from tests.conftest import RedisProcess, make_settings
@@ -120,14 +120,13 @@ def _message(role: str, n: int, text: str) -> StoredMessage:
 
 async def test_the_prompt_stays_within_the_budget_under_a_long_history() -> None:
     prompt = PromptSettings(context_window=2000, answer_reserve=500)
-    assembler = KnowledgeAssembler("Be helpful.", "v1", prompt, KnowledgeSettings())
+    assembler = KnowledgeAssembler(system_prompt="Be helpful.", prompt_version="v1", prompt=prompt)
     history = []
     for n in range(1, 101):
         history.append(_message("user", n, f"question {n} " + "blah " * 60))
         history.append(_message("assistant", n, f"answer {n} " + "words " * 80))
-    history.append(_message("user", 101, "the newest question"))
     session = SessionRecord("t", "s", {"customer_name": "Aroha"}, 0, 0, 0, 101, 201)
-    built = await assembler.assemble(ContextRequest("t", session, history))
+    built = await assembler.assemble(ContextRequest("t", session, "the newest question", history))
     assert prompt_tokens(built.messages) == built.tokens <= 1500
     contents = [m["content"] for m in built.messages]
     assert contents[-1] == "the newest question"

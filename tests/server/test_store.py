@@ -17,7 +17,7 @@ from korero.client import ChatClient, ChatError
 from korero.server.app import KoreroServer
 from korero.server.errors import StoreUnavailableError
 from korero.server.settings import EngineSettings, Settings
-from korero.server.storage.boundary import translate_redis_error
+from korero.server.storage.boundary import REDIS_ERROR_MAP, translate_redis_error
 from korero.server.storage.sessions import SessionStore
 from korero.sim import UpstreamSim
 from tests.conftest import RedisProcess, free_port, make_settings
@@ -37,11 +37,12 @@ class CountingConnection(Connection):
 @pytest.mark.parametrize(
     ("limits", "round_trips", "scripts"),
     [
-        # admission check | begin turn + cache lookup | finish turn + cache store (here:
-        # releasing the single-flight lock, nothing grounded was answered) + token settlement
-        (True, 3, 6),
-        # begin turn + cache lookup | finish turn + cache store
-        (False, 2, 4),
+        # admission check | begin turn + KB version + cache lookup | finish turn + cache
+        # store (here: releasing the single-flight lock, nothing grounded was answered)
+        # + token settlement
+        (True, 3, 7),
+        # begin turn + KB version + cache lookup | finish turn + cache store
+        (False, 2, 5),
     ],
 )
 async def test_round_trips_per_turn(
@@ -118,7 +119,7 @@ def _redis_exception_classes() -> list[type[BaseException]]:
     return [
         obj
         for _, obj in inspect.getmembers(rexc, inspect.isclass)
-        if issubclass(obj, rexc.RedisError)
+        if issubclass(obj, rexc.RedisError | rexc.RedisClusterException)
     ]
 
 
@@ -131,9 +132,25 @@ def test_every_redis_exception_is_translated(cls: type[BaseException]) -> None:
     error = translate_redis_error(exc)
     assert error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
     assert error.reason in ("STORE_UNAVAILABLE", "STORE_ERROR")
-    if issubclass(cls, rexc.ConnectionError | rexc.TimeoutError):
+    # Each class is named by a row of the one table (no fall-through default).
+    assert any(issubclass(cls, row) for row, _ in REDIS_ERROR_MAP)
+    transient = (
+        rexc.ConnectionError,
+        rexc.TimeoutError,
+        rexc.BusyLoadingError,
+        rexc.ReadOnlyError,
+        rexc.OutOfMemoryError,
+        rexc.ClusterError,
+        rexc.TryAgainError,
+        rexc.AskError,
+        rexc.SlotNotCoveredError,
+    )
+    if issubclass(cls, transient):
         assert isinstance(error, StoreUnavailableError)
         assert error.retryable
+    else:
+        assert error.reason == "STORE_ERROR"
+        assert not error.retryable
 
 
 async def test_redis_down_gives_unavailable_not_a_hang(tmp_path: Any, sim: UpstreamSim) -> None:

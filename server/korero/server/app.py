@@ -120,32 +120,32 @@ class KoreroServer:
         )
         if gate.checks_anything:
             interceptors.append(GateInterceptor(gate))
-        knowledge = KnowledgeBase(KnowledgeStore(store.redis), settings.knowledge)
+        kb_store = KnowledgeStore(store.redis)
         assembler = KnowledgeAssembler(
-            settings.engine.system_prompt,
-            settings.engine.prompt_version,
-            settings.prompt,
-            settings.knowledge,
-            knowledge,
-            LLMSummarizer(
-                llm,
-                settings.llm.model,
-                settings.prompt.summary_tokens,
-                settings.llm.first_token_timeout,
+            system_prompt=settings.engine.system_prompt,
+            prompt_version=settings.engine.prompt_version,
+            prompt=settings.prompt,
+            kb=KnowledgeBase(kb_store, settings.knowledge),
+            summarizer=LLMSummarizer(
+                llm=llm,
+                model=settings.llm.model,
+                max_tokens=settings.prompt.summary_tokens,
+                timeout=settings.llm.first_token_timeout,
             ),
         )
         engine = ConversationEngine(
-            store,
-            llm,
-            assembler,
-            settings.engine,
-            settings.llm,
+            store=store,
+            llm=llm,
+            assembler=assembler,
+            settings=settings.engine,
+            llm_settings=settings.llm,
+            snippet_chars=settings.knowledge.snippet_chars,
             limiter=limiter,
             metrics=metrics,
             tracer=tracer,
             router=RuleRouter(),
-            cache=ResponseCache(store.redis, settings.cache),
-            knowledge_settings=settings.knowledge,
+            cache=ResponseCache(store.redis, settings.cache) if settings.cache.enabled else None,
+            knowledge=kb_store,
         )
         lifecycle = Lifecycle()
         health = health_aio.HealthServicer()

@@ -21,7 +21,6 @@ from typing import Any, Literal, TypeVar, cast, get_args
 __all__ = [
     "AuthSettings",
     "CacheSettings",
-    "ToolSettings",
     "EngineSettings",
     "KnowledgeSettings",
     "LLMSettings",
@@ -33,6 +32,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SettingsError",
+    "ToolSettings",
     "env_reference",
 ]
 

@@ -75,6 +75,7 @@ from typing import Any, Literal, Self, get_args
 
 from aiohttp import web
 
+from korero.server.context import citations
 from korero.sim._assistant import (
     answer_from_tools,
     detect_intent,
@@ -299,9 +300,6 @@ def prompt_token_count(messages: Sequence[Mapping[str, Any]]) -> int:
     return sum(len(text.split()) for text in _message_texts(messages))
 
 
-_EXCERPT = re.compile(
-    r"^(\[Source: [^\]\n]+\])[^\n]*\n(.+?)(?=\n[ \t]*\n|\Z)", re.MULTILINE | re.DOTALL
-)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _WORDLIKE = re.compile(r"[a-z0-9]+")
 _CUSTOMER_LINE = re.compile(r"^customer:[ \t]*(.+)$", re.MULTILINE)
@@ -360,7 +358,7 @@ def compose_answer(
     from_tools = answer_from_tools(messages)
     if from_tools is not None:
         return _as_tokens(from_tools)
-    excerpts = [(m.group(1), m.group(2)) for t in texts for m in _EXCERPT.finditer(t)]
+    excerpts = [(m.group(1), m.group(2)) for t in texts for m in citations.EXCERPT.finditer(t)]
     last_user = ""
     name = None
     for message in messages:

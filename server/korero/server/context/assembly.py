@@ -41,11 +41,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from korero.server.context import citations
 from korero.server.context.knowledge import KnowledgeBase, Source
 from korero.server.context.router import RouteDecision
 from korero.server.errors import KoreroError
 from korero.server.llm.provider import LLMProvider, LLMRequest
-from korero.server.settings import KnowledgeSettings, PromptSettings
+from korero.server.settings import PromptSettings
 from korero.server.storage.records import SessionRecord, StoredMessage
 
 __all__ = [
@@ -77,7 +78,7 @@ FALLBACK_ANSWER = (
 _RULES = (
     "How to answer: when the question is about a policy, answer only from the knowledge-base "
     "excerpts below, in short bullet points. After each fact, cite its source exactly as "
-    "written in the excerpt header, for example [Source: Baggage Policy, Section 2.1]. If the "
+    f"written in the excerpt header, for example {citations.EXAMPLE}. If the "
     "excerpts do not answer the question, say so and offer a human agent; never guess a policy."
 )
 
@@ -115,8 +116,10 @@ class ContextRequest:
 
     tenant: str
     session: SessionRecord
-    history: Sequence[StoredMessage]
-    """Recent messages, oldest first, ending with the new user message."""
+    message: str
+    """The new user message, as the engine received it."""
+    history: Sequence[StoredMessage] = ()
+    """Recent earlier messages, oldest first (without the new message)."""
     route: RouteDecision | None = None
     kb_version: int = 0
 
@@ -156,7 +159,7 @@ class Summarizer(Protocol):
 class LLMSummarizer:
     """Summarizes through the same LLM provider as the answers."""
 
-    def __init__(self, llm: LLMProvider, model: str, max_tokens: int, timeout: float) -> None:
+    def __init__(self, *, llm: LLMProvider, model: str, max_tokens: int, timeout: float) -> None:
         self._llm = llm
         self._model = model
         self._max_tokens = max_tokens
@@ -221,17 +224,16 @@ class KnowledgeAssembler:
 
     def __init__(
         self,
+        *,
         system_prompt: str,
         prompt_version: str,
         prompt: PromptSettings,
-        knowledge: KnowledgeSettings,
         kb: KnowledgeBase | None = None,
         summarizer: Summarizer | None = None,
     ) -> None:
         self._system_prompt = system_prompt
         self._version = f"{prompt_version}+{PROMPT_TEMPLATE_VERSION}"
         self._prompt = prompt
-        self._knowledge = knowledge
         self._kb = kb
         self._summarizer = summarizer
 
@@ -241,8 +243,7 @@ class KnowledgeAssembler:
         return self._version
 
     async def assemble(self, request: ContextRequest) -> AssembledContext:
-        history = list(request.history)
-        question = history[-1].text if history and history[-1].role == "user" else ""
+        question = request.message
         route = request.route
         sources: list[Source] = []
         if self._kb is not None and request.kb_version > 0 and question:
@@ -261,10 +262,9 @@ class KnowledgeAssembler:
             facts = _facts(request.session.metadata)
             if facts:
                 head.append("Facts about this customer:\n" + "\n".join(facts))
-        current = history[-1:] if question else []
-        older = history[:-1] if question else history
+        older = list(request.history)
         fixed = count_tokens("\n\n".join(head)) + MESSAGE_OVERHEAD_TOKENS
-        fixed += sum(count_tokens(m.text) + MESSAGE_OVERHEAD_TOKENS for m in current)
+        fixed += count_tokens(question) + MESSAGE_OVERHEAD_TOKENS
 
         # Knowledge-base excerpts, best first, within their share of the budget.
         kb_budget = _Budget(max(0, min(self._prompt.knowledge_tokens, total - fixed)))
@@ -287,7 +287,8 @@ class KnowledgeAssembler:
         if kb_block:
             head.append(kb_block)
         messages = [{"role": "system", "content": "\n\n".join(head)}]
-        messages += [{"role": m.role, "content": m.text} for m in (*older, *current)]
+        messages += [{"role": m.role, "content": m.text} for m in older]
+        messages.append({"role": "user", "content": question})
         return AssembledContext(
             messages,
             sources=tuple(used_sources),

@@ -39,10 +39,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from korero.server.context import citations
 from korero.server.context.retrieval import BM25Index
 from korero.server.settings import KnowledgeSettings
 from korero.server.storage.boundary import redis_boundary
 from korero.server.storage.keys import kb_key
+from korero.server.storage.scripts import ScriptCall
 
 __all__ = [
     "MAX_CHUNK_WORDS",
@@ -103,7 +105,7 @@ class Source:
     @property
     def label(self) -> str:
         """How the model is asked to cite it."""
-        return f"[Source: {self.chunk.document_title}, Section {self.chunk.section}]"
+        return citations.label(self.chunk.document_title, self.chunk.section)
 
 
 # Parsing -----------------------------------------------------------------------
@@ -262,12 +264,20 @@ return new
 """
 
 
+_VERSION = "return redis.call('HGET', KEYS[1], 'version') or '0'"
+
+
 class KnowledgeStore:
     """Versioned knowledge-base chunks of every tenant, in Redis."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._activate: AsyncScript = client.register_script(_ACTIVATE)
+        self._version: AsyncScript = client.register_script(_VERSION)
+
+    def version_call(self, tenant: str) -> ScriptCall:
+        """Reads the tenant's KB version; sent in the pipeline that begins a turn."""
+        return ScriptCall(self._version, (kb_key(tenant, "meta"),), ())
 
     async def ingest(self, tenant: str, documents: Sequence[Document]) -> int:
         """Store `documents` as the tenant's new KB version; returns that version."""

@@ -38,6 +38,7 @@ from typing import Any
 from google.protobuf import duration_pb2
 
 from korero.chat.v1 import chat_pb2 as pb
+from korero.server.context import citations
 from korero.server.llm.provider import (
     LLMChunk,
     LLMProvider,
@@ -125,7 +126,7 @@ class ToolTurn:
             if r.source in seen:
                 continue
             seen.add(r.source)
-            title, _, rest = r.source.removeprefix("[Source: ").removesuffix("]").partition(", ")
+            title, _, rest = citations.label_text(r.source).partition(", ")
             out.append(
                 {
                     "document_title": title,
@@ -271,7 +272,7 @@ class ToolLoop:
                     status=_STATUS[result.status],
                     duration=_duration(result.duration),
                     result=json.dumps(result.data, ensure_ascii=False) if shown else "",
-                    source=result.source.removeprefix("[Source: ").removesuffix("]"),
+                    source=citations.label_text(result.source),
                     error=result.error,
                 )
             )

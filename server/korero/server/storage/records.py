@@ -135,5 +135,5 @@ class TurnBegin:
     record: TurnRecord | None = None
     session: SessionRecord | None = None
     history: tuple[StoredMessage, ...] = ()
-    probe: Any = None
-    """The reply of the `ScriptCall` sent along with `begin_turn`, if any."""
+    replies: tuple[Any, ...] = ()
+    """The replies of the `ScriptCall`s sent along with `begin_turn`, in order."""

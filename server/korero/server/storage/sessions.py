@@ -159,13 +159,13 @@ class SessionStore:
         replay_events: int,
         *,
         intent: str = "",
-        probe: ScriptCall | None = None,
+        also: Sequence[ScriptCall] = (),
     ) -> TurnBegin:
         """Record the user message and lock the session for a turn, in one round trip.
 
-        `intent` is stored with the user message; `probe` (a call on another
-        key space, e.g. the response cache) travels in the same pipeline and
-        its reply comes back as `TurnBegin.probe`.
+        `intent` is stored with the user message; `also` (calls on other key
+        spaces: the KB version, the response cache) travel in the same pipeline
+        and their replies come back, in order, as `TurnBegin.replies`.
         """
         s = self._settings
         call = ScriptCall(
@@ -175,7 +175,7 @@ class SessionStore:
                 client_message_id,
                 text,
                 s.history_max_messages,
-                s.prompt_history_messages,
+                s.prompt_history_messages,  # counting the new message, read back and dropped
                 self._ttl_ms,
                 self._lock_ms,
                 SEQ_BLOCK,
@@ -184,28 +184,29 @@ class SessionStore:
             ),
         )
         async with redis_boundary():
-            out, *rest = await run_scripts(self._redis, [call] if probe is None else [call, probe])
-            probed = rest[0] if rest else None
+            out, *replies = await run_scripts(self._redis, [call, *also])
         status = out[0].decode()
         if status == "missing":
             raise InvalidArgumentError("SESSION_NOT_FOUND", f"session {session_id!r} has expired")
         if status == "replay":
             record = TurnRecord.from_json(out[1])
-            return TurnBegin("replay", record.turn_id, int(out[2]), record, probe=probed)
+            return TurnBegin("replay", record.turn_id, int(out[2]), record, replies=tuple(replies))
         if status == "running":
             record = TurnRecord.from_json(out[1])
-            return TurnBegin("running", record.turn_id, record=record, probe=probed)
+            return TurnBegin("running", record.turn_id, record=record, replies=tuple(replies))
         if status == "busy":
-            return TurnBegin("busy", out[1].decode(), probe=probed)
+            return TurnBegin("busy", out[1].decode(), replies=tuple(replies))
         session = SessionRecord.from_hash(tenant, session_id, _pairs(out[3]), int(out[5]))
         history = tuple(StoredMessage.from_json(m) for m in out[4])
+        if history and history[-1].client_message_id == client_message_id:
+            history = history[:-1]  # the prompt takes the message from the engine, not Redis
         return TurnBegin(
             "started",
             out[1].decode(),
             int(out[2]),
             session=session,
             history=history,
-            probe=probed,
+            replies=tuple(replies),
         )
 
     async def finish_turn(

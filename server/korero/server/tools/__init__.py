@@ -13,7 +13,6 @@ from korero.server.tools._executor import (
     ToolExecutor,
     ToolResult,
     ToolStatus,
-    data_source_label,
 )
 from korero.server.tools._registry import ToolRegistry, tools_key
 from korero.server.tools._spec import (
@@ -38,6 +37,5 @@ __all__ = [
     "ToolSpec",
     "ToolSpecError",
     "ToolStatus",
-    "data_source_label",
     "tools_key",
 ]

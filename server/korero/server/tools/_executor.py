@@ -22,6 +22,7 @@ from typing import Any, Literal
 import aiohttp
 import jsonschema
 
+from korero.server.context.citations import data_label
 from korero.server.tools._spec import ToolSpec
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "ToolExecutor",
     "ToolResult",
     "ToolStatus",
-    "data_source_label",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,6 @@ DATA_NOTICE = (
 """First line of every tool result put into the prompt: results are data."""
 
 _STAMP_FIELDS = ("updated_at", "as_of", "timestamp")
-
-
-def data_source_label(source: str, subject: str, stamp: str) -> str:
-    """The citation label of live data.
-
-    E.g. ``[Source: Flight status service, NZ101, 2026-11-30 14:05]``.
-    """
-    parts = [p for p in (source, subject, stamp) if p]
-    return f"[Source: {', '.join(parts)}]"
 
 
 def _stamp(data: object, now: float) -> str:
@@ -226,7 +217,7 @@ class ToolExecutor:
         source = ""
         if status == "ok":
             subject = str(arguments.get(spec.subject_argument, "")) if spec.subject_argument else ""
-            source = data_source_label(spec.source_title, subject, _stamp(data, time.time()))
+            source = data_label(spec.source_title, subject, _stamp(data, time.time()))
         log.info("tool.call tool=%s status=%s duration_ms=%.1f", spec.name, status, duration * 1000)
         return ToolResult(
             call.call_id,

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import grpc
 
 from korero.chat.v1 import chat_pb2 as pb
-from korero.server.conversation.engine import ConversationEngine, Turn, error_event_body
+from korero.server.conversation.engine import ConversationEngine, Turn
+from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError
 from korero.server.settings import ServerSettings
 

@@ -44,7 +44,8 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from korero.chat.v1 import chat_pb2 as pb
-from korero.server.conversation.engine import ConversationEngine, error_event_body
+from korero.server.conversation.engine import ConversationEngine
+from korero.server.conversation.wire import error_event_body
 from korero.server.errors import KoreroError, ShuttingDownError
 from korero.server.policy.gate import CallGate
 from korero.server.transport.chat_session import ChatSession, StreamRules, read_first_frame

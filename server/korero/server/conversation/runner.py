@@ -1,0 +1,468 @@
+"""A turn's lifecycle, from `turn_started` to its one terminal event.
+
+`TurnRunner.run` drives a new turn: the response cache (a hit is replayed),
+context assembly (a fallback answer skips the model), generation, then the
+outcome is persisted (`finish`) before the terminal event is published.
+`replay` answers a retried message whose answer is stored; `follow` waits for
+a retried message whose turn runs on another instance. Whatever fails, the
+turn ends with exactly one `done` or `error` event (`fail`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+
+from korero.chat.v1 import chat_pb2 as pb
+from korero.server.context import citations as cite
+from korero.server.context.assembly import AssembledContext, ContextAssembler, ContextRequest
+from korero.server.context.cache import CachedAnswer, CacheLookup, ResponseCache
+from korero.server.conversation.coalesce import DeltaCoalescer
+from korero.server.conversation.generation import AnswerGenerator
+from korero.server.conversation.turn import Turn
+from korero.server.conversation.wire import (
+    FINISH_REASONS,
+    duration,
+    error_event_body,
+    rate_limit_status,
+    usage_to_pb,
+)
+from korero.server.errors import KoreroError
+from korero.server.llm.provider import TokenUsage, display_model, estimate_tokens
+from korero.server.policy.ratelimit import Admission, RateLimiter
+from korero.server.settings import EngineSettings
+from korero.server.storage.records import SessionRecord, StoredMessage, TurnRecord
+from korero.server.storage.scripts import ScriptCall
+from korero.server.storage.sessions import SessionStore
+
+__all__ = ["MAX_CITATIONS", "REPLAY_EVENTS", "TurnRunner"]
+
+log = logging.getLogger(__name__)
+
+MAX_CITATIONS = 3
+REPLAY_EVENTS = 4 + MAX_CITATIONS  # turn started, one text delta, citations, usage, done
+_CACHED_DELTA_CHARS = 160  # a cached answer is replayed in pieces of about this size
+_JOIN_POLL = 0.05
+
+
+def _snippet(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    return flat[:limit].rsplit(" ", 1)[0] + "…"
+
+
+def _replay_pieces(text: str, emit: Callable[[str], None], answer: list[str]) -> None:
+    """Send a known answer at once, as a stream of deltas cut at word boundaries."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + _CACHED_DELTA_CHARS)
+        if end < len(text):
+            space = text.rfind(" ", start + 1, end)
+            end = space if space > start else end
+        piece = text[start:end]
+        answer.append(piece)
+        emit(piece)
+        start = end
+
+
+def _trace_id(turn: Turn) -> str:
+    ctx = turn.span.get_span_context()
+    return trace.format_trace_id(ctx.trace_id) if ctx.is_valid else ""
+
+
+@dataclass
+class _Answer:
+    """What a turn produced, gathered while it runs."""
+
+    model: str
+    pieces: list[str] = field(default_factory=list)
+    usage: TokenUsage | None = None
+    finish: str | None = None
+    context: AssembledContext | None = None
+    cached: CacheLookup | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+class TurnRunner:
+    """Runs turns over the store, the cache, context assembly and the generator."""
+
+    def __init__(
+        self,
+        *,
+        store: SessionStore,
+        assembler: ContextAssembler,
+        generator: AnswerGenerator,
+        settings: EngineSettings,
+        model: str,
+        snippet_chars: int,
+        tracer: trace.Tracer,
+        cache: ResponseCache | None = None,
+        limiter: RateLimiter | None = None,
+        record_cache_request: Callable[[bool], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._assembler = assembler
+        self._generator = generator
+        self._settings = settings
+        self._model = model
+        self._snippet_chars = snippet_chars
+        self._tracer = tracer
+        self._cache = cache
+        self._limiter = limiter
+        self._record_cache_request = record_cache_request or (lambda _hit: None)
+        self._clock = clock
+
+    # A new turn -----------------------------------------------------------------
+
+    async def run(
+        self,
+        turn: Turn,
+        session: SessionRecord,
+        history: tuple[StoredMessage, ...],
+        message: str,
+        deadline: float | None,
+    ) -> None:
+        assert turn.timings is not None
+        timings = turn.timings
+        seq_base = turn.seq
+        self._announce(turn)
+        answer = _Answer(self._model)
+
+        def emit_text(text: str) -> None:
+            if timings.first_token is None:
+                timings.first_token = self._clock()
+            turn.publish(text_delta=pb.TextDelta(text=text))
+
+        coalescer = DeltaCoalescer(
+            emit_text, self._settings.coalesce_window_ms / 1000, self._settings.coalesce_max_bytes
+        )
+        try:
+            try:
+                request = ContextRequest(
+                    turn.tenant, session, message, history, turn.plan.route, turn.plan.kb_version
+                )
+                await self._produce(turn, request, deadline, coalescer, emit_text, answer)
+                coalescer.flush()
+            except asyncio.CancelledError:
+                coalescer.flush()
+                self._absorb_cancel(turn)
+                answer.finish = "cancelled"
+            await self._complete(turn, answer, seq_base)
+        except KoreroError as error:
+            coalescer.close()
+            await self.fail(turn, error, seq_base)
+        except Exception as exc:
+            coalescer.close()
+            log.exception("event=turn_failed turn_id=%s", turn.turn_id)
+            await self.fail(
+                turn,
+                KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error ({exc!r})"),
+                seq_base,
+            )
+
+    def _announce(self, turn: Turn) -> None:
+        """The first events of a turn: turn started, then the caller's rate-limit budget."""
+        turn.publish(
+            turn_started=pb.TurnStarted(
+                client_message_id=turn.client_message_id,
+                model=display_model(self._model),
+                intent=turn.intent,
+                trace_id=_trace_id(turn),
+            )
+        )
+        if turn.plan.admission is not None:
+            turn.publish(rate_limit=rate_limit_status(turn.plan.admission))
+
+    @staticmethod
+    def _absorb_cancel(turn: Turn) -> None:
+        """A cancel by the client ends the turn as `cancelled`; any other one is re-raised."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        if turn.cancel_reason is not None:
+            raise turn.cancel_reason from None
+        if not turn.cancelled_by_client:
+            raise asyncio.CancelledError
+
+    async def _produce(
+        self,
+        turn: Turn,
+        request: ContextRequest,
+        deadline: float | None,
+        coalescer: DeltaCoalescer,
+        emit_text: Callable[[str], None],
+        answer: _Answer,
+    ) -> None:
+        """The answer's text: from the cache, a fallback, or the model."""
+        assert turn.timings is not None
+        timings = turn.timings
+        with self._tracer.start_as_current_span("korero.cache_lookup") as cache_span:
+            answer.cached = await self._cached_answer(turn, deadline)
+            cache_span.set_attribute("korero.cache_hit", answer.cached is not None)
+        started = self._clock()
+        if answer.cached is None:
+            with self._tracer.start_as_current_span("korero.context_assembly"):
+                answer.context = await self._assembler.assemble(request)
+        timings.context_assembly = self._clock() - started
+        limit = self._clock() + self._settings.turn_timeout
+        deadline = limit if deadline is None else min(deadline, limit)
+        cached = answer.cached.entry if answer.cached is not None else None
+        if cached is not None:
+            answer.model = cached.model or answer.model
+            _replay_pieces(cached.answer, emit_text, answer.pieces)
+            answer.usage, answer.finish = TokenUsage(0, 0), "stop"
+        elif answer.context is not None and answer.context.fallback is not None:
+            _replay_pieces(answer.context.fallback, emit_text, answer.pieces)
+            answer.usage, answer.finish = TokenUsage(0, 0), "stop"
+        elif answer.context is not None:
+            answer.usage, answer.finish = await self._generator.generate(
+                answer.context.messages, answer.model, deadline, coalescer, answer.pieces, timings
+            )
+
+    async def _complete(self, turn: Turn, answer: _Answer, seq_base: int) -> None:
+        """Citations and usage, the outcome persisted, then `done`."""
+        assert turn.timings is not None
+        text = answer.text
+        usage = answer.usage
+        if usage is None:
+            prompt = answer.context.messages if answer.context is not None else []
+            usage = TokenUsage(
+                sum(estimate_tokens(m["content"]) for m in prompt),
+                estimate_tokens(text),
+                estimated=True,
+            )
+        sources = self._citations(text, answer.context, answer.cached)
+        for citation in sources:
+            turn.publish(citation=pb.Citation(**citation))
+        turn.publish(usage=usage_to_pb(usage))
+        turn.result.usage = usage
+        finish = answer.finish or "stop"
+        turn.result.outcome = "cached" if answer.cached is not None else finish
+        record = TurnRecord(
+            turn.turn_id,
+            "cancelled" if finish == "cancelled" else "done",
+            answer=text,
+            finish_reason=finish,
+            model=answer.model,
+            usage={"input": usage.input_tokens, "output": usage.output_tokens},
+            citations=tuple(sources),
+        )
+        summary = answer.context.summary if answer.context is not None else None
+        await self.finish(
+            turn,
+            record,
+            seq_base,
+            summary=json.dumps(summary, ensure_ascii=False) if summary else "",
+            also=self._cache_store_call(turn, answer.context, record, sources),
+        )
+        done = pb.TurnDone(
+            finish_reason=FINISH_REASONS.get(finish, pb.FINISH_REASON_STOP),
+            usage=usage_to_pb(usage),
+            timings=turn.timings.to_pb(self._clock()),
+        )
+        if answer.cached is not None:
+            done.cached = True
+            done.cache_age.CopyFrom(duration(answer.cached.age))
+        turn.publish(done=done)
+
+    async def _cached_answer(self, turn: Turn, deadline: float | None) -> CacheLookup | None:
+        """The cached answer for this turn, waiting for an identical miss in flight if any."""
+        lookup, probe = turn.lookup, turn.plan.cache_probe
+        if self._cache is None or lookup is None or probe is None:
+            return None
+        if lookup.status == "follower":
+            limit = self._clock() + self._settings.turn_timeout
+            lookup = await self._cache.wait(
+                probe, lookup.kb_version, limit if deadline is None else min(deadline, limit)
+            )
+            turn.lookup = lookup
+        self._cache.record(lookup)
+        self._record_cache_request(lookup.status == "hit")
+        return lookup if lookup.status == "hit" else None
+
+    def _citations(
+        self, text: str, context: AssembledContext | None, cached: CacheLookup | None
+    ) -> list[dict[str, Any]]:
+        """The sources the answer cites (all sources in the prompt if it cites none)."""
+        if cached is not None and cached.entry is not None:
+            return list(cached.entry.citations)[:MAX_CITATIONS]
+        if context is None or not context.sources or not text:
+            return []
+        named = cite.cited(text)
+        chosen = [
+            src for src in context.sources if (src.chunk.document_title, src.chunk.section) in named
+        ] or list(context.sources)
+        return [
+            {
+                "document_title": src.chunk.document_title,
+                "document_id": src.chunk.document_id,
+                "section": src.chunk.section,
+                "snippet": _snippet(src.chunk.text, self._snippet_chars),
+                "score": src.score,
+            }
+            for src in chosen[:MAX_CITATIONS]
+        ]
+
+    def _cache_store_call(
+        self,
+        turn: Turn,
+        context: AssembledContext | None,
+        record: TurnRecord,
+        citations: list[dict[str, Any]],
+    ) -> ScriptCall | None:
+        """Store a shareable answer (or free the single-flight lock) with the turn's outcome."""
+        lookup, probe = turn.lookup, turn.plan.cache_probe
+        if self._cache is None or probe is None or lookup is None or lookup.status != "leader":
+            return None
+        entry = None
+        if (
+            context is not None
+            and context.shareable
+            and record.status == "done"
+            and record.finish_reason == "stop"
+            and record.answer
+        ):
+            entry = CachedAnswer(record.answer, record.model, tuple(citations), dict(record.usage))
+            self._cache.stats.stores += 1
+        return self._cache.store_call(probe, lookup.kb_version, entry)
+
+    # Retried messages -------------------------------------------------------------
+
+    async def replay(self, turn: Turn, record: TurnRecord) -> None:
+        """Answer a retried message with the answer already produced."""
+        assert turn.timings is not None
+        seq_base = turn.seq
+        turn.publish(
+            turn_started=pb.TurnStarted(
+                client_message_id=turn.client_message_id, model=record.model, replayed=True
+            )
+        )
+        if record.answer:
+            turn.timings.first_token = self._clock()
+            turn.publish(text_delta=pb.TextDelta(text=record.answer))
+        for citation in record.citations[:MAX_CITATIONS]:
+            turn.publish(citation=pb.Citation(**citation))
+        usage = TokenUsage(record.usage.get("input", 0), record.usage.get("output", 0))
+        turn.publish(usage=usage_to_pb(usage))
+        turn.result.usage = usage
+        turn.result.outcome = "replayed"
+        if turn.plan.admission is not None:
+            await self.refund(turn.plan.admission)
+        turn.publish(
+            done=pb.TurnDone(
+                finish_reason=FINISH_REASONS.get(record.finish_reason, pb.FINISH_REASON_STOP),
+                usage=usage_to_pb(usage),
+                timings=turn.timings.to_pb(self._clock()),
+            )
+        )
+        assert turn.seq <= seq_base + REPLAY_EVENTS
+
+    async def follow(self, turn: Turn, deadline: float | None) -> None:
+        """A retried message whose turn runs on another instance: wait for its outcome."""
+        limit = self._clock() + self._settings.turn_timeout
+        deadline = limit if deadline is None else min(deadline, limit)
+        key = (turn.tenant, turn.session_id, turn.client_message_id)
+        while self._clock() < deadline:
+            record = await self._store.turn_record(*key)
+            if record is not None and record.status == "done":
+                turn.seq = await self._store.reserve_seqs(
+                    turn.tenant, turn.session_id, REPLAY_EVENTS
+                )
+                await self.replay(turn, record)
+                return
+            if record is None or record.status != "running":
+                break
+            await asyncio.sleep(_JOIN_POLL)
+        turn.seq = await self._store.reserve_seqs(turn.tenant, turn.session_id, 1)
+        if turn.plan.admission is not None:
+            await self.refund(turn.plan.admission)  # no tokens were spent on this attempt
+        turn.result.reason = "TURN_NOT_COMPLETED"
+        turn.publish(
+            error=error_event_body(
+                KoreroError(
+                    grpc.StatusCode.ABORTED,
+                    "TURN_NOT_COMPLETED",
+                    "the earlier attempt of this message did not complete; send it again",
+                    retryable=True,
+                ),
+                turn.client_message_id,
+            )
+        )
+
+    # Endings ------------------------------------------------------------------------
+
+    async def refund(self, admission: Admission) -> None:
+        """Give back a turn's token reservation (nothing was spent)."""
+        assert self._limiter is not None
+        call = self._limiter.settlement(admission, 0)
+        if call is not None:
+            with contextlib.suppress(KoreroError):
+                await self._store.run(call)
+
+    async def finish(
+        self,
+        turn: Turn,
+        record: TurnRecord,
+        seq_base: int,
+        *,
+        summary: str = "",
+        also: ScriptCall | None = None,
+    ) -> None:
+        """Persist the outcome before the terminal event; that event's seq counts as issued.
+
+        A cache store and the token settlement ride in the same pipeline.
+        """
+        turn.finishing = True
+        calls = [] if also is None else [also]
+        admission = turn.plan.admission
+        if admission is not None and self._limiter is not None:
+            used = turn.result.usage.total_tokens if turn.result.usage is not None else 0
+            settle = self._limiter.settlement(admission, used)
+            if settle is not None:
+                calls.append(settle)
+        with self._tracer.start_as_current_span("korero.persist"):
+            await self._store.finish_turn(
+                turn.tenant,
+                turn.session_id,
+                turn.client_message_id,
+                record,
+                seq_base,
+                turn.seq + 1,
+                summary=summary,
+                also=calls,
+            )
+
+    async def fail(self, turn: Turn, error: KoreroError, seq_base: int) -> None:
+        """End the turn with `error` (persisted as failed, if the store can be reached)."""
+        log.info(
+            "event=turn_error turn_id=%s code=%s reason=%s",
+            turn.turn_id,
+            error.code.name,
+            error.reason,
+        )
+        turn.result.outcome = "error"
+        turn.result.reason = error.reason
+        record = TurnRecord(turn.turn_id, "failed", finish_reason=error.reason)
+        try:
+            # Frees the response cache's single-flight lock too, if this turn held it.
+            await self.finish(
+                turn, record, seq_base, also=self._cache_store_call(turn, None, record, [])
+            )
+        except KoreroError as store_error:
+            # The turn still ends with one terminal event; its lock expires on its own.
+            log.warning("event=finish_turn_failed reason=%s", store_error.reason)
+        turn.publish(error=error_event_body(error, turn.client_message_id))

@@ -1,0 +1,137 @@
+"""One turn in flight: its events, its subscribers, how it is cancelled.
+
+A turn publishes its events in order to every subscribed sink; a late
+subscriber (an idempotent retry joining the turn) first receives the events
+published so far, then the rest live. The engine creates turns; the runner
+(runner.py) drives one from its first event to its terminal one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+
+from korero.chat.v1 import chat_pb2 as pb
+from korero.server.context.cache import CacheLookup, CacheProbe
+from korero.server.context.router import RouteDecision
+from korero.server.conversation.wire import duration
+from korero.server.errors import KoreroError
+from korero.server.llm.provider import TokenUsage
+from korero.server.policy.ratelimit import Admission
+
+__all__ = ["EventSink", "StageTimings", "Turn", "TurnPlan", "TurnResult"]
+
+EventSink = Callable[[pb.Event], None]
+"""Receives a turn's events in order; must not block."""
+
+
+@dataclass
+class StageTimings:
+    """When each stage of a turn started or took, on the engine's clock."""
+
+    started: float
+    session_load: float = 0.0
+    context_assembly: float = 0.0
+    first_token: float | None = None
+    llm_started: float | None = None
+    llm_ended: float | None = None
+
+    def to_pb(self, now: float) -> pb.StageTimings:
+        t = pb.StageTimings(
+            session_load=duration(self.session_load),
+            context_assembly=duration(self.context_assembly),
+            total=duration(now - self.started),
+        )
+        if self.first_token is not None:
+            t.time_to_first_token.CopyFrom(duration(self.first_token - self.started))
+        if self.llm_started is not None:
+            t.llm.CopyFrom(duration((self.llm_ended or now) - self.llm_started))
+        return t
+
+
+@dataclass(frozen=True)
+class TurnPlan:
+    """What was decided before the turn started: route, admission, cache probe."""
+
+    route: RouteDecision | None = None
+    admission: Admission | None = None
+    cache_probe: CacheProbe | None = None
+    kb_version: int = 0
+    """The tenant's knowledge-base version when the turn began (0: none)."""
+
+
+@dataclass
+class TurnResult:
+    """How the turn ended, for metrics and spans."""
+
+    outcome: str = "error"
+    reason: str = ""
+    usage: TokenUsage | None = None
+
+
+@dataclass
+class Turn:
+    """One turn in flight. Publishes its events to every subscribed sink."""
+
+    tenant: str
+    session_id: str
+    turn_id: str
+    client_message_id: str
+    seq: int
+    plan: TurnPlan = field(default_factory=TurnPlan)
+    lookup: CacheLookup | None = None
+    """What the response cache said (updated once a follower's wait ends)."""
+    span: trace.Span = trace.INVALID_SPAN
+    timings: StageTimings | None = None
+    result: TurnResult = field(default_factory=TurnResult)
+    events: list[pb.Event] = field(default_factory=list)
+    sinks: list[EventSink] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+    cancel_reason: KoreroError | None = None
+    cancelled_by_client: bool = False
+    finishing: bool = False
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def intent(self) -> str:
+        route = self.plan.route
+        return route.intent if route is not None else ""
+
+    @property
+    def done(self) -> bool:
+        return self.finished.is_set()
+
+    def subscribe(self, sink: EventSink) -> None:
+        for event in self.events:
+            sink(event)
+        if not self.done:
+            self.sinks.append(sink)
+
+    def unsubscribe(self, sink: EventSink) -> None:
+        with contextlib.suppress(ValueError):
+            self.sinks.remove(sink)
+
+    def publish(self, **kind: Any) -> pb.Event:
+        self.seq += 1
+        event = pb.Event(session_id=self.session_id, turn_id=self.turn_id, seq=self.seq, **kind)
+        self.events.append(event)
+        for sink in tuple(self.sinks):
+            sink(event)
+        return event
+
+    def cancel(self, *, by_client: bool = True, error: KoreroError | None = None) -> None:
+        """Stop the turn: by the client (terminal `done` CANCELLED) or with an error."""
+        if self.done or self.finishing or self.task is None:
+            return  # once the outcome is being persisted, the turn ends as it is
+        if self.cancel_reason is None and not self.cancelled_by_client:
+            self.cancelled_by_client = by_client and error is None
+            self.cancel_reason = error
+        self.task.cancel()
+
+    async def wait(self) -> None:
+        await self.finished.wait()
