@@ -435,6 +435,10 @@ class ToolSettings:
         "KORERO_TOOLS_MAX_ROUNDS", 3, "most rounds of tool calls in one turn (0: tools off)"
     )
     """After this many rounds the model is asked again without tools, so it must answer."""
+    cache_seconds: float = _env(
+        "KORERO_TOOLS_CACHE_SECONDS", 5.0, "seconds a tenant's tool list is kept in-process"
+    )
+    """Saves a Redis round trip per turn; `korero tools add|remove` applies within this time."""
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,8 @@ TOOLS_NOTE = (
 )
 """Appended to the system message when tools are offered."""
 
+_MAX_CACHED_TENANTS = 10_000
+
 _STATUS = {
     "ok": pb.TOOL_CALL_STATUS_OK,
     "not_found": pb.TOOL_CALL_STATUS_NOT_FOUND,
@@ -148,12 +150,28 @@ class ToolLoop:
         executor: ToolExecutor,
         *,
         max_rounds: int,
+        cache_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
         self._executor = executor
         self._max_rounds = max_rounds
+        self._cache_seconds = cache_seconds
         self._clock = clock
+        self._known: dict[str, tuple[float, list[ToolSpec]]] = {}
+
+    async def tools_of(self, tenant: str) -> list[ToolSpec]:
+        """The tenant's tools, from Redis at most once per `cache_seconds` per process."""
+        now = self._clock()
+        known = self._known.get(tenant)
+        if known is not None and known[0] > now:
+            return known[1]
+        tools = await self._registry.list(tenant)
+        if self._cache_seconds > 0:
+            if len(self._known) > _MAX_CACHED_TENANTS:
+                self._known.clear()
+            self._known[tenant] = (now + self._cache_seconds, tools)
+        return tools
 
     async def turn(
         self,
@@ -166,7 +184,7 @@ class ToolLoop:
         """The turn's tools, or None when the tenant has none for this intent (no loop)."""
         if self._max_rounds <= 0:
             return None
-        tools = await self._registry.list(tenant)
+        tools = await self.tools_of(tenant)
         turn = ToolTurn(
             tenant,
             intent,
