@@ -61,6 +61,8 @@ class AirlineService:
         """Data requests being answered now."""
         self.cancelled = 0
         """Data requests whose client went away before the answer."""
+        self.extra_fields: dict[str, dict[str, Any]] = {}
+        """Fields added to a flight's or booking's JSON (tests put hostile text here)."""
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Bind and serve; port 0 picks a free port."""
@@ -148,7 +150,7 @@ class AirlineService:
         def lookup() -> web.Response:
             if not _FLIGHT_NUMBER.match(number) or number not in FLIGHTS:
                 return _not_found("flight", number)
-            return web.json_response(FLIGHTS[number])
+            return web.json_response({**FLIGHTS[number], **self.extra_fields.get(number, {})})
 
         return await self._answer(request, lookup)
 
@@ -158,6 +160,8 @@ class AirlineService:
         def lookup() -> web.Response:
             if not _REFERENCE.match(reference) or reference not in BOOKINGS:
                 return _not_found("booking", reference)
-            return web.json_response(BOOKINGS[reference])
+            return web.json_response(
+                {**BOOKINGS[reference], **self.extra_fields.get(reference, {})}
+            )
 
         return await self._answer(request, lookup)

@@ -286,7 +286,11 @@ class TurnRunner:
             seq_base,
             summary=json.dumps(summary, ensure_ascii=False) if summary else "",
             also=self._cache_store_call(
-                turn, answer.context, record, sources, used_tools=answer.tools is not None
+                turn,
+                answer.context,
+                record,
+                sources,
+                used_tools=answer.tools is not None and answer.tools.used_tools,
             ),
         )
         done = pb.TurnDone(
@@ -348,7 +352,7 @@ class TurnRunner:
     ) -> ScriptCall | None:
         """Store a shareable answer (or free the single-flight lock) with the turn's outcome.
 
-        A turn offered tools is never stored: its answer may rest on live or personal data.
+        A turn that called tools is never stored: its answer rests on live (maybe personal) data.
         """
         lookup, probe = turn.lookup, turn.plan.cache_probe
         if self._cache is None or probe is None or lookup is None or lookup.status != "leader":
