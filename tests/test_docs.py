@@ -137,6 +137,7 @@ def _korero_commands() -> set[tuple[str, ...]]:
     return commands
 
 
+@pytest.mark.slow
 def test_korero_commands_shown_exist() -> None:
     exe = Path(sys.executable).with_name("korero")
     korero = str(exe) if exe.exists() else shutil.which("korero")
@@ -156,6 +157,7 @@ def test_korero_commands_shown_exist() -> None:
     assert not failed, failed
 
 
+@pytest.mark.slow
 def test_settings_table_is_generated_from_env_reference() -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "settings_table.py"), "--check"],

@@ -27,9 +27,12 @@ NODE = shutil.which("node")
 E2E = ROOT / "clients" / "web" / "tests" / "e2e.mjs"
 ARTIFACTS = ROOT / "artifacts"
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("KORERO_SKIP_BROWSER") == "1", reason="KORERO_SKIP_BROWSER=1"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("KORERO_SKIP_BROWSER") == "1", reason="KORERO_SKIP_BROWSER=1"
+    ),
+]
 
 
 @pytest.mark.timeout(120)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient
@@ -19,6 +20,8 @@ from tests.helpers import kinds, run_turn
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
 ORIGIN = "http://localhost:5173"
+
+pytestmark = pytest.mark.slow  # starts Envoy
 
 
 def test_committed_and_rendered_configs_are_valid(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from korero.server.app import KoreroServer
 from korero.sim import SimConfig, UpstreamSim
 from tests.conftest import free_port
@@ -27,6 +29,7 @@ async def _run(*args: str, stdin: bytes = b"", timeout: float = 20) -> tuple[int
     return int(proc.returncode or 0), out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_chat_streams_answers_and_resumes(server: KoreroServer, sim: UpstreamSim) -> None:
     target = f"127.0.0.1:{server.port}"
     code, out, err = await _run(
@@ -53,6 +56,7 @@ async def test_chat_streams_answers_and_resumes(server: KoreroServer, sim: Upstr
     assert f"session {session_id} resumed (4 messages)" in out
 
 
+@pytest.mark.slow
 async def test_chat_ctrl_c_cancels_the_answer_not_the_session(
     server: KoreroServer, sim: UpstreamSim
 ) -> None:
@@ -83,6 +87,7 @@ async def test_chat_ctrl_c_cancels_the_answer_not_the_session(
     assert "[stop · " in text  # the session went on after the cancel
 
 
+@pytest.mark.slow
 async def test_chat_reports_an_unreachable_server_plainly() -> None:
     code, _out, err = await _run("chat", "--target", f"127.0.0.1:{free_port()}")
     assert code == 1
@@ -90,6 +95,7 @@ async def test_chat_reports_an_unreachable_server_plainly() -> None:
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 async def test_health_exit_codes(server: KoreroServer) -> None:
     code, out, _ = await _run("health", "--target", f"127.0.0.1:{server.port}")
     assert code == 0
@@ -99,6 +105,7 @@ async def test_health_exit_codes(server: KoreroServer) -> None:
     assert "UNAVAILABLE" in err
 
 
+@pytest.mark.slow
 async def test_serve_help_lists_every_setting() -> None:
     code, out, _ = await _run("serve", "--help")
     assert code == 0
@@ -114,6 +121,7 @@ async def test_serve_help_lists_every_setting() -> None:
         assert name in out
 
 
+@pytest.mark.slow
 async def test_serve_rejects_bad_settings_without_a_traceback() -> None:
     proc = await asyncio.create_subprocess_exec(
         KORERO,
@@ -128,6 +136,7 @@ async def test_serve_rejects_bad_settings_without_a_traceback() -> None:
     assert "Traceback" not in err.decode()
 
 
+@pytest.mark.slow
 async def test_serve_reports_a_bad_listen_address_plainly() -> None:
     proc = await asyncio.create_subprocess_exec(
         KORERO,
@@ -142,6 +151,7 @@ async def test_serve_reports_a_bad_listen_address_plainly() -> None:
     assert "cannot listen" in err.decode()
 
 
+@pytest.mark.slow
 async def test_chat_sends_a_token(redis_url: str, sim: UpstreamSim) -> None:
     from korero.server.policy.tokens import ApiKeyStore  # noqa: PLC0415
     from tests.conftest import make_settings  # noqa: PLC0415
@@ -160,6 +170,7 @@ async def test_chat_sends_a_token(redis_url: str, sim: UpstreamSim) -> None:
         await app.shutdown(grace=0)
 
 
+@pytest.mark.slow
 async def test_chat_shows_the_sources_of_a_grounded_answer(
     server: KoreroServer, redis_url: str
 ) -> None:

@@ -166,6 +166,7 @@ async def test_bad_jwts_are_unauthenticated(
     assert error.reason == reason
 
 
+@pytest.mark.slow
 async def test_health_and_reflection_stay_open(auth_server: KoreroServer) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{auth_server.port}") as channel:
         response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
@@ -183,6 +184,7 @@ async def test_health_and_reflection_stay_open(auth_server: KoreroServer) -> Non
     assert "korero.chat.v1.ChatService" in out.decode()
 
 
+@pytest.mark.slow
 async def test_grpcurl_with_a_bearer_token(auth_server: KoreroServer) -> None:
     key, _ = await (await _keys(auth_server)).create("acme")
     grpcurl = str(Path(sys.executable).parent / "grpcurl")
@@ -355,6 +357,7 @@ async def test_jwks_cache_refetch_is_bounded(
     assert len(hits) == 2
 
 
+@pytest.mark.slow
 async def test_keys_cli_create_list_revoke(redis_proc: RedisProcess, redis_url: str) -> None:
     korero = str(Path(sys.executable).parent / "korero")
     env = {**os.environ, "REDIS_URL": redis_url}

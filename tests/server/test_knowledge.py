@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
 from korero.server.context.knowledge import (
@@ -123,6 +124,7 @@ async def test_ingest_versions_and_retrieval(redis_proc: RedisProcess, redis_url
         await client.aclose()
 
 
+@pytest.mark.slow
 async def test_ingest_command_line(redis_url: str, tmp_path: Path) -> None:
     import asyncio  # noqa: PLC0415
     import os  # noqa: PLC0415

@@ -110,6 +110,7 @@ async def test_sigterm_drains_turns_then_ends_streams_with_unavailable(
     assert await asyncio.wait_for(server_proc.proc.wait(), 10) == 0
 
 
+@pytest.mark.slow
 async def test_turn_longer_than_the_grace_period_ends_with_an_error_event(
     redis_url: str, sim: UpstreamSim
 ) -> None:
@@ -146,6 +147,7 @@ async def _grpcurl(*args: str) -> tuple[int, str]:
     return int(proc.returncode or 0), out.decode()
 
 
+@pytest.mark.slow
 async def test_grpcurl_sees_health_and_reflection(server: KoreroServer) -> None:
     target = f"127.0.0.1:{server.port}"
     code, out = await _grpcurl("-plaintext", target, "list")
@@ -161,6 +163,7 @@ async def test_grpcurl_sees_health_and_reflection(server: KoreroServer) -> None:
     assert "rpc Chat ( stream .korero.chat.v1.ChatRequest )" in out
 
 
+@pytest.mark.slow
 async def test_grpcurl_can_run_a_turn(server: KoreroServer) -> None:
     code, out = await _grpcurl(
         "-plaintext",

@@ -207,6 +207,7 @@ async def test_tiers_give_tenants_different_limits(redis_url: str, sim: Upstream
         await client.aclose()
 
 
+@pytest.mark.slow
 async def test_redis_down_fails_open_to_a_local_limiter(tmp_path: Any) -> None:
     private = RedisProcess(tmp_path)
     private.start()
@@ -238,6 +239,7 @@ async def test_redis_down_fails_open_to_a_local_limiter(tmp_path: Any) -> None:
         await client.aclose()
 
 
+@pytest.mark.slow
 async def test_redis_down_during_a_stream_counts_the_fallback_metric(
     tmp_path: Any, sim: UpstreamSim
 ) -> None:
@@ -257,6 +259,7 @@ async def test_redis_down_during_a_stream_counts_the_fallback_metric(
         await app.shutdown(grace=0)
 
 
+@pytest.mark.slow
 async def test_two_server_processes_admit_exactly_the_limit(
     redis_url: str, sim: UpstreamSim
 ) -> None:

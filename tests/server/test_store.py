@@ -153,6 +153,7 @@ def test_every_redis_exception_is_translated(cls: type[BaseException]) -> None:
         assert not error.retryable
 
 
+@pytest.mark.slow
 async def test_redis_down_gives_unavailable_not_a_hang(tmp_path: Any, sim: UpstreamSim) -> None:
     private = RedisProcess(tmp_path)
     private.start()

@@ -328,6 +328,7 @@ async def test_an_unexpected_failure_closes_with_1011(
         await adapter.close()
 
 
+@pytest.mark.slow
 async def test_sigterm_closes_sockets_with_1012_after_their_turn(
     redis_url: str, sim: UpstreamSim, http: aiohttp.ClientSession
 ) -> None:

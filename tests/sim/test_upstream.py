@@ -534,6 +534,7 @@ async def test_recordings_keep_only_the_most_recent(
 # -- command line -------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_cli_serves_until_sigterm() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
