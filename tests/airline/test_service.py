@@ -110,6 +110,7 @@ async def test_injected_error_and_delay(
     assert airline.in_flight == 0
 
 
+@pytest.mark.slow
 async def test_airline_api_command_serves_until_sigterm(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "korero"),

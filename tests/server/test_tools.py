@@ -235,6 +235,7 @@ async def test_cancelling_a_call_cancels_the_http_request(
 # -- CLI ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_adds_lists_and_removes_tools_per_tenant(redis_url: str) -> None:
     env = {**os.environ, "REDIS_URL": redis_url}
 

@@ -17,6 +17,7 @@ import {
   ChatService,
   type Event,
   FinishReason,
+  ToolCallStatus,
 } from "./gen/korero/chat/v1/chat_pb.js";
 import { renderMarkdown } from "./markdown.js";
 
@@ -71,6 +72,8 @@ let answerCount = 0;
 class AnswerView {
   private readonly text: HTMLElement;
   private readonly citations: HTMLOListElement;
+  private readonly tools: HTMLUListElement;
+  private readonly toolItems = new Map<string, HTMLLIElement>();
   private readonly meta: HTMLElement;
   private ttftShown = false;
   private readonly startedAt = performance.now();
@@ -89,10 +92,12 @@ class AnswerView {
     this.text.className = "text";
     this.citations = document.createElement("ol");
     this.citations.className = "citations";
+    this.tools = document.createElement("ul");
+    this.tools.className = "tools";
     this.meta = document.createElement("div");
     this.meta.className = "meta";
     this.meta.textContent = "…";
-    bubble.append(this.text, this.citations, this.meta);
+    bubble.append(this.tools, this.text, this.citations, this.meta);
     log.append(user, bubble);
     bubble.scrollIntoView({ block: "end" });
   }
@@ -145,9 +150,35 @@ class AnswerView {
         }
         this.text.parentElement?.scrollIntoView({ block: "end" });
         return false;
+      case "toolCallStarted": {
+        const call = kind.value;
+        const item = document.createElement("li");
+        item.dataset.status = "running";
+        item.textContent = `Looking up ${call.source || call.name}${call.arguments ? ` ${call.arguments}` : ""}…`;
+        this.toolItems.set(call.callId, item);
+        this.tools.append(item);
+        return false;
+      }
+      case "toolCallFinished": {
+        const f = kind.value;
+        const item = this.toolItems.get(f.callId) ?? this.tools.appendChild(document.createElement("li"));
+        const ms = f.duration ? Math.round(Number(f.duration.seconds) * 1000 + f.duration.nanos / 1e6) : 0;
+        const ok = f.status === ToolCallStatus.OK;
+        item.dataset.status = ok ? "ok" : "failed";
+        const status = (ToolCallStatus[f.status] ?? String(f.status)).toLowerCase().replace(/_/g, " ");
+        item.textContent = ok
+          ? `${f.name}: ${f.source || "done"} (${ms} ms)`
+          : `${f.name}: ${status}${f.error ? ` — ${f.error}` : ""} (${ms} ms)`;
+        if (ok && f.source) this.source(f.source);
+        return false;
+      }
       case "citation": {
         const c = kind.value;
-        const label = c.section ? `${c.documentTitle}, Section ${c.section}` : c.documentTitle;
+        const label = c.documentId.startsWith("tool:")
+          ? `${c.documentTitle}, ${c.section}`
+          : c.section
+            ? `${c.documentTitle}, Section ${c.section}`
+            : c.documentTitle;
         const entry = this.source(label);
         entry.item.textContent = `${label}: ${c.snippet}`;
         return false;
