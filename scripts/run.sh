@@ -52,7 +52,7 @@ if [ -z "${KORERO_LLM_BASE_URL:-}${OPENAI_BASE_URL:-}" ]; then
     grep -q listening "$RUN_DIR/upstream-sim.log" 2>/dev/null && break
     sleep 0.1
   done
-  echo "run: simulated upstream at $KORERO_LLM_BASE_URL (simulated: quotes the knowledge base, not a model)"
+  echo "run: simulated upstream at $KORERO_LLM_BASE_URL (simulated: quotes the knowledge base and calls the sample tools, not a model)"
 else
   echo "run: LLM upstream ${KORERO_LLM_BASE_URL:-$OPENAI_BASE_URL}"
 fi
