@@ -214,6 +214,8 @@ async def main(args: argparse.Namespace) -> int:
             str(args.tokens_per_second),
             "--answer-tokens",
             str(args.answer_tokens),
+            "--persona",
+            "echo",
             log=work / "sim.log",
         )
         await start(

@@ -193,6 +193,8 @@ class ProcessGroup:
                 str(tokens_per_second),
                 "--answer-tokens",
                 str(answer_tokens),
+                "--persona",
+                "echo",
             ],
             env={"PYTHONUNBUFFERED": "1"},
         )

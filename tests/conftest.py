@@ -22,6 +22,7 @@ from korero.server.settings import (
     RedisSettings,
     ServerSettings,
     Settings,
+    ToolSettings,
 )
 from korero.sim import SimConfig, UpstreamSim
 from korero.testing import PrivateRedis
@@ -65,6 +66,7 @@ def make_settings(redis_url: str, llm_url: str, **overrides: object) -> Settings
         "knowledge": KnowledgeSettings(),
         "prompt": PromptSettings(),
         "cache": CacheSettings(),
+        "tools": ToolSettings(),
     }
     for key, value in overrides.items():
         group, name = key.split("__")

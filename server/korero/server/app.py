@@ -26,6 +26,7 @@ from korero.server.context.cache import ResponseCache
 from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore
 from korero.server.context.router import RuleRouter
 from korero.server.conversation.engine import ConversationEngine
+from korero.server.conversation.tools_loop import ToolLoop
 from korero.server.llm.provider import LLMProvider, OpenAIProvider
 from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.policy.gate import CallGate
@@ -35,6 +36,7 @@ from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.settings import Settings
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
+from korero.server.tools import ToolExecutor, ToolRegistry
 from korero.server.transport.chat_session import StreamRules
 from korero.server.transport.grpc_service import ChatServicer
 from korero.server.transport.interceptors import GateInterceptor
@@ -76,6 +78,7 @@ class KoreroServer:
     metrics_runner: web.AppRunner | None = None
     tracer_provider: TracerProvider | None = None
     websocket: WebSocketServer | None = None
+    tool_executor: ToolExecutor | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -103,7 +106,8 @@ class KoreroServer:
         gate, limiter, authenticator = _build_gate(settings, store, metrics)
         if gate.checks_anything:
             interceptors.append(GateInterceptor(gate))
-        engine = _build_engine(settings, store, llm, limiter, metrics, tracer)
+        tool_executor = ToolExecutor()
+        engine = _build_engine(settings, store, llm, limiter, metrics, tracer, tool_executor)
         lifecycle = Lifecycle()
         health = health_aio.HealthServicer()
         server, port = _build_grpc_server(
@@ -145,6 +149,7 @@ class KoreroServer:
             metrics_runner,
             provider,
             websocket,
+            tool_executor,
         )
 
     @property
@@ -169,6 +174,8 @@ class KoreroServer:
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
         await self.llm.aclose()
+        if self.tool_executor is not None:
+            await self.tool_executor.close()
         await self.store.close()
         log.info("event=stopped")
 
@@ -205,8 +212,9 @@ def _build_engine(
     limiter: RateLimiter | None,
     metrics: Metrics,
     tracer: trace.Tracer,
+    tool_executor: ToolExecutor,
 ) -> ConversationEngine:
-    """The conversation engine with its context assembly, cache and knowledge base."""
+    """The conversation engine with its context assembly, cache, knowledge base and tools."""
     kb_store = KnowledgeStore(store.redis)
     assembler = KnowledgeAssembler(
         system_prompt=settings.engine.system_prompt,
@@ -233,6 +241,12 @@ def _build_engine(
         router=RuleRouter(),
         cache=ResponseCache(store.redis, settings.cache) if settings.cache.enabled else None,
         knowledge=kb_store,
+        tool_loop=ToolLoop(
+            ToolRegistry(store.redis),
+            tool_executor,
+            max_rounds=settings.tools.max_rounds,
+            cache_seconds=settings.tools.cache_seconds,
+        ),
     )
 
 

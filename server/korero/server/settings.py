@@ -35,6 +35,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SettingsError",
+    "ToolSettings",
     "env_reference",
 ]
 
@@ -430,6 +431,20 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
+class ToolSettings:
+    """The tool loop (live data through tenant-configured tools; see docs/tools.md)."""
+
+    max_rounds: int = _env(
+        "KORERO_TOOLS_MAX_ROUNDS", 3, "most rounds of tool calls in one turn (0: tools off)"
+    )
+    """After this many rounds the model is asked again without tools, so it must answer."""
+    cache_seconds: float = _env(
+        "KORERO_TOOLS_CACHE_SECONDS", 5.0, "seconds a tenant's tool list is kept in-process"
+    )
+    """Saves a Redis round trip per turn; `korero tools add|remove` applies within this time."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, grouped by concern."""
 
@@ -443,6 +458,7 @@ class Settings:
     knowledge: KnowledgeSettings = field(default_factory=KnowledgeSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    tools: ToolSettings = field(default_factory=ToolSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

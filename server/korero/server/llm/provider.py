@@ -29,6 +29,7 @@ __all__ = [
     "LLMRequest",
     "OpenAIProvider",
     "TokenUsage",
+    "ToolCallDelta",
     "display_model",
     "estimate_tokens",
     "parse_sse_line",
@@ -52,19 +53,33 @@ class TokenUsage:
 class LLMRequest:
     """One chat completion request."""
 
-    messages: Sequence[dict[str, str]]
+    messages: Sequence[dict[str, Any]]
     model: str
     max_tokens: int
     temperature: float
+    tools: Sequence[dict[str, Any]] = ()
+    """OpenAI ``tools`` entries the model may call (empty: none offered)."""
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call; pieces with the same `index` make one call."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+    """A fragment of the arguments' JSON text, to be concatenated in order."""
 
 
 @dataclass(frozen=True)
 class LLMChunk:
-    """A piece of a streamed answer: text, a finish reason, or usage."""
+    """A piece of a streamed answer: text, tool-call pieces, a finish reason, or usage."""
 
     text: str = ""
     finish_reason: str | None = None
     usage: TokenUsage | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 class LLMProvider(Protocol):
@@ -129,6 +144,8 @@ class OpenAIProvider:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if request.tools:
+            kwargs["tools"] = list(request.tools)
         # The request goes through the openai client (auth, base URL, timeouts,
         # status errors as openai exceptions) via its documented generic `post`,
         # and the SSE lines are parsed here with `json`. The typed
@@ -190,12 +207,36 @@ def parse_sse_line(line: str) -> LLMChunk | None:
             int(raw_usage.get("prompt_tokens") or 0), int(raw_usage.get("completion_tokens") or 0)
         )
     text, finish = "", None
+    calls: tuple[ToolCallDelta, ...] = ()
     choices = data.get("choices")
     if choices:
         choice = choices[0]
         delta = choice.get("delta") or {}
         text = delta.get("content") or ""
         finish = choice.get("finish_reason")
-    if text or finish or usage:
-        return LLMChunk(text, finish, usage)
+        if delta.get("tool_calls"):
+            calls = _tool_call_deltas(delta["tool_calls"])
+    if text or finish or usage or calls:
+        return LLMChunk(text, finish, usage, calls)
     return None
+
+
+def _tool_call_deltas(raw: object) -> tuple[ToolCallDelta, ...]:
+    if not isinstance(raw, list):
+        return ()
+    deltas = []
+    for position, item in enumerate(raw):
+        if not isinstance(item, dict):
+            continue
+        raw_function = item.get("function")
+        function: dict[str, Any] = raw_function if isinstance(raw_function, dict) else {}
+        index = item.get("index")
+        deltas.append(
+            ToolCallDelta(
+                index=index if isinstance(index, int) else position,
+                id=str(item.get("id") or ""),
+                name=str(function.get("name") or ""),
+                arguments=str(function.get("arguments") or ""),
+            )
+        )
+    return tuple(deltas)
