@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,8 +20,6 @@ def handoff_settings(redis_url: str, llm_url: str, **overrides: Any) -> Settings
     overrides.setdefault("handoff", FAST)
     handoff = overrides.pop("handoff")
     settings = make_settings(redis_url, llm_url, **overrides)
-    import dataclasses
-
     return dataclasses.replace(settings, handoff=handoff)
 
 

@@ -7,6 +7,7 @@ import dataclasses
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 
 from korero.agent.v1 import agent_pb2 as apb
 from korero.agent.v1 import agent_pb2_grpc
@@ -196,8 +197,6 @@ async def test_a_taken_conversation_cannot_be_accepted_twice(start_server) -> No
 
 
 async def test_the_desk_needs_the_agent_scope(start_server, redis_url) -> None:  # type: ignore[no-untyped-def]
-    import redis.asyncio as aioredis
-
     app = await start_server(auth__mode="on")
     client = aioredis.Redis.from_url(redis_url)
     keys = ApiKeyStore(client)

@@ -29,6 +29,7 @@ from korero.server.context.cache import ResponseCache
 from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore
 from korero.server.context.router import RuleRouter
 from korero.server.conversation.engine import ConversationEngine
+from korero.server.conversation.tools_loop import ToolLoop
 from korero.server.handoff.relay import RelayHub
 from korero.server.handoff.service import HandoffService
 from korero.server.handoff.store import HandoffStore
@@ -42,6 +43,7 @@ from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.settings import Settings
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
+from korero.server.tools import ToolExecutor, ToolRegistry
 from korero.server.transport.agent_service import AgentDeskServicer
 from korero.server.transport.chat_session import StreamRules
 from korero.server.transport.grpc_service import ChatServicer
@@ -85,6 +87,7 @@ class KoreroServer:
     metrics_runner: web.AppRunner | None = None
     tracer_provider: TracerProvider | None = None
     websocket: WebSocketServer | None = None
+    tool_executor: ToolExecutor | None = None
     handoff: HandoffService | None = None
     webhooks: WebhookDispatcher | None = None
 
@@ -111,95 +114,19 @@ class KoreroServer:
         if provider is not None:
             RedisInstrumentor.instrument_client(store.redis, tracer_provider=provider)
             interceptors.append(aio_server_interceptor(tracer_provider=provider))  # type: ignore[no-untyped-call]
-        authenticator: Authenticator = AnonymousAuthenticator(settings.engine.tenant)
-        if settings.auth.mode == "on":
-            authenticator = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
-        limiter = None
-        if settings.limits.enabled:
-            limiter = RateLimiter(
-                store.redis,
-                settings.limits,
-                on_fallback=metrics.rate_limit_fallbacks.inc,
-                on_reject=lambda limit: metrics.rate_limit_rejections.labels(limit).inc(),
-            )
-        gate = CallGate(
-            authenticator=authenticator,
-            open_methods=settings.auth.open_methods,
-            default_tenant=settings.engine.tenant,
-            limiter=limiter,
-            authenticates=settings.auth.mode == "on",
-        )
+        gate, limiter, authenticator = _build_gate(settings, store, metrics)
         if gate.checks_anything:
             interceptors.append(GateInterceptor(gate))
-        kb_store = KnowledgeStore(store.redis)
-        assembler = KnowledgeAssembler(
-            system_prompt=settings.engine.system_prompt,
-            prompt_version=settings.engine.prompt_version,
-            prompt=settings.prompt,
-            kb=KnowledgeBase(kb_store, settings.knowledge),
-            summarizer=LLMSummarizer(
-                llm=llm,
-                model=settings.llm.model,
-                max_tokens=settings.prompt.summary_tokens,
-                timeout=settings.llm.first_token_timeout,
-            ),
-        )
+        tool_executor = ToolExecutor()
         handoff, webhooks = await _build_handoff(settings, store, metrics)
-        engine = ConversationEngine(
-            store=store,
-            llm=llm,
-            assembler=assembler,
-            settings=settings.engine,
-            llm_settings=settings.llm,
-            snippet_chars=settings.knowledge.snippet_chars,
-            limiter=limiter,
-            metrics=metrics,
-            tracer=tracer,
-            router=RuleRouter(),
-            cache=ResponseCache(store.redis, settings.cache) if settings.cache.enabled else None,
-            knowledge=kb_store,
-            handoff=handoff,
+        engine = _build_engine(
+            settings, store, llm, limiter, metrics, tracer, tool_executor, handoff
         )
         lifecycle = Lifecycle()
         health = health_aio.HealthServicer()
-        server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(
-                engine=engine,
-                lifecycle=lifecycle,
-                metrics=metrics,
-                rules=StreamRules.from_settings(settings.server),
-                default_tenant=settings.engine.tenant,
-            ),
-            server,
+        server, port, services = _build_grpc_server(
+            settings, engine, lifecycle, health, metrics, interceptors, handoff
         )
-        services = [CHAT_SERVICE]
-        if handoff is not None:
-            agent_pb2_grpc.add_AgentDeskServiceServicer_to_server(
-                AgentDeskServicer(
-                    service=handoff,
-                    lifecycle=lifecycle,
-                    metrics=metrics,
-                    heartbeat_interval=settings.server.heartbeat_interval,
-                    first_frame_timeout=settings.server.first_frame_timeout,
-                    default_tenant=settings.engine.tenant,
-                ),
-                server,
-            )
-            services.append(AGENT_SERVICE)
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(
-            (
-                *services,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
-        try:
-            port = server.add_insecure_port(settings.server.listen)
-        except RuntimeError as exc:  # grpcio's way of saying the bind failed
-            raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
         websocket = None
         if settings.server.ws_listen is not None:
             websocket = WebSocketServer(
@@ -237,6 +164,7 @@ class KoreroServer:
             metrics_runner,
             provider,
             websocket,
+            tool_executor,
             handoff,
             webhooks,
         )
@@ -257,18 +185,146 @@ class KoreroServer:
         await self.engine.drain(grace)
         if self.websocket is not None:
             await self.websocket.close()
+        await self.server.stop(grace=1.0)
         if self.webhooks is not None:
             await self.webhooks.close()
         if self.handoff is not None:
             await self.handoff.close()
-        await self.server.stop(grace=1.0)
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
         await self.llm.aclose()
+        if self.tool_executor is not None:
+            await self.tool_executor.close()
         await self.store.close()
         log.info("event=stopped")
+
+
+def _build_gate(
+    settings: Settings, store: SessionStore, metrics: Metrics
+) -> tuple[CallGate, RateLimiter | None, Authenticator]:
+    """The call policy: who may call (auth) and how much (limits)."""
+    authenticator: Authenticator = AnonymousAuthenticator(settings.engine.tenant)
+    if settings.auth.mode == "on":
+        authenticator = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
+    limiter = None
+    if settings.limits.enabled:
+        limiter = RateLimiter(
+            store.redis,
+            settings.limits,
+            on_fallback=metrics.rate_limit_fallbacks.inc,
+            on_reject=lambda limit: metrics.rate_limit_rejections.labels(limit).inc(),
+        )
+    gate = CallGate(
+        authenticator=authenticator,
+        open_methods=settings.auth.open_methods,
+        default_tenant=settings.engine.tenant,
+        limiter=limiter,
+        authenticates=settings.auth.mode == "on",
+    )
+    return gate, limiter, authenticator
+
+
+def _build_engine(
+    settings: Settings,
+    store: SessionStore,
+    llm: LLMProvider,
+    limiter: RateLimiter | None,
+    metrics: Metrics,
+    tracer: trace.Tracer,
+    tool_executor: ToolExecutor,
+    handoff: HandoffService | None,
+) -> ConversationEngine:
+    """The conversation engine with its context assembly, cache, knowledge base and tools."""
+    kb_store = KnowledgeStore(store.redis)
+    assembler = KnowledgeAssembler(
+        system_prompt=settings.engine.system_prompt,
+        prompt_version=settings.engine.prompt_version,
+        prompt=settings.prompt,
+        kb=KnowledgeBase(kb_store, settings.knowledge),
+        summarizer=LLMSummarizer(
+            llm=llm,
+            model=settings.llm.model,
+            max_tokens=settings.prompt.summary_tokens,
+            timeout=settings.llm.first_token_timeout,
+        ),
+    )
+    return ConversationEngine(
+        store=store,
+        llm=llm,
+        assembler=assembler,
+        settings=settings.engine,
+        llm_settings=settings.llm,
+        snippet_chars=settings.knowledge.snippet_chars,
+        limiter=limiter,
+        metrics=metrics,
+        tracer=tracer,
+        router=RuleRouter(),
+        cache=ResponseCache(store.redis, settings.cache) if settings.cache.enabled else None,
+        knowledge=kb_store,
+        tool_loop=ToolLoop(
+            ToolRegistry(store.redis),
+            tool_executor,
+            max_rounds=settings.tools.max_rounds,
+            cache_seconds=settings.tools.cache_seconds,
+        ),
+        handoff=handoff,
+    )
+
+
+def _build_grpc_server(
+    settings: Settings,
+    engine: ConversationEngine,
+    lifecycle: Lifecycle,
+    health: health_aio.HealthServicer,
+    metrics: Metrics,
+    interceptors: list[grpc.aio.ServerInterceptor],
+    handoff: HandoffService | None,
+) -> tuple[grpc.aio.Server, int, list[str]]:
+    """ChatService (and the agent desk), health and reflection, not started yet.
+
+    Returns the server, its port and the names of the services it serves.
+    """
+    server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(
+        ChatServicer(
+            engine=engine,
+            lifecycle=lifecycle,
+            metrics=metrics,
+            rules=StreamRules.from_settings(settings.server),
+            default_tenant=settings.engine.tenant,
+        ),
+        server,
+    )
+    services = [CHAT_SERVICE]
+    if handoff is not None:
+        agent_pb2_grpc.add_AgentDeskServiceServicer_to_server(
+            AgentDeskServicer(
+                service=handoff,
+                lifecycle=lifecycle,
+                metrics=metrics,
+                heartbeat_interval=settings.server.heartbeat_interval,
+                first_frame_timeout=settings.server.first_frame_timeout,
+                default_tenant=settings.engine.tenant,
+            ),
+            server,
+        )
+        services.append(AGENT_SERVICE)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            *services,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    try:
+        port = server.add_insecure_port(settings.server.listen)
+    except RuntimeError as exc:  # grpcio's way of saying the bind failed
+        raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
+    return server, port, services
 
 
 async def _build_handoff(
@@ -321,7 +377,7 @@ async def run(settings: Settings) -> None:
         app.metrics_port,
     )
     if app.websocket is not None:
-        log.info("event=ws_serving address=%s path=/ws/chat", app.websocket.address)
+        log.info("event=ws_serving address=%s paths=/ws/chat,/ws/agent", app.websocket.address)
     host = settings.server.listen.rsplit(":", 1)[0].strip("[]")
     if settings.auth.mode == "off" and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(

@@ -100,9 +100,9 @@ class Conversation:
         """Ask for a human agent; what follows arrives in `notifications`."""
         await self._write(pb.ChatRequest(handoff=pb.RequestHandoff(reason=reason)))
 
-    async def next_notification(self, timeout: float | None = None) -> pb.Event:
-        """The next handoff event or agent message (TimeoutError after `timeout`)."""
-        return await asyncio.wait_for(self.notifications.get(), timeout)
+    async def next_notification(self, within: float | None = None) -> pb.Event:
+        """The next handoff event or agent message (TimeoutError after `within` seconds)."""
+        return await asyncio.wait_for(self.notifications.get(), within)
 
     async def cancel(self, turn_id: str = "") -> None:
         """Cancel the turn in flight (or the named one)."""

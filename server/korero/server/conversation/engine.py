@@ -30,6 +30,7 @@ from korero.server.context.router import IntentRouter, RouteDecision, RuleRouter
 from korero.server.conversation.generation import AnswerGenerator
 from korero.server.conversation.hooks import HandoffHook
 from korero.server.conversation.runner import REPLAY_EVENTS, TurnRunner
+from korero.server.conversation.tools_loop import ToolLoop
 from korero.server.conversation.turn import EventSink, StageTimings, Turn, TurnPlan
 from korero.server.conversation.validation import (
     validate_message,
@@ -74,6 +75,7 @@ class ConversationEngine:
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
         handoff: HandoffHook | None = None,
+        tool_loop: ToolLoop | None = None,
     ) -> None:
         self._store = store
         self._assembler = assembler
@@ -94,7 +96,11 @@ class ConversationEngine:
             store=store,
             assembler=assembler,
             generator=AnswerGenerator(
-                llm=llm, settings=llm_settings, tracer=self._tracer, clock=clock
+                llm=llm,
+                settings=llm_settings,
+                tracer=self._tracer,
+                clock=clock,
+                tool_loop=tool_loop,
             ),
             settings=settings,
             model=llm_settings.model,
@@ -105,6 +111,7 @@ class ConversationEngine:
             record_cache_request=self._count_cache_request,
             clock=clock,
             handoff=handoff,
+            tool_loop=tool_loop,
         )
 
     @property

@@ -13,6 +13,7 @@ that one Lua script touches share a Redis Cluster slot:
     kr:{t:kb}:meta | chunks:<v> | cache:<v>:…   a tenant's knowledge base
                                         and response cache (see context/)
     kr:{t:auth}:apikeys                 a tenant's API keys (see policy/)
+    kr:{t:tools}                        a tenant's tools (see tools/)
     kr:{t}:rl:…                         a tenant's rate-limit buckets
 
 Pub/sub channels follow the same layout (`kr:{t:s}:notify` wakes whoever
@@ -32,6 +33,7 @@ __all__ = [
     "rate_limit_key",
     "session_channel",
     "session_key",
+    "tools_key",
 ]
 
 NOTIFY_PATTERN = "kr:{*}:notify"
@@ -83,3 +85,8 @@ def parse_notify_channel(channel: str) -> tuple[str, str | None] | None:
     if not sep or not tenant or not rest:
         return None
     return (tenant, None) if rest == _DESK else (tenant, rest)
+
+
+def tools_key(tenant: str) -> str:
+    """The hash of a tenant's tools (name -> JSON form)."""
+    return f"kr:{{{tenant}:tools}}"
