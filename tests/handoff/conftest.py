@@ -18,9 +18,9 @@ FAST = HandoffSettings(sweep_interval=0.1, offer_timeout=2.0, agent_grace=1.0, d
 
 def handoff_settings(redis_url: str, llm_url: str, **overrides: Any) -> Settings:
     overrides.setdefault("handoff", FAST)
-    handoff = overrides.pop("handoff")
+    groups = {k: overrides.pop(k) for k in ("handoff", "webhooks") if k in overrides}
     settings = make_settings(redis_url, llm_url, **overrides)
-    return dataclasses.replace(settings, handoff=handoff)
+    return dataclasses.replace(settings, **groups)
 
 
 @pytest.fixture

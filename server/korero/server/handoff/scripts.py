@@ -142,7 +142,8 @@ return {'queued', cjson.encode(rec)}
 )
 
 # ARGV: 3 offer ms, 4 stale ms (agents not seen for longer are gone), 5 grace ms.
-# Returns {requeued records..., '|', offered hid, agent id, ...}.
+# Returns {records now in grace (their agent went silent)..., '|', requeued records..., '|',
+# offered hid, agent id, ...}.
 DESK_TICK = (
     _DESK_PRELUDE
     + """
@@ -161,11 +162,13 @@ for _, a in ipairs(agents) do
         rec.state = 'grace'
         rec.grace_until = now + grace_ms
         put(rec)
+        out[#out + 1] = cjson.encode(rec)
       end
     end
     put_agent(a)
   end
 end
+out[#out + 1] = '|'
 local byid = {}
 for _, a in ipairs(agents) do byid[a.id] = a end
 flat = redis.call('HGETALL', H)
@@ -231,7 +234,7 @@ for _, q in ipairs(redis.call('SMEMBERS', Q)) do
     end
   end
 end
-if #out > 1 then notify() end
+if #out > 2 then notify() end
 return out
 """
 )
@@ -399,13 +402,15 @@ return resumed
 )
 
 # Availability, skills, or just "still here". ARGV: 3 agent id, 4 connection id,
-# 5 status ('' keeps), 6 skills JSON ('' keeps)
+# 5 status ('' keeps), 6 skills JSON ('' keeps). Returns 0 for a stale connection,
+# else {1, records taken back from a grace period...}.
 DESK_AGENT_UPDATE = (
     _DESK_PRELUDE
     + """
 local a = agent(ARGV[3])
 if not a or a.conn ~= ARGV[4] then return 0 end
 local changed = false
+local restored = {1}
 if ARGV[5] ~= '' then a.want = ARGV[5] end
 if ARGV[6] ~= '' then a.skills = cjson.decode(ARGV[6]); changed = true end
 if a.status ~= a.want then
@@ -417,6 +422,7 @@ if a.status ~= a.want then
         rec.state = 'active'
         rec.grace_until = nil
         put(rec)
+        restored[#restored + 1] = cjson.encode(rec)
       end
     end
   end
@@ -426,7 +432,7 @@ end
 a.seen = now
 put_agent(a)
 if changed then notify() end
-return 1
+return restored
 """
 )
 

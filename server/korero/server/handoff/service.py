@@ -42,6 +42,7 @@ __all__ = ["AgentProfile", "DeskError", "HandoffService"]
 log = logging.getLogger(__name__)
 
 _STALE_FACTOR = 5  # an agent not seen for this many sweep intervals is taken for gone
+_STALE_MS = 10_000  # ... and never sooner: a busy event loop is not a dead agent
 _MAX_TEXT_BYTES = 8000
 
 
@@ -115,7 +116,8 @@ class HandoffService:
 
     @property
     def stale_ms(self) -> int:
-        return int(self._settings.sweep_interval * 1000 * _STALE_FACTOR) + 2000
+        """An agent not heard from for this long is taken for gone (its instance died)."""
+        return max(_STALE_MS, int(self._settings.sweep_interval * 1000 * _STALE_FACTOR))
 
     def now_ms(self) -> int:
         return self._now()
@@ -429,13 +431,29 @@ class HandoffService:
     async def tick(self, tenant: str) -> None:
         """Expire offers and graces, offer waiting conversations, tell requeued customers."""
         s = self._settings
-        requeued, offers = await self._store.tick(
+        graced, requeued, offers = await self._store.tick(
             tenant,
             self._now(),
             offer_ms=int(s.offer_timeout * 1000),
             stale_ms=self.stale_ms,
             grace_ms=int(s.agent_grace * 1000),
         )
+        for handoff in graced:
+            log.info(
+                "event=agent_silent tenant=%s handoff=%s agent=%s",
+                tenant,
+                handoff.id,
+                handoff.agent,
+            )
+            await self._tell(
+                tenant,
+                handoff,
+                agent_left=pb.AgentLeft(
+                    handoff_id=handoff.id,
+                    agent_display_name=handoff.agent_name,
+                    reason="disconnected",
+                ),
+            )
         for handoff in requeued:
             self._announced.pop(handoff.id, None)
             log.info("event=handoff_requeued tenant=%s handoff=%s", tenant, handoff.id)
@@ -824,9 +842,19 @@ class HandoffService:
         status: str = "",
         skills: dict[str, int] | None = None,
     ) -> bool:
-        return await self._store.agent_update(
+        """Availability, skills, or "still here"; False when this connection was replaced."""
+        restored = await self._store.agent_update(
             tenant, self._now(), agent.agent_id, connection, status=status, skills=skills
         )
+        for handoff in restored or ():
+            await self._tell(
+                tenant,
+                handoff,
+                agent_joined=pb.AgentJoined(
+                    handoff_id=handoff.id, agent_display_name=agent.display_name
+                ),
+            )
+        return restored is not None
 
     # The context packet -----------------------------------------------------------------
 

@@ -241,17 +241,20 @@ class HandoffStore:
 
     async def tick(
         self, tenant: str, now_ms: int, *, offer_ms: int, stale_ms: int, grace_ms: int
-    ) -> tuple[list[HandoffRecord], list[tuple[str, str]]]:
+    ) -> tuple[list[HandoffRecord], list[HandoffRecord], list[tuple[str, str]]]:
         """Expire offers and graces, then offer waiting handoffs to agents.
 
-        Returns (handoffs put back in the queue after a grace, [(handoff, agent) offers]).
+        Returns (handoffs whose agent went silent, now in grace; handoffs put back
+        in the queue after a grace; [(handoff, agent) offers made]).
         """
         out = await self._desk("DESK_TICK", tenant, now_ms, offer_ms, stale_ms, grace_ms)
         items = [_text(x) for x in out]
-        split = items.index("|")
-        requeued = [HandoffRecord.from_json(x) for x in items[:split]]
-        offers = items[split + 1 :]
-        return requeued, list(zip(offers[::2], offers[1::2], strict=True))
+        first = items.index("|")
+        second = items.index("|", first + 1)
+        graced = [HandoffRecord.from_json(x) for x in items[:first]]
+        requeued = [HandoffRecord.from_json(x) for x in items[first + 1 : second]]
+        offers = items[second + 1 :]
+        return graced, requeued, list(zip(offers[::2], offers[1::2], strict=True))
 
     async def accept(
         self,
@@ -358,7 +361,8 @@ class HandoffStore:
         *,
         status: str = "",
         skills: dict[str, int] | None = None,
-    ) -> bool:
+    ) -> list[HandoffRecord] | None:
+        """None for a stale connection, else the handoffs taken back from a grace period."""
         out = await self._desk(
             "DESK_AGENT_UPDATE",
             tenant,
@@ -368,7 +372,9 @@ class HandoffStore:
             status,
             json.dumps(skills) if skills is not None else "",
         )
-        return bool(out)
+        if not out:
+            return None
+        return [HandoffRecord.from_json(x) for x in out[1:]]
 
     async def agent_leave(
         self, tenant: str, now_ms: int, agent_id: str, connection: str, grace_ms: int

@@ -1,7 +1,7 @@
 """CRM / ticketing webhooks: a transactional outbox in Redis, delivered in order.
 
 On `handoff.requested`, `handoff.agent_joined` and `handoff.closed` a JSON
-event (schema: `schemas/handoff-webhook.schema.json`) is appended to one
+event (schema: `docs/schemas/handoff-webhook.schema.json`) is appended to one
 outbox list per endpoint of the tenant, by the same Lua step that changes the
 handoff (handoff/scripts.py), so a state change and its webhook cannot be
 apart. `WebhookDispatcher` delivers each list head first, one endpoint at a
@@ -185,6 +185,7 @@ class WebhookDispatcher:
         self._on_result = on_result or (lambda _r: None)
         self._rng = rng or random.Random()
         self._instance = uuid.uuid4().hex
+        self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._wake: dict[str, asyncio.Event] = {}
         self._http: aiohttp.ClientSession | None = None
@@ -211,11 +212,11 @@ class WebhookDispatcher:
             event.set()
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:  # bounded: a delivery is idempotent, the next instance resends it
+            await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks.clear()
         if self._http is not None:
             await self._http.close()
@@ -225,7 +226,7 @@ class WebhookDispatcher:
         lease = desk_key(tenant, f"wh:{target.target_id}:lease")
         key = queue_key(tenant, target)
         wake = self._wake[tenant]
-        while True:
+        while not self._closing:
             try:
                 async with redis_boundary():
                     held = await self._redis.set(lease, self._instance, nx=True, px=_LEASE_MS)
@@ -316,6 +317,9 @@ class WebhookDispatcher:
                     return None
                 return f"HTTP {response.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from exc  # our own shutdown, not the receiver
             return type(exc).__name__
 
 
