@@ -8,6 +8,9 @@ PYTHON=${PYTHON:-python3}
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# promtool validates deploy/prometheus/rules.yaml in `make test`; it ships in Debian's
+# prometheus package (where systemd runs, that also enables a local Prometheus service).
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (Debian packages)"
