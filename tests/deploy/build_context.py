@@ -73,7 +73,6 @@ class DockerIgnore:
                 verdict = excludes
         return verdict
 
-
     def may_hold_context(self, directory: str) -> bool:
         """False for an excluded directory that no `!` pattern reaches into (not walked)."""
         if not self.excludes(directory):
