@@ -196,3 +196,40 @@ def test_grafana_provisioning_points_at_the_dashboard() -> None:
     mounted = [m for m in mounts if m.startswith("./grafana/korero-dashboard.json:")]
     assert mounted
     assert mounted[0].split(":")[1].startswith(provider["options"]["path"] + "/")
+
+
+@pytest.mark.needs_binary("promtool")
+def test_the_kubernetes_scrape_jobs_are_valid_but_for_their_discovery(
+    tool: Callable[[str], Path], tmp_path: Path
+) -> None:
+    # Debian's promtool is built without Kubernetes service discovery, so the
+    # jobs are checked with kubernetes_sd_configs swapped for a static target:
+    # everything else (relabelling regexes, actions, labels) is promtool's to judge.
+    config = yaml.safe_load((PROMETHEUS / "prometheus-kubernetes.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"korero", "envoy"}
+    for job in jobs.values():
+        (discovery,) = job.pop("kubernetes_sd_configs")
+        assert discovery["role"] == "pod"
+        job["static_configs"] = [{"targets": ["pod.example:9464"]}]
+        targets = {rule.get("target_label") for rule in job["relabel_configs"]}
+        assert {"__address__", "namespace", "pod"} <= targets
+    config["rule_files"] = [str(RULES)]
+    checked = tmp_path / "prometheus.yml"
+    checked.write_text(yaml.safe_dump(config))
+    result = run(tool("promtool"), "check", "config", checked)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_adapter_exposes_the_metric_the_hpa_reads() -> None:
+    adapter = yaml.safe_load(
+        (REPO / "deploy" / "k8s" / "prometheus-adapter-rules.yaml").read_text()
+    )
+    (rule,) = adapter["rules"]["custom"]
+    hpa = yaml.safe_load(
+        (REPO / "deploy" / "k8s" / "overlays" / "prod" / "patch-hpa.yaml").read_text()
+    )
+    (pods,) = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert rule["name"]["as"] == pods["metric"]["name"]
+    assert metric_names_in(rule["seriesQuery"]) == {pods["metric"]["name"]}
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
