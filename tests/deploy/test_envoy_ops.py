@@ -20,6 +20,9 @@ import yaml
 
 from tests.deploy.tools import REPO
 
+# Each test starts an Envoy process (about a second); `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 CONFIGS = {
     "compose": REPO / "deploy" / "envoy" / "envoy.yaml",
     "kubernetes": REPO / "deploy" / "k8s" / "base" / "envoy-config.yaml",
