@@ -123,7 +123,13 @@ def test_depends_on_uses_conditions_on_existing_services(
                 assert spec["condition"] == "service_completed_successfully"
             else:
                 assert spec["condition"] == "service_healthy", f"{name} -> {dep}"
-    assert set(services["korero"]["depends_on"]) >= {"redis", "postgres", "upstream-sim"}
+    assert set(services["korero"]["depends_on"]) >= {
+        "redis",
+        "postgres",
+        "upstream-sim",
+        "kb-ingest",
+        "tools-add",
+    }
     assert "korero" in services["envoy"]["depends_on"]
 
 
@@ -142,7 +148,7 @@ def test_start_order_has_no_cycle(services: dict[str, dict[str, Any]]) -> None:
 def test_korero_settings_are_real_setting_names(services: dict[str, dict[str, Any]]) -> None:
     known = {name.split(" / ")[0] for name, _, _ in env_reference()}
     known |= {alias for name, _, _ in env_reference() for alias in name.split(" / ")}
-    for name in ("korero", "kb-ingest"):
+    for name in ("korero", "kb-ingest", "tools-add"):
         env = services[name]["environment"]
         unknown = set(env) - known - SETTINGS_COMING
         assert not unknown, f"{name}: {unknown}"
@@ -150,6 +156,8 @@ def test_korero_settings_are_real_setting_names(services: dict[str, dict[str, An
     assert env["REDIS_URL"].startswith("redis://redis:")
     assert "@postgres:5432/" in env["POSTGRES_URL"]
     assert "upstream-sim:8088" in env["KORERO_LLM_BASE_URL"]
+    tools = services["tools-add"]["command"]
+    assert tools[tools.index("--endpoint-base") + 1] == "http://airline-api:8090"
 
 
 def test_docker_waits_for_the_drain(services: dict[str, dict[str, Any]]) -> None:
