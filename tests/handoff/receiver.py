@@ -52,7 +52,7 @@ class Receiver:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _valid(self, request: web.Request, body: bytes) -> str | None:
+    def _valid(self, request: web.Request, body: bytes) -> str | None:  # noqa: PLR0911
         header = request.headers.get("Korero-Signature", "")
         parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
         if parts.get("t") != request.headers.get("Korero-Timestamp"):

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
 
 from korero.client import ChatClient
 from korero.server.handoff.webhooks import dead_letters, retry_dead_letters, sign, verify
-from korero.server.settings import WebhookSettings, WebhookTarget
+from korero.server.settings import Settings, WebhookSettings, WebhookTarget
+from korero.testing import free_port
 from tests.handoff.desk import Agent
 from tests.handoff.receiver import Receiver
 from tests.helpers import run_turn
@@ -100,8 +103,6 @@ async def test_events_signed_in_order_exactly_once_despite_failing_first_attempt
 
 
 async def test_dead_letters_after_max_attempts_and_retry(start_server, redis_url) -> None:  # type: ignore[no-untyped-def]
-    import redis.asyncio as aioredis
-
     receiver = Receiver(SECRET, always_fail=True)
     await receiver.start()
     settings = _webhooks(receiver, max_attempts=3)
@@ -137,10 +138,6 @@ async def test_dead_letters_after_max_attempts_and_retry(start_server, redis_url
 
 
 async def test_a_hanging_receiver_never_slows_the_chat(start_server) -> None:  # type: ignore[no-untyped-def]
-    from aiohttp import web
-
-    from korero.testing import free_port
-
     port = free_port()
     seen = asyncio.Event()
     release = asyncio.Event()
@@ -175,8 +172,6 @@ async def test_a_hanging_receiver_never_slows_the_chat(start_server) -> None:  #
 
 
 def test_webhook_settings_parse() -> None:
-    from korero.server.settings import Settings
-
     settings = Settings.from_env(
         {"KORERO_WEBHOOKS": json.dumps({"t1": [{"url": "https://crm.example/h", "secret": "s"}]})}
     )
