@@ -20,7 +20,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
-from korero.chat.v1 import chat_pb2, chat_pb2_grpc
+from korero.chat.v1 import chat_pb2
 from korero.server.context.assembly import KnowledgeAssembler, LLMSummarizer
 from korero.server.context.cache import ResponseCache
 from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore
@@ -150,16 +150,13 @@ class KoreroServer:
         lifecycle = Lifecycle()
         health = health_aio.HealthServicer()
         server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(
-                engine=engine,
-                lifecycle=lifecycle,
-                metrics=metrics,
-                rules=StreamRules.from_settings(settings.server),
-                default_tenant=settings.engine.tenant,
-            ),
-            server,
-        )
+        ChatServicer(
+            engine=engine,
+            lifecycle=lifecycle,
+            metrics=metrics,
+            rules=StreamRules.from_settings(settings.server),
+            default_tenant=settings.engine.tenant,
+        ).add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
             (

@@ -103,6 +103,9 @@ class ChatSession:
         self.turn: Turn | None = None
         self.draining = False
         """Set once the server started draining; the transport then says goodbye."""
+        self.failure: KoreroError | None = None
+        """Set when the reader failed (e.g. an undecodable frame): the transport ends
+        the stream with it after the events already queued."""
         self._deadline = deadline
         self._out: asyncio.Queue[pb.Event | _Signal] = asyncio.Queue()
         self._active = True  # something was sent since the last heartbeat check
@@ -189,6 +192,12 @@ class ChatSession:
 
     def end(self) -> None:
         """The client is gone: end the outbound stream now."""
+        self._out.put_nowait(_END)
+
+    def fail(self, error: KoreroError) -> None:
+        """The stream cannot go on (its reader failed): end it with `error`."""
+        if self.failure is None:
+            self.failure = error
         self._out.put_nowait(_END)
 
     def drain(self) -> None:

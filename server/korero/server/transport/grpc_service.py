@@ -4,6 +4,14 @@ Thin on purpose: frames in become engine calls, engine events out become
 frames. Errors inside a turn travel as `error` events; errors that end a
 call become gRPC statuses with `google.rpc.ErrorInfo` (and `RetryInfo` when
 a wait is known) in `grpc-status-details-bin`.
+
+Every method is registered with a streaming request (`add_to_server`), the
+unary ones included — the wire format is the same. grpcio aio never answers a
+unary call whose body ends before one whole message (empty or truncated),
+and reports an undecodable one as UNKNOWN naming a Python class; reading the
+request ourselves answers both with INVALID_ARGUMENT (`REQUEST_MISSING`,
+`REQUEST_UNDECODABLE`) at once. A Chat stream's reader turns any failure into
+an in-band `error` event and a status that ends the stream.
 """
 
 from __future__ import annotations
@@ -11,15 +19,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from korero.chat.v1 import chat_pb2 as pb
-from korero.chat.v1 import chat_pb2_grpc
 from korero.server.conversation.engine import ConversationEngine, Turn
 from korero.server.errors import (
+    InvalidArgumentError,
     KoreroError,
     ShuttingDownError,
 )
@@ -48,7 +57,27 @@ def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     return time.monotonic() + max(0.0, remaining - min(0.1, remaining * 0.1))
 
 
-class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+SERVICE = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+_M = TypeVar("_M", bound=Message)
+
+
+def request_decoder(message_type: type[_M]) -> Callable[[bytes], _M]:
+    """A request deserializer whose failure is INVALID_ARGUMENT, not a Python class name."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def decode(raw: bytes) -> _M:
+        try:
+            return message_type.FromString(raw)
+        except DecodeError:
+            raise InvalidArgumentError(
+                "REQUEST_UNDECODABLE", f"the request is not a valid {name}"
+            ) from None
+
+    return decode
+
+
+class ChatServicer:
     """ChatService on the conversation engine."""
 
     def __init__(
@@ -65,6 +94,59 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self._default_tenant = default_tenant
         self._lifecycle = lifecycle
         self._metrics = metrics
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register every method, each with a streaming request (see the module docstring)."""
+
+        def handler(method: Any, kind: Any, request: type[Message], response: Any) -> Any:
+            return kind(
+                method,
+                request_deserializer=request_decoder(request),
+                response_serializer=response.SerializeToString,
+            )
+
+        handlers = {
+            "Chat": handler(
+                self.Chat, grpc.stream_stream_rpc_method_handler, pb.ChatRequest, pb.ChatResponse
+            ),
+            "SendMessage": handler(
+                self.SendMessage,
+                grpc.stream_stream_rpc_method_handler,
+                pb.SendMessageRequest,
+                pb.SendMessageResponse,
+            ),
+            "GetSession": handler(
+                self.GetSession,
+                grpc.stream_unary_rpc_method_handler,
+                pb.GetSessionRequest,
+                pb.GetSessionResponse,
+            ),
+            "ListMessages": handler(
+                self.ListMessages,
+                grpc.stream_unary_rpc_method_handler,
+                pb.ListMessagesRequest,
+                pb.ListMessagesResponse,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        server.add_registered_method_handlers(SERVICE, handlers)
+
+    async def _request(self, requests: AsyncIterator[_M]) -> _M:
+        """The one request message of a unary-request method."""
+        try:
+            async with asyncio.timeout(self._rules.first_frame_timeout):
+                request = await anext(aiter(requests), None)
+        except TimeoutError:
+            raise KoreroError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "REQUEST_TIMEOUT",
+                f"no request message within {self._rules.first_frame_timeout:g}s",
+            ) from None
+        if request is None:
+            raise InvalidArgumentError(
+                "REQUEST_MISSING", "the call ended before a whole request message"
+            )
+        return request
 
     def _tenant(self) -> str:
         # Set by the gate; without authentication every caller is the default tenant.
@@ -107,12 +189,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         try:
             async for event in session.outbound():
                 yield pb.ChatResponse(event=event)
-            if session.draining:
+            ending = session.failure or (ShuttingDownError() if session.draining else None)
+            if ending is not None:
                 # Say it in-band first: a client writing while the status
                 # arrives may see its call fail with INTERNAL instead.
-                goaway = ShuttingDownError()
-                yield pb.ChatResponse(event=session.rejection(goaway))
-                await abort_with_error(context, goaway)
+                yield pb.ChatResponse(event=session.rejection(ending))
+                await abort_with_error(context, ending)
         finally:
             reader.cancel()
             self._lifecycle.unregister(session)
@@ -121,18 +203,26 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     @staticmethod
     async def _read(requests: AsyncIterator[pb.ChatRequest], session: ChatSession) -> None:
+        """Hand each frame to the session; any failure ends the stream with a status."""
         try:
             async for request in requests:
                 await session.handle(request)
         except (grpc.aio.AioRpcError, grpc.aio.AbortError, grpc.aio.UsageError):
             return  # the call ended under us; the handler's cleanup runs
+        except KoreroError as error:  # an undecodable frame
+            session.fail(error)
+            return
+        except Exception:
+            log.exception("event=chat_reader_failed session_id=%s", session.session_id)
+            session.fail(KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error"))
+            return
         await session.finish()  # half-close: the turn in flight ends, then the stream
 
     # SendMessage: one turn, server streaming ---------------------------------------
 
     async def SendMessage(  # noqa: N802 - the gRPC method name
         self,
-        request: pb.SendMessageRequest,
+        requests: AsyncIterator[pb.SendMessageRequest],
         context: grpc.aio.ServicerContext[pb.SendMessageRequest, pb.SendMessageResponse],
     ) -> AsyncIterator[pb.SendMessageResponse]:
         out: asyncio.Queue[pb.Event] = asyncio.Queue()
@@ -140,6 +230,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self._metrics.active_streams.inc()
         try:
             try:
+                request = await self._request(requests)
                 self._lifecycle.check_open()
                 tenant = self._tenant()
                 session_id = request.session_id
@@ -167,10 +258,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def GetSession(  # noqa: N802 - the gRPC method name
         self,
-        request: pb.GetSessionRequest,
+        requests: AsyncIterator[pb.GetSessionRequest],
         context: grpc.aio.ServicerContext[pb.GetSessionRequest, pb.GetSessionResponse],
     ) -> pb.GetSessionResponse:
         try:
+            request = await self._request(requests)
             session = await self._engine.get_session(self._tenant(), request.session_id)
         except KoreroError as error:
             await abort_with_error(context, error)
@@ -178,10 +270,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def ListMessages(  # noqa: N802 - the gRPC method name
         self,
-        request: pb.ListMessagesRequest,
+        requests: AsyncIterator[pb.ListMessagesRequest],
         context: grpc.aio.ServicerContext[pb.ListMessagesRequest, pb.ListMessagesResponse],
     ) -> pb.ListMessagesResponse:
         try:
+            request = await self._request(requests)
             return await self._engine.list_messages(
                 self._tenant(),
                 request.session_id,

@@ -17,9 +17,11 @@ calls, engine events out become frames. It mirrors `ChatService.Chat`:
   clients), from a `korero.bearer.<base64url token>` subprotocol (browsers
   cannot set headers), or from a text frame `{"authorization": "Bearer …"}`
   sent before `start`.
-* Errors that end the socket are sent in-band first (an `error` event with
-  the canonical code, reason and retryable flag), then the socket closes
-  with a code and a reason `<CODE_NAME> <REASON>`; see `close_code_for`.
+* Errors that end the socket — frames it cannot read too — are sent in-band
+  first (an `error` event with the canonical code, reason and retryable
+  flag), then the socket closes with a code and a reason
+  `<CODE_NAME> <REASON>`; see `close_code_for`. A reader that fails for any
+  other reason ends the socket the same way (INTERNAL, 1011).
 * Closing the socket (or losing it) cancels the turn in flight, which closes
   the upstream LLM request. On SIGTERM, new sockets are refused, turns in
   flight finish (or end when the grace period does), then sockets close
@@ -46,7 +48,7 @@ from google.protobuf.message import DecodeError
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.conversation.engine import ConversationEngine
 from korero.server.conversation.wire import error_event_body
-from korero.server.errors import KoreroError, ShuttingDownError
+from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
 from korero.server.policy.gate import CallGate
 from korero.server.transport.chat_session import ChatSession, StreamRules, read_first_frame
 
@@ -76,23 +78,26 @@ _CLOSE_REASON_BYTES: Final = 123  # RFC 6455: a close frame's reason fits in 125
 _CLOSE_WAIT: Final = 5.0
 
 
-class _FrameError(Exception):
-    """A frame the adapter cannot read: ends the socket with `code`."""
+class _FrameError(InvalidArgumentError):
+    """A frame the adapter cannot read: said in-band, then the socket closes with `close_code`."""
 
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+    def __init__(self, close_code: int, reason: str, message: str) -> None:
+        super().__init__(reason, message)
+        self.close_code = close_code
 
 
 def close_code_for(error: KoreroError) -> int:
     """The WebSocket close code for an error that ends a socket.
 
-    1012 (service restart) when the server drains, 1013 (try again later)
-    for other retryable unavailability, 1011 for internal errors, and 1008
-    (policy violation) for everything the client must change: credentials,
-    the first frame, an unknown session.
+    1003 (unsupported data) for a frame of the wrong type and 1007 (invalid
+    payload) for one that is not a `ChatRequest`; 1012 (service restart) when
+    the server drains, 1013 (try again later) for other retryable
+    unavailability or exhaustion, 1011 for internal errors, and 1008 (policy
+    violation) for everything else the client must change: credentials, the
+    first frame, an unknown session.
     """
+    if isinstance(error, _FrameError):
+        return error.close_code
     if isinstance(error, ShuttingDownError):
         return int(WSCloseCode.SERVICE_RESTART)
     if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
@@ -117,24 +122,30 @@ class _Codec:
             if msg.type != WSMsgType.TEXT:
                 raise _FrameError(
                     int(WSCloseCode.UNSUPPORTED_DATA),
-                    f"FRAME_TYPE_INVALID {JSON_PROTOCOL} takes text frames",
+                    "FRAME_TYPE_INVALID",
+                    f"{JSON_PROTOCOL} takes text frames",
                 )
             try:
                 return json_format.Parse(str(msg.data), pb.ChatRequest())
-            except json_format.ParseError as exc:
+            except json_format.ParseError:
                 raise _FrameError(
-                    int(WSCloseCode.INVALID_TEXT), f"FRAME_INVALID not a ChatRequest: {exc}"
+                    int(WSCloseCode.INVALID_TEXT),
+                    "FRAME_INVALID",
+                    "the frame is not a korero.chat.v1.ChatRequest in JSON",
                 ) from None
         if msg.type != WSMsgType.BINARY:
             raise _FrameError(
                 int(WSCloseCode.UNSUPPORTED_DATA),
-                f"FRAME_TYPE_INVALID {PROTO_PROTOCOL} takes binary frames",
+                "FRAME_TYPE_INVALID",
+                f"{PROTO_PROTOCOL} takes binary frames",
             )
         try:
             return pb.ChatRequest.FromString(bytes(msg.data))
         except DecodeError:
             raise _FrameError(
-                int(WSCloseCode.INVALID_TEXT), "FRAME_INVALID not a ChatRequest message"
+                int(WSCloseCode.INVALID_TEXT),
+                "FRAME_INVALID",
+                "the frame is not a korero.chat.v1.ChatRequest message",
             ) from None
 
     async def send(self, ws: web.WebSocketResponse, event: pb.Event) -> None:
@@ -232,9 +243,6 @@ class _ChatSocket:
             started = await self._engine.open_session(
                 tenant, first.start.session_id, first.start.metadata
             )
-        except _FrameError as exc:
-            await conn.close(exc.code, exc.reason)
-            return
         except KoreroError as error:
             await conn.fail(error)
             return
@@ -245,8 +253,9 @@ class _ChatSocket:
         try:
             async for event in session.outbound():
                 await conn.codec.send(conn.ws, event)
-            if session.draining:
-                await conn.fail(ShuttingDownError())
+            ending = session.failure or (ShuttingDownError() if session.draining else None)
+            if ending is not None:
+                await conn.fail(ending)
         except (ConnectionError, RuntimeError):
             pass  # the socket went away while we wrote to it
         finally:
@@ -271,12 +280,18 @@ class _ChatSocket:
         return await read_first_frame(receive, self._rules.first_frame_timeout, "chat socket")
 
     async def _read(self, session: ChatSession) -> None:
+        """Hand each frame to the session; any failure ends the socket (in-band, then a code)."""
         conn = self._conn
         try:
             while (msg := await self._receive()) is not None:
                 await session.handle(conn.codec.decode(msg))
-        except _FrameError as exc:
-            await conn.close(exc.code, exc.reason)
+        except KoreroError as error:  # a frame it cannot read
+            session.fail(error)
+            return
+        except Exception:
+            log.exception("event=ws_reader_failed session_id=%s", session.session_id)
+            session.fail(KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error"))
+            return
         # Closed (by either side): the outbound stream ends, and the turn in flight with it.
         session.end()
 
@@ -365,11 +380,9 @@ class WebSocketServer:
             await _ChatSocket(
                 conn, self._engine, self._rules, self._gate, _authorization_from_handshake(request)
             ).run()
-        except Exception as exc:
+        except Exception:
             log.exception("event=ws_failed")
-            await conn.fail(
-                KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error ({exc!r})")
-            )
+            await conn.fail(KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error"))
         finally:
             self._connections.discard(conn)
             conn.ended.set_result(None)
