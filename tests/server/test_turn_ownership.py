@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -184,19 +183,8 @@ async def paused_redis(tmp_path: Path) -> AsyncIterator[RedisProcess]:
     redis = RedisProcess(tmp_path)
     redis.start()
     yield redis
-    assert redis.proc is not None
-    os.kill(redis.proc.pid, signal.SIGCONT)
+    redis.resume()
     redis.stop()
-
-
-def _pause(redis: RedisProcess) -> None:
-    assert redis.proc is not None
-    os.kill(redis.proc.pid, signal.SIGSTOP)
-
-
-def _resume(redis: RedisProcess) -> None:
-    assert redis.proc is not None
-    os.kill(redis.proc.pid, signal.SIGCONT)
 
 
 _STREAMS = 5
@@ -216,7 +204,7 @@ async def test_a_paused_redis_leaves_records_that_match_what_clients_were_told(
             assert kinds(await run_turn(warm, "warm the script cache", "w"))[-1] == "done"
             conversations = [await client.conversation() for _ in range(_STREAMS)]
             if phase == "begin":
-                _pause(paused_redis)
+                paused_redis.pause()
             elif phase == "answer":  # paused mid-answer, back before it ends
                 sim.config = SimConfig(tokens_per_second=10, answer_tokens=40)  # 4 s
             else:  # paused just before the answers end, back well after
@@ -228,9 +216,9 @@ async def test_a_paused_redis_leaves_records_that_match_what_clients_were_told(
             if phase != "begin":
                 await sim.wait_for(lambda r: r.tokens_sent >= 5, timeout=10)
                 await asyncio.sleep(0.3 if phase == "answer" else 0.7)
-                _pause(paused_redis)
+                paused_redis.pause()
             await asyncio.sleep(3.0)
-            _resume(paused_redis)
+            paused_redis.resume()
             results = await asyncio.gather(*turns)
             sim.config = SimConfig()
 
@@ -265,5 +253,5 @@ async def test_a_paused_redis_leaves_records_that_match_what_clients_were_told(
                 history = await _history(client, conversation.session_id)
                 assert history == [("user", f"question {i}"), ("assistant", text_of(again))]
     finally:
-        _resume(paused_redis)
+        paused_redis.resume()
         await app.shutdown(grace=0)

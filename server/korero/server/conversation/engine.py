@@ -177,6 +177,10 @@ class ConversationEngine:
 
     # Turns --------------------------------------------------------------------
 
+    def check_message(self, message: pb.UserMessage) -> None:
+        """Raise `InvalidArgumentError` if `start_turn` would refuse `message` as input."""
+        validate_message(message, self._settings.max_message_bytes)
+
     async def start_turn(
         self,
         tenant: str,

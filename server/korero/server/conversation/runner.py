@@ -69,6 +69,7 @@ REPLAY_EVENTS = 4 + MAX_CITATIONS  # turn started, one text delta, citations, us
 _CACHED_DELTA_CHARS = 160  # a cached answer is replayed in pieces of about this size
 _JOIN_POLL = 0.05
 _RESOLVE_BACKOFF = 0.1  # seconds; grows per attempt, at most 0.5
+_FINISH_FLOOR = 0.15  # seconds a finish may take even at the deadline (see deadline_margin)
 
 
 def _snippet(text: str, limit: int) -> str:
@@ -507,9 +508,10 @@ class TurnRunner:
             settle = self._limiter.settlement(admission, used)
             if settle is not None:
                 calls.append(settle)
-        give_up = self._clock() + self._settings.store_resolve_seconds
-        if deadline is not None:
-            give_up = min(give_up, deadline)
+        now = self._clock()
+        give_up = now + self._settings.store_resolve_seconds
+        if deadline is not None:  # the margin before the client's deadline includes the floor
+            give_up = max(min(give_up, deadline), now + _FINISH_FLOOR)
         attempt = 0
         with self._tracer.start_as_current_span("korero.persist"):
             while True:

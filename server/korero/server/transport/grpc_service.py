@@ -36,6 +36,7 @@ from korero.server.telemetry import Metrics
 from korero.server.transport.chat_session import ChatSession, StreamRules, read_first_frame
 from korero.server.transport.interceptors import current_identity
 from korero.server.transport.lifecycle import Lifecycle
+from korero.server.transport.outbound import OutboundQueue, StreamWriter, queue_full
 from korero.server.transport.status import abort_with_error
 
 __all__ = ["ChatServicer"]
@@ -46,15 +47,30 @@ _TERMINAL = frozenset({"done", "error"})
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
-    """The client's deadline on the engine clock, a little early.
-
-    Ending the turn slightly before the call's own deadline leaves time to
-    deliver the terminal event instead of the bare DEADLINE_EXCEEDED status.
-    """
+    """The client's deadline on the engine clock, early enough for the terminal event."""
     remaining: float | None = context.time_remaining()
     if remaining is None:
         return None
-    return time.monotonic() + max(0.0, remaining - min(0.1, remaining * 0.1))
+    return time.monotonic() + remaining - deadline_margin(remaining)
+
+
+_DELIVERY = 0.4  # seconds: persisting the outcome (at least 0.15 s) and sending the event
+_MARGIN_SHARE = 0.3  # at most this share of a short deadline
+
+
+def deadline_margin(remaining: float) -> float:
+    """How long before the client's deadline a turn must end to be heard.
+
+    `grpc-timeout` travels rounded *up* (to 10 ms between 1 and 10 s, 100 ms
+    up to 100 s, 1 s up to 1000 s, then coarser), so this side may see the
+    deadline up to that much later than the client; the terminal event then
+    still needs to be persisted and delivered. A 0.1 s margin lost about half
+    the turns with deadlines of 10 s or more to a bare DEADLINE_EXCEEDED.
+    """
+    rounding = 0.001
+    while rounding * 1000 <= remaining and rounding < 100:
+        rounding *= 10
+    return min(rounding + _DELIVERY, remaining * _MARGIN_SHARE)
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
@@ -160,6 +176,9 @@ class ChatServicer:
         request_iterator: AsyncIterator[pb.ChatRequest],
         context: grpc.aio.ServicerContext[pb.ChatRequest, pb.ChatResponse],
     ) -> AsyncIterator[pb.ChatResponse]:
+        # Responses go out through `context.write` (a write blocked by a client that
+        # stopped reading can then be interrupted); this stays an async generator
+        # that yields nothing, the shape streaming interceptors expect.
         try:
             # The first frame is read before refusing a draining server's stream:
             # a client still writing it when the status lands would see INTERNAL.
@@ -176,30 +195,32 @@ class ChatServicer:
         except KoreroError as error:
             await abort_with_error(context, error)
         session = ChatSession(
-            self._engine,
-            tenant,
-            started,
-            self._rules.heartbeat_interval,
-            lambda: _deadline(context),
+            self._engine, tenant, started, self._rules, lambda: _deadline(context)
         )
-        yield pb.ChatResponse(event=started)
+        writer = StreamWriter(context.write)
+        session.on_overflow = writer.interrupt
+        await writer.write(pb.ChatResponse(event=started))
         self._lifecycle.register(session)
         self._metrics.active_streams.inc()
         reader = asyncio.create_task(self._read(request_iterator, session))
         try:
             async for event in session.outbound():
-                yield pb.ChatResponse(event=event)
+                if not await writer.write(pb.ChatResponse(event=event)):
+                    break
             ending = session.failure or (ShuttingDownError() if session.draining else None)
             if ending is not None:
-                # Say it in-band first: a client writing while the status
-                # arrives may see its call fail with INTERNAL instead.
-                yield pb.ChatResponse(event=session.rejection(ending))
+                # Say it in-band first (unless the client is not reading): a client
+                # writing while the status arrives may see INTERNAL instead.
+                if not session.overflowed:
+                    await writer.write(pb.ChatResponse(event=session.rejection(ending)))
                 await abort_with_error(context, ending)
         finally:
             reader.cancel()
             self._lifecycle.unregister(session)
             self._metrics.active_streams.dec()
             session.close()  # a turn still in flight: the client went away, stop it
+        return
+        yield  # pragma: no cover - an async generator, see above
 
     @staticmethod
     async def _read(requests: AsyncIterator[pb.ChatRequest], session: ChatSession) -> None:
@@ -225,7 +246,10 @@ class ChatServicer:
         requests: AsyncIterator[pb.SendMessageRequest],
         context: grpc.aio.ServicerContext[pb.SendMessageRequest, pb.SendMessageResponse],
     ) -> AsyncIterator[pb.SendMessageResponse]:
-        out: asyncio.Queue[pb.Event] = asyncio.Queue()
+        # Written like Chat: `context.write`, interruptible, no yields.
+        writer = StreamWriter(context.write)
+        out: OutboundQueue[None] = self._rules.outbound_queue()
+        out.on_overflow = writer.interrupt
         turn: Turn | None = None
         self._metrics.active_streams.inc()
         try:
@@ -233,26 +257,29 @@ class ChatServicer:
                 request = await self._request(requests)
                 self._lifecycle.check_open()
                 tenant = self._tenant()
+                self._engine.check_message(request.message)  # before a session is created
                 session_id = request.session_id
                 if not session_id:
                     started = await self._engine.open_session(tenant, "", request.metadata)
                     session_id = started.session_id
-                    out.put_nowait(started)
+                    out.put(started)
                 turn = await self._engine.start_turn(
-                    tenant, session_id, request.message, out.put_nowait, _deadline(context)
+                    tenant, session_id, request.message, out.put, _deadline(context)
                 )
             except KoreroError as error:
                 await abort_with_error(context, error)
-            while True:
-                event = await out.get()
-                yield pb.SendMessageResponse(event=event)
+            while (event := await out.get()) is not None:
+                if not await writer.write(pb.SendMessageResponse(event=event)):
+                    break
                 if event.WhichOneof("kind") in _TERMINAL:
                     return
+            await abort_with_error(context, queue_full())
         finally:
             self._metrics.active_streams.dec()
             if turn is not None and not turn.done:
-                turn.unsubscribe(out.put_nowait)
+                turn.unsubscribe(out.put)
                 turn.cancel()
+        yield  # pragma: no cover - an async generator, see Chat
 
     # Unary reads -----------------------------------------------------------------------
 

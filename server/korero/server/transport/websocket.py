@@ -22,6 +22,9 @@ calls, engine events out become frames. It mirrors `ChatService.Chat`:
   flag), then the socket closes with a code and a reason
   `<CODE_NAME> <REASON>`; see `close_code_for`. A reader that fails for any
   other reason ends the socket the same way (INTERNAL, 1011).
+* Events wait for a client that reads slowly in a bounded queue (see
+  `outbound.py`); a client that stops reading altogether has its socket
+  closed with 1013 `RESOURCE_EXHAUSTED STREAM_QUEUE_FULL`.
 * Closing the socket (or losing it) cancels the turn in flight, which closes
   the upstream LLM request. On SIGTERM, new sockets are refused, turns in
   flight finish (or end when the grace period does), then sockets close
@@ -51,6 +54,7 @@ from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
 from korero.server.policy.gate import CallGate
 from korero.server.transport.chat_session import ChatSession, StreamRules, read_first_frame
+from korero.server.transport.outbound import StreamWriter, queue_full
 
 __all__ = [
     "BEARER_PREFIX",
@@ -76,6 +80,7 @@ BEARER_PREFIX: Final = "korero.bearer."
 _MAX_FRAME_BYTES: Final = 256 * 1024
 _CLOSE_REASON_BYTES: Final = 123  # RFC 6455: a close frame's reason fits in 125 bytes
 _CLOSE_WAIT: Final = 5.0
+_ABANDON_WAIT: Final = 1.0  # seconds a close may wait on a client that is not reading
 
 
 class _FrameError(InvalidArgumentError):
@@ -192,6 +197,7 @@ class _Connection:
 
     ws: web.WebSocketResponse
     codec: _Codec
+    transport: asyncio.Transport | None = None
     session: ChatSession | None = None
     ended: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -204,6 +210,15 @@ class _Connection:
     async def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.ws.close(code=code, message=_close_reason(reason))
+
+    async def abandon(self, error: KoreroError) -> None:
+        """Close for `error` a socket whose client stopped reading (its buffers are full)."""
+        try:
+            async with asyncio.timeout(_ABANDON_WAIT):
+                await self.close(close_code_for(error), f"{error.code.name} {error.reason}")
+        except TimeoutError:
+            if self.transport is not None:
+                self.transport.abort()
 
     async def fail(self, error: KoreroError) -> None:
         """End the socket for `error`: say it in-band, then close with its code."""
@@ -246,15 +261,20 @@ class _ChatSocket:
         except KoreroError as error:
             await conn.fail(error)
             return
-        session = ChatSession(self._engine, tenant, started, self._rules.heartbeat_interval)
+        session = ChatSession(self._engine, tenant, started, self._rules)
         conn.session = session
-        await conn.codec.send(conn.ws, started)
+        writer: StreamWriter[pb.Event] = StreamWriter(lambda event: conn.codec.send(conn.ws, event))
+        session.on_overflow = writer.interrupt
+        await writer.write(started)
         reader = asyncio.create_task(self._read(session))
         try:
             async for event in session.outbound():
-                await conn.codec.send(conn.ws, event)
+                if not await writer.write(event):
+                    break
             ending = session.failure or (ShuttingDownError() if session.draining else None)
-            if ending is not None:
+            if session.overflowed:
+                await conn.abandon(queue_full())  # the client is not reading: no in-band event
+            elif ending is not None:
                 await conn.fail(ending)
         except (ConnectionError, RuntimeError):
             pass  # the socket went away while we wrote to it
@@ -371,7 +391,13 @@ class WebSocketServer:
             protocols=(PROTO_PROTOCOL, JSON_PROTOCOL), max_msg_size=_MAX_FRAME_BYTES
         )
         await ws.prepare(request)
-        conn = _Connection(ws, _Codec(json_mode=ws.ws_protocol == JSON_PROTOCOL))
+        conn = _Connection(
+            ws,
+            _Codec(json_mode=ws.ws_protocol == JSON_PROTOCOL),
+            transport=request.transport
+            if isinstance(request.transport, asyncio.Transport)
+            else None,
+        )
         if self._draining:
             await conn.fail(ShuttingDownError())
             return ws
