@@ -150,7 +150,12 @@ class ChatSession:
         self._out.put(event)
 
     def _overflowed(self) -> None:
+        """The client stopped reading: stop the turn now (its outcome is stored as
+        failed), and let the transport end the stream."""
         self.fail(queue_full())
+        if self.turn is not None and not self.turn.done:
+            self.turn.unsubscribe(self._sink)
+            self.turn.cancel(error=queue_full())
         self.on_overflow()
 
     def _tick(self) -> None:

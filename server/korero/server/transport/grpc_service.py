@@ -249,8 +249,15 @@ class ChatServicer:
         # Written like Chat: `context.write`, interruptible, no yields.
         writer = StreamWriter(context.write)
         out: OutboundQueue[None] = self._rules.outbound_queue()
-        out.on_overflow = writer.interrupt
         turn: Turn | None = None
+
+        def overflowed() -> None:  # the client stopped reading: stop the turn, end the call
+            if turn is not None:
+                turn.unsubscribe(out.put)
+                turn.cancel(error=queue_full())
+            writer.interrupt()
+
+        out.on_overflow = overflowed
         self._metrics.active_streams.inc()
         try:
             try:
