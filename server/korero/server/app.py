@@ -32,6 +32,7 @@ from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
 from korero.server.policy.ratelimit import RateLimiter
+from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.settings import Settings
 from korero.server.storage.sessions import SessionStore
@@ -185,8 +186,14 @@ def _build_gate(
 ) -> tuple[CallGate, RateLimiter | None, Authenticator]:
     """The call policy: who may call (auth) and how much (limits)."""
     authenticator: Authenticator = AnonymousAuthenticator(settings.engine.tenant)
+    throttle = throttle_key = None
     if settings.auth.mode == "on":
-        authenticator = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
+        tokens = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
+        authenticator, throttle_key = tokens, tokens.throttle_key
+        throttle = AuthFailureThrottle(
+            per_peer=settings.auth.failures_per_peer,
+            per_tenant=settings.auth.failures_per_tenant,
+        )
     limiter = None
     if settings.limits.enabled:
         limiter = RateLimiter(
@@ -201,6 +208,8 @@ def _build_gate(
         default_tenant=settings.engine.tenant,
         limiter=limiter,
         authenticates=settings.auth.mode == "on",
+        throttle=throttle,
+        throttle_key=throttle_key,
     )
     return gate, limiter, authenticator
 

@@ -162,7 +162,7 @@ class SessionStore:
         self, tenant: str, session_id: str, page_size: int, page_token: str
     ) -> tuple[list[StoredMessage], str]:
         """A page of history, oldest first, and the token of the next page."""
-        start = _decode_page_token(page_token)
+        start = _decode_page_token(page_token, self._settings.history_max_messages)
         meta, history, _ = self._keys(tenant, session_id)
         async with redis_boundary(), self._redis.pipeline(transaction=False) as pipe:
             pipe.exists(meta)
@@ -348,7 +348,9 @@ def _encode_page_token(offset: int) -> str:
     return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
 
 
-def _decode_page_token(token: str) -> int:
+def _decode_page_token(token: str, most: int) -> int:
+    """The offset a page token carries; tokens this server issues never pass `most`
+    (the history bound), and Redis refuses offsets past 64 bits."""
     if not token:
         return 0
     try:
@@ -357,6 +359,6 @@ def _decode_page_token(token: str) -> int:
     except (ValueError, UnicodeDecodeError):
         offset = -1
         kind = ""
-    if kind != "o" or offset < 0:
+    if kind != "o" or not 0 <= offset <= most:
         raise InvalidArgumentError("INVALID_PAGE_TOKEN", "page_token was not issued by this server")
     return offset

@@ -40,6 +40,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Final
 
@@ -242,8 +243,10 @@ class _ChatSocket:
         rules: StreamRules,
         gate: CallGate,
         authorization: str | None,
+        peer: str | None = None,
     ) -> None:
         self._conn = conn
+        self._peer = peer
         self._engine = engine
         self._rules = rules
         self._gate = gate
@@ -254,7 +257,8 @@ class _ChatSocket:
         try:
             first = await self._first_frame()
             # The same gate as every gRPC call: authenticate, scope, tenant call limit.
-            tenant = (await self._gate.admit(CHAT_METHOD, self._authorization)).tenant
+            identity = await self._gate.admit(CHAT_METHOD, self._authorization, peer=self._peer)
+            tenant = identity.tenant
             started = await self._engine.open_session(
                 tenant, first.start.session_id, first.start.metadata
             )
@@ -316,6 +320,30 @@ class _ChatSocket:
         session.end()
 
 
+class _QuietRequestHandler(web.RequestHandler):
+    """aiohttp's HTTP protocol, but a request it cannot parse gets a bare status line.
+
+    aiohttp answers one with the parser's message, which quotes the offending
+    bytes (a 4 KB garbage request line came back as an 11.6 KB 400), and logs
+    them with a traceback. Here the answer is a few bytes and the log one line
+    without the client's input.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not 400 <= status < 500:
+            return super().handle_error(request, status, exc, message)
+        log.info("event=ws_bad_request status=%d error=%s", status, type(exc).__name__)
+        response = web.Response(status=status, text=f"{status} {HTTPStatus(status).phrase}\n")
+        response.force_close()
+        return response
+
+
 class WebSocketServer:
     """The aiohttp listener: `/ws/chat`, `/healthz`, and the chat page's files."""
 
@@ -335,6 +363,7 @@ class WebSocketServer:
         self._connections: set[_Connection] = set()
         self._draining = False
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._web_root = web_root.resolve() if web_root is not None else None
         self.port = 0
 
@@ -360,14 +389,23 @@ class WebSocketServer:
         host, _, port = self._listen.rpartition(":")
         runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, host or "127.0.0.1", int(port), reuse_port=True)
+        server = runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
         try:
-            await site.start()
+            # Not web.TCPSite: connections get `_QuietRequestHandler` (see there).
+            listener = await loop.create_server(
+                # access_log=None turns access logs off, as AppRunner(access_log=None) does
+                lambda: _QuietRequestHandler(server, loop=loop, access_log=None),  # type: ignore[arg-type]
+                host or "127.0.0.1",
+                int(port),
+                reuse_port=True,
+            )
         except OSError:
             await runner.cleanup()
             raise
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self._runner, self._listener = runner, listener
+        self.port = int(listener.sockets[0].getsockname()[1])
 
     def begin_drain(self) -> None:
         """Refuse new sockets; idle sockets close now, busy ones after their turn."""
@@ -382,8 +420,11 @@ class WebSocketServer:
             await asyncio.wait([c.ended for c in self._connections], timeout=_CLOSE_WAIT)
         for conn in list(self._connections):
             await conn.fail(ShuttingDownError())
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # closes the connections it still holds
             self._runner = None
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -404,7 +445,12 @@ class WebSocketServer:
         self._connections.add(conn)
         try:
             await _ChatSocket(
-                conn, self._engine, self._rules, self._gate, _authorization_from_handshake(request)
+                conn,
+                self._engine,
+                self._rules,
+                self._gate,
+                _authorization_from_handshake(request),
+                peer=request.remote,
             ).run()
         except Exception:
             log.exception("event=ws_failed")
