@@ -123,8 +123,9 @@ async def test_the_outbound_queue_merges_deltas_then_overflows() -> None:
     assert await queue.get() is None
 
 
-async def test_a_chat_stream_whose_client_stops_reading_ends_with_resource_exhausted(
-    redis_url: str, sim: UpstreamSim
+@pytest.mark.parametrize("method", ["Chat", "SendMessage"])
+async def test_a_stream_whose_client_stops_reading_ends_with_resource_exhausted(
+    redis_url: str, sim: UpstreamSim, method: str
 ) -> None:
     sim.config = SimConfig(answer_tokens=40_000)  # ~250 KB, as fast as it goes
     settings = make_settings(
@@ -142,12 +143,19 @@ async def test_a_chat_stream_whose_client_stops_reading_ends_with_resource_exhau
         # server's writes block once it is full and events start to queue.
         options = [("grpc.http2.bdp_probe", 0)]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
-            call = ChatClient(app.address, channel=channel).stub.Chat()
-            await call.write(pb.ChatRequest(start=pb.StartSession()))
-            session_id = (await call.read()).event.session_id  # then nothing is read for a while
-            await call.write(
-                pb.ChatRequest(message=pb.UserMessage(client_message_id="n1", text="Everything"))
-            )
+            stub = ChatClient(app.address, channel=channel).stub
+            message = pb.UserMessage(client_message_id="n1", text="Everything")
+            if method == "Chat":
+                call = stub.Chat()
+                await call.write(pb.ChatRequest(start=pb.StartSession()))
+                session_id = (await call.read()).event.session_id  # then nothing is read
+                await call.write(pb.ChatRequest(message=message))
+            else:
+                client = ChatClient(app.address, channel=channel)
+                session_id = (await client.conversation()).session_id
+                call = stub.SendMessage(
+                    pb.SendMessageRequest(session_id=session_id, message=message)
+                )
             # The server gives up on the stream and stops its turn at once.
             await sim.wait_for(lambda r: True)
             async with asyncio.timeout(10):
@@ -168,14 +176,14 @@ async def test_a_chat_stream_whose_client_stops_reading_ends_with_resource_exhau
 
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await read_all()
-            async with asyncio.timeout(5):  # and, once the client read it, the call is gone
-                while app.lifecycle.open_streams:
-                    await asyncio.sleep(0.05)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert ChatError.from_rpc_error(info.value).reason == "STREAM_QUEUE_FULL"
         assert received
         assert all(e.WhichOneof("kind") != "done" for e in received)
         seqs = [e.seq for e in received]
         assert seqs == sorted(set(seqs))  # merged deltas skip numbers, never repeat them
+        async with asyncio.timeout(5):  # once the client read it all, nothing is held
+            while app.metrics.registry.get_sample_value("korero_active_streams"):
+                await asyncio.sleep(0.05)
     finally:
         await app.shutdown(grace=0)
