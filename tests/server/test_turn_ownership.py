@@ -255,3 +255,37 @@ async def test_a_paused_redis_leaves_records_that_match_what_clients_were_told(
     finally:
         paused_redis.resume()
         await app.shutdown(grace=0)
+
+
+async def test_a_turn_whose_lease_was_taken_over_ends_with_turn_lease_lost(
+    redis_proc: RedisProcess, redis_url: str, sim: UpstreamSim
+) -> None:
+    """What a stalled instance meets when it wakes: its session moved on without it."""
+    sim.config = SimConfig(tokens_per_second=20, answer_tokens=40)  # 2 s, lease 0.3 s
+    settings = make_settings(redis_url, sim.base_url, engine__turn_lease=0.3)
+    app = await KoreroServer.start(settings)
+    try:
+        async with ChatClient(f"127.0.0.1:{app.port}") as client:
+            first = await client.conversation()
+            sid = first.session_id
+            stalled = asyncio.create_task(_until_terminal(first, "slow one", "L1"))
+            await sim.wait_for(lambda r: r.tokens_sent >= 1)
+            # As if its renewals had stopped long enough for another message to take over.
+            redis_proc.client().hdel(f"kr:{{default:{sid}}}:meta", "inflight", "inflight_until")
+            other = await client.conversation(sid)
+            taken = await _until_terminal(other, "meanwhile", "L2")
+            assert kinds(taken)[-1] == "done"
+            events = await stalled
+            assert events[-1].error.reason == "TURN_LEASE_LOST", events[-1]
+            assert events[-1].error.retryable
+            record = _record(redis_proc, sid, "L1")
+            assert record is not None
+            assert record["status"] == "failed"
+            assert await _history(client, sid) == [
+                ("user", "slow one"),
+                ("user", "meanwhile"),
+                ("assistant", text_of(taken)),
+            ]
+            await sim.wait_for(lambda r: r.disconnected_at is not None, timeout=3)
+    finally:
+        await app.shutdown(grace=0)

@@ -287,7 +287,7 @@ class ConversationEngine:
                     turn.turn_id = begin.turn_id  # taken over by another instance: follow it
                     continue
                 if begin.status == "busy":
-                    self._runner.not_completed(turn, _turn_in_flight(begin.turn_id))
+                    await self._runner.not_completed(turn, _turn_in_flight(begin.turn_id))
                     return
                 turn.turn_id, turn.seq, turn.lookup = begin.turn_id, begin.seq_base, lookup
                 turn.plan = dataclasses.replace(turn.plan, cache_probe=probe, kb_version=kb_version)
@@ -295,12 +295,9 @@ class ConversationEngine:
                 await self._body(turn, begin, message, deadline)
                 return
         except KoreroError as error:
-            self._runner.not_completed(turn, error)
+            await self._runner.not_completed(turn, error)
             return
-        finally:
-            if turn.result.reason and turn.plan.admission is not None:
-                await self._runner.refund(turn.plan.admission)  # nothing ran for it here
-        self._runner.not_completed(turn)
+        await self._runner.not_completed(turn)
 
     async def _begin(
         self,

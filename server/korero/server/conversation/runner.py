@@ -458,10 +458,11 @@ class TurnRunner:
             await asyncio.sleep(_JOIN_POLL)
         return False
 
-    def not_completed(self, turn: Turn, error: KoreroError | None = None) -> None:
+    async def not_completed(self, turn: Turn, error: KoreroError | None = None) -> None:
         """End a turn that never ran here with `error` (default: TURN_NOT_COMPLETED).
 
-        Nothing of it is in the resumable log, so the event repeats the last seq.
+        Its event takes a seq reserved now; if Redis cannot give one, it repeats
+        the turn's (outside the resumable log, like a rejected frame).
         """
         if error is None:
             error = KoreroError(
@@ -470,8 +471,15 @@ class TurnRunner:
                 "the earlier attempt of this message did not complete; send it again",
                 retryable=True,
             )
+        advance = True
+        try:
+            turn.seq = await self._store.reserve_seqs(turn.tenant, turn.session_id, 1)
+        except KoreroError:
+            advance = False
+        if turn.plan.admission is not None:
+            await self.refund(turn.plan.admission)  # no tokens were spent on it here
         turn.result.reason = error.reason
-        turn.publish(error=error_event_body(error, turn.client_message_id), advance=False)
+        turn.publish(error=error_event_body(error, turn.client_message_id), advance=advance)
 
     # Endings ------------------------------------------------------------------------
 

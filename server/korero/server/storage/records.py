@@ -133,7 +133,7 @@ class TurnBegin:
     - `replay`: the message was answered before; `record` holds the answer and
       `seq_base + 1 .. seq_base + replay_events` are reserved for the replay.
     - `running`: the message's turn is in flight (maybe on another instance),
-      holding a live lease; `seq_base` is the session's last issued seq.
+      holding a live lease.
     - `busy`: another turn of this session is in flight.
     """
 

@@ -76,7 +76,7 @@ if r then
     return {'replay', rec, redis.call('HINCRBY', meta, 'seq', ARGV[8]) - ARGV[8]}
   end
   if r.status == 'running' and locked and holder == r.turn_id then
-    if r.attempt ~= attempt then return {'running', rec, redis.call('HGET', meta, 'seq')} end
+    if r.attempt ~= attempt then return {'running', rec} end
   elseif r.attempt == attempt then
     return {'aborted'}  -- this very attempt was given up (see ABORT_BEGIN)
   elseif locked then

@@ -221,9 +221,7 @@ class SessionStore:
             return TurnBegin("replay", record.turn_id, int(out[2]), record, replies=tuple(replies))
         if status == "running":
             record = TurnRecord.from_json(out[1])
-            return TurnBegin(
-                "running", record.turn_id, int(out[2]), record=record, replies=tuple(replies)
-            )
+            return TurnBegin("running", record.turn_id, record=record, replies=tuple(replies))
         if status == "busy":
             return TurnBegin("busy", out[1].decode(), replies=tuple(replies))
         if status == "aborted":

@@ -338,7 +338,7 @@ class _QuietRequestHandler(web.RequestHandler):
     ) -> web.StreamResponse:
         if not 400 <= status < 500:
             return super().handle_error(request, status, exc, message)
-        log.info("event=ws_bad_request status=%d error=%s", status, type(exc).__name__)
+        log.debug("event=ws_bad_request status=%d error=%s", status, type(exc).__name__)
         response = web.Response(status=status, text=f"{status} {HTTPStatus(status).phrase}\n")
         response.force_close()
         return response
