@@ -23,7 +23,7 @@ from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
 from korero.agent.v1 import agent_pb2, agent_pb2_grpc
-from korero.chat.v1 import chat_pb2, chat_pb2_grpc
+from korero.chat.v1 import chat_pb2
 from korero.server.context.assembly import KnowledgeAssembler, LLMSummarizer
 from korero.server.context.cache import ResponseCache
 from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore
@@ -39,6 +39,7 @@ from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
 from korero.server.policy.ratelimit import RateLimiter
+from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.settings import Settings
 from korero.server.storage.sessions import SessionStore
@@ -206,8 +207,14 @@ def _build_gate(
 ) -> tuple[CallGate, RateLimiter | None, Authenticator]:
     """The call policy: who may call (auth) and how much (limits)."""
     authenticator: Authenticator = AnonymousAuthenticator(settings.engine.tenant)
+    throttle = throttle_key = None
     if settings.auth.mode == "on":
-        authenticator = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
+        tokens = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
+        authenticator, throttle_key = tokens, tokens.throttle_key
+        throttle = AuthFailureThrottle(
+            per_peer=settings.auth.failures_per_peer,
+            per_tenant=settings.auth.failures_per_tenant,
+        )
     limiter = None
     if settings.limits.enabled:
         limiter = RateLimiter(
@@ -222,6 +229,8 @@ def _build_gate(
         default_tenant=settings.engine.tenant,
         limiter=limiter,
         authenticates=settings.auth.mode == "on",
+        throttle=throttle,
+        throttle_key=throttle_key,
     )
     return gate, limiter, authenticator
 
@@ -287,16 +296,13 @@ def _build_grpc_server(
     Returns the server, its port and the names of the services it serves.
     """
     server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(
-        ChatServicer(
-            engine=engine,
-            lifecycle=lifecycle,
-            metrics=metrics,
-            rules=StreamRules.from_settings(settings.server),
-            default_tenant=settings.engine.tenant,
-        ),
-        server,
-    )
+    ChatServicer(
+        engine=engine,
+        lifecycle=lifecycle,
+        metrics=metrics,
+        rules=StreamRules.from_settings(settings.server),
+        default_tenant=settings.engine.tenant,
+    ).add_to_server(server)
     services = [CHAT_SERVICE]
     if handoff is not None:
         agent_pb2_grpc.add_AgentDeskServiceServicer_to_server(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -28,6 +29,7 @@ from korero.server.conversation.hooks import RelayFeed
 from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError
 from korero.server.settings import ServerSettings
+from korero.server.transport.outbound import OutboundQueue, queue_full
 
 __all__ = ["ChatSession", "StreamRules", "read_first_frame"]
 
@@ -38,13 +40,23 @@ class StreamRules:
 
     heartbeat_interval: float
     first_frame_timeout: float
+    queue_events: int = 64
+    """Most events waiting for a client that does not read (see outbound.py)."""
+    queue_bytes: int = 65536
+    """Most bytes of events waiting for a client that does not read."""
 
     @classmethod
     def from_settings(cls, server: ServerSettings) -> StreamRules:
         return cls(
             heartbeat_interval=server.heartbeat_interval,
             first_frame_timeout=server.first_frame_timeout,
+            queue_events=server.stream_queue_events,
+            queue_bytes=server.stream_queue_bytes,
         )
+
+    def outbound_queue(self) -> OutboundQueue[Any]:
+        """A bounded queue for one stream's events."""
+        return OutboundQueue(self.queue_events, self.queue_bytes)
 
 
 async def read_first_frame(
@@ -99,7 +111,7 @@ class ChatSession:
         engine: ConversationEngine,
         tenant: str,
         started: pb.Event,
-        heartbeat_interval: float,
+        rules: StreamRules,
         deadline: Callable[[], float | None] = lambda: None,
     ) -> None:
         self._engine = engine
@@ -109,18 +121,25 @@ class ChatSession:
         self.turn: Turn | None = None
         self.draining = False
         """Set once the server started draining; the transport then says goodbye."""
+        self.failure: KoreroError | None = None
+        """Set when the reader failed (e.g. an undecodable frame): the transport ends
+        the stream with it after the events already queued."""
+        self.on_overflow: Callable[[], None] = lambda: None
+        """Called when the client stopped reading and the queue overflowed: the
+        transport interrupts its blocked write and ends the stream."""
         self._deadline = deadline
-        self._out: asyncio.Queue[pb.Event | _Signal] = asyncio.Queue()
+        self._out: OutboundQueue[_Signal] = rules.outbound_queue()
+        self._out.on_overflow = self._overflowed
         self._active = True  # something was sent since the last heartbeat check
-        self._interval = heartbeat_interval
+        self._interval = rules.heartbeat_interval
         self._loop = asyncio.get_running_loop()
-        self._heartbeat = self._loop.call_later(heartbeat_interval, self._tick)
+        self._heartbeat = self._loop.call_later(self._interval, self._tick)
         self._feed: RelayFeed | None = None
         self._requests: set[asyncio.Task[None]] = set()
         handoff = engine.handoff
         if handoff is not None:
             self._feed = handoff.feed(
-                tenant, self.session_id, started.seq, self._out.put_nowait, self._turn_wait
+                tenant, self.session_id, started.seq, self._out.put, self._turn_wait
             )
 
     def _turn_wait(self) -> asyncio.Future[None] | None:
@@ -129,6 +148,11 @@ class ChatSession:
         if turn is None or turn.done:
             return None
         return asyncio.ensure_future(turn.wait())
+
+    @property
+    def overflowed(self) -> bool:
+        """The client stopped reading and its queue overflowed."""
+        return self._out.overflowed
 
     @property
     def turn_in_flight(self) -> bool:
@@ -145,11 +169,20 @@ class ChatSession:
     def _sink(self, event: pb.Event) -> None:
         if self._feed is not None and event.WhichOneof("kind") == "message_relayed":
             return  # it comes through the relay feed, in order with the agent's messages
-        self._out.put_nowait(event)
+        self._out.put(event)
+
+    def _overflowed(self) -> None:
+        """The client stopped reading: stop the turn now (its outcome is stored as
+        failed), and let the transport end the stream."""
+        self.fail(queue_full())
+        if self.turn is not None and not self.turn.done:
+            self.turn.unsubscribe(self._sink)
+            self.turn.cancel(error=queue_full())
+        self.on_overflow()
 
     def _tick(self) -> None:
-        if not self._active:
-            self._out.put_nowait(_HEARTBEAT)
+        if not self._active and not len(self._out):  # a client that is not reading: no pile
+            self._out.put(_HEARTBEAT)
         self._active = False
         self._heartbeat = self._loop.call_later(self._interval, self._tick)
 
@@ -170,7 +203,7 @@ class ChatSession:
             self._requests.add(task)
             task.add_done_callback(self._requests.discard)
         elif kind == "start":
-            self._out.put_nowait(
+            self._out.put(
                 self.rejection(
                     InvalidArgumentError(
                         "SESSION_ALREADY_STARTED", "`start` is only valid as the first frame"
@@ -178,7 +211,7 @@ class ChatSession:
                 )
             )
         else:
-            self._out.put_nowait(
+            self._out.put(
                 self.rejection(InvalidArgumentError("REQUEST_EMPTY", "the request sets no kind"))
             )
 
@@ -198,14 +231,14 @@ class ChatSession:
                 await turn.wait()
             await handoff.request(self.tenant, self.session_id, request.reason)
         except KoreroError as error:
-            self._out.put_nowait(self.rejection(error))
+            self._out.put(self.rejection(error))
 
     async def _on_message(self, message: pb.UserMessage) -> None:
         current = self.turn
         if current is not None and not current.done:
             if current.client_message_id == message.client_message_id:
                 return  # a resend of the message being answered on this very stream
-            self._out.put_nowait(
+            self._out.put(
                 self.rejection(
                     InvalidArgumentError(
                         "TURN_IN_FLIGHT",
@@ -226,21 +259,27 @@ class ChatSession:
                 self.tenant, self.session_id, message, self._sink, self._deadline()
             )
         except KoreroError as error:
-            self._out.put_nowait(self.rejection(error, message.client_message_id))
+            self._out.put(self.rejection(error, message.client_message_id))
 
     async def finish(self) -> None:
         """The client sent its last frame: end once the turn in flight has ended."""
         if self.turn is not None:
             await self.turn.wait()
-        self._out.put_nowait(_END)
+        self._out.put(_END)
 
     def end(self) -> None:
         """The client is gone: end the outbound stream now."""
-        self._out.put_nowait(_END)
+        self._out.put(_END)
+
+    def fail(self, error: KoreroError) -> None:
+        """The stream cannot go on (its reader failed): end it with `error`."""
+        if self.failure is None:
+            self.failure = error
+        self._out.put(_END)
 
     def drain(self) -> None:
         """The server is draining: end now if idle, else after the turn's terminal event."""
-        self._out.put_nowait(_DRAIN)
+        self._out.put(_DRAIN)
 
     # Outbound -----------------------------------------------------------------
 
@@ -248,6 +287,8 @@ class ChatSession:
         """Events to send, until the client is done or the server drains."""
         while True:
             item = await self._out.get()
+            if item is None:  # overflowed: `failure` says so
+                return
             if isinstance(item, _Signal):
                 if item is _END:
                     return
