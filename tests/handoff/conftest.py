@@ -18,7 +18,7 @@ FAST = HandoffSettings(sweep_interval=0.1, offer_timeout=2.0, agent_grace=1.0, d
 
 def handoff_settings(redis_url: str, llm_url: str, **overrides: Any) -> Settings:
     overrides.setdefault("handoff", FAST)
-    groups = {k: overrides.pop(k) for k in ("handoff", "webhooks") if k in overrides}
+    groups = {k: overrides.pop(k) for k in ("handoff", "webhooks", "postgres") if k in overrides}
     settings = make_settings(redis_url, llm_url, **overrides)
     return dataclasses.replace(settings, **groups)
 

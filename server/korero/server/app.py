@@ -41,6 +41,7 @@ from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
 from korero.server.policy.ratelimit import RateLimiter
 from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.policy.tokens import TokenAuthenticator
+from korero.server.report.recorder import Recorder
 from korero.server.settings import Settings
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
@@ -91,6 +92,7 @@ class KoreroServer:
     tool_executor: ToolExecutor | None = None
     handoff: HandoffService | None = None
     webhooks: WebhookDispatcher | None = None
+    recorder: Recorder | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -119,9 +121,17 @@ class KoreroServer:
         if gate.checks_anything:
             interceptors.append(GateInterceptor(gate))
         tool_executor = ToolExecutor()
-        handoff, webhooks = await _build_handoff(settings, store, metrics)
+        recorder = None
+        if settings.postgres.url is not None:
+            recorder = Recorder(
+                settings.postgres.url,
+                pool_size=settings.postgres.pool_size,
+                timeout=settings.postgres.timeout,
+            )
+            recorder.start()
+        handoff, webhooks = await _build_handoff(settings, store, metrics, recorder)
         engine = _build_engine(
-            settings, store, llm, limiter, metrics, tracer, tool_executor, handoff
+            settings, store, llm, limiter, metrics, tracer, tool_executor, handoff, recorder
         )
         lifecycle = Lifecycle()
         health = health_aio.HealthServicer()
@@ -168,6 +178,7 @@ class KoreroServer:
             tool_executor,
             handoff,
             webhooks,
+            recorder,
         )
 
     @property
@@ -191,6 +202,8 @@ class KoreroServer:
             await self.webhooks.close()
         if self.handoff is not None:
             await self.handoff.close()
+        if self.recorder is not None:
+            await self.recorder.close()
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
         if self.tracer_provider is not None:
@@ -244,6 +257,7 @@ def _build_engine(
     tracer: trace.Tracer,
     tool_executor: ToolExecutor,
     handoff: HandoffService | None,
+    recorder: Recorder | None,
 ) -> ConversationEngine:
     """The conversation engine with its context assembly, cache, knowledge base and tools."""
     kb_store = KnowledgeStore(store.redis)
@@ -279,6 +293,7 @@ def _build_engine(
             cache_seconds=settings.tools.cache_seconds,
         ),
         handoff=handoff,
+        on_turn_end=recorder.observe_turn if recorder is not None else None,
     )
 
 
@@ -334,7 +349,7 @@ def _build_grpc_server(
 
 
 async def _build_handoff(
-    settings: Settings, store: SessionStore, metrics: Metrics
+    settings: Settings, store: SessionStore, metrics: Metrics, recorder: Recorder | None
 ) -> tuple[HandoffService | None, WebhookDispatcher]:
     """The handoff service (None when off) and the webhook dispatcher, started."""
     handoff = None
@@ -356,6 +371,7 @@ async def _build_handoff(
             settings=settings.handoff,
             outbox=WebhookOutbox(settings.webhooks),
             metrics=metrics,
+            recorder=recorder,
         )
         await handoff.start()
     webhooks = WebhookDispatcher(

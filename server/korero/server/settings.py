@@ -30,6 +30,7 @@ __all__ = [
     "KnowledgeSettings",
     "LLMSettings",
     "ObservabilitySettings",
+    "PostgresSettings",
     "PromptSettings",
     "RateLimitSettings",
     "RateTiers",
@@ -46,6 +47,7 @@ __all__ = [
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_WS_LISTEN = "127.0.0.1:8081"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/korero"
 DEFAULT_LLM_BASE_URL = "http://127.0.0.1:8088/v1"
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, concise customer-support assistant. Answer the "
@@ -293,6 +295,26 @@ class RedisSettings:
     """Callers wait for a free connection instead of failing when all are in use."""
     timeout: float = _env("KORERO_REDIS_TIMEOUT", 2.0, "seconds per Redis call before UNAVAILABLE")
     """Socket timeout, and the longest wait for a pooled connection."""
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    """PostgreSQL: handoffs and turn facts for `korero report`."""
+
+    url: str | None = _env(
+        "KORERO_POSTGRES_URL",
+        DEFAULT_POSTGRES_URL,
+        "PostgreSQL URL for handoff records and reports, or `off`",
+        aliases=("POSTGRES_URL",),
+        parse=_off_or,
+    )
+    """postgresql:// URL (`korero db migrate` creates the schema); `off` records nothing."""
+    pool_size: int = _env("KORERO_POSTGRES_POOL_SIZE", 8, "connections in the PostgreSQL pool")
+    """The recorder and the report share this pool."""
+    timeout: float = _env(
+        "KORERO_POSTGRES_TIMEOUT", 2.0, "seconds per PostgreSQL call before UNAVAILABLE"
+    )
+    """Bounds one write batch; records wait in memory (bounded) while PostgreSQL is away."""
 
 
 @dataclass(frozen=True)
@@ -681,6 +703,7 @@ class Settings:
 
     server: ServerSettings = field(default_factory=ServerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    postgres: PostgresSettings = field(default_factory=PostgresSettings)
     llm: LLMSettings = field(default_factory=LLMSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)

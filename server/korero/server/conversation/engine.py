@@ -98,6 +98,7 @@ class ConversationEngine:
         tracer: trace.Tracer | None = None,
         tool_loop: ToolLoop | None = None,
         handoff: HandoffHook | None = None,
+        on_turn_end: Callable[[Turn, float], None] | None = None,
     ) -> None:
         self._store = store
         self._assembler = assembler
@@ -112,6 +113,8 @@ class ConversationEngine:
         self._metrics = metrics
         self._tracer = tracer or trace.get_tracer(__name__)
         self._handoff = handoff
+        self._on_turn_end = on_turn_end
+        """Called with each ended turn and its duration (report/recorder.py)."""
         # Reserved per message before the history is known; settled to real usage.
         self._base_reservation = estimate_tokens(settings.system_prompt) + llm_settings.max_tokens
         self._runner = TurnRunner(
@@ -472,6 +475,8 @@ class ConversationEngine:
             span.set_attribute("korero.error_reason", result.reason)
             span.set_status(trace.StatusCode.ERROR, result.reason)
         span.end()
+        if self._on_turn_end is not None and turn.timings is not None:
+            self._on_turn_end(turn, self._clock() - turn.timings.started)
         if self._metrics is None or turn.timings is None:
             return
         timings = turn.timings

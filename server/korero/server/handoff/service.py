@@ -33,6 +33,7 @@ from korero.server.handoff.sentiment import SentimentAnalyzer, trend
 from korero.server.handoff.store import HandoffStore, RelayItem, SessionContext
 from korero.server.handoff.triggers import TRIGGERS, Escalation, EscalationPolicy
 from korero.server.handoff.webhooks import WebhookOutbox
+from korero.server.report.recorder import Recorder
 from korero.server.settings import HandoffSettings
 from korero.server.storage.records import StoredMessage
 from korero.server.telemetry import Metrics
@@ -84,6 +85,7 @@ class HandoffService:
         outbox: WebhookOutbox,
         analyzer: SentimentAnalyzer | None = None,
         metrics: Metrics | None = None,
+        recorder: Recorder | None = None,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self._store = store
@@ -93,6 +95,7 @@ class HandoffService:
         self._outbox = outbox
         self._analyzer = analyzer or SentimentAnalyzer()
         self._metrics = metrics
+        self._recorder = recorder
         self._now = wall_ms
         self._tenants: dict[str, int] = {}  # tenants this instance keeps ticking: until (ms)
         self._announced: dict[str, int] = {}  # handoff id -> last position told
@@ -375,6 +378,16 @@ class HandoffService:
             return
         if self._metrics is not None:
             self._metrics.handoffs.labels(escalation.trigger.name).inc()
+        if self._recorder is not None:
+            self._recorder.handoff_requested(
+                tenant,
+                handoff_id,
+                session_id,
+                escalation.trigger.name,
+                escalation.reason,
+                str(record["queue"]),
+                now,
+            )
         log.info(
             "event=handoff_requested tenant=%s handoff=%s trigger=%s queue=%s",
             tenant,
@@ -563,6 +576,19 @@ class HandoffService:
         self._announced.pop(handoff_id, None)
         if first and self._metrics is not None:
             self._metrics.handoff_wait.observe(max(0.0, (record.joined - record.requested) / 1000))
+        if first and self._recorder is not None:
+            self._recorder.handoff_joined(
+                tenant,
+                record.id,
+                record.session,
+                record.trigger,
+                record.reason,
+                record.queue,
+                record.requested,
+                record.joined,
+                agent.agent_id,
+                agent.display_name,
+            )
         log.info(
             "event=handoff_accepted tenant=%s handoff=%s agent=%s first=%s",
             tenant,
@@ -668,6 +694,28 @@ class HandoffService:
             )
         if self._metrics is not None:
             self._metrics.handoffs.labels("agent_pick").inc()
+        if self._recorder is not None:
+            self._recorder.handoff_requested(
+                tenant,
+                made.id,
+                made.session,
+                made.trigger,
+                made.reason,
+                made.queue,
+                made.requested,
+            )
+            self._recorder.handoff_joined(
+                tenant,
+                made.id,
+                made.session,
+                made.trigger,
+                made.reason,
+                made.queue,
+                made.requested,
+                made.joined or made.requested,
+                agent.agent_id,
+                agent.display_name,
+            )
         await self._tell(
             tenant,
             made,
@@ -771,6 +819,21 @@ class HandoffService:
                 "this conversation is not yours to release",
             )
         self._announced.pop(handoff_id, None)
+        if self._recorder is not None:
+            self._recorder.handoff_ended(
+                tenant,
+                record.id,
+                record.session,
+                record.trigger,
+                record.reason,
+                record.queue,
+                record.requested,
+                record.ended or now,
+                outcome,
+                disposition,
+                agent.agent_id,
+                agent.display_name,
+            )
         words = (
             "This conversation has been closed. Thank you for contacting us."
             if close
