@@ -87,7 +87,7 @@ WHERE tenant = $1 AND requested_at >= $2 AND requested_at < $3 AND joined_at IS 
 _TURNS = """
 SELECT count(*) AS turns,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY ttft_ms)
-           FILTER (WHERE ttft_ms IS NOT NULL) AS p95_ttft,
+           FILTER (WHERE ttft_ms IS NOT NULL AND NOT escalated) AS p95_ttft,
        count(*) FILTER (WHERE cached) AS cached,
        count(*) FILTER (WHERE outcome IN ('stop', 'length', 'cached') AND NOT escalated)
            AS answered,
