@@ -142,7 +142,7 @@ async def test_offers_are_fair_across_agents(start_server) -> None:  # type: ign
 
 
 async def test_an_unanswered_offer_goes_to_the_next_agent(start_server) -> None:  # type: ignore[no-untyped-def]
-    app = await start_server(handoff=dataclasses.replace(FAST, offer_timeout=0.5))
+    app = await start_server(handoff=dataclasses.replace(FAST, offer_timeout=1.5))
     target = f"127.0.0.1:{app.port}"
     slow = Agent(target, "a1", "Slow")
     await slow.connect()

@@ -103,8 +103,8 @@ async def test_report_counts_containment_handoffs_waits_ttft_cache_and_intents(
             report = await build_report(conn, "default", timedelta(hours=1))
         finally:
             await conn.close()
-        if ended == 1 and report.handoffs == 2:
-            break
+        if ended == 1 and report.handoffs == 2 and report.turns == 4:
+            break  # a turn's fact is written after its handoff is opened
         await asyncio.sleep(0.1)
     assert report.conversations == 4
     assert report.contained == 2
