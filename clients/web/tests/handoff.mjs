@@ -103,8 +103,7 @@ try {
   await customer.click("#send");
   await until("the agent to get the message", async () => (await deskEvents(agent, "customerMessage")).length > 0);
   assert.match(await agent.locator("#transcript").textContent(), /blue suitcase/);
-  const relayed = await customerEvents(customer, "messageRelayed");
-  assert.equal(relayed.length, 1);
+  await until("the customer's message to be acknowledged", async () => (await customerEvents(customer, "messageRelayed")).length === 1);
   await customer.screenshot({ path: join(ARTIFACTS, "handoff-customer-with-agent.png"), fullPage: true });
   await agent.screenshot({ path: join(ARTIFACTS, "handoff-agent-chat.png"), fullPage: true });
 

@@ -363,8 +363,13 @@ class AgentDesk:
         for handoff_id in list(self._assigned):
             self._drop(handoff_id)
         if self.agent is not None:
-            with contextlib.suppress(KoreroError):
-                await self._service.leave(self.tenant, self.agent, self._connection)
+            # Its own task: the transport's handler may be cancelled again while this
+            # runs, and the customers must still hear that their agent is gone.
+            leaving = self._service.background(
+                self._service.leave(self.tenant, self.agent, self._connection)
+            )
+            with contextlib.suppress(KoreroError, asyncio.CancelledError):
+                await asyncio.shield(leaving)
             log.info("event=agent_left tenant=%s agent=%s", self.tenant, self.agent.agent_id)
 
 

@@ -15,9 +15,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -42,6 +42,7 @@ __all__ = ["AgentProfile", "DeskError", "HandoffService"]
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 _STALE_FACTOR = 5  # an agent not seen for this many sweep intervals is taken for gone
 _STALE_MS = 10_000  # ... and never sooner: a busy event loop is not a dead agent
 _MAX_TEXT_BYTES = 8000
@@ -100,6 +101,7 @@ class HandoffService:
         self._tenants: dict[str, int] = {}  # tenants this instance keeps ticking: until (ms)
         self._announced: dict[str, int] = {}  # handoff id -> last position told
         self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def store(self) -> HandoffStore:
@@ -129,7 +131,16 @@ class HandoffService:
         await self._hub.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="handoff-sweeper")
 
+    def background(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """Run `coro` to its end even if its caller is cancelled (kept until done)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
     async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=2.0)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
