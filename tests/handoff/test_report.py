@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from korero.client import ChatClient
 from korero.server.report.queries import build_report, parse_since, render
 from korero.server.settings import DEFAULT_POSTGRES_URL, PostgresSettings
 from korero.server.storage.migrate import migrate
+from korero.testing import free_port
 from tests.handoff.desk import Agent
 from tests.helpers import ingest_sample, run_turn
 
@@ -24,18 +27,76 @@ KORERO = str(Path(sys.executable).parent / "korero")
 ADMIN = DEFAULT_POSTGRES_URL.rsplit("/", 1)[0] + "/postgres"
 
 
+def _reachable(url: str) -> bool:
+    async def probe() -> bool:
+        try:
+            conn = await asyncpg.connect(url, timeout=3)
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return False
+        await conn.close()
+        return True
+
+    return asyncio.run(probe())
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The machine's PostgreSQL (127.0.0.1:5432), or a private cluster when none answers.
+
+    initdb refuses to run as root, so a private cluster runs as `postgres` in a
+    directory that user owns (see the design notes).
+    """
+    if _reachable(ADMIN):
+        yield DEFAULT_POSTGRES_URL.rsplit("/", 1)[0]
+        return
+    bindir = next(Path("/usr/lib/postgresql").glob("*/bin"))
+    data = tmp_path_factory.mktemp("pg")
+    shutil.chown(data, "postgres")
+    port = free_port()
+    run = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [*run, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *run,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(data / "server.log"),  # the server must not hold our pipes open
+            "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(
+            [*run, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            check=False,
+            capture_output=True,
+        )
+
+
 @pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """A fresh database on the machine's PostgreSQL, migrated, dropped afterwards."""
+async def pg_url(pg_server: str) -> AsyncIterator[str]:
+    """A fresh database, dropped afterwards."""
     name = f"korero_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(ADMIN, timeout=5)
+    admin = await asyncpg.connect(f"{pg_server}/postgres", timeout=5)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    url = DEFAULT_POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    admin = await asyncpg.connect(ADMIN, timeout=5)
+    yield f"{pg_server}/{name}"
+    admin = await asyncpg.connect(f"{pg_server}/postgres", timeout=5)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,10 @@ class AgentDesk:
         self._offers: set[str] = set()
         self._assigned: dict[str, _Assigned] = {}
         self._resumed: set[str] = set()
+        self._releasing: set[str] = set()
+        """Released by this desk right now: it says `ended` itself, with the outcome."""
+        self._declining: set[str] = set()
+        """Declined by this desk right now: it says `offer_withdrawn` (declined) itself."""
         self._queue_seen: tuple[Any, ...] | None = None
         self._desk_dirty = True
         self._dirty_sessions: set[str] = set()
@@ -112,78 +116,25 @@ class AgentDesk:
     async def handle(self, request: apb.ConnectRequest) -> None:
         """Act on one frame after `join`; a refused action becomes a `DeskError` event."""
         kind = request.WhichOneof("kind")
-        handoff_id = ""
+        body = getattr(request, kind) if kind else None
+        handoff_id = str(getattr(body, "handoff_id", ""))
+        actions: dict[str, Callable[[Any], Awaitable[None]]] = {
+            "accept": self._accept,
+            "decline": self._decline,
+            "pick": self._pick,
+            "message": self._message,
+            "release": self._release,
+            "availability": self._availability,
+        }
+        action = actions.get(kind or "")
         try:
-            assert self.agent is not None
-            if kind == "accept":
-                handoff_id = request.accept.handoff_id
-                await self._service.accept(self.tenant, self.agent, handoff_id)
-            elif kind == "decline":
-                handoff_id = request.decline.handoff_id
-                await self._service.decline(self.tenant, self.agent, handoff_id)
-                if handoff_id in self._offers:
-                    self._offers.discard(handoff_id)
-                    self._emit(
-                        offer_withdrawn=apb.OfferWithdrawn(handoff_id=handoff_id, reason="declined")
+            if action is None:
+                if kind == "join":
+                    raise InvalidArgumentError(
+                        "DESK_ALREADY_JOINED", "`join` is only the first frame"
                     )
-            elif kind == "pick":
-                await self._service.pick(
-                    self.tenant, self.agent, request.pick.session_id, request.pick.reason
-                )
-            elif kind == "message":
-                handoff_id = request.message.handoff_id
-                assigned = self._mine(handoff_id)
-                seq = await self._service.send(
-                    self.tenant,
-                    self.agent,
-                    assigned.record,
-                    request.message.message_id,
-                    request.message.text,
-                )
-                self._emit(
-                    message_sent=apb.AgentMessageSent(
-                        handoff_id=handoff_id, message_id=request.message.message_id, seq=seq
-                    )
-                )
-            elif kind == "release":
-                handoff_id = request.release.handoff_id
-                self._mine(handoff_id)
-                record = await self._service.release(
-                    self.tenant,
-                    self.agent,
-                    handoff_id,
-                    request.release.mode,
-                    request.release.disposition,
-                    request.release.note,
-                )
-                self._drop(handoff_id)
-                closed = record.outcome == "closed"
-                self._emit(
-                    ended=apb.ConversationEnded(
-                        handoff_id=handoff_id,
-                        outcome=pb.HANDOFF_OUTCOME_CLOSED
-                        if closed
-                        else pb.HANDOFF_OUTCOME_RETURNED_TO_BOT,
-                        reason="closed" if closed else "handed back to the bot",
-                    )
-                )
-            elif kind == "availability":
-                skills = None
-                if request.availability.skills:
-                    self._skills = tuple(sorted({s for s in request.availability.skills if s}))
-                    skills = dict.fromkeys(self._skills, 1)
-                await self._service.heartbeat(
-                    self.tenant,
-                    self.agent,
-                    self._connection,
-                    status=_availability(request.availability.availability),
-                    skills=skills,
-                )
-                await self._service.tick(self.tenant)
-            elif kind == "join":
-                raise InvalidArgumentError("DESK_ALREADY_JOINED", "`join` is only the first frame")
-            else:
                 raise InvalidArgumentError("REQUEST_EMPTY", "the request sets no kind")
+            await action(body)
         except KoreroError as error:
             self._emit(
                 error=apb.DeskError(
@@ -194,6 +145,73 @@ class AgentDesk:
                 )
             )
         self._desk_changed()
+
+    @property
+    def _me(self) -> AgentProfile:
+        assert self.agent is not None
+        return self.agent
+
+    async def _accept(self, body: apb.AcceptConversation) -> None:
+        await self._service.accept(self.tenant, self._me, body.handoff_id)
+
+    async def _decline(self, body: apb.DeclineConversation) -> None:
+        handoff_id = body.handoff_id
+        self._declining.add(handoff_id)
+        try:
+            await self._service.decline(self.tenant, self._me, handoff_id)
+        finally:
+            self._declining.discard(handoff_id)
+        if handoff_id in self._offers:
+            self._offers.discard(handoff_id)
+            self._emit(offer_withdrawn=apb.OfferWithdrawn(handoff_id=handoff_id, reason="declined"))
+
+    async def _pick(self, body: apb.PickConversation) -> None:
+        await self._service.pick(self.tenant, self._me, body.session_id, body.reason)
+
+    async def _message(self, body: apb.SendAgentMessage) -> None:
+        assigned = self._mine(body.handoff_id)
+        seq = await self._service.send(
+            self.tenant, self._me, assigned.record, body.message_id, body.text
+        )
+        self._emit(
+            message_sent=apb.AgentMessageSent(
+                handoff_id=body.handoff_id, message_id=body.message_id, seq=seq
+            )
+        )
+
+    async def _release(self, body: apb.ReleaseConversation) -> None:
+        handoff_id = body.handoff_id
+        self._mine(handoff_id)
+        self._releasing.add(handoff_id)
+        try:
+            record = await self._service.release(
+                self.tenant, self._me, handoff_id, body.mode, body.disposition, body.note
+            )
+        finally:
+            self._releasing.discard(handoff_id)
+        self._drop(handoff_id)
+        closed = record.outcome == "closed"
+        self._emit(
+            ended=apb.ConversationEnded(
+                handoff_id=handoff_id,
+                outcome=pb.HANDOFF_OUTCOME_CLOSED if closed else pb.HANDOFF_OUTCOME_RETURNED_TO_BOT,
+                reason="closed" if closed else "handed back to the bot",
+            )
+        )
+
+    async def _availability(self, body: apb.SetAvailability) -> None:
+        skills = None
+        if body.skills:
+            self._skills = tuple(sorted({s for s in body.skills if s}))
+            skills = dict.fromkeys(self._skills, 1)
+        await self._service.heartbeat(
+            self.tenant,
+            self._me,
+            self._connection,
+            status=_availability(body.availability),
+            skills=skills,
+        )
+        await self._service.tick(self.tenant)
 
     def _mine(self, handoff_id: str) -> _Assigned:
         assigned = self._assigned.get(handoff_id)
@@ -265,7 +283,7 @@ class AgentDesk:
                         context=packet, expire_time=timestamp(handoff.offer_until / 1000)
                     )
                 )
-        for handoff_id in sorted(self._offers - offered.keys()):
+        for handoff_id in sorted(self._offers - offered.keys() - self._declining):
             self._offers.discard(handoff_id)
             if handoff_id not in mine:
                 now = snapshot.by_id(handoff_id)
@@ -287,7 +305,7 @@ class AgentDesk:
                 )
             )
             await self._read(handoff_id, assigned)
-        for handoff_id in sorted(self._assigned.keys() - mine.keys()):
+        for handoff_id in sorted(self._assigned.keys() - mine.keys() - self._releasing):
             self._drop(handoff_id)
             self._emit(ended=apb.ConversationEnded(handoff_id=handoff_id, reason="no longer yours"))
 
