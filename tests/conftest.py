@@ -23,6 +23,7 @@ from korero.server.settings import (
     KnowledgeSettings,
     LLMSettings,
     ObservabilitySettings,
+    PostgresSettings,
     PromptSettings,
     RateLimitSettings,
     RedisSettings,
@@ -117,6 +118,7 @@ def make_settings(redis_url: str, llm_url: str, **overrides: object) -> Settings
     groups: dict[str, object] = {
         "server": ServerSettings(listen="127.0.0.1:0", shutdown_grace=2.0, ws_listen="127.0.0.1:0"),
         "redis": RedisSettings(url=redis_url, timeout=1.0),
+        "postgres": PostgresSettings(url=None),  # the PostgreSQL suites turn it on
         "llm": LLMSettings(
             base_url=llm_url, api_key="test", retry_backoff=0.01, first_token_timeout=5.0
         ),

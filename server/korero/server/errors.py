@@ -5,6 +5,7 @@
      ├── InvalidArgumentError   bad input from the client (INVALID_ARGUMENT)
      ├── NotFoundError          a named resource does not exist (NOT_FOUND)
      ├── StoreUnavailableError  Redis down, slow or failing (UNAVAILABLE)
+     ├── HistoryUnavailableError PostgreSQL down, slow or failing (UNAVAILABLE)
      ├── UpstreamError          the LLM upstream failed (code depends on cause)
      ├── RateLimitedError       a limit is exhausted (RESOURCE_EXHAUSTED)
      └── ShuttingDownError      the server is draining (UNAVAILABLE)
@@ -21,6 +22,7 @@ import grpc
 
 __all__ = [
     "ERROR_DOMAIN",
+    "HistoryUnavailableError",
     "InvalidArgumentError",
     "KoreroError",
     "NotFoundError",
@@ -81,6 +83,19 @@ class StoreUnavailableError(KoreroError):
         super().__init__(
             grpc.StatusCode.UNAVAILABLE,
             "STORE_UNAVAILABLE",
+            message,
+            retryable=True,
+            retry_after=1.0,
+        )
+
+
+class HistoryUnavailableError(KoreroError):
+    """PostgreSQL (long-term history) could not be reached or failed."""
+
+    def __init__(self, message: str = "history store unavailable") -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            "HISTORY_UNAVAILABLE",
             message,
             retryable=True,
             retry_after=1.0,

@@ -25,6 +25,7 @@ Keys come from `keys.py`, records from `records.py`, the Lua from
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import uuid
 from collections.abc import Mapping, Sequence
@@ -38,11 +39,19 @@ from korero.server.errors import InvalidArgumentError, KoreroError, NotFoundErro
 from korero.server.settings import EngineSettings, RedisSettings
 from korero.server.storage import session_scripts as lua
 from korero.server.storage.boundary import redis_boundary
-from korero.server.storage.keys import session_key
+from korero.server.storage.history import HistorySession
+from korero.server.storage.keys import (
+    OUTBOX_PENDING,
+    pending_member,
+    rate_limit_key,
+    session_key,
+)
 from korero.server.storage.records import SessionRecord, StoredMessage, TurnBegin, TurnRecord
 from korero.server.storage.scripts import ScriptCall, run_scripts
 
 __all__ = ["SEQ_BLOCK", "SessionStore"]
+
+_SESSION_PARTS = ("meta", "history", "turns", "outbox", "events")
 
 SEQ_BLOCK = 1_000_000_000
 """Sequence numbers reserved by a turn; unused ones are handed back at its end.
@@ -55,18 +64,25 @@ event) while any other stream on the same session still gets higher numbers.
 class SessionStore:
     """Sessions, history and turn records of one tenant-partitioned keyspace."""
 
-    def __init__(self, client: aioredis.Redis, engine: EngineSettings) -> None:
+    def __init__(
+        self, client: aioredis.Redis, engine: EngineSettings, *, outbox: bool = False
+    ) -> None:
         self._redis = client
         self._settings = engine
+        self._outbox = outbox
         self._ttl_ms = engine.session_ttl * 1000
         self._lock_ms = int((engine.turn_timeout + 30) * 1000)
         self._create: AsyncScript = client.register_script(lua.CREATE)
         self._resume: AsyncScript = client.register_script(lua.RESUME)
         self._begin: AsyncScript = client.register_script(lua.BEGIN_TURN)
         self._finish: AsyncScript = client.register_script(lua.FINISH_TURN)
+        self._rehydrate: AsyncScript = client.register_script(lua.REHYDRATE)
+        self._mark: AsyncScript = client.register_script(lua.MARK_PENDING)
 
     @classmethod
-    def connect(cls, redis_settings: RedisSettings, engine: EngineSettings) -> SessionStore:
+    def connect(
+        cls, redis_settings: RedisSettings, engine: EngineSettings, *, outbox: bool = False
+    ) -> SessionStore:
         """A store over a blocking connection pool sized by settings.
 
         A blocking pool makes callers wait for a connection (up to the Redis
@@ -79,7 +95,7 @@ class SessionStore:
             socket_timeout=redis_settings.timeout,
             socket_connect_timeout=redis_settings.timeout,
         )
-        return cls(aioredis.Redis(connection_pool=pool), engine)
+        return cls(aioredis.Redis(connection_pool=pool), engine, outbox=outbox)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -88,12 +104,27 @@ class SessionStore:
     async def close(self) -> None:
         await self._redis.aclose()
 
+    @property
+    def outbox(self) -> bool:
+        """True when writes also go to the outbox (PostgreSQL is configured)."""
+        return self._outbox
+
     def _keys(self, tenant: str, session_id: str) -> list[str]:
         return [
             session_key(tenant, session_id, "meta"),
             session_key(tenant, session_id, "history"),
             session_key(tenant, session_id, "turns"),
         ]
+
+    def _outbox_keys(self, tenant: str, session_id: str) -> list[str]:
+        """The outbox key (last key of a script) when the outbox is on, else nothing."""
+        return [session_key(tenant, session_id, "outbox")] if self._outbox else []
+
+    def _marks(self, tenant: str, session_id: str) -> list[ScriptCall]:
+        """Mark the session as having outbox entries (rides in the same pipeline)."""
+        if not self._outbox:
+            return []
+        return [ScriptCall(self._mark, (OUTBOX_PENDING,), (pending_member(tenant, session_id),))]
 
     async def ping(self) -> bool:
         async with redis_boundary():
@@ -103,8 +134,13 @@ class SessionStore:
         """A new session with a fresh id; its `last_seq` is the started event's seq."""
         session_id = uuid.uuid4().hex
         keys = self._keys(tenant, session_id)
+        call = ScriptCall(
+            self._create,
+            (keys[0], *self._outbox_keys(tenant, session_id)),
+            (_dumps(metadata), self._ttl_ms),
+        )
         async with redis_boundary():
-            out = await self._create(keys=keys[:1], args=[_dumps(metadata), self._ttl_ms])
+            out, *_ = await run_scripts(self._redis, [call, *self._marks(tenant, session_id)])
         if out[0] != b"created":  # a uuid4 collision: astronomically unlikely
             raise KoreroError(grpc.StatusCode.ABORTED, "SESSION_ID_COLLISION", "try again")
         return SessionRecord.from_hash(tenant, session_id, _pairs(out[1]), 0)
@@ -113,11 +149,14 @@ class SessionStore:
         self, tenant: str, session_id: str, metadata: Mapping[str, Any] | None
     ) -> SessionRecord:
         """Reopen a session, merging metadata; its `last_seq` is the resumed event's seq."""
+        call = ScriptCall(
+            self._resume,
+            (*self._keys(tenant, session_id)[:2], *self._outbox_keys(tenant, session_id)),
+            (_dumps(metadata) if metadata else "", self._ttl_ms),
+        )
+        marks = self._marks(tenant, session_id) if metadata else []
         async with redis_boundary():
-            out = await self._resume(
-                keys=self._keys(tenant, session_id)[:2],
-                args=[_dumps(metadata) if metadata else "", self._ttl_ms],
-            )
+            out, *_ = await run_scripts(self._redis, [call, *marks])
         if out[0] == b"missing":
             raise InvalidArgumentError(
                 "SESSION_NOT_FOUND", f"no session {session_id!r} to resume; start a new one"
@@ -170,7 +209,7 @@ class SessionStore:
         s = self._settings
         call = ScriptCall(
             self._begin,
-            tuple(self._keys(tenant, session_id)),
+            (*self._keys(tenant, session_id), *self._outbox_keys(tenant, session_id)),
             (
                 client_message_id,
                 text,
@@ -183,8 +222,11 @@ class SessionStore:
                 intent,
             ),
         )
+        marks = self._marks(tenant, session_id)
         async with redis_boundary():
-            out, *replies = await run_scripts(self._redis, [call, *also])
+            out, *replies = await run_scripts(self._redis, [call, *also, *marks])
+        if marks:
+            replies = replies[: len(replies) - len(marks)]
         status = out[0].decode()
         if status == "missing":
             raise InvalidArgumentError("SESSION_NOT_FOUND", f"session {session_id!r} has expired")
@@ -220,11 +262,15 @@ class SessionStore:
         *,
         summary: str = "",
         also: Sequence[ScriptCall] = (),
-    ) -> None:
+        cached: bool = False,
+        timings: Mapping[str, float] | None = None,
+    ) -> bool:
         """Persist the outcome, release the lock and hand back unused seqs, in one round trip.
 
         `summary` (JSON) replaces the session's summary of older turns; `also`
         (e.g. storing the answer in the response cache) rides in the same pipeline.
+        `cached` and `timings` go to PostgreSQL with the answer. False when the
+        session vanished from Redis under the turn (nothing was written).
         """
         assistant = ""
         if record.status == "done" and record.answer:
@@ -245,10 +291,31 @@ class SessionStore:
                 self._settings.history_max_messages,
                 self._ttl_ms,
                 summary,
+                _dumps(
+                    {
+                        "k": "a",
+                        "turn_id": record.turn_id,
+                        "cmid": client_message_id,
+                        "status": record.status,
+                        "answer": record.answer,
+                        "finish_reason": record.finish_reason,
+                        "model": record.model,
+                        "usage": record.usage,
+                        "citations": list(record.citations),
+                        "seq": last_seq,
+                        "summary": summary,
+                        "cached": cached,
+                        "timings": dict(timings or {}),
+                    }
+                ),
             ),
         )
+        call = dataclasses.replace(call, keys=(*call.keys, *self._outbox_keys(tenant, session_id)))
         async with redis_boundary():
-            await run_scripts(self._redis, [call, *also])
+            out, *_ = await run_scripts(
+                self._redis, [call, *also, *self._marks(tenant, session_id)]
+            )
+        return bool(out)
 
     async def run(self, call: ScriptCall) -> None:
         """Run one script call (errors translated like every store call)."""
@@ -264,6 +331,65 @@ class SessionStore:
                 session_key(tenant, session_id, "turns"), client_message_id
             )
         return TurnRecord.from_json(raw) if raw else None
+
+    async def rehydrate(
+        self,
+        tenant: str,
+        session_id: str,
+        stored: HistorySession,
+        messages: Sequence[StoredMessage],
+        records: Mapping[str, TurnRecord],
+        seq: int,
+    ) -> bool:
+        """Recreate a session missing from Redis from PostgreSQL's copy, whole or not at all.
+
+        False when the session exists in Redis again (another stream brought it back first).
+        """
+        entries = [
+            json.dumps(
+                {
+                    "role": m.role,
+                    "text": m.text,
+                    "turn_id": m.turn_id,
+                    "cmid": m.client_message_id,
+                    "ts": int(m.created_at * 1000),
+                    **({"intent": m.intent} if m.intent else {}),
+                },
+                ensure_ascii=False,
+            )
+            for m in messages[-self._settings.history_max_messages :]
+        ]
+        call = ScriptCall(
+            self._rehydrate,
+            tuple(self._keys(tenant, session_id)),
+            (
+                int(stored.created_at * 1000),
+                int(stored.updated_at * 1000),
+                _dumps(stored.metadata),
+                seq,
+                stored.turn_count,
+                json.dumps(stored.summary, ensure_ascii=False) if stored.summary else "",
+                self._ttl_ms,
+                json.dumps(entries, ensure_ascii=False),
+                json.dumps({cmid: r.to_json() for cmid, r in records.items()}, ensure_ascii=False)
+                if records
+                else "{}",
+            ),
+        )
+        async with redis_boundary():
+            out, *_ = await run_scripts(self._redis, [call])
+        return bool(out)
+
+    async def delete_session(self, tenant: str, session_id: str) -> bool:
+        """Remove every Redis key of the session (and its outbox mark); False if none existed."""
+        keys = [session_key(tenant, session_id, part) for part in _SESSION_PARTS]
+        keys.append(rate_limit_key(tenant, f"session:{session_id}"))
+        async with redis_boundary(), self._redis.pipeline(transaction=False) as pipe:
+            pipe.delete(*keys[:-1])
+            pipe.delete(keys[-1])
+            pipe.zrem(OUTBOX_PENDING, pending_member(tenant, session_id))
+            removed, _, _ = await pipe.execute()
+        return bool(removed)
 
     async def reserve_seqs(self, tenant: str, session_id: str, count: int) -> int:
         """Reserve `count` sequence numbers; returns the base (first is base + 1)."""

@@ -1,0 +1,323 @@
+"""Sessions and messages in PostgreSQL: the system of record.
+
+Redis holds each session's hot state; what a turn stores there also goes into
+the session's outbox (`outbox.py`), which the `OutboxWriter` applies here with
+idempotent upserts. Every row carries its tenant and every statement below is
+scoped by it (`WHERE tenant = $1`), so a tenant can never read, page into or
+delete another tenant's rows.
+
+Driver: asyncpg, because the server is asyncio end to end and asyncpg is an
+asyncio-native driver with its own pool, prepared-statement cache and binary
+protocol (no libpq), and `executemany` pipelines a batch in one round trip.
+psycopg 3 would do too; its advantage (full typing) is covered by
+`asyncpg-stubs` for mypy.
+
+Every asyncpg (or socket) failure crosses one boundary, `postgres_boundary()`,
+and becomes `UNAVAILABLE` `HISTORY_UNAVAILABLE` (retryable).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from korero.server.errors import HistoryUnavailableError, KoreroError
+from korero.server.settings import PostgresSettings
+from korero.server.storage.records import StoredMessage, TurnRecord
+
+__all__ = [
+    "HistorySession",
+    "HistoryStore",
+    "MessageKey",
+    "OutboxBatch",
+    "postgres_boundary",
+]
+
+
+_CAUGHT = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+@asynccontextmanager
+async def postgres_boundary() -> AsyncIterator[None]:
+    """Translate PostgreSQL failures raised inside the block (a `KoreroError` passes through)."""
+    try:
+        yield
+    except KoreroError:
+        raise
+    except _CAUGHT as exc:
+        raise HistoryUnavailableError(f"history store unavailable ({type(exc).__name__})") from exc
+
+
+MessageKey = tuple[int, int]
+"""Where a message sits in a session: (turn number, 0 for the user's message / 1 for the answer)."""
+
+
+def message_key(message: StoredMessage) -> MessageKey:
+    return (message.turn_number, 0 if message.role == "user" else 1)
+
+
+@dataclass(frozen=True)
+class HistorySession:
+    """A session as PostgreSQL knows it."""
+
+    tenant: str
+    session_id: str
+    metadata: dict[str, Any]
+    created_at: float
+    updated_at: float
+    turn_count: int
+    seq_high: int
+    message_count: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OutboxBatch:
+    """Rows to upsert, gathered from outbox entries of one or more sessions."""
+
+    sessions: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    users: list[tuple[Any, ...]] = field(default_factory=list)
+    answers: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def session(self, tenant: str, session_id: str, ts: float) -> dict[str, Any]:
+        row = self.sessions.get((tenant, session_id))
+        if row is None:
+            row = {
+                "metadata": None,
+                "meta_version": "",
+                "created_at": ts,
+                "updated_at": ts,
+                "turn_count": 0,
+                "seq_high": 0,
+                "summary": None,
+            }
+            self.sessions[(tenant, session_id)] = row
+        row["created_at"] = min(row["created_at"], ts)
+        row["updated_at"] = max(row["updated_at"], ts)
+        return row
+
+    def __len__(self) -> int:
+        return len(self.sessions) + len(self.users) + len(self.answers)
+
+
+def _ts(ms: float) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+_UPSERT_SESSION = """
+INSERT INTO sessions AS s (tenant, session_id, metadata, meta_version, created_at, updated_at,
+                           turn_count, seq_high, summary)
+VALUES ($1, $2, COALESCE($3::jsonb, '{}'::jsonb), $4, $5, $6, $7, $8, $9::jsonb)
+ON CONFLICT (tenant, session_id) DO UPDATE SET
+    metadata = CASE WHEN $3::jsonb IS NOT NULL AND EXCLUDED.meta_version > s.meta_version
+                    THEN EXCLUDED.metadata ELSE s.metadata END,
+    meta_version = GREATEST(s.meta_version, EXCLUDED.meta_version),
+    created_at = LEAST(s.created_at, EXCLUDED.created_at),
+    updated_at = GREATEST(s.updated_at, EXCLUDED.updated_at),
+    turn_count = GREATEST(s.turn_count, EXCLUDED.turn_count),
+    seq_high = GREATEST(s.seq_high, EXCLUDED.seq_high),
+    summary = COALESCE(EXCLUDED.summary, s.summary)
+"""
+
+# A user message keeps the place of its first turn; a retry of a failed turn does not move it.
+_INSERT_USER = """
+INSERT INTO messages (tenant, session_id, turn_no, role, turn_id, client_message_id, text,
+                      intent, created_at)
+VALUES ($1, $2, $3, 'user', $4, $5, $6, $7, $8)
+ON CONFLICT (tenant, session_id, client_message_id) WHERE role = 'user' DO NOTHING
+"""
+
+_INSERT_ANSWER = """
+INSERT INTO messages (tenant, session_id, turn_no, role, turn_id, client_message_id, text,
+                      model, finish_reason, usage, citations, timings, cached, created_at)
+VALUES ($1, $2, $3, 'assistant', $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11::jsonb, $12, $13)
+ON CONFLICT (tenant, session_id, turn_no, role) DO NOTHING
+"""
+
+_MESSAGE_COLUMNS = (
+    "role, text, turn_id, turn_no, client_message_id, intent, created_at, model, finish_reason,"
+    " usage, citations"
+)
+
+
+class HistoryStore:
+    """Sessions and messages of every tenant, each statement scoped by its tenant."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    @classmethod
+    async def connect(cls, settings: PostgresSettings) -> HistoryStore:
+        """A store over a lazily filled pool: the server starts even while PostgreSQL is down."""
+        assert settings.url is not None
+        pool = await asyncpg.create_pool(
+            settings.url,
+            min_size=0,
+            max_size=settings.pool_size,
+            timeout=settings.timeout,
+            command_timeout=settings.timeout,
+            max_inactive_connection_lifetime=60.0,
+        )
+        return cls(pool, settings.timeout)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def ping(self) -> None:
+        async with postgres_boundary(), self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.fetchval("SELECT 1")
+
+    # Writes (the outbox writer) ---------------------------------------------------
+
+    async def apply(self, batch: OutboxBatch) -> None:
+        """Upsert a batch in one transaction; applying it twice changes nothing."""
+        sessions = [
+            (
+                tenant,
+                session_id,
+                row["metadata"],
+                row["meta_version"],
+                _ts(row["created_at"]),
+                _ts(row["updated_at"]),
+                row["turn_count"],
+                row["seq_high"],
+                row["summary"],
+            )
+            for (tenant, session_id), row in batch.sessions.items()
+        ]
+        async with (
+            postgres_boundary(),
+            self._pool.acquire(timeout=self._timeout) as conn,
+            conn.transaction(),
+        ):
+            if sessions:
+                await conn.executemany(_UPSERT_SESSION, sessions)
+            if batch.users:
+                await conn.executemany(_INSERT_USER, batch.users)
+            if batch.answers:
+                await conn.executemany(_INSERT_ANSWER, batch.answers)
+
+    # Reads --------------------------------------------------------------------------
+
+    async def get_session(self, tenant: str, session_id: str) -> HistorySession | None:
+        async with postgres_boundary(), self._pool.acquire(timeout=self._timeout) as conn:
+            row = await conn.fetchrow(
+                "SELECT s.*, (SELECT count(*) FROM messages m WHERE m.tenant = s.tenant"
+                " AND m.session_id = s.session_id) AS message_count"
+                " FROM sessions s WHERE s.tenant = $1 AND s.session_id = $2",
+                tenant,
+                session_id,
+            )
+        if row is None:
+            return None
+        return HistorySession(
+            tenant=tenant,
+            session_id=session_id,
+            metadata=json.loads(row["metadata"]) if row["metadata"] else {},
+            created_at=row["created_at"].timestamp(),
+            updated_at=row["updated_at"].timestamp(),
+            turn_count=row["turn_count"],
+            seq_high=row["seq_high"],
+            message_count=row["message_count"],
+            summary=json.loads(row["summary"]) if row["summary"] else {},
+        )
+
+    async def messages_after(
+        self, tenant: str, session_id: str, after: MessageKey | None, limit: int
+    ) -> list[StoredMessage]:
+        """Up to `limit` messages after `after` (None: from the start), oldest first."""
+        turn, order = after if after is not None else (-1, 1)
+        async with postgres_boundary(), self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages"  # noqa: S608 - fixed column list
+                " WHERE tenant = $1 AND session_id = $2"
+                " AND (turn_no, (role = 'assistant')::int) > ($3, $4)"
+                " ORDER BY turn_no, (role = 'assistant') LIMIT $5",
+                tenant,
+                session_id,
+                turn,
+                order,
+                limit,
+            )
+        return [_message(r) for r in rows]
+
+    async def recent(
+        self, tenant: str, session_id: str, limit: int
+    ) -> tuple[list[StoredMessage], dict[str, TurnRecord]]:
+        """The latest `limit` messages, oldest first, and the turn records of answered messages."""
+        async with postgres_boundary(), self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages"  # noqa: S608 - fixed column list
+                " WHERE tenant = $1 AND session_id = $2"
+                " ORDER BY turn_no DESC, (role = 'assistant') DESC LIMIT $3",
+                tenant,
+                session_id,
+                limit,
+            )
+        rows = list(reversed(rows))
+        records: dict[str, TurnRecord] = {}
+        for answer in rows:
+            if answer["role"] != "assistant" or not answer["client_message_id"]:
+                continue
+            usage = json.loads(answer["usage"]) if answer["usage"] else {}
+            citations = json.loads(answer["citations"]) if answer["citations"] else []
+            records[answer["client_message_id"]] = TurnRecord(
+                answer["turn_id"],
+                "done",
+                answer=answer["text"],
+                finish_reason=answer["finish_reason"],
+                model=answer["model"],
+                usage=usage if isinstance(usage, dict) else {},
+                citations=tuple(c for c in citations if isinstance(c, dict)),
+            )
+        return [_message(r) for r in rows], records
+
+    # Deletion and retention -------------------------------------------------------------
+
+    async def delete_session(self, tenant: str, session_id: str) -> bool:
+        """Delete a session and its messages; False when there was nothing to delete."""
+        async with (
+            postgres_boundary(),
+            self._pool.acquire(timeout=self._timeout) as conn,
+            conn.transaction(),
+        ):
+            await conn.execute(
+                "DELETE FROM messages WHERE tenant = $1 AND session_id = $2", tenant, session_id
+            )
+            status = await conn.execute(
+                "DELETE FROM sessions WHERE tenant = $1 AND session_id = $2", tenant, session_id
+            )
+        return status != "DELETE 0"
+
+    async def stale_sessions(
+        self, tenant: str, idle_seconds: int, limit: int = 1000
+    ) -> Sequence[str]:
+        """Ids of the tenant's sessions not updated for `idle_seconds` (at most `limit`)."""
+        async with postgres_boundary(), self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT session_id FROM sessions WHERE tenant = $1"
+                " AND updated_at < now() - make_interval(secs => $2) ORDER BY updated_at LIMIT $3",
+                tenant,
+                float(idle_seconds),
+                limit,
+            )
+        return [r["session_id"] for r in rows]
+
+
+def _message(row: asyncpg.Record) -> StoredMessage:
+    user = row["role"] == "user"
+    return StoredMessage(
+        row["role"],
+        row["text"],
+        row["turn_id"],
+        row["client_message_id"] if user else "",
+        row["created_at"].timestamp(),
+        row["intent"] or "",
+    )
