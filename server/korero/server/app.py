@@ -33,6 +33,8 @@ from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
 from korero.server.policy.ratelimit import RateLimiter
 from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.settings import Settings
+from korero.server.storage.history import HistoryStore
+from korero.server.storage.outbox import OutboxWriter
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
 from korero.server.transport.chat_session import StreamRules
@@ -46,6 +48,8 @@ __all__ = ["KoreroServer", "run"]
 log = logging.getLogger(__name__)
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+HISTORY_HEALTH = "korero.history"
+"""Health service name that is NOT_SERVING while PostgreSQL writes fail (the chat stays SERVING)."""
 
 _SERVER_OPTIONS = [
     ("grpc.so_reuseport", 1),
@@ -76,6 +80,8 @@ class KoreroServer:
     metrics_runner: web.AppRunner | None = None
     tracer_provider: TracerProvider | None = None
     websocket: WebSocketServer | None = None
+    history: HistoryStore | None = None
+    outbox: OutboxWriter | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -91,9 +97,12 @@ class KoreroServer:
         tracer_provider: TracerProvider | None = None,
     ) -> KoreroServer:
         """Build everything from settings (or injected parts) and start listening."""
-        store = store or SessionStore.connect(settings.redis, settings.engine)
+        durable = settings.postgres.url is not None
+        store = store or SessionStore.connect(settings.redis, settings.engine, outbox=durable)
         llm = llm or OpenAIProvider(settings.llm)
         metrics = Metrics(settings.observability)
+        health = health_aio.HealthServicer()
+        history, outbox = await _durability(settings, store, metrics, health)
         provider = tracer_provider or build_tracer_provider(settings.observability)
         tracer = (provider or trace.get_tracer_provider()).get_tracer("korero.server")
         interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -146,9 +155,10 @@ class KoreroServer:
             router=RuleRouter(),
             cache=ResponseCache(store.redis, settings.cache) if settings.cache.enabled else None,
             knowledge=kb_store,
+            history=history,
+            outbox=outbox,
         )
         lifecycle = Lifecycle()
-        health = health_aio.HealthServicer()
         server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
         chat_pb2_grpc.add_ChatServiceServicer_to_server(
             ChatServicer(
@@ -186,6 +196,9 @@ class KoreroServer:
         await server.start()
         for service in ("", CHAT_SERVICE):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if outbox is not None:
+            await health.set(HISTORY_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+            outbox.start()
         try:
             metrics_runner = await serve_metrics(metrics, settings.observability.metrics_listen)
         except OSError as exc:  # metrics are not worth refusing to serve for
@@ -209,6 +222,8 @@ class KoreroServer:
             metrics_runner,
             provider,
             websocket,
+            history,
+            outbox,
         )
 
     @property
@@ -233,6 +248,10 @@ class KoreroServer:
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
         await self.llm.aclose()
+        if self.outbox is not None:
+            await self.outbox.stop()  # a last sweep: a clean stop leaves no backlog behind
+        if self.history is not None:
+            await self.history.close()
         await self.store.close()
         log.info("event=stopped")
 
@@ -267,6 +286,32 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await app.shutdown()
+
+
+async def _durability(
+    settings: Settings, store: SessionStore, metrics: Metrics, health: health_aio.HealthServicer
+) -> tuple[HistoryStore | None, OutboxWriter | None]:
+    """PostgreSQL and the outbox writer that feeds it, when KORERO_POSTGRES_URL is set."""
+    if settings.postgres.url is None:
+        return None, None
+    history = await HistoryStore.connect(settings.postgres)
+
+    def on_state(up: bool) -> None:
+        serving = health_pb2.HealthCheckResponse
+        status = serving.SERVING if up else serving.NOT_SERVING
+        asyncio.get_running_loop().create_task(health.set(HISTORY_HEALTH, status))
+
+    outbox = OutboxWriter(
+        store.redis,
+        history,
+        drain_interval=settings.postgres.drain_interval,
+        commit_wait=settings.postgres.commit_wait,
+        on_backlog=metrics.postgres_outbox_backlog.set,
+        on_error=lambda op: metrics.postgres_errors.labels(op).inc(),
+        on_commit_wait=metrics.postgres_commit_wait.observe,
+        on_state=on_state,
+    )
+    return history, outbox
 
 
 def _redact(url: str) -> str:

@@ -6,6 +6,7 @@
      ├── NotFoundError          a named resource does not exist (NOT_FOUND)
      ├── StoreUnavailableError  Redis down, slow or failing (UNAVAILABLE)
      ├── HistoryUnavailableError PostgreSQL down, slow or failing (UNAVAILABLE)
+     ├── SessionLostError       the session vanished from Redis mid-turn (UNAVAILABLE)
      ├── UpstreamError          the LLM upstream failed (code depends on cause)
      ├── RateLimitedError       a limit is exhausted (RESOURCE_EXHAUSTED)
      └── ShuttingDownError      the server is draining (UNAVAILABLE)
@@ -27,6 +28,7 @@ __all__ = [
     "KoreroError",
     "NotFoundError",
     "RateLimitedError",
+    "SessionLostError",
     "ShuttingDownError",
     "StoreUnavailableError",
     "UpstreamError",
@@ -99,6 +101,18 @@ class HistoryUnavailableError(KoreroError):
             message,
             retryable=True,
             retry_after=1.0,
+        )
+
+
+class SessionLostError(KoreroError):
+    """The session disappeared from Redis while a turn ran (Redis restarted empty)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            "SESSION_LOST",
+            "the session was lost while this turn ran; resume the session and send it again",
+            retryable=True,
         )
 
 

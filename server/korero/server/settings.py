@@ -333,7 +333,7 @@ class EngineSettings:
     event_log_max_age: int = _env(
         "KORERO_EVENT_LOG_MAX_AGE", 3600, "seconds an event is kept for resume"
     )
-    """Older events are dropped from the replay log; a cursor behind them is told it was truncated."""
+    """Older events leave the replay log; a cursor behind them is told replay was truncated."""
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,25 @@ from korero.server.conversation.validation import (
     validate_session_id,
 )
 from korero.server.conversation.wire import message_to_pb, session_to_pb
-from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
+from korero.server.errors import (
+    HistoryUnavailableError,
+    InvalidArgumentError,
+    KoreroError,
+    NotFoundError,
+    ShuttingDownError,
+)
 from korero.server.llm.provider import LLMProvider, estimate_tokens
 from korero.server.policy.ratelimit import RateLimiter
 from korero.server.settings import EngineSettings, LLMSettings
-from korero.server.storage.records import TurnBegin
+from korero.server.storage.history import HistoryStore
+from korero.server.storage.outbox import OutboxWriter
+from korero.server.storage.paging import (
+    decode_message_cursor,
+    encode_message_cursor,
+    merge_pages,
+    message_key,
+)
+from korero.server.storage.records import SessionRecord, StoredMessage, TurnBegin
 from korero.server.storage.scripts import ScriptCall
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics
@@ -71,8 +85,12 @@ class ConversationEngine:
         limiter: RateLimiter | None = None,
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
+        history: HistoryStore | None = None,
+        outbox: OutboxWriter | None = None,
     ) -> None:
         self._store = store
+        self._history = history
+        self._outbox = outbox
         self._assembler = assembler
         self._settings = settings
         self._model = llm_settings.model
@@ -100,6 +118,7 @@ class ConversationEngine:
             limiter=limiter,
             record_cache_request=self._count_cache_request,
             clock=clock,
+            outbox=outbox,
         )
 
     @property
@@ -127,7 +146,12 @@ class ConversationEngine:
         meta = validate_metadata(metadata)
         if session_id:
             validate_session_id(session_id)
-            record = await self._store.resume_session(tenant, session_id, meta)
+            try:
+                record = await self._store.resume_session(tenant, session_id, meta)
+            except InvalidArgumentError as missing:
+                if not await self._rehydrate(tenant, session_id):
+                    raise missing from None
+                record = await self._store.resume_session(tenant, session_id, meta)
         else:
             record = await self._store.create_session(tenant, meta)
         return pb.Event(
@@ -138,9 +162,47 @@ class ConversationEngine:
             ),
         )
 
+    async def _rehydrate(self, tenant: str, session_id: str) -> bool:
+        """Bring a session missing from Redis back whole from PostgreSQL; False if unknown there.
+
+        Its seq continues above every seq PostgreSQL knows was handed out.
+        """
+        if self._history is None:
+            return False
+        stored = await self._history.get_session(tenant, session_id)
+        if stored is None:
+            return False
+        messages, records = await self._history.recent(
+            tenant, session_id, self._settings.history_max_messages
+        )
+        await self._store.rehydrate(
+            tenant, session_id, stored, messages, records, seq=stored.seq_high
+        )
+        log.info("event=session_rehydrated tenant=%s messages=%d", tenant, len(messages))
+        return True
+
     async def get_session(self, tenant: str, session_id: str) -> pb.Session:
         validate_session_id(session_id)
-        return session_to_pb(await self._store.get_session(tenant, session_id))
+        try:
+            return session_to_pb(await self._store.get_session(tenant, session_id))
+        except NotFoundError:
+            if self._history is None:
+                raise
+            stored = await self._history.get_session(tenant, session_id)
+            if stored is None:
+                raise
+        return session_to_pb(
+            SessionRecord(
+                tenant=tenant,
+                session_id=session_id,
+                metadata=stored.metadata,
+                created_at=stored.created_at,
+                updated_at=stored.updated_at,
+                last_seq=stored.seq_high,
+                turn_count=stored.turn_count,
+                message_count=stored.message_count,
+            )
+        )
 
     async def list_messages(
         self, tenant: str, session_id: str, page_size: int, page_token: str
@@ -149,10 +211,58 @@ class ConversationEngine:
         if page_size < 0:
             raise InvalidArgumentError("PAGE_SIZE_INVALID", "page_size must not be negative")
         size = min(page_size or _DEFAULT_PAGE_SIZE, _MAX_PAGE_SIZE)
-        messages, token = await self._store.list_messages(tenant, session_id, size, page_token)
+        if self._history is None:
+            messages, token = await self._store.list_messages(tenant, session_id, size, page_token)
+        else:
+            messages, token = await self._history_page(tenant, session_id, size, page_token)
         return pb.ListMessagesResponse(
             messages=[message_to_pb(m) for m in messages], next_page_token=token
         )
+
+    async def _history_page(
+        self, tenant: str, session_id: str, size: int, page_token: str
+    ) -> tuple[list[StoredMessage], str]:
+        """A page of PostgreSQL's history merged with the Redis window (newest, maybe unwritten).
+
+        If PostgreSQL cannot be reached, the page comes from the Redis window alone.
+        """
+        after = decode_message_cursor(page_token)
+        exists, window = await self._store.history_window(tenant, session_id)
+        older: list[StoredMessage] = []
+        try:
+            older = await self._history.messages_after(  # type: ignore[union-attr]
+                tenant, session_id, after, size + 1
+            )
+            known = exists or bool(older) or after is not None
+            if not known:
+                known = await self._history.get_session(tenant, session_id) is not None  # type: ignore[union-attr]
+        except HistoryUnavailableError:
+            if not exists:
+                raise
+            known = True
+        if not known:
+            raise NotFoundError("SESSION_NOT_FOUND", f"no session {session_id!r}")
+        page = merge_pages(older, window, after, size + 1)
+        more = len(page) > size
+        page = page[:size]
+        return page, encode_message_cursor(message_key(page[-1])) if more and page else ""
+
+    async def delete_session(self, tenant: str, session_id: str, allow_missing: bool) -> None:
+        """Delete the session from Redis (state, outbox, event log) and PostgreSQL (AIP-135).
+
+        Idempotent with `allow_missing`; otherwise deleting an unknown session is NOT_FOUND.
+        """
+        validate_session_id(session_id)
+        for key, turn in list(self._turns.items()):
+            if key[:2] == (tenant, session_id):
+                turn.cancel()
+        # Redis first: once the outbox is gone nothing can write the session back.
+        existed = await self._store.delete_session(tenant, session_id)
+        if self._history is not None:
+            existed = await self._history.delete_session(tenant, session_id) or existed
+        if not existed and not allow_missing:
+            raise NotFoundError("SESSION_NOT_FOUND", f"no session {session_id!r}")
+        log.info("event=session_deleted tenant=%s existed=%s", tenant, existed)
 
     # Turns --------------------------------------------------------------------
 
@@ -219,6 +329,8 @@ class ConversationEngine:
             span=turn_span,
             timings=StageTimings(started=started, session_load=self._clock() - started),
         )
+        if self._outbox is not None and begin.status == "started":
+            self._outbox.notify()  # the user message on its way to PostgreSQL
         turn_span.set_attribute("korero.turn_id", turn.turn_id)
         turn.subscribe(sink)
         body: Coroutine[Any, Any, None]

@@ -36,10 +36,11 @@ from korero.server.conversation.wire import (
     rate_limit_status,
     usage_to_pb,
 )
-from korero.server.errors import KoreroError
+from korero.server.errors import KoreroError, SessionLostError
 from korero.server.llm.provider import TokenUsage, display_model, estimate_tokens
 from korero.server.policy.ratelimit import Admission, RateLimiter
 from korero.server.settings import EngineSettings
+from korero.server.storage.outbox import OutboxWriter
 from korero.server.storage.records import SessionRecord, StoredMessage, TurnRecord
 from korero.server.storage.scripts import ScriptCall
 from korero.server.storage.sessions import SessionStore
@@ -112,6 +113,7 @@ class TurnRunner:
         cache: ResponseCache | None = None,
         limiter: RateLimiter | None = None,
         record_cache_request: Callable[[bool], None] | None = None,
+        outbox: OutboxWriter | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
@@ -124,6 +126,7 @@ class TurnRunner:
         self._cache = cache
         self._limiter = limiter
         self._record_cache_request = record_cache_request or (lambda _hit: None)
+        self._outbox = outbox
         self._clock = clock
 
     # A new turn -----------------------------------------------------------------
@@ -268,6 +271,7 @@ class TurnRunner:
             seq_base,
             summary=json.dumps(summary, ensure_ascii=False) if summary else "",
             also=self._cache_store_call(turn, answer.context, record, sources),
+            cached=answer.cached is not None,
         )
         done = pb.TurnDone(
             finish_reason=FINISH_REASONS.get(finish, pb.FINISH_REASON_STOP),
@@ -421,10 +425,14 @@ class TurnRunner:
         *,
         summary: str = "",
         also: ScriptCall | None = None,
+        cached: bool = False,
     ) -> None:
         """Persist the outcome before the terminal event; that event's seq counts as issued.
 
-        A cache store and the token settlement ride in the same pipeline.
+        A cache store and the token settlement ride in the same pipeline. With
+        PostgreSQL configured, the turn is then committed there (bounded by
+        KORERO_POSTGRES_COMMIT_WAIT; it stays in the Redis outbox otherwise).
+        Raises `SESSION_LOST` when the session vanished from Redis under the turn.
         """
         turn.finishing = True
         calls = [] if also is None else [also]
@@ -434,8 +442,9 @@ class TurnRunner:
             settle = self._limiter.settlement(admission, used)
             if settle is not None:
                 calls.append(settle)
+        timings = turn.timings
         with self._tracer.start_as_current_span("korero.persist"):
-            await self._store.finish_turn(
+            stored = await self._store.finish_turn(
                 turn.tenant,
                 turn.session_id,
                 turn.client_message_id,
@@ -444,7 +453,13 @@ class TurnRunner:
                 turn.seq + 1,
                 summary=summary,
                 also=calls,
+                cached=cached,
+                timings=timings.to_dict(self._clock()) if timings is not None else None,
             )
+            if not stored:
+                raise SessionLostError()
+            if self._outbox is not None:
+                await self._outbox.commit(turn.tenant, turn.session_id)
 
     async def fail(self, turn: Turn, error: KoreroError, seq_base: int) -> None:
         """End the turn with `error` (persisted as failed, if the store can be reached)."""

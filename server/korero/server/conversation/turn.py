@@ -41,6 +41,17 @@ class StageTimings:
     llm_started: float | None = None
     llm_ended: float | None = None
 
+    def to_dict(self, now: float) -> dict[str, float]:
+        """Stage durations in seconds (stored with the answer)."""
+        out = {
+            "session_load": round(self.session_load, 6),
+            "context_assembly": round(self.context_assembly, 6),
+            "total": round(now - self.started, 6),
+        }
+        if self.first_token is not None:
+            out["time_to_first_token"] = round(self.first_token - self.started, 6)
+        return out
+
     def to_pb(self, now: float) -> pb.StageTimings:
         t = pb.StageTimings(
             session_load=duration(self.session_load),

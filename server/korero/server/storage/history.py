@@ -29,12 +29,12 @@ import asyncpg
 
 from korero.server.errors import HistoryUnavailableError, KoreroError
 from korero.server.settings import PostgresSettings
+from korero.server.storage.paging import MessageKey
 from korero.server.storage.records import StoredMessage, TurnRecord
 
 __all__ = [
     "HistorySession",
     "HistoryStore",
-    "MessageKey",
     "OutboxBatch",
     "postgres_boundary",
 ]
@@ -52,14 +52,6 @@ async def postgres_boundary() -> AsyncIterator[None]:
         raise
     except _CAUGHT as exc:
         raise HistoryUnavailableError(f"history store unavailable ({type(exc).__name__})") from exc
-
-
-MessageKey = tuple[int, int]
-"""Where a message sits in a session: (turn number, 0 for the user's message / 1 for the answer)."""
-
-
-def message_key(message: StoredMessage) -> MessageKey:
-    return (message.turn_number, 0 if message.role == "user" else 1)
 
 
 @dataclass(frozen=True)

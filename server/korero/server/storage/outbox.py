@@ -138,6 +138,7 @@ class OutboxWriter:
         on_backlog: Callable[[int], None] = lambda _n: None,
         on_error: Callable[[str], None] = lambda _op: None,
         on_commit_wait: Callable[[float], None] = lambda _s: None,
+        on_state: Callable[[bool], None] = lambda _up: None,
     ) -> None:
         self._redis = redis
         self._history = history
@@ -146,6 +147,8 @@ class OutboxWriter:
         self._on_backlog = on_backlog
         self._on_error = on_error
         self._on_commit_wait = on_commit_wait
+        self._on_state = on_state
+        self._up = True
         self._unmark: AsyncScript = redis.register_script(_UNMARK)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -160,6 +163,13 @@ class OutboxWriter:
     def postgres_up(self) -> bool:
         """False for a moment after a failed write: `commit()` then does not wait."""
         return time.monotonic() - self._failed_at > _DOWN_FOR
+
+    def _state(self, *, up: bool) -> None:
+        if up != self._up:
+            self._up = up
+            state = "writable" if up else "unwritable"
+            log.warning("event=postgres_%s backlog=%d", state, self.backlog)
+            self._on_state(up)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="outbox-writer")
@@ -250,10 +260,13 @@ class OutboxWriter:
             except KoreroError:
                 self._failed_at = time.monotonic()
                 self._on_error("write")
+                self._state(up=False)
                 self.backlog = sum(int(n) for n in lengths)
                 self._on_backlog(self.backlog)
                 raise
         self.written += total
+        if total:
+            self._state(up=True)
         async with redis_boundary(), self._redis.pipeline(transaction=False) as pipe:
             for key, entries in zip(keys, ranges, strict=True):
                 if entries:

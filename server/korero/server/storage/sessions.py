@@ -189,6 +189,17 @@ class SessionStore:
         more = len(raw) > page_size
         return messages, _encode_page_token(start + page_size) if more else ""
 
+    async def history_window(
+        self, tenant: str, session_id: str
+    ) -> tuple[bool, list[StoredMessage]]:
+        """Whether the session exists in Redis, and its whole (bounded) history list."""
+        meta, history, _ = self._keys(tenant, session_id)
+        async with redis_boundary(), self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(meta)
+            pipe.lrange(history, 0, -1)
+            exists, raw = await pipe.execute()
+        return bool(exists), [StoredMessage.from_json(r) for r in raw]
+
     async def begin_turn(
         self,
         tenant: str,

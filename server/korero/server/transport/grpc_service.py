@@ -190,3 +190,16 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             )
         except KoreroError as error:
             await abort_with_error(context, error)
+
+    async def DeleteSession(  # noqa: N802 - the gRPC method name
+        self,
+        request: pb.DeleteSessionRequest,
+        context: grpc.aio.ServicerContext[pb.DeleteSessionRequest, pb.DeleteSessionResponse],
+    ) -> pb.DeleteSessionResponse:
+        try:
+            await self._engine.delete_session(
+                self._tenant(), request.session_id, request.allow_missing
+            )
+        except KoreroError as error:
+            await abort_with_error(context, error)
+        return pb.DeleteSessionResponse()
