@@ -63,6 +63,7 @@ __all__ = ["ConversationEngine", "EventSink", "Turn"]
 log = logging.getLogger(__name__)
 
 _MAX_PAGE_SIZE = 500
+_REHYDRATE_ATTEMPTS = 20
 _DEFAULT_PAGE_SIZE = 50
 
 
@@ -149,9 +150,7 @@ class ConversationEngine:
             try:
                 record = await self._store.resume_session(tenant, session_id, meta)
             except InvalidArgumentError as missing:
-                if not await self._rehydrate(tenant, session_id):
-                    raise missing from None
-                record = await self._store.resume_session(tenant, session_id, meta)
+                record = await self._resume_lost(tenant, session_id, meta, missing)
         else:
             record = await self._store.create_session(tenant, meta)
         return pb.Event(
@@ -162,23 +161,52 @@ class ConversationEngine:
             ),
         )
 
+    async def _resume_lost(
+        self,
+        tenant: str,
+        session_id: str,
+        meta: dict[str, Any] | None,
+        missing: InvalidArgumentError,
+    ) -> SessionRecord:
+        """Resume a session missing from Redis: rehydrated whole from PostgreSQL, or lost."""
+        for _ in range(_REHYDRATE_ATTEMPTS):
+            if not await self._rehydrate(tenant, session_id):
+                raise missing
+            try:
+                return await self._store.resume_session(tenant, session_id, meta)
+            except InvalidArgumentError:
+                await asyncio.sleep(0.05)  # another stream is bringing it back
+        raise HistoryUnavailableError("the session is being restored; try again")
+
     async def _rehydrate(self, tenant: str, session_id: str) -> bool:
         """Bring a session missing from Redis back whole from PostgreSQL; False if unknown there.
 
-        Its seq continues above every seq PostgreSQL knows was handed out.
+        The session's own outbox (if Redis still has it: the session expired
+        while PostgreSQL was away) is written first; then a new epoch is claimed,
+        which fences off writes read from a Redis that crashed; then Redis is
+        filled from PostgreSQL. Its seq continues above every seq PostgreSQL
+        knows was handed out. True also when another stream claimed the epoch
+        first (it is restoring the session).
         """
         if self._history is None:
             return False
+        if self._outbox is not None and not await self._outbox.commit(tenant, session_id):
+            raise HistoryUnavailableError("the session's pending writes could not be stored")
         stored = await self._history.get_session(tenant, session_id)
         if stored is None:
             return False
+        epoch = await self._history.claim_epoch(tenant, session_id, stored.epoch)
+        if epoch is None:
+            return True
         messages, records = await self._history.recent(
             tenant, session_id, self._settings.history_max_messages
         )
         await self._store.rehydrate(
-            tenant, session_id, stored, messages, records, seq=stored.seq_high
+            tenant, session_id, stored, messages, records, seq=stored.seq_high, epoch=epoch
         )
-        log.info("event=session_rehydrated tenant=%s messages=%d", tenant, len(messages))
+        log.info(
+            "event=session_rehydrated tenant=%s messages=%d epoch=%d", tenant, len(messages), epoch
+        )
         return True
 
     async def get_session(self, tenant: str, session_id: str) -> pb.Session:

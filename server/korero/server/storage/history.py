@@ -67,17 +67,22 @@ class HistorySession:
     seq_high: int
     message_count: int
     summary: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
 
 
 @dataclass
 class OutboxBatch:
-    """Rows to upsert, gathered from outbox entries of one or more sessions."""
+    """Rows to upsert, gathered from outbox entries of one or more sessions.
+
+    Each message row is tagged with the epoch of the entry it came from; rows of
+    an epoch older than the session's epoch in PostgreSQL are refused (fencing).
+    """
 
     sessions: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    users: list[tuple[Any, ...]] = field(default_factory=list)
-    answers: list[tuple[Any, ...]] = field(default_factory=list)
+    users: list[tuple[int, tuple[Any, ...]]] = field(default_factory=list)
+    answers: list[tuple[int, tuple[Any, ...]]] = field(default_factory=list)
 
-    def session(self, tenant: str, session_id: str, ts: float) -> dict[str, Any]:
+    def session(self, tenant: str, session_id: str, ts: float, epoch: int) -> dict[str, Any]:
         row = self.sessions.get((tenant, session_id))
         if row is None:
             row = {
@@ -88,10 +93,12 @@ class OutboxBatch:
                 "turn_count": 0,
                 "seq_high": 0,
                 "summary": None,
+                "epoch": epoch,
             }
             self.sessions[(tenant, session_id)] = row
         row["created_at"] = min(row["created_at"], ts)
         row["updated_at"] = max(row["updated_at"], ts)
+        row["epoch"] = max(row["epoch"], epoch)
         return row
 
     def __len__(self) -> int:
@@ -104,8 +111,8 @@ def _ts(ms: float) -> datetime:
 
 _UPSERT_SESSION = """
 INSERT INTO sessions AS s (tenant, session_id, metadata, meta_version, created_at, updated_at,
-                           turn_count, seq_high, summary)
-VALUES ($1, $2, COALESCE($3::jsonb, '{}'::jsonb), $4, $5, $6, $7, $8, $9::jsonb)
+                           turn_count, seq_high, summary, epoch)
+VALUES ($1, $2, COALESCE($3::jsonb, '{}'::jsonb), $4, $5, $6, $7, $8, $9::jsonb, $10)
 ON CONFLICT (tenant, session_id) DO UPDATE SET
     metadata = CASE WHEN $3::jsonb IS NOT NULL AND EXCLUDED.meta_version > s.meta_version
                     THEN EXCLUDED.metadata ELSE s.metadata END,
@@ -115,6 +122,13 @@ ON CONFLICT (tenant, session_id) DO UPDATE SET
     turn_count = GREATEST(s.turn_count, EXCLUDED.turn_count),
     seq_high = GREATEST(s.seq_high, EXCLUDED.seq_high),
     summary = COALESCE(EXCLUDED.summary, s.summary)
+WHERE EXCLUDED.epoch >= s.epoch
+"""
+
+_LOCK_SESSIONS = """
+SELECT tenant, session_id, epoch FROM sessions
+WHERE (tenant, session_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+ORDER BY tenant, session_id FOR UPDATE
 """
 
 # A user message keeps the place of its first turn; a retry of a failed turn does not move it.
@@ -129,7 +143,7 @@ _INSERT_ANSWER = """
 INSERT INTO messages (tenant, session_id, turn_no, role, turn_id, client_message_id, text,
                       model, finish_reason, usage, citations, timings, cached, created_at)
 VALUES ($1, $2, $3, 'assistant', $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11::jsonb, $12, $13)
-ON CONFLICT (tenant, session_id, turn_no, role) DO NOTHING
+ON CONFLICT DO NOTHING
 """
 
 _MESSAGE_COLUMNS = (
@@ -169,7 +183,13 @@ class HistoryStore:
     # Writes (the outbox writer) ---------------------------------------------------
 
     async def apply(self, batch: OutboxBatch) -> None:
-        """Upsert a batch in one transaction; applying it twice changes nothing."""
+        """Upsert a batch in one transaction; applying it twice changes nothing.
+
+        The batch's sessions are locked first (in key order) and rows of an epoch
+        older than their session's are dropped: a rehydration, which claims a new
+        epoch under the same lock, never races a write read from a Redis that crashed.
+        """
+        keys = sorted(batch.sessions)
         sessions = [
             (
                 tenant,
@@ -181,20 +201,45 @@ class HistoryStore:
                 row["turn_count"],
                 row["seq_high"],
                 row["summary"],
+                row["epoch"],
             )
-            for (tenant, session_id), row in batch.sessions.items()
+            for (tenant, session_id), row in sorted(batch.sessions.items())
         ]
         async with (
             postgres_boundary(),
             self._pool.acquire(timeout=self._timeout) as conn,
             conn.transaction(),
         ):
+            current = {
+                (r["tenant"], r["session_id"]): r["epoch"]
+                for r in await conn.fetch(
+                    _LOCK_SESSIONS, [k[0] for k in keys], [k[1] for k in keys]
+                )
+            }
+
+            def fresh(epoch: int, row: tuple[Any, ...]) -> bool:
+                return epoch >= int(current.get((row[0], row[1]), 0))
+
             if sessions:
                 await conn.executemany(_UPSERT_SESSION, sessions)
-            if batch.users:
-                await conn.executemany(_INSERT_USER, batch.users)
-            if batch.answers:
-                await conn.executemany(_INSERT_ANSWER, batch.answers)
+            users = [row for epoch, row in batch.users if fresh(epoch, row)]
+            if users:
+                await conn.executemany(_INSERT_USER, users)
+            answers = [row for epoch, row in batch.answers if fresh(epoch, row)]
+            if answers:
+                await conn.executemany(_INSERT_ANSWER, answers)
+
+    async def claim_epoch(self, tenant: str, session_id: str, seen: int) -> int | None:
+        """Start a rehydration: the session's next epoch, or None if another one claimed it."""
+        async with postgres_boundary(), self._pool.acquire(timeout=self._timeout) as conn:
+            epoch: int | None = await conn.fetchval(
+                "UPDATE sessions SET epoch = epoch + 1"
+                " WHERE tenant = $1 AND session_id = $2 AND epoch = $3 RETURNING epoch",
+                tenant,
+                session_id,
+                seen,
+            )
+        return epoch
 
     # Reads --------------------------------------------------------------------------
 
@@ -219,6 +264,7 @@ class HistoryStore:
             seq_high=row["seq_high"],
             message_count=row["message_count"],
             summary=json.loads(row["summary"]) if row["summary"] else {},
+            epoch=row["epoch"],
         )
 
     async def messages_after(

@@ -36,7 +36,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from korero.server.errors import KoreroError
+from korero.server.errors import HistoryUnavailableError, KoreroError
 from korero.server.storage.boundary import redis_boundary
 from korero.server.storage.history import HistoryStore, OutboxBatch
 from korero.server.storage.keys import (
@@ -73,7 +73,8 @@ def add_entry(batch: OutboxBatch, tenant: str, session_id: str, entry_id: str, r
     """Fold one outbox entry into the batch of rows to upsert."""
     d: dict[str, Any] = json.loads(raw)
     ts = float(d.get("ts") or time.time() * 1000)
-    row = batch.session(tenant, session_id, ts)
+    epoch = int(d.get("ep") or 0)
+    row = batch.session(tenant, session_id, ts, epoch)
     kind = d.get("k")
     created = _ms_to_dt(ts)
     if kind == "s":
@@ -85,14 +86,17 @@ def add_entry(batch: OutboxBatch, tenant: str, session_id: str, entry_id: str, r
         row["seq_high"] = max(row["seq_high"], int(d.get("seq") or 0))
         batch.users.append(
             (
-                tenant,
-                session_id,
-                turn,
-                d["turn_id"],
-                d.get("cmid", ""),
-                d.get("text", ""),
-                d.get("intent") or "",
-                created,
+                epoch,
+                (
+                    tenant,
+                    session_id,
+                    turn,
+                    d["turn_id"],
+                    d.get("cmid", ""),
+                    d.get("text", ""),
+                    d.get("intent") or "",
+                    created,
+                ),
             )
         )
     elif kind == "a":
@@ -104,19 +108,22 @@ def add_entry(batch: OutboxBatch, tenant: str, session_id: str, entry_id: str, r
             citations = d.get("citations")
             batch.answers.append(
                 (
-                    tenant,
-                    session_id,
-                    _turn_no(d["turn_id"]),
-                    d["turn_id"],
-                    d.get("cmid", ""),
-                    d["answer"],
-                    d.get("model", ""),
-                    d.get("finish_reason", ""),
-                    json.dumps(usage if isinstance(usage, dict) else {}),
-                    json.dumps(citations if isinstance(citations, list) else []),
-                    json.dumps(d.get("timings") if isinstance(d.get("timings"), dict) else {}),
-                    bool(d.get("cached")),
-                    created,
+                    epoch,
+                    (
+                        tenant,
+                        session_id,
+                        _turn_no(d["turn_id"]),
+                        d["turn_id"],
+                        d.get("cmid", ""),
+                        d["answer"],
+                        d.get("model", ""),
+                        d.get("finish_reason", ""),
+                        json.dumps(usage if isinstance(usage, dict) else {}),
+                        json.dumps(citations if isinstance(citations, list) else []),
+                        json.dumps(d.get("timings") if isinstance(d.get("timings"), dict) else {}),
+                        bool(d.get("cached")),
+                        created,
+                    ),
                 )
             )
 
@@ -195,7 +202,8 @@ class OutboxWriter:
 
         Waits at most `commit_wait` (not at all while PostgreSQL is known to be
         down); the entries stay in the outbox either way, so a False only
-        means "not yet".
+        means "not yet". A Redis failure (the outbox cannot be read) raises:
+        then nothing may be acknowledged.
         """
         if not self.postgres_up:
             return False
@@ -208,7 +216,7 @@ class OutboxWriter:
             return False
         try:
             task.result()
-        except KoreroError:
+        except HistoryUnavailableError:
             return False
         return True
 
@@ -267,6 +275,23 @@ class OutboxWriter:
         self.written += total
         if total:
             self._state(up=True)
+        try:
+            await self._forget(sessions, keys, ranges)
+        except KoreroError as error:  # written already: the next sweep rewrites, harmlessly
+            log.warning("event=outbox_cleanup_failed reason=%s", error.reason)
+        remaining = sum(int(n) for n in lengths) - total
+        if sessions and sessions[0][2] is not None:  # a sweep: report what is left
+            self.backlog = max(0, remaining)
+            self._on_backlog(self.backlog)
+        return total
+
+    async def _forget(
+        self,
+        sessions: Sequence[tuple[str, str, float | None]],
+        keys: Sequence[str],
+        ranges: Sequence[Any],
+    ) -> None:
+        """Delete written entries; unmark sessions that got nothing new meanwhile."""
         async with redis_boundary(), self._redis.pipeline(transaction=False) as pipe:
             for key, entries in zip(keys, ranges, strict=True):
                 if entries:
@@ -279,11 +304,6 @@ class OutboxWriter:
                         client=pipe,
                     )
             await pipe.execute(raise_on_error=False)
-        remaining = sum(int(n) for n in lengths) - total
-        if sessions and sessions[0][2] is not None:  # a sweep: report what is left
-            self.backlog = max(0, remaining)
-            self._on_backlog(self.backlog)
-        return total
 
     async def _run(self) -> None:
         backoff = self._interval

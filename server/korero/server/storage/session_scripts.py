@@ -45,7 +45,8 @@ if ARGV[1] ~= '' then
   local merged = cjson.encode(current)
   redis.call('HSET', KEYS[1], 'metadata', merged)
   if KEYS[3] then  -- outbox
-    redis.call('XADD', KEYS[3], '*', 'd', cjson.encode({k = 's', metadata = merged, ts = now}))
+    redis.call('XADD', KEYS[3], '*', 'd', cjson.encode({k = 's', metadata = merged, ts = now,
+      ep = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')}))
   end
 end
 redis.call('HSET', KEYS[1], 'updated_at', now)
@@ -87,6 +88,7 @@ if not (rec and last and cjson.decode(last).cmid == cmid) then
 end
 if KEYS[4] then  -- outbox
   redis.call('XADD', KEYS[4], '*', 'd', cjson.encode({
+    ep = tonumber(redis.call('HGET', meta, 'epoch') or '0'),
     k = 'u', turn = n, turn_id = turn_id, cmid = cmid, text = text, intent = ARGV[9] or '',
     ts = now, seq = seq}))
 end
@@ -119,6 +121,7 @@ redis.call('HSET', meta, 'updated_at', now)
 if KEYS[4] then  -- outbox
   local out = cjson.decode(ARGV[11])
   out.ts = now
+  out.ep = tonumber(redis.call('HGET', meta, 'epoch') or '0')
   redis.call('XADD', KEYS[4], '*', 'd', cjson.encode(out))
 end
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[9]) end
@@ -128,12 +131,14 @@ return 1
 # Durability: bring a session lost from Redis back whole from PostgreSQL's copy.
 # KEYS: meta, history, turns. ARGV: created_at, updated_at (ms), metadata JSON,
 # seq, turns, summary JSON or '', ttl ms, JSON list of history entries (each a
-# JSON string), JSON object client_message_id -> turn record (a JSON string).
+# JSON string), JSON object client_message_id -> turn record (a JSON string),
+# the epoch PostgreSQL gave this rehydration (outbox entries carry it: a write
+# of an older epoch, read before a crash, is refused there).
 REHYDRATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('HSET', KEYS[1], 'created_at', ARGV[1], 'updated_at', ARGV[2], 'metadata', ARGV[3],
-           'seq', ARGV[4], 'turns', ARGV[5], 'rehydrated', 1)
+           'seq', ARGV[4], 'turns', ARGV[5], 'rehydrated', 1, 'epoch', ARGV[10])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'summary', ARGV[6]) end
 for _, m in ipairs(cjson.decode(ARGV[8])) do redis.call('RPUSH', KEYS[2], m) end
 for cmid, rec in pairs(cjson.decode(ARGV[9])) do redis.call('HSET', KEYS[3], cmid, rec) end

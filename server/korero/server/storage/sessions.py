@@ -351,6 +351,7 @@ class SessionStore:
         messages: Sequence[StoredMessage],
         records: Mapping[str, TurnRecord],
         seq: int,
+        epoch: int,
     ) -> bool:
         """Recreate a session missing from Redis from PostgreSQL's copy, whole or not at all.
 
@@ -385,6 +386,7 @@ class SessionStore:
                 json.dumps({cmid: r.to_json() for cmid, r in records.items()}, ensure_ascii=False)
                 if records
                 else "{}",
+                epoch,
             ),
         )
         async with redis_boundary():

@@ -38,3 +38,11 @@ CREATE TABLE messages (
 -- A user message is stored once per client_message_id (the idempotency key).
 CREATE UNIQUE INDEX messages_user_cmid
     ON messages (tenant, session_id, client_message_id) WHERE role = 'user';
+
+-- And one answer per client_message_id: a retry after a crash replays it, never adds one.
+CREATE UNIQUE INDEX messages_answer_cmid
+    ON messages (tenant, session_id, client_message_id) WHERE role = 'assistant';
+
+-- Fencing: a session rehydrated into Redis gets a new epoch; outbox writes of an
+-- older epoch (read from a Redis that has since crashed) are refused.
+ALTER TABLE sessions ADD COLUMN epoch integer NOT NULL DEFAULT 0;
