@@ -28,6 +28,7 @@ from korero.server.context.knowledge import KnowledgeStore
 from korero.server.context.router import IntentRouter, RouteDecision, RuleRouter
 from korero.server.conversation.generation import AnswerGenerator
 from korero.server.conversation.runner import REPLAY_EVENTS, TurnRunner
+from korero.server.conversation.tools_loop import ToolLoop
 from korero.server.conversation.turn import EventSink, StageTimings, Turn, TurnPlan
 from korero.server.conversation.validation import (
     validate_message,
@@ -86,6 +87,7 @@ class ConversationEngine:
         limiter: RateLimiter | None = None,
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
+        tool_loop: ToolLoop | None = None,
         history: HistoryStore | None = None,
         outbox: OutboxWriter | None = None,
     ) -> None:
@@ -109,7 +111,11 @@ class ConversationEngine:
             store=store,
             assembler=assembler,
             generator=AnswerGenerator(
-                llm=llm, settings=llm_settings, tracer=self._tracer, clock=clock
+                llm=llm,
+                settings=llm_settings,
+                tracer=self._tracer,
+                clock=clock,
+                tool_loop=tool_loop,
             ),
             settings=settings,
             model=llm_settings.model,
@@ -119,8 +125,15 @@ class ConversationEngine:
             limiter=limiter,
             record_cache_request=self._count_cache_request,
             clock=clock,
+            tool_loop=tool_loop,
             outbox=outbox,
         )
+
+    def attach_history(self, history: HistoryStore | None, outbox: OutboxWriter | None) -> None:
+        """Use PostgreSQL (and the outbox writer that feeds it); wiring calls this once."""
+        self._history = history
+        self._outbox = outbox
+        self._runner.attach_outbox(outbox)
 
     @property
     def cache(self) -> ResponseCache | None:

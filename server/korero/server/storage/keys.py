@@ -12,6 +12,7 @@ that one Lua script touches share a Redis Cluster slot:
     kr:{t:kb}:meta | chunks:<v> | cache:<v>:…   a tenant's knowledge base
                                         and response cache (see context/)
     kr:{t:auth}:apikeys                 a tenant's API keys (see policy/)
+    kr:{t:tools}                        a tenant's tools (see tools/)
     kr:{t}:rl:…                         a tenant's rate-limit buckets
 """
 
@@ -25,6 +26,7 @@ __all__ = [
     "pending_member",
     "rate_limit_key",
     "session_key",
+    "tools_key",
 ]
 
 OUTBOX_PENDING = "kr:{outbox}:pending"
@@ -60,3 +62,8 @@ def parse_pending_member(member: bytes | str) -> tuple[str, str]:
     text = member.decode() if isinstance(member, bytes) else member
     tenant, _, session_id = text.partition("\t")
     return tenant, session_id
+
+
+def tools_key(tenant: str) -> str:
+    """The hash of a tenant's tools (name -> JSON form)."""
+    return f"kr:{{{tenant}:tools}}"
