@@ -22,7 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from korero.server.app import HISTORY_HEALTH, KoreroServer
 from korero.server.storage.migrate import ensure_database, migrate
 from korero.sim import SimConfig, UpstreamSim
-from tests.conftest import RedisProcess, free_port, make_settings
+from korero.testing import free_port
+from tests.conftest import RedisProcess, make_settings
 from tests.history_check import ConversationLoad, check_history
 from tests.pg import PostgresProcess, drop_database, fresh_database, wait_until
 
