@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -26,6 +27,7 @@ from korero.server.context.assembly import ContextAssembler
 from korero.server.context.cache import CacheLookup, CacheProbe, ResponseCache
 from korero.server.context.knowledge import KnowledgeStore
 from korero.server.context.router import IntentRouter, RouteDecision, RuleRouter
+from korero.server.conversation.eventlog import TurnLog
 from korero.server.conversation.generation import AnswerGenerator
 from korero.server.conversation.runner import REPLAY_EVENTS, TurnRunner
 from korero.server.conversation.tools_loop import ToolLoop
@@ -59,9 +61,28 @@ from korero.server.storage.scripts import ScriptCall
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics
 
-__all__ = ["ConversationEngine", "EventSink", "Turn"]
+__all__ = ["ConversationEngine", "EventSink", "OpenedSession", "Turn"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    """A session opened on a stream: what to send first, and what to join."""
+
+    started: pb.Event
+    """`session_started`; its seq is the stream's starting cursor."""
+    missed: list[pb.Event]
+    """On a resume from a cursor: the logged events after it, in order."""
+    inflight: str
+    """The turn holding the session when it was opened ("" if none)."""
+    cursor: int
+    """The last seq the stream has delivered once `missed` is sent."""
+
+    @property
+    def session_id(self) -> str:
+        return self.started.session_id
+
 
 _MAX_PAGE_SIZE = 500
 _REHYDRATE_ATTEMPTS = 20
@@ -99,6 +120,8 @@ class ConversationEngine:
         self._model = llm_settings.model
         self._clock = clock
         self._turns: dict[tuple[str, str, str], Turn] = {}
+        self._live: dict[tuple[str, str], Turn] = {}
+        """The turn holding each session that runs on this instance."""
         self._router: IntentRouter = router or RuleRouter()
         self._cache = cache
         self._knowledge = knowledge
@@ -154,25 +177,82 @@ class ConversationEngine:
     # Sessions -----------------------------------------------------------------
 
     async def open_session(
-        self, tenant: str, session_id: str, metadata: pb.SessionMetadata
-    ) -> pb.Event:
-        """Start (empty `session_id`) or resume a session; returns the session-started event."""
+        self,
+        tenant: str,
+        session_id: str,
+        metadata: pb.SessionMetadata,
+        after_seq: int | None = None,
+    ) -> OpenedSession:
+        """Start (empty `session_id`) or resume a session.
+
+        Its `session_started` event carries the stream's starting cursor as its
+        seq: `after_seq` when given (the logged events after it come back as
+        `missed`, to be sent next), else the last seq before the turn in flight
+        (whose events the stream may then join), else the last seq handed out.
+        """
         meta = validate_metadata(metadata)
         if session_id:
             validate_session_id(session_id)
             try:
-                record = await self._store.resume_session(tenant, session_id, meta)
+                record = await self._store.resume_session(tenant, session_id, meta, after_seq)
             except InvalidArgumentError as missing:
-                record = await self._resume_lost(tenant, session_id, meta, missing)
+                record = await self._resume_lost(tenant, session_id, meta, missing, after_seq)
         else:
+            if after_seq:
+                raise InvalidArgumentError(
+                    "CURSOR_WITHOUT_SESSION", "after_seq needs the session_id it belongs to"
+                )
             record = await self._store.create_session(tenant, meta)
-        return pb.Event(
-            session_id=record.session_id,
-            seq=record.last_seq,
-            session_started=pb.SessionStarted(
-                resumed=bool(session_id), session=session_to_pb(record)
+        started = pb.SessionStarted(resumed=bool(session_id), session=session_to_pb(record))
+        if after_seq is None:
+            cursor = record.turn_base if record.inflight else record.last_seq
+            event = pb.Event(session_id=record.session_id, seq=cursor, session_started=started)
+            return OpenedSession(event, [], record.inflight, cursor)
+        if after_seq > max(record.last_seq, record.seq_top):
+            raise InvalidArgumentError(
+                "CURSOR_AHEAD",
+                f"after_seq {after_seq} is beyond the last seq of the session ({record.last_seq})",
+            )
+        missed = [pb.Event.FromString(raw) for _, raw in record.missed]
+        replay = pb.Replay(after_seq=after_seq, through_seq=missed[-1].seq if missed else after_seq)
+        if after_seq < record.log_floor:
+            replay.truncated = True
+            replay.first_seq = missed[0].seq if missed else record.log_floor + 1
+        started.replay.CopyFrom(replay)
+        event = pb.Event(session_id=record.session_id, seq=after_seq, session_started=started)
+        return OpenedSession(event, missed, record.inflight, replay.through_seq)
+
+    def join_live(
+        self,
+        tenant: str,
+        session_id: str,
+        turn_id: str,
+        after_seq: int,
+        sink: EventSink,
+        deadline: float | None = None,
+    ) -> Turn | None:
+        """Deliver the turn in flight's events above `after_seq` to `sink`, then live.
+
+        A turn on this instance is subscribed to; one on another instance is
+        followed through the session's event log. None when it has ended.
+        """
+        local = self._live.get((tenant, session_id))
+        if local is not None and not local.done:
+            local.subscribe(sink, after_seq)
+            return local
+        if not turn_id:
+            return None
+        follower = Turn(tenant, session_id, turn_id, "", after_seq)
+        follower.subscribe(sink)
+        key = (tenant, session_id, f"follow:{turn_id}:{id(follower)}")
+        self._turns[key] = follower
+        follower.task = asyncio.create_task(
+            self._guard(
+                follower, key, self._runner.follow(follower, deadline, self._watch_seconds)
             ),
+            name=f"follow-{turn_id}",
         )
+        return follower
 
     async def _resume_lost(
         self,
@@ -180,13 +260,14 @@ class ConversationEngine:
         session_id: str,
         meta: dict[str, Any] | None,
         missing: InvalidArgumentError,
+        after_seq: int | None,
     ) -> SessionRecord:
         """Resume a session missing from Redis: rehydrated whole from PostgreSQL, or lost."""
         for _ in range(_REHYDRATE_ATTEMPTS):
             if not await self._rehydrate(tenant, session_id):
                 raise missing
             try:
-                return await self._store.resume_session(tenant, session_id, meta)
+                return await self._store.resume_session(tenant, session_id, meta, after_seq)
             except InvalidArgumentError:
                 await asyncio.sleep(0.05)  # another stream is bringing it back
         raise HistoryUnavailableError("the session is being restored; try again")
@@ -372,6 +453,9 @@ class ConversationEngine:
         )
         if self._outbox is not None and begin.status == "started":
             self._outbox.notify()  # the user message on its way to PostgreSQL
+        if begin.status != "running":  # a followed turn is logged by its owner
+            holder = turn.turn_id if begin.status == "started" else ""
+            turn.log = TurnLog(self._store, tenant, session_id, holder)
         turn_span.set_attribute("korero.turn_id", turn.turn_id)
         turn.subscribe(sink)
         body: Coroutine[Any, Any, None]
@@ -381,9 +465,11 @@ class ConversationEngine:
         elif begin.status == "replay":
             assert begin.record is not None
             body = self._runner.replay(turn, begin.record)
-        else:  # running elsewhere: follow it through the store
-            body = self._runner.follow(turn, deadline)
+        else:  # running elsewhere: follow it through the session's event log
+            body = self._runner.follow(turn, deadline, self._watch_seconds)
         self._turns[key] = turn
+        if begin.status == "started":
+            self._live[(tenant, session_id)] = turn
         try:  # the task copies the context now: its spans are children of the turn
             turn.task = asyncio.create_task(
                 self._guard(turn, key, body), name=f"turn-{turn.turn_id}"
@@ -441,16 +527,57 @@ class ConversationEngine:
         if remaining:
             await asyncio.wait(remaining, timeout=5.0)
 
+    def detach(self, turn: Turn, sink: EventSink) -> None:
+        """A client went away from `turn`: unless another is attached within the detach
+        grace (a resume), the turn is cancelled (which closes the upstream request)."""
+        turn.unsubscribe(sink)
+        if turn.done or turn.sinks or turn.grace is not None:
+            return
+        grace = self._settings.detach_grace
+        if grace <= 0:
+            turn.cancel()
+            return
+        loop = asyncio.get_running_loop()
+        turn.grace = loop.call_later(grace, lambda: loop.create_task(self._grace_over(turn)))
+
+    async def _grace_over(self, turn: Turn) -> None:
+        turn.grace = None
+        if turn.done or turn.sinks:
+            return
+        try:  # a stream on another instance may be following it through the log
+            remaining = await self._store.watched_until(turn.tenant, turn.session_id) - time.time()
+        except KoreroError:
+            remaining = 0.0
+        if remaining > 0:
+            loop = asyncio.get_running_loop()
+            turn.grace = loop.call_later(
+                remaining, lambda: loop.create_task(self._grace_over(turn))
+            )
+            return
+        log.info("event=detach_grace_over turn_id=%s", turn.turn_id)
+        turn.cancel()
+
+    @property
+    def _watch_seconds(self) -> float:
+        """How long one poll of a follower keeps a detached owner from cancelling."""
+        return max(1.0, self._settings.detach_grace)
+
     async def _guard(
         self, turn: Turn, key: tuple[str, str, str], body: Coroutine[Any, Any, None]
     ) -> None:
         try:
             await body
         finally:
+            if turn.grace is not None:
+                turn.grace.cancel()
             self._turns.pop(key, None)
+            if self._live.get((turn.tenant, turn.session_id)) is turn:
+                del self._live[(turn.tenant, turn.session_id)]
             turn.sinks.clear()
             turn.finished.set()
             self._observe(turn)
+        if turn.log is not None and not turn.log.closed:
+            await turn.log.drain()  # a replay's events are logged after it was sent
 
     def _count_cache_request(self, hit: bool) -> None:
         if self._metrics is not None:

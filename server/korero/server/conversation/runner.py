@@ -55,7 +55,8 @@ __all__ = ["MAX_CITATIONS", "REPLAY_EVENTS", "TurnRunner"]
 log = logging.getLogger(__name__)
 
 MAX_CITATIONS = 3
-REPLAY_EVENTS = 4 + MAX_CITATIONS  # turn started, one text delta, citations, usage, done
+REPLAY_EVENTS = 5 + MAX_CITATIONS  # started, rate limit, one delta, citations, usage, done
+_LOG_BATCH = 500
 _CACHED_DELTA_CHARS = 160  # a cached answer is replayed in pieces of about this size
 _JOIN_POLL = 0.05
 
@@ -79,6 +80,24 @@ def _replay_pieces(text: str, emit: Callable[[str], None], answer: list[str]) ->
         answer.append(piece)
         emit(piece)
         start = end
+
+
+def _relay(turn: Turn, logged: list[tuple[int, bytes]]) -> bool:
+    """Deliver the followed turn's logged events; True once its terminal event came."""
+    for seq, raw in logged:
+        if seq <= turn.seq:
+            continue
+        event = pb.Event.FromString(raw)
+        if event.turn_id != turn.turn_id and turn.turn_id:
+            turn.seq = max(turn.seq, seq)  # another turn's event: not ours to send
+            continue
+        turn.turn_id = turn.turn_id or event.turn_id
+        if event.WhichOneof("kind") == "turn_started":
+            turn.client_message_id = event.turn_started.client_message_id
+        turn.deliver(event, logged=True)
+        if event.WhichOneof("kind") in ("done", "error"):
+            return True
+    return False
 
 
 def _trace_id(turn: Turn) -> str:
@@ -154,7 +173,6 @@ class TurnRunner:
     ) -> None:
         assert turn.timings is not None
         timings = turn.timings
-        seq_base = turn.seq
         self._announce(turn)
         answer = _Answer(self._model)
 
@@ -177,17 +195,16 @@ class TurnRunner:
                 coalescer.flush()
                 self._absorb_cancel(turn)
                 answer.finish = "cancelled"
-            await self._complete(turn, answer, seq_base)
+            await self._complete(turn, answer)
         except KoreroError as error:
             coalescer.close()
-            await self.fail(turn, error, seq_base)
+            await self.fail(turn, error)
         except Exception as exc:
             coalescer.close()
             log.exception("event=turn_failed turn_id=%s", turn.turn_id)
             await self.fail(
                 turn,
                 KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error ({exc!r})"),
-                seq_base,
             )
 
     def _announce(self, turn: Turn) -> None:
@@ -259,7 +276,7 @@ class TurnRunner:
                 answer.tools,
             )
 
-    async def _complete(self, turn: Turn, answer: _Answer, seq_base: int) -> None:
+    async def _complete(self, turn: Turn, answer: _Answer) -> None:
         """Citations and usage, the outcome persisted, then `done`."""
         assert turn.timings is not None
         text = answer.text
@@ -291,10 +308,19 @@ class TurnRunner:
             citations=tuple(sources),
         )
         summary = answer.context.summary if answer.context is not None else None
+        done = pb.TurnDone(
+            finish_reason=FINISH_REASONS.get(finish, pb.FINISH_REASON_STOP),
+            usage=usage_to_pb(usage),
+            timings=turn.timings.to_pb(self._clock()),
+        )
+        if answer.cached is not None:
+            done.cached = True
+            done.cache_age.CopyFrom(duration(answer.cached.age))
+        terminal = turn.prepare(done=done)
         await self.finish(
             turn,
             record,
-            seq_base,
+            terminal,
             summary=json.dumps(summary, ensure_ascii=False) if summary else "",
             also=self._cache_store_call(
                 turn,
@@ -305,15 +331,7 @@ class TurnRunner:
             ),
             cached=answer.cached is not None,
         )
-        done = pb.TurnDone(
-            finish_reason=FINISH_REASONS.get(finish, pb.FINISH_REASON_STOP),
-            usage=usage_to_pb(usage),
-            timings=turn.timings.to_pb(self._clock()),
-        )
-        if answer.cached is not None:
-            done.cached = True
-            done.cache_age.CopyFrom(duration(answer.cached.age))
-        turn.publish(done=done)
+        turn.deliver(terminal, logged=True)
 
     async def _cached_answer(self, turn: Turn, deadline: float | None) -> CacheLookup | None:
         """The cached answer for this turn, waiting for an identical miss in flight if any."""
@@ -393,6 +411,8 @@ class TurnRunner:
                 client_message_id=turn.client_message_id, model=record.model, replayed=True
             )
         )
+        if turn.plan.admission is not None:  # every turn starts with the caller's budget
+            turn.publish(rate_limit=rate_limit_status(turn.plan.admission))
         if record.answer:
             turn.timings.first_token = self._clock()
             turn.publish(text_delta=pb.TextDelta(text=record.answer))
@@ -413,27 +433,40 @@ class TurnRunner:
         )
         assert turn.seq <= seq_base + REPLAY_EVENTS
 
-    async def follow(self, turn: Turn, deadline: float | None) -> None:
-        """A retried message whose turn runs on another instance: wait for its outcome."""
+    async def follow(self, turn: Turn, deadline: float | None, watch: float) -> None:
+        """A turn running on another instance: relay its events from the session's log.
+
+        Events after `turn.seq` are relayed as logged (same seqs) until the
+        turn's terminal event; while following, the owner is told someone
+        watches (`watch` seconds at a time), so its detach grace does not
+        cancel it. If the owner dies (its lock lapses without a terminal event)
+        the turn ends here with `TURN_NOT_COMPLETED`, numbered above all.
+        """
         limit = self._clock() + self._settings.turn_timeout
         deadline = limit if deadline is None else min(deadline, limit)
-        key = (turn.tenant, turn.session_id, turn.client_message_id)
+        holding = True
         while self._clock() < deadline:
-            record = await self._store.turn_record(*key)
-            if record is not None and record.status == "done":
-                turn.seq = await self._store.reserve_seqs(
-                    turn.tenant, turn.session_id, REPLAY_EVENTS
-                )
-                await self.replay(turn, record)
+            exists, holder, logged = await self._store.follow_log(
+                turn.tenant, turn.session_id, turn.seq, int(watch * 1000), _LOG_BATCH
+            )
+            if _relay(turn, logged):
+                turn.result.outcome = "followed"
+                if turn.plan.admission is not None:
+                    await self.refund(turn.plan.admission)
                 return
-            if record is None or record.status != "running":
+            if not exists:
                 break
+            if holder != turn.turn_id and not logged:
+                if not holding:
+                    break  # no lock and nothing new twice in a row: the owner is gone
+                holding = False
+            else:
+                holding = True
             await asyncio.sleep(_JOIN_POLL)
-        turn.seq = await self._store.reserve_seqs(turn.tenant, turn.session_id, 1)
         if turn.plan.admission is not None:
             await self.refund(turn.plan.admission)  # no tokens were spent on this attempt
         turn.result.reason = "TURN_NOT_COMPLETED"
-        turn.publish(
+        error = turn.prepare(
             error=error_event_body(
                 KoreroError(
                     grpc.StatusCode.ABORTED,
@@ -444,6 +477,15 @@ class TurnRunner:
                 turn.client_message_id,
             )
         )
+        try:
+            base = await self._store.reserve_seqs(turn.tenant, turn.session_id, 1)
+            error.seq = max(error.seq, base + 1)
+            await self._store.append_events(
+                turn.tenant, turn.session_id, "", [(error.seq, error.SerializeToString())]
+            )
+        except KoreroError as store_error:
+            log.warning("event=follow_end_unlogged reason=%s", store_error.reason)
+        turn.deliver(error, logged=True)
 
     # Endings ------------------------------------------------------------------------
 
@@ -459,13 +501,14 @@ class TurnRunner:
         self,
         turn: Turn,
         record: TurnRecord,
-        seq_base: int,
+        terminal: pb.Event,
         *,
         summary: str = "",
         also: ScriptCall | None = None,
         cached: bool = False,
     ) -> None:
-        """Persist the outcome before the terminal event; that event's seq counts as issued.
+        """Persist the outcome and log the terminal event (with any unlogged ones) before
+        it is sent.
 
         A cache store and the token settlement ride in the same pipeline. With
         PostgreSQL configured, the turn is then committed there (bounded by
@@ -487,8 +530,11 @@ class TurnRunner:
                 turn.session_id,
                 turn.client_message_id,
                 record,
-                seq_base,
-                turn.seq + 1,
+                terminal.seq,
+                events=[
+                    *(turn.log.take_unlogged(turn.events) if turn.log is not None else []),
+                    (terminal.seq, terminal.SerializeToString()),
+                ],
                 summary=summary,
                 also=calls,
                 cached=cached,
@@ -499,7 +545,7 @@ class TurnRunner:
             if self._outbox is not None:
                 await self._outbox.commit(turn.tenant, turn.session_id)
 
-    async def fail(self, turn: Turn, error: KoreroError, seq_base: int) -> None:
+    async def fail(self, turn: Turn, error: KoreroError) -> None:
         """End the turn with `error` (persisted as failed, if the store can be reached)."""
         log.info(
             "event=turn_error turn_id=%s code=%s reason=%s",
@@ -510,12 +556,13 @@ class TurnRunner:
         turn.result.outcome = "error"
         turn.result.reason = error.reason
         record = TurnRecord(turn.turn_id, "failed", finish_reason=error.reason)
+        terminal = turn.prepare(error=error_event_body(error, turn.client_message_id))
         try:
             # Frees the response cache's single-flight lock too, if this turn held it.
             await self.finish(
-                turn, record, seq_base, also=self._cache_store_call(turn, None, record, [])
+                turn, record, terminal, also=self._cache_store_call(turn, None, record, [])
             )
         except KoreroError as store_error:
             # The turn still ends with one terminal event; its lock expires on its own.
             log.warning("event=finish_turn_failed reason=%s", store_error.reason)
-        turn.publish(error=error_event_body(error, turn.client_message_id))
+        turn.deliver(terminal, logged=True)

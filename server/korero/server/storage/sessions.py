@@ -49,15 +49,16 @@ from korero.server.storage.keys import (
 from korero.server.storage.records import SessionRecord, StoredMessage, TurnBegin, TurnRecord
 from korero.server.storage.scripts import ScriptCall, run_scripts
 
-__all__ = ["SEQ_BLOCK", "SessionStore"]
+__all__ = ["SEQ_RESERVE", "SessionStore"]
 
 _SESSION_PARTS = ("meta", "history", "turns", "outbox", "events")
 
-SEQ_BLOCK = 1_000_000_000
-"""Sequence numbers reserved by a turn; unused ones are handed back at its end.
+SEQ_RESERVE = 256
+"""Sequence numbers a turn in flight may hand out ahead of its last logged event.
 
-Reserving a block lets a turn number its events in memory (no round trip per
-event) while any other stream on the same session still gets higher numbers.
+A turn numbers its events in memory (no round trip per event); the log appends
+keep this reservation ahead of it, and its finish hands the unused part back.
+Only a turn that dies mid-answer leaves a gap, of at most this many numbers.
 """
 
 
@@ -78,6 +79,9 @@ class SessionStore:
         self._finish: AsyncScript = client.register_script(lua.FINISH_TURN)
         self._rehydrate: AsyncScript = client.register_script(lua.REHYDRATE)
         self._mark: AsyncScript = client.register_script(lua.MARK_PENDING)
+        self._append: AsyncScript = client.register_script(lua.APPEND_EVENTS)
+        self._follow: AsyncScript = client.register_script(lua.FOLLOW_LOG)
+        self._reserve: AsyncScript = client.register_script(lua.RESERVE_SEQS)
 
     @classmethod
     def connect(
@@ -146,13 +150,30 @@ class SessionStore:
         return SessionRecord.from_hash(tenant, session_id, _pairs(out[1]), 0)
 
     async def resume_session(
-        self, tenant: str, session_id: str, metadata: Mapping[str, Any] | None
+        self,
+        tenant: str,
+        session_id: str,
+        metadata: Mapping[str, Any] | None,
+        after_seq: int | None = None,
     ) -> SessionRecord:
-        """Reopen a session, merging metadata; its `last_seq` is the resumed event's seq."""
+        """Reopen a session, merging metadata; with a cursor, read the logged events after it.
+
+        The events come back as `SessionRecord.missed` (`(seq, bytes)`, in order).
+        """
+        meta, history = self._keys(tenant, session_id)[:2]
         call = ScriptCall(
             self._resume,
-            (*self._keys(tenant, session_id)[:2], *self._outbox_keys(tenant, session_id)),
-            (_dumps(metadata) if metadata else "", self._ttl_ms),
+            (
+                meta,
+                history,
+                session_key(tenant, session_id, "events"),
+                *self._outbox_keys(tenant, session_id),
+            ),
+            (
+                _dumps(metadata) if metadata else "",
+                self._ttl_ms,
+                "" if after_seq is None else after_seq,
+            ),
         )
         marks = self._marks(tenant, session_id) if metadata else []
         async with redis_boundary():
@@ -161,7 +182,8 @@ class SessionStore:
             raise InvalidArgumentError(
                 "SESSION_NOT_FOUND", f"no session {session_id!r} to resume; start a new one"
             )
-        return SessionRecord.from_hash(tenant, session_id, _pairs(out[1]), int(out[2]))
+        record = SessionRecord.from_hash(tenant, session_id, _pairs(out[1]), int(out[2]))
+        return dataclasses.replace(record, missed=_logged(out[3]))
 
     async def get_session(self, tenant: str, session_id: str) -> SessionRecord:
         meta, history, _ = self._keys(tenant, session_id)
@@ -228,7 +250,7 @@ class SessionStore:
                 s.prompt_history_messages,  # counting the new message, read back and dropped
                 self._ttl_ms,
                 self._lock_ms,
-                SEQ_BLOCK,
+                SEQ_RESERVE,
                 replay_events,
                 intent,
             ),
@@ -246,7 +268,9 @@ class SessionStore:
             return TurnBegin("replay", record.turn_id, int(out[2]), record, replies=tuple(replies))
         if status == "running":
             record = TurnRecord.from_json(out[1])
-            return TurnBegin("running", record.turn_id, record=record, replies=tuple(replies))
+            return TurnBegin(
+                "running", record.turn_id, int(out[2]), record=record, replies=tuple(replies)
+            )
         if status == "busy":
             return TurnBegin("busy", out[1].decode(), replies=tuple(replies))
         session = SessionRecord.from_hash(tenant, session_id, _pairs(out[3]), int(out[5]))
@@ -268,9 +292,9 @@ class SessionStore:
         session_id: str,
         client_message_id: str,
         record: TurnRecord,
-        seq_base: int,
         last_seq: int,
         *,
+        events: Sequence[tuple[int, bytes]] = (),
         summary: str = "",
         also: Sequence[ScriptCall] = (),
         cached: bool = False,
@@ -280,8 +304,10 @@ class SessionStore:
 
         `summary` (JSON) replaces the session's summary of older turns; `also`
         (e.g. storing the answer in the response cache) rides in the same pipeline.
-        `cached` and `timings` go to PostgreSQL with the answer. False when the
-        session vanished from Redis under the turn (nothing was written).
+        `cached` and `timings` go to PostgreSQL with the answer. `events` (the
+        turn's events not yet logged, its terminal one last) go into the event
+        log in the same step. False when the session vanished from Redis under
+        the turn (nothing was written).
         """
         assistant = ""
         if record.status == "done" and record.answer:
@@ -297,7 +323,7 @@ class SessionStore:
                 record.status,
                 record.to_json(),
                 assistant,
-                seq_base + SEQ_BLOCK,
+                self._settings.event_log_max_events,
                 last_seq,
                 self._settings.history_max_messages,
                 self._ttl_ms,
@@ -319,9 +345,18 @@ class SessionStore:
                         "timings": dict(timings or {}),
                     }
                 ),
+                self._settings.event_log_max_age * 1000,
+                *_flat(events),
             ),
         )
-        call = dataclasses.replace(call, keys=(*call.keys, *self._outbox_keys(tenant, session_id)))
+        call = dataclasses.replace(
+            call,
+            keys=(
+                *call.keys,
+                session_key(tenant, session_id, "events"),
+                *self._outbox_keys(tenant, session_id),
+            ),
+        )
         async with redis_boundary():
             out, *_ = await run_scripts(
                 self._redis, [call, *also, *self._marks(tenant, session_id)]
@@ -405,14 +440,84 @@ class SessionStore:
         return bool(removed)
 
     async def reserve_seqs(self, tenant: str, session_id: str, count: int) -> int:
-        """Reserve `count` sequence numbers; returns the base (first is base + 1)."""
+        """Reserve `count` seqs above all handed out; returns the base (first is base + 1).
+
+        Raises SESSION_NOT_FOUND when the session is gone (nothing is written).
+        """
+        call = ScriptCall(self._reserve, (session_key(tenant, session_id, "meta"),), (count,))
         async with redis_boundary():
-            top = await self._redis.hincrby(session_key(tenant, session_id, "meta"), "seq", count)
-        return int(top) - count
+            (base,) = await run_scripts(self._redis, [call])
+        if int(base) < 0:
+            raise InvalidArgumentError("SESSION_NOT_FOUND", f"session {session_id!r} has expired")
+        return int(base)
+
+    async def append_events(
+        self, tenant: str, session_id: str, turn_id: str, events: Sequence[tuple[int, bytes]]
+    ) -> int:
+        """Add events to the session's log (idempotent by seq); the last seq logged, -1 if gone.
+
+        `turn_id` (the turn holding the session, or "") keeps its seq reservation ahead.
+        """
+        s = self._settings
+        call = ScriptCall(
+            self._append,
+            (
+                session_key(tenant, session_id, "meta"),
+                session_key(tenant, session_id, "events"),
+                *self._outbox_keys(tenant, session_id),
+            ),
+            (
+                turn_id,
+                SEQ_RESERVE,
+                s.event_log_max_events,
+                s.event_log_max_age * 1000,
+                self._ttl_ms,
+                *_flat(events),
+            ),
+        )
+        marks = self._marks(tenant, session_id) if turn_id else []
+        async with redis_boundary():
+            out, *_ = await run_scripts(self._redis, [call, *marks])
+        return int(out)
+
+    async def follow_log(
+        self, tenant: str, session_id: str, after_seq: int, watch_ms: int, count: int = 500
+    ) -> tuple[bool, str, list[tuple[int, bytes]]]:
+        """Logged events after `after_seq`, the turn holding the session ("" if none), and
+        whether the session exists; `watch_ms` > 0 tells a detached owner someone watches."""
+        call = ScriptCall(
+            self._follow,
+            (session_key(tenant, session_id, "meta"), session_key(tenant, session_id, "events")),
+            (after_seq, watch_ms, count),
+        )
+        async with redis_boundary():
+            (out,) = await run_scripts(self._redis, [call])
+        if out[0] == b"missing":
+            return False, "", []
+        return True, out[1].decode(), list(_logged(out[2]))
+
+    async def watched_until(self, tenant: str, session_id: str) -> float:
+        """Until when (unix seconds) a follower on another instance watches the running turn."""
+        async with redis_boundary():
+            raw = await self._redis.hget(session_key(tenant, session_id, "meta"), "watch_until")
+        return int(raw) / 1000 if raw else 0.0
 
 
 def _dumps(value: Mapping[str, Any]) -> str:
     return json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False)
+
+
+def _flat(events: Sequence[tuple[int, bytes]]) -> list[int | bytes]:
+    return [x for seq, raw in events for x in (seq, raw)]
+
+
+def _logged(entries: list[Any]) -> tuple[tuple[int, bytes], ...]:
+    """XRANGE replies of the event log as (seq, event bytes)."""
+    out = []
+    for entry_id, fields in entries:
+        pairs = _pairs(fields)
+        out.append((int(entry_id.split(b"-", 1)[0]), pairs[b"e"]))
+    return tuple(out)
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -7,6 +7,12 @@ once: one turn at a time (a resend of the message in flight is ignored, any
 other message is refused with `TURN_IN_FLIGHT`), `cancel`, refusals that
 repeat the last seq, heartbeats on a quiet stream, and draining (an idle
 session ends at once, a busy one after its turn's terminal event).
+
+Resume: a stream opened with a cursor first sends the logged events after it,
+then joins the turn in flight (here or on another instance). Its seq never
+goes backwards: a turn event at or below the last one sent is not sent again.
+A stream that ends with a turn in flight detaches from it; the engine cancels
+the turn only when no stream comes back within the detach grace.
 """
 
 from __future__ import annotations
@@ -18,12 +24,17 @@ from dataclasses import dataclass
 import grpc
 
 from korero.chat.v1 import chat_pb2 as pb
-from korero.server.conversation.engine import ConversationEngine, Turn
+from korero.server.conversation.engine import ConversationEngine, OpenedSession, Turn
 from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError
 from korero.server.settings import ServerSettings
 
-__all__ = ["ChatSession", "StreamRules", "read_first_frame"]
+__all__ = ["ChatSession", "StreamRules", "cursor_of", "read_first_frame"]
+
+
+def cursor_of(start: pb.StartSession) -> int | None:
+    """The resume cursor of a `start` frame (None when not set)."""
+    return start.after_seq if start.HasField("after_seq") else None
 
 
 @dataclass(frozen=True)
@@ -92,23 +103,29 @@ class ChatSession:
         self,
         engine: ConversationEngine,
         tenant: str,
-        started: pb.Event,
+        opened: OpenedSession,
         heartbeat_interval: float,
         deadline: Callable[[], float | None] = lambda: None,
     ) -> None:
         self._engine = engine
         self.tenant = tenant
-        self.session_id = started.session_id
-        self.last_seq = started.seq
+        self.session_id = opened.session_id
+        self.last_seq = opened.started.seq
         self.turn: Turn | None = None
         self.draining = False
         """Set once the server started draining; the transport then says goodbye."""
         self._deadline = deadline
         self._out: asyncio.Queue[pb.Event | _Signal] = asyncio.Queue()
-        self._active = True  # something was sent since the last heartbeat check
         self._interval = heartbeat_interval
         self._loop = asyncio.get_running_loop()
+        self._sent_at = self._loop.time()  # the last time anything was sent
         self._heartbeat = self._loop.call_later(heartbeat_interval, self._tick)
+        if opened.started.session_started.HasField("replay"):
+            for event in opened.missed:
+                self._out.put_nowait(event)
+            self.turn = engine.join_live(
+                tenant, self.session_id, opened.inflight, opened.cursor, self._sink, deadline()
+            )
 
     @property
     def turn_in_flight(self) -> bool:
@@ -126,10 +143,13 @@ class ChatSession:
         self._out.put_nowait(event)
 
     def _tick(self) -> None:
-        if not self._active:
+        """A heartbeat once the stream has been quiet for the interval (not up to twice it)."""
+        quiet = self._loop.time() - self._sent_at
+        if quiet >= self._interval * 0.999:
             self._out.put_nowait(_HEARTBEAT)
-        self._active = False
-        self._heartbeat = self._loop.call_later(self._interval, self._tick)
+            self._sent_at = self._loop.time()
+            quiet = 0.0
+        self._heartbeat = self._loop.call_later(self._interval - quiet, self._tick)
 
     # Inbound ------------------------------------------------------------------
 
@@ -213,15 +233,17 @@ class ChatSession:
                 if not self.turn_in_flight:
                     return
                 continue
-            self._active = True
+            if item.turn_id and item.seq <= self.last_seq:
+                continue  # already sent (a replay overlapping the live turn): never backwards
+            self._sent_at = self._loop.time()
             self.last_seq = max(self.last_seq, item.seq)
             yield item
             if self.draining and item.WhichOneof("kind") in _TERMINAL:
                 return
 
     def close(self) -> None:
-        """Stop the heartbeat; a turn still in flight is cancelled (stops the upstream call)."""
+        """Stop the heartbeat; detach from a turn still in flight (cancelled after the grace,
+        which stops the upstream call, unless a stream resumes it)."""
         self._heartbeat.cancel()
         if self.turn is not None and not self.turn.done:
-            self.turn.unsubscribe(self._sink)
-            self.turn.cancel()
+            self._engine.detach(self.turn, self._sink)

@@ -24,7 +24,12 @@ from korero.server.errors import (
     ShuttingDownError,
 )
 from korero.server.telemetry import Metrics
-from korero.server.transport.chat_session import ChatSession, StreamRules, read_first_frame
+from korero.server.transport.chat_session import (
+    ChatSession,
+    StreamRules,
+    cursor_of,
+    read_first_frame,
+)
 from korero.server.transport.interceptors import current_identity
 from korero.server.transport.lifecycle import Lifecycle
 from korero.server.transport.status import abort_with_error
@@ -88,19 +93,19 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             )
             self._lifecycle.check_open()
             tenant = self._tenant()
-            started = await self._engine.open_session(
-                tenant, first.start.session_id, first.start.metadata
+            opened = await self._engine.open_session(
+                tenant, first.start.session_id, first.start.metadata, cursor_of(first.start)
             )
         except KoreroError as error:
             await abort_with_error(context, error)
         session = ChatSession(
             self._engine,
             tenant,
-            started,
+            opened,
             self._rules.heartbeat_interval,
             lambda: _deadline(context),
         )
-        yield pb.ChatResponse(event=started)
+        yield pb.ChatResponse(event=opened.started)
         self._lifecycle.register(session)
         self._metrics.active_streams.inc()
         reader = asyncio.create_task(self._read(request_iterator, session))
@@ -117,7 +122,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             reader.cancel()
             self._lifecycle.unregister(session)
             self._metrics.active_streams.dec()
-            session.close()  # a turn still in flight: the client went away, stop it
+            session.close()  # a turn still in flight: cancelled unless resumed within the grace
 
     @staticmethod
     async def _read(requests: AsyncIterator[pb.ChatRequest], session: ChatSession) -> None:
@@ -144,9 +149,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 tenant = self._tenant()
                 session_id = request.session_id
                 if not session_id:
-                    started = await self._engine.open_session(tenant, "", request.metadata)
-                    session_id = started.session_id
-                    out.put_nowait(started)
+                    opened = await self._engine.open_session(tenant, "", request.metadata)
+                    session_id = opened.session_id
+                    out.put_nowait(opened.started)
                 turn = await self._engine.start_turn(
                     tenant, session_id, request.message, out.put_nowait, _deadline(context)
                 )
@@ -160,8 +165,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         finally:
             self._metrics.active_streams.dec()
             if turn is not None and not turn.done:
-                turn.unsubscribe(out.put_nowait)
-                turn.cancel()
+                # The client went away: cancelled unless it comes back within the grace.
+                self._engine.detach(turn, out.put_nowait)
 
     # Unary reads -----------------------------------------------------------------------
 

@@ -48,7 +48,12 @@ from korero.server.conversation.engine import ConversationEngine
 from korero.server.conversation.wire import error_event_body
 from korero.server.errors import KoreroError, ShuttingDownError
 from korero.server.policy.gate import CallGate
-from korero.server.transport.chat_session import ChatSession, StreamRules, read_first_frame
+from korero.server.transport.chat_session import (
+    ChatSession,
+    StreamRules,
+    cursor_of,
+    read_first_frame,
+)
 
 __all__ = [
     "BEARER_PREFIX",
@@ -229,8 +234,8 @@ class _ChatSocket:
             first = await self._first_frame()
             # The same gate as every gRPC call: authenticate, scope, tenant call limit.
             tenant = (await self._gate.admit(CHAT_METHOD, self._authorization)).tenant
-            started = await self._engine.open_session(
-                tenant, first.start.session_id, first.start.metadata
+            opened = await self._engine.open_session(
+                tenant, first.start.session_id, first.start.metadata, cursor_of(first.start)
             )
         except _FrameError as exc:
             await conn.close(exc.code, exc.reason)
@@ -238,9 +243,9 @@ class _ChatSocket:
         except KoreroError as error:
             await conn.fail(error)
             return
-        session = ChatSession(self._engine, tenant, started, self._rules.heartbeat_interval)
+        session = ChatSession(self._engine, tenant, opened, self._rules.heartbeat_interval)
         conn.session = session
-        await conn.codec.send(conn.ws, started)
+        await conn.codec.send(conn.ws, opened.started)
         reader = asyncio.create_task(self._read(session))
         try:
             async for event in session.outbound():
@@ -251,7 +256,7 @@ class _ChatSocket:
             pass  # the socket went away while we wrote to it
         finally:
             reader.cancel()
-            session.close()  # a turn still in flight: the client went away, stop it
+            session.close()  # a turn still in flight: cancelled unless resumed within the grace
 
     async def _receive(self) -> WSMessage | None:
         """The next data message, or None when the socket closed."""
