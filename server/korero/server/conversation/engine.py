@@ -242,7 +242,7 @@ class ConversationEngine:
             return local
         if not turn_id:
             return None
-        follower = Turn(tenant, session_id, turn_id, "", after_seq)
+        follower = Turn(tenant, session_id, turn_id, "", after_seq, following=True)
         follower.subscribe(sink)
         key = (tenant, session_id, f"follow:{turn_id}:{id(follower)}")
         self._turns[key] = follower
@@ -466,6 +466,7 @@ class ConversationEngine:
             assert begin.record is not None
             body = self._runner.replay(turn, begin.record)
         else:  # running elsewhere: follow it through the session's event log
+            turn.following = True
             body = self._runner.follow(turn, deadline, self._watch_seconds)
         self._turns[key] = turn
         if begin.status == "started":
@@ -534,7 +535,7 @@ class ConversationEngine:
         if turn.done or turn.sinks or turn.grace is not None:
             return
         grace = self._settings.detach_grace
-        if grace <= 0:
+        if grace <= 0 or turn.following:  # a relay is only stopped, the turn runs on
             turn.cancel()
             return
         loop = asyncio.get_running_loop()

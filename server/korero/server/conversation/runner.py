@@ -446,8 +446,9 @@ class TurnRunner:
         deadline = limit if deadline is None else min(deadline, limit)
         holding = True
         while self._clock() < deadline:
+            watching = int(watch * 1000) if turn.sinks else 0
             exists, holder, logged = await self._store.follow_log(
-                turn.tenant, turn.session_id, turn.seq, int(watch * 1000), _LOG_BATCH
+                turn.tenant, turn.session_id, turn.seq, watching, _LOG_BATCH
             )
             if _relay(turn, logged):
                 turn.result.outcome = "followed"

@@ -112,6 +112,8 @@ class Turn:
     """Where published events are logged for replay (None: not logged here)."""
     grace: asyncio.TimerHandle | None = None
     """The detach grace running while no client is attached."""
+    following: bool = False
+    """This instance relays a turn that runs elsewhere (from the session's log)."""
 
     @property
     def intent(self) -> str:
