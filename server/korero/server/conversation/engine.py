@@ -451,23 +451,9 @@ class ConversationEngine:
             span=turn_span,
             timings=StageTimings(started=started, session_load=self._clock() - started),
         )
-        if self._outbox is not None and begin.status == "started":
-            self._outbox.notify()  # the user message on its way to PostgreSQL
-        if begin.status != "running":  # a followed turn is logged by its owner
-            holder = turn.turn_id if begin.status == "started" else ""
-            turn.log = TurnLog(self._store, tenant, session_id, holder)
         turn_span.set_attribute("korero.turn_id", turn.turn_id)
         turn.subscribe(sink)
-        body: Coroutine[Any, Any, None]
-        if begin.status == "started":
-            assert begin.session is not None
-            body = self._runner.run(turn, begin.session, begin.history, message.text, deadline)
-        elif begin.status == "replay":
-            assert begin.record is not None
-            body = self._runner.replay(turn, begin.record)
-        else:  # running elsewhere: follow it through the session's event log
-            turn.following = True
-            body = self._runner.follow(turn, deadline, self._watch_seconds)
+        body = self._body(turn, begin, message.text, deadline)
         self._turns[key] = turn
         if begin.status == "started":
             self._live[(tenant, session_id)] = turn
@@ -478,6 +464,24 @@ class ConversationEngine:
         finally:
             otel_context.detach(scope)
         return turn
+
+    def _body(
+        self, turn: Turn, begin: TurnBegin, text: str, deadline: float | None
+    ) -> Coroutine[Any, Any, None]:
+        """What drives the turn: a new answer, a replay, or a relay of a turn elsewhere."""
+        if self._outbox is not None and begin.status == "started":
+            self._outbox.notify()  # the user message on its way to PostgreSQL
+        if begin.status != "running":  # a followed turn is logged by its owner
+            holder = turn.turn_id if begin.status == "started" else ""
+            turn.log = TurnLog(self._store, turn.tenant, turn.session_id, holder)
+        if begin.status == "started":
+            assert begin.session is not None
+            return self._runner.run(turn, begin.session, begin.history, text, deadline)
+        if begin.status == "replay":
+            assert begin.record is not None
+            return self._runner.replay(turn, begin.record)
+        turn.following = True  # running elsewhere: follow it through the session's event log
+        return self._runner.follow(turn, deadline, self._watch_seconds)
 
     async def _begin(
         self, tenant: str, session_id: str, message: pb.UserMessage, route: RouteDecision
