@@ -76,6 +76,8 @@ class OpenedSession:
     """On a resume from a cursor: the logged events after it, in order."""
     inflight: str
     """The turn holding the session when it was opened ("" if none)."""
+    inflight_cmid: str
+    """Its client_message_id."""
     cursor: int
     """The last seq the stream has delivered once `missed` is sent."""
 
@@ -207,7 +209,7 @@ class ConversationEngine:
         if after_seq is None:
             cursor = record.turn_base if record.inflight else record.last_seq
             event = pb.Event(session_id=record.session_id, seq=cursor, session_started=started)
-            return OpenedSession(event, [], record.inflight, cursor)
+            return OpenedSession(event, [], record.inflight, record.inflight_cmid, cursor)
         if after_seq > max(record.last_seq, record.seq_top):
             raise InvalidArgumentError(
                 "CURSOR_AHEAD",
@@ -220,7 +222,9 @@ class ConversationEngine:
             replay.first_seq = missed[0].seq if missed else record.log_floor + 1
         started.replay.CopyFrom(replay)
         event = pb.Event(session_id=record.session_id, seq=after_seq, session_started=started)
-        return OpenedSession(event, missed, record.inflight, replay.through_seq)
+        return OpenedSession(
+            event, missed, record.inflight, record.inflight_cmid, replay.through_seq
+        )
 
     def join_live(
         self,
@@ -230,6 +234,7 @@ class ConversationEngine:
         after_seq: int,
         sink: EventSink,
         deadline: float | None = None,
+        client_message_id: str = "",
     ) -> Turn | None:
         """Deliver the turn in flight's events above `after_seq` to `sink`, then live.
 
@@ -242,7 +247,7 @@ class ConversationEngine:
             return local
         if not turn_id:
             return None
-        follower = Turn(tenant, session_id, turn_id, "", after_seq, following=True)
+        follower = Turn(tenant, session_id, turn_id, client_message_id, after_seq, following=True)
         follower.subscribe(sink)
         key = (tenant, session_id, f"follow:{turn_id}:{id(follower)}")
         self._turns[key] = follower
@@ -387,6 +392,34 @@ class ConversationEngine:
         log.info("event=session_deleted tenant=%s existed=%s", tenant, existed)
 
     # Turns --------------------------------------------------------------------
+
+    async def start_turn_shielded(
+        self,
+        tenant: str,
+        session_id: str,
+        message: pb.UserMessage,
+        sink: EventSink,
+        deadline: float | None = None,
+    ) -> Turn:
+        """`start_turn` that a caller going away cannot cut in half.
+
+        Cancelled mid-way (the stream ended while the turn was being begun), the
+        begin still completes — its Redis script may already hold the session —
+        and the new turn is detached at once: it runs through the detach grace
+        like any turn whose client went away, instead of leaving a lock behind
+        with nothing running it.
+        """
+        task = asyncio.ensure_future(self.start_turn(tenant, session_id, message, sink, deadline))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._orphaned(done, sink))
+            raise
+
+    def _orphaned(self, task: asyncio.Future[Turn], sink: EventSink) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        self.detach(task.result(), sink)
 
     async def start_turn(
         self,

@@ -62,6 +62,8 @@ class SessionRecord:
     """The highest seq a turn in flight may have handed out (its reservation)."""
     inflight: str = ""
     """The turn holding the session, if any."""
+    inflight_cmid: str = ""
+    """The client_message_id of that turn."""
     turn_base: int = 0
     """The last seq before the turn in flight began (its events are above it)."""
     log_floor: int = 0
@@ -88,6 +90,7 @@ class SessionRecord:
             summary=json.loads(h["summary"]) if h.get("summary") else {},
             seq_top=int(h.get("seq_top", "0")),
             inflight=h.get("inflight", ""),
+            inflight_cmid=h.get("inflight_cmid", ""),
             turn_base=int(h.get("turn_base", "0")),
             log_floor=int(h.get("log_floor", "0")),
             rehydrated=h.get("rehydrated") == "1",

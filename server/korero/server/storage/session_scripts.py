@@ -145,7 +145,8 @@ local n = redis.call('HINCRBY', meta, 'turns', 1)
 local turn_id = 't' .. n
 local seq = math.max(tonumber(redis.call('HGET', meta, 'seq') or '0'),  -- seq
                      tonumber(redis.call('HGET', meta, 'seq_top') or '0'))
-redis.call('HSET', meta, 'seq', seq, 'seq_top', seq + tonumber(ARGV[7]), 'turn_base', seq)  -- seq
+redis.call('HSET', meta, 'seq', seq, 'seq_top', seq + tonumber(ARGV[7]), 'turn_base', seq,  -- seq
+           'inflight_cmid', cmid)
 redis.call('HSET', meta, 'inflight', turn_id,
            'inflight_until', now + tonumber(ARGV[6]), 'updated_at', now)
 redis.call('HSET', turns, cmid, cjson.encode({turn_id = turn_id, status = 'running'}))
@@ -190,7 +191,7 @@ local last = tonumber(ARGV[7])
 local head = tonumber(redis.call('HGET', meta, 'seq') or '0')
 if last > head then redis.call('HSET', meta, 'seq', last) end
 if redis.call('HGET', meta, 'inflight') == ARGV[2] then
-  redis.call('HDEL', meta, 'inflight', 'inflight_until', 'turn_base')
+  redis.call('HDEL', meta, 'inflight', 'inflight_until', 'turn_base', 'inflight_cmid')
   redis.call('HSET', meta, 'seq_top', math.max(last, head))  -- seq
 end
 redis.call('PEXPIRE', events, ARGV[9])

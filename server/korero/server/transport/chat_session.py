@@ -124,7 +124,13 @@ class ChatSession:
             for event in opened.missed:
                 self._out.put_nowait(event)
             self.turn = engine.join_live(
-                tenant, self.session_id, opened.inflight, opened.cursor, self._sink, deadline()
+                tenant,
+                self.session_id,
+                opened.inflight,
+                opened.cursor,
+                self._sink,
+                deadline(),
+                opened.inflight_cmid,
             )
 
     @property
@@ -195,7 +201,7 @@ class ChatSession:
         if self.draining:
             return
         try:
-            self.turn = await self._engine.start_turn(
+            self.turn = await self._engine.start_turn_shielded(
                 self.tenant, self.session_id, message, self._sink, self._deadline()
             )
         except KoreroError as error:

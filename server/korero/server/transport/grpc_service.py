@@ -152,7 +152,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     opened = await self._engine.open_session(tenant, "", request.metadata)
                     session_id = opened.session_id
                     out.put_nowait(opened.started)
-                turn = await self._engine.start_turn(
+                turn = await self._engine.start_turn_shielded(
                     tenant, session_id, request.message, out.put_nowait, _deadline(context)
                 )
             except KoreroError as error:
