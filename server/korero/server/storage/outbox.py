@@ -99,6 +99,8 @@ def add_entry(batch: OutboxBatch, tenant: str, session_id: str, entry_id: str, r
                 ),
             )
         )
+    elif kind == "q":  # a turn's seq reservation moved up: a rehydration numbers above it
+        row["seq_high"] = max(row["seq_high"], int(d.get("seq") or 0))
     elif kind == "a":
         row["seq_high"] = max(row["seq_high"], int(d.get("seq") or 0))
         if d.get("summary"):
