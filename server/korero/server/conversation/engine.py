@@ -13,12 +13,15 @@ the outcome before publishing it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
@@ -37,13 +40,14 @@ from korero.server.conversation.validation import (
     validate_metadata,
     validate_session_id,
 )
-from korero.server.conversation.wire import message_to_pb, session_to_pb
+from korero.server.conversation.wire import error_event_body, message_to_pb, session_to_pb
 from korero.server.errors import (
     HistoryUnavailableError,
     InvalidArgumentError,
     KoreroError,
     NotFoundError,
     ShuttingDownError,
+    StoreUnavailableError,
 )
 from korero.server.llm.provider import LLMProvider, estimate_tokens
 from korero.server.policy.ratelimit import RateLimiter
@@ -88,6 +92,14 @@ class OpenedSession:
 
 _MAX_PAGE_SIZE = 500
 _REHYDRATE_ATTEMPTS = 20
+
+
+def _turn_in_flight(turn_id: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        "TURN_IN_FLIGHT", f"turn {turn_id} is still in flight; wait for it to end or cancel it"
+    )
+
+
 _DEFAULT_PAGE_SIZE = 50
 
 
@@ -252,9 +264,7 @@ class ConversationEngine:
         key = (tenant, session_id, f"follow:{turn_id}:{id(follower)}")
         self._turns[key] = follower
         follower.task = asyncio.create_task(
-            self._guard(
-                follower, key, self._runner.follow(follower, deadline, self._watch_seconds)
-            ),
+            self._guard(follower, key, self._relay(follower, deadline)),
             name=f"follow-{turn_id}",
         )
         return follower
@@ -393,6 +403,10 @@ class ConversationEngine:
 
     # Turns --------------------------------------------------------------------
 
+    def check_message(self, message: pb.UserMessage) -> None:
+        """Raise `InvalidArgumentError` if `start_turn` would refuse `message` as input."""
+        validate_message(message, self._settings.max_message_bytes)
+
     async def start_turn_shielded(
         self,
         tenant: str,
@@ -460,12 +474,11 @@ class ConversationEngine:
         )
         scope = otel_context.attach(trace.set_span_in_context(turn_span))
         try:
-            begin, probe, lookup, kb_version = await self._begin(tenant, session_id, message, route)
+            begin, probe, lookup, kb_version = await self._begin(
+                tenant, session_id, message, route, deadline
+            )
             if begin.status == "busy":
-                raise InvalidArgumentError(
-                    "TURN_IN_FLIGHT",
-                    f"turn {begin.turn_id} is still in flight; wait for it to end or cancel it",
-                )
+                raise _turn_in_flight(begin.turn_id)
         except KoreroError as error:
             turn_span.set_status(trace.StatusCode.ERROR, error.reason)
             turn_span.end()
@@ -486,10 +499,8 @@ class ConversationEngine:
         )
         turn_span.set_attribute("korero.turn_id", turn.turn_id)
         turn.subscribe(sink)
-        body = self._body(turn, begin, message.text, deadline)
+        body = self._body(turn, begin, message, deadline)
         self._turns[key] = turn
-        if begin.status == "started":
-            self._live[(tenant, session_id)] = turn
         try:  # the task copies the context now: its spans are children of the turn
             turn.task = asyncio.create_task(
                 self._guard(turn, key, body), name=f"turn-{turn.turn_id}"
@@ -499,27 +510,84 @@ class ConversationEngine:
         return turn
 
     def _body(
-        self, turn: Turn, begin: TurnBegin, text: str, deadline: float | None
+        self, turn: Turn, begin: TurnBegin, message: pb.UserMessage, deadline: float | None
     ) -> Coroutine[Any, Any, None]:
-        """What drives the turn: a new answer, a replay, or a relay of a turn elsewhere."""
-        if self._outbox is not None and begin.status == "started":
-            self._outbox.notify()  # the user message on its way to PostgreSQL
-        if begin.status != "running":  # a followed turn is logged by its owner
-            holder = turn.turn_id if begin.status == "started" else ""
-            turn.log = TurnLog(self._store, turn.tenant, turn.session_id, holder)
+        """What the turn's task does after `begin`: run it, replay it, or follow it."""
         if begin.status == "started":
             assert begin.session is not None
-            return self._runner.run(turn, begin.session, begin.history, text, deadline)
+            if self._outbox is not None:
+                self._outbox.notify()  # the user message on its way to PostgreSQL
+            turn.log = TurnLog(self._store, turn.tenant, turn.session_id, turn.turn_id)
+            self._live[(turn.tenant, turn.session_id)] = turn
+            return self._runner.run(turn, begin.session, begin.history, message.text, deadline)
         if begin.status == "replay":
             assert begin.record is not None
+            turn.log = TurnLog(self._store, turn.tenant, turn.session_id, "")
             return self._runner.replay(turn, begin.record)
-        turn.following = True  # running elsewhere: follow it through the session's event log
-        return self._runner.follow(turn, deadline, self._watch_seconds)
+        return self._follow(turn, message, deadline)
+
+    async def _follow(self, turn: Turn, message: pb.UserMessage, deadline: float | None) -> None:
+        """A retried message whose turn runs elsewhere: relay that turn's events from the
+        session's log (same seqs) while its lease lives.
+
+        If its holder stops (the lease runs out with no terminal event logged),
+        begin again: the store declares the orphaned turn failed and runs the
+        message here (or replays the answer, if it was stored after all).
+        """
+        limit = self._clock() + self._settings.turn_timeout
+        deadline_ = limit if deadline is None else min(deadline, limit)
+        route = turn.plan.route
+        assert route is not None
+        turn.following = True
+        try:
+            while (
+                ended := await self._runner.follow(turn, deadline_, self._watch_seconds)
+            ) is False:
+                begin, probe, lookup, kb_version = await self._begin(
+                    turn.tenant, turn.session_id, message, route, deadline
+                )
+                if begin.status == "running":
+                    turn.turn_id = begin.turn_id  # taken over by another instance: follow it
+                    continue
+                if begin.status == "busy":
+                    await self._runner.not_completed(turn, _turn_in_flight(begin.turn_id))
+                    return
+                turn.following = False
+                turn.turn_id, turn.seq, turn.lookup = begin.turn_id, begin.seq_base, lookup
+                turn.plan = dataclasses.replace(turn.plan, cache_probe=probe, kb_version=kb_version)
+                turn.span.set_attribute("korero.turn_id", turn.turn_id)
+                await self._body(turn, begin, message, deadline)
+                return
+        except KoreroError as error:
+            await self._runner.not_completed(turn, error)
+            return
+        if ended is None:
+            await self._runner.not_completed(turn)
+
+    async def _relay(self, turn: Turn, deadline: float | None) -> None:
+        """A stream resumed on this instance while the turn runs on another: relay it."""
+        try:
+            ended = await self._runner.follow(turn, deadline, self._watch_seconds)
+        except KoreroError as error:
+            await self._runner.not_completed(turn, error)
+            return
+        if not ended:
+            await self._runner.not_completed(turn)
 
     async def _begin(
-        self, tenant: str, session_id: str, message: pb.UserMessage, route: RouteDecision
+        self,
+        tenant: str,
+        session_id: str,
+        message: pb.UserMessage,
+        route: RouteDecision,
+        deadline: float | None,
     ) -> tuple[TurnBegin, CacheProbe | None, CacheLookup | None, int]:
-        """`begin_turn` with the KB version and the cache lookup in the same round trip."""
+        """`begin_turn` with the KB version and the cache lookup in the same round trip.
+
+        A begin that Redis may or may not have run (a timeout) is given up
+        (`abort_begin`) before the caller hears of the failure, so no lease or
+        running record is left behind for a message the client was told failed.
+        """
         also: list[ScriptCall] = []
         if self._knowledge is not None:
             also.append(self._knowledge.version_call(tenant))
@@ -529,16 +597,24 @@ class ConversationEngine:
                 tenant, message.text, route, self._assembler.prompt_version, self._model
             )
             also.append(probe.call)
+        attempt = uuid.uuid4().hex
         with self._tracer.start_as_current_span("korero.session_load"):
-            begin = await self._store.begin_turn(
-                tenant,
-                session_id,
-                message.client_message_id,
-                message.text,
-                REPLAY_EVENTS,
-                intent=route.intent,
-                also=also,
-            )
+            try:
+                begin = await self._store.begin_turn(
+                    tenant,
+                    session_id,
+                    message.client_message_id,
+                    message.text,
+                    REPLAY_EVENTS,
+                    attempt=attempt,
+                    intent=route.intent,
+                    also=also,
+                )
+            except StoreUnavailableError:
+                await self._abort_begin(
+                    tenant, session_id, message.client_message_id, attempt, deadline
+                )
+                raise
         replies = list(begin.replies)
         kb_version = int(replies.pop(0)) if self._knowledge is not None else 0
         lookup = probe.parse(replies.pop(0)) if probe is not None else None
@@ -553,6 +629,29 @@ class ConversationEngine:
         ):  # no answer will be generated here: free identical misses at once
             await self._cache.release(probe, lookup.kb_version)
         return begin, probe, lookup, kb_version
+
+    async def _abort_begin(
+        self, tenant: str, session_id: str, cmid: str, attempt: str, deadline: float | None
+    ) -> None:
+        """Give up a begin of unknown outcome, retrying while Redis does not answer."""
+        give_up = self._clock() + self._settings.store_resolve_seconds
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        tries = 0
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, give_up - self._clock())):
+                    found = await self._store.abort_begin(tenant, session_id, cmid, attempt)
+                log.info("event=begin_aborted found=%s tries=%d", found, tries + 1)
+                return
+            except (StoreUnavailableError, TimeoutError):
+                tries += 1
+                pause = min(0.1 * tries, 0.5)
+                if self._clock() + pause >= give_up:
+                    # Unknown still: the lease (no one renews it) frees the session soon.
+                    log.warning("event=begin_unresolved tries=%d", tries)
+                    return
+                await asyncio.sleep(pause)
 
     async def drain(self, grace: float) -> None:
         """Let turns in flight finish for up to `grace` seconds, then end them."""
@@ -605,6 +704,16 @@ class ConversationEngine:
     ) -> None:
         try:
             await body
+        except Exception:  # a bug: the turn still ends with one terminal event
+            log.exception("event=turn_crashed turn_id=%s", turn.turn_id)
+            if not turn.ended:
+                turn.result.reason = "INTERNAL"
+                turn.publish(
+                    error=error_event_body(
+                        KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error"),
+                        turn.client_message_id,
+                    )
+                )
         finally:
             if turn.grace is not None:
                 turn.grace.cancel()

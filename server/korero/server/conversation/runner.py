@@ -3,13 +3,19 @@
 `TurnRunner.run` drives a new turn: the response cache (a hit is replayed),
 context assembly (a fallback answer skips the model), generation, then the
 outcome is persisted (`finish`) before the terminal event is published.
-`replay` answers a retried message whose answer is stored; `follow` waits for
-a retried message whose turn runs on another instance. Whatever fails, the
-turn ends with exactly one `done` or `error` event (`fail`).
+`replay` answers a retried message whose answer is stored; `await_settled`
+waits while a retried message's turn runs on another instance. Whatever
+fails, the turn ends with exactly one `done` or `error` event (`fail`).
+
+While a turn runs it renews its lease on the session (`KORERO_TURN_LEASE`),
+so a crashed instance's turn is declared failed within seconds. A finish whose
+outcome a Redis timeout left unknown is sent again (it applies once) until it
+is known or `KORERO_STORE_RESOLVE_SECONDS` (or the client's deadline) runs
+out; the terminal event follows what is stored, never the other way round.
 
 Longer than 400 lines on purpose: it is one lifecycle read top to bottom, and
-every path out of it (done, replay, follow, fail) shares the same persistence
-step; splitting them would pass the same half-dozen collaborators around.
+every path out of it (done, replay, fail) shares the same persistence step;
+splitting them would pass the same half-dozen collaborators around.
 """
 
 from __future__ import annotations
@@ -41,12 +47,17 @@ from korero.server.conversation.wire import (
     rate_limit_status,
     usage_to_pb,
 )
-from korero.server.errors import KoreroError, SessionLostError
+from korero.server.errors import KoreroError, StoreUnavailableError
 from korero.server.llm.provider import TokenUsage, display_model, estimate_tokens
 from korero.server.policy.ratelimit import Admission, RateLimiter
 from korero.server.settings import EngineSettings
 from korero.server.storage.outbox import OutboxWriter
-from korero.server.storage.records import SessionRecord, StoredMessage, TurnRecord
+from korero.server.storage.records import (
+    FinishOutcome,
+    SessionRecord,
+    StoredMessage,
+    TurnRecord,
+)
 from korero.server.storage.scripts import ScriptCall
 from korero.server.storage.sessions import SessionStore
 
@@ -59,6 +70,8 @@ REPLAY_EVENTS = 5 + MAX_CITATIONS  # started, rate limit, one delta, citations, 
 _LOG_BATCH = 500
 _CACHED_DELTA_CHARS = 160  # a cached answer is replayed in pieces of about this size
 _JOIN_POLL = 0.05
+_RESOLVE_BACKOFF = 0.1  # seconds; grows per attempt, at most 0.5
+_FINISH_FLOOR = 0.15  # seconds a finish may take even at the deadline (see deadline_margin)
 
 
 def _snippet(text: str, limit: int) -> str:
@@ -139,9 +152,9 @@ class TurnRunner:
         cache: ResponseCache | None = None,
         limiter: RateLimiter | None = None,
         record_cache_request: Callable[[bool], None] | None = None,
-        outbox: OutboxWriter | None = None,
         clock: Callable[[], float] = time.monotonic,
         tool_loop: ToolLoop | None = None,
+        outbox: OutboxWriter | None = None,
     ) -> None:
         self._tool_loop = tool_loop
         self._store = store
@@ -154,8 +167,8 @@ class TurnRunner:
         self._cache = cache
         self._limiter = limiter
         self._record_cache_request = record_cache_request or (lambda _hit: None)
-        self._outbox = outbox
         self._clock = clock
+        self._outbox = outbox
 
     def attach_outbox(self, outbox: OutboxWriter | None) -> None:
         """Commit each turn to PostgreSQL through this writer before its terminal event."""
@@ -184,6 +197,7 @@ class TurnRunner:
         coalescer = DeltaCoalescer(
             emit_text, self._settings.coalesce_window_ms / 1000, self._settings.coalesce_max_bytes
         )
+        lease = asyncio.create_task(self._keep_lease(turn), name=f"lease-{turn.turn_id}")
         try:
             try:
                 request = ContextRequest(
@@ -195,17 +209,37 @@ class TurnRunner:
                 coalescer.flush()
                 self._absorb_cancel(turn)
                 answer.finish = "cancelled"
-            await self._complete(turn, answer)
+            await self._complete(turn, answer, deadline)
         except KoreroError as error:
             coalescer.close()
-            await self.fail(turn, error)
-        except Exception as exc:
+            await self.fail(turn, error, deadline)
+        except Exception:
             coalescer.close()
             log.exception("event=turn_failed turn_id=%s", turn.turn_id)
             await self.fail(
                 turn,
-                KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error ({exc!r})"),
+                KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error"),
+                deadline,
             )
+        finally:
+            lease.cancel()
+
+    async def _keep_lease(self, turn: Turn) -> None:
+        """Renew the turn's lease while it runs; a lease taken over ends the turn."""
+        every = self._settings.turn_lease / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                held = await self._store.renew_turn(turn.tenant, turn.session_id, turn.turn_id)
+            except KoreroError as error:  # Redis slow or down: the turn goes on
+                log.warning(
+                    "event=lease_renew_failed turn_id=%s reason=%s", turn.turn_id, error.reason
+                )
+                continue
+            if not held:
+                log.warning("event=lease_lost turn_id=%s", turn.turn_id)
+                turn.cancel(error=_lease_lost())
+                return
 
     def _announce(self, turn: Turn) -> None:
         """The first events of a turn: turn started, then the caller's rate-limit budget."""
@@ -276,7 +310,7 @@ class TurnRunner:
                 answer.tools,
             )
 
-    async def _complete(self, turn: Turn, answer: _Answer) -> None:
+    async def _complete(self, turn: Turn, answer: _Answer, deadline: float | None) -> None:
         """Citations and usage, the outcome persisted, then `done`."""
         assert turn.timings is not None
         text = answer.text
@@ -317,10 +351,11 @@ class TurnRunner:
             done.cached = True
             done.cache_age.CopyFrom(duration(answer.cached.age))
         terminal = turn.prepare(done=done)
-        await self.finish(
+        outcome = await self.finish(
             turn,
             record,
             terminal,
+            deadline,
             summary=json.dumps(summary, ensure_ascii=False) if summary else "",
             also=self._cache_store_call(
                 turn,
@@ -331,6 +366,8 @@ class TurnRunner:
             ),
             cached=answer.cached is not None,
         )
+        if not _stored_as(outcome, record):
+            raise _lease_lost()  # another instance declared this turn failed
         turn.deliver(terminal, logged=True)
 
     async def _cached_answer(self, turn: Turn, deadline: float | None) -> CacheLookup | None:
@@ -433,14 +470,14 @@ class TurnRunner:
         )
         assert turn.seq <= seq_base + REPLAY_EVENTS
 
-    async def follow(self, turn: Turn, deadline: float | None, watch: float) -> None:
+    async def follow(self, turn: Turn, deadline: float | None, watch: float) -> bool | None:
         """A turn running on another instance: relay its events from the session's log.
 
         Events after `turn.seq` are relayed as logged (same seqs) until the
-        turn's terminal event; while following, the owner is told someone
-        watches (`watch` seconds at a time), so its detach grace does not
-        cancel it. If the owner dies (its lock lapses without a terminal event)
-        the turn ends here with `TURN_NOT_COMPLETED`, numbered above all.
+        turn's terminal event (True). While following, the owner is told someone
+        watches (`watch` seconds at a time), so its detach grace does not cancel
+        it. False when the owner stopped (its lease ran out without a terminal
+        event, or the session is gone); None when `deadline` passed first.
         """
         limit = self._clock() + self._settings.turn_timeout
         deadline = limit if deadline is None else min(deadline, limit)
@@ -454,39 +491,59 @@ class TurnRunner:
                 turn.result.outcome = "followed"
                 if turn.plan.admission is not None:
                     await self.refund(turn.plan.admission)
-                return
+                return True
             if not exists:
-                break
+                return False
             if holder != turn.turn_id and not logged:
                 if not holding:
-                    break  # no lock and nothing new twice in a row: the owner is gone
+                    return False  # no lease and nothing new twice in a row: the owner is gone
                 holding = False
             else:
                 holding = True
             await asyncio.sleep(_JOIN_POLL)
-        if turn.plan.admission is not None:
-            await self.refund(turn.plan.admission)  # no tokens were spent on this attempt
-        turn.result.reason = "TURN_NOT_COMPLETED"
-        error = turn.prepare(
-            error=error_event_body(
-                KoreroError(
-                    grpc.StatusCode.ABORTED,
-                    "TURN_NOT_COMPLETED",
-                    "the earlier attempt of this message did not complete; send it again",
-                    retryable=True,
-                ),
-                turn.client_message_id,
+        return None
+
+    async def await_settled(self, turn: Turn, deadline: float) -> bool:
+        """Wait while a retried message's turn runs elsewhere with a live lease.
+
+        True once it is no longer running there (answered, failed, or its lease
+        ran out): begin again to find out. False when `deadline` passed first.
+        """
+        key = (turn.tenant, turn.session_id, turn.client_message_id)
+        while self._clock() < deadline:
+            state = await self._store.turn_state(*key)
+            if not state.running_elsewhere(turn.turn_id):
+                return True
+            await asyncio.sleep(_JOIN_POLL)
+        return False
+
+    async def not_completed(self, turn: Turn, error: KoreroError | None = None) -> None:
+        """End a turn that never ran here with `error` (default: TURN_NOT_COMPLETED).
+
+        Its event takes a seq reserved now; if Redis cannot give one, it repeats
+        the turn's (outside the resumable log, like a rejected frame).
+        """
+        if error is None:
+            error = KoreroError(
+                grpc.StatusCode.ABORTED,
+                "TURN_NOT_COMPLETED",
+                "the earlier attempt of this message did not complete; send it again",
+                retryable=True,
             )
-        )
+        advance = True
         try:
-            base = await self._store.reserve_seqs(turn.tenant, turn.session_id, 1)
-            error.seq = max(error.seq, base + 1)
-            await self._store.append_events(
-                turn.tenant, turn.session_id, "", [(error.seq, error.SerializeToString())]
-            )
-        except KoreroError as store_error:
-            log.warning("event=follow_end_unlogged reason=%s", store_error.reason)
-        turn.deliver(error, logged=True)
+            turn.seq = await self._store.reserve_seqs(turn.tenant, turn.session_id, 1)
+        except KoreroError:
+            advance = False
+        if turn.plan.admission is not None:
+            await self.refund(turn.plan.admission)  # no tokens were spent on it here
+        turn.result.reason = error.reason
+        event = turn.publish(error=error_event_body(error, turn.client_message_id), advance=advance)
+        if advance:  # in the log too, so a stream resuming from a cursor sees how it ended
+            with contextlib.suppress(KoreroError):
+                await self._store.append_events(
+                    turn.tenant, turn.session_id, "", [(event.seq, event.SerializeToString())]
+                )
 
     # Endings ------------------------------------------------------------------------
 
@@ -503,18 +560,20 @@ class TurnRunner:
         turn: Turn,
         record: TurnRecord,
         terminal: pb.Event,
+        deadline: float | None,
         *,
         summary: str = "",
         also: ScriptCall | None = None,
         cached: bool = False,
-    ) -> None:
-        """Persist the outcome and log the terminal event (with any unlogged ones) before
-        it is sent.
+    ) -> FinishOutcome:
+        """Persist the outcome and log the terminal event (with any events not yet
+        logged) before it is sent; with PostgreSQL configured, then commit the turn
+        there (bounded by KORERO_POSTGRES_COMMIT_WAIT; else it waits in the outbox).
 
-        A cache store and the token settlement ride in the same pipeline. With
-        PostgreSQL configured, the turn is then committed there (bounded by
-        KORERO_POSTGRES_COMMIT_WAIT; it stays in the Redis outbox otherwise).
-        Raises `SESSION_LOST` when the session vanished from Redis under the turn.
+        A cache store and the token settlement ride in the same pipeline. When
+        Redis does not answer, the outcome is unknown: the finish is sent again
+        (alone: it applies once, the others must not run twice) until Redis
+        answers, `store_resolve_seconds` pass or the client's deadline comes.
         """
         turn.finishing = True
         calls = [] if also is None else [also]
@@ -524,30 +583,52 @@ class TurnRunner:
             settle = self._limiter.settlement(admission, used)
             if settle is not None:
                 calls.append(settle)
-        timings = turn.timings
+        now = self._clock()
+        give_up = now + self._settings.store_resolve_seconds
+        if deadline is not None:  # the margin before the client's deadline includes the floor
+            give_up = max(min(give_up, deadline), now + _FINISH_FLOOR)
+        attempt = 0
+        events = [
+            *(turn.log.take_unlogged(turn.events) if turn.log is not None else []),
+            (terminal.seq, terminal.SerializeToString()),
+        ]
+        timings = turn.timings.to_dict(self._clock()) if turn.timings is not None else None
         with self._tracer.start_as_current_span("korero.persist"):
-            stored = await self._store.finish_turn(
-                turn.tenant,
-                turn.session_id,
-                turn.client_message_id,
-                record,
-                terminal.seq,
-                events=[
-                    *(turn.log.take_unlogged(turn.events) if turn.log is not None else []),
-                    (terminal.seq, terminal.SerializeToString()),
-                ],
-                summary=summary,
-                also=calls,
-                cached=cached,
-                timings=timings.to_dict(self._clock()) if timings is not None else None,
-            )
-            if not stored:
-                raise SessionLostError()
-            if self._outbox is not None:
-                await self._outbox.commit(turn.tenant, turn.session_id)
+            while True:
+                try:
+                    async with asyncio.timeout(max(0.0, give_up - self._clock())):
+                        outcome = await self._store.finish_turn(
+                            turn.tenant,
+                            turn.session_id,
+                            turn.client_message_id,
+                            record,
+                            terminal.seq,
+                            events=events,
+                            summary=summary,
+                            also=calls if attempt == 0 else (),
+                            cached=cached,
+                            timings=timings,
+                        )
+                    if self._outbox is not None and outcome.status == "applied":
+                        await self._outbox.commit(turn.tenant, turn.session_id)
+                    return outcome
+                except (StoreUnavailableError, TimeoutError) as error:
+                    attempt += 1
+                    pause = min(_RESOLVE_BACKOFF * attempt, 0.5)
+                    if self._clock() + pause >= give_up:
+                        turn.unresolved = True
+                        log.warning(
+                            "event=finish_unresolved turn_id=%s attempts=%d", turn.turn_id, attempt
+                        )
+                        raise StoreUnavailableError() from error
+                    await asyncio.sleep(pause)
 
-    async def fail(self, turn: Turn, error: KoreroError) -> None:
-        """End the turn with `error` (persisted as failed, if the store can be reached)."""
+    async def fail(self, turn: Turn, error: KoreroError, deadline: float | None = None) -> None:
+        """End the turn with `error` (persisted as failed, if the store can be reached).
+
+        If the store says the turn was answered after all (an earlier finish
+        whose reply was lost), the turn ends with that answer's `done` instead.
+        """
         log.info(
             "event=turn_error turn_id=%s code=%s reason=%s",
             turn.turn_id,
@@ -558,12 +639,54 @@ class TurnRunner:
         turn.result.reason = error.reason
         record = TurnRecord(turn.turn_id, "failed", finish_reason=error.reason)
         terminal = turn.prepare(error=error_event_body(error, turn.client_message_id))
-        try:
-            # Frees the response cache's single-flight lock too, if this turn held it.
-            await self.finish(
-                turn, record, terminal, also=self._cache_store_call(turn, None, record, [])
-            )
-        except KoreroError as store_error:
-            # The turn still ends with one terminal event; its lock expires on its own.
-            log.warning("event=finish_turn_failed reason=%s", store_error.reason)
+        if not turn.unresolved:  # else Redis just had its chance: say so within the deadline
+            try:
+                # Frees the response cache's single-flight lock too, if this turn held it.
+                outcome = await self.finish(
+                    turn,
+                    record,
+                    terminal,
+                    deadline,
+                    also=self._cache_store_call(turn, None, record, []),
+                )
+            except KoreroError as store_error:
+                # The turn still ends with one terminal event; its lease runs out on its own.
+                log.warning("event=finish_turn_failed reason=%s", store_error.reason)
+            else:
+                stored = outcome.stored
+                if stored is not None and stored.status == "done":
+                    self._done_from_record(turn, stored)
+                    return
         turn.deliver(terminal, logged=True)
+
+    def _done_from_record(self, turn: Turn, record: TurnRecord) -> None:
+        """`done` for a turn whose stored outcome is an answer."""
+        assert turn.timings is not None
+        usage = TokenUsage(record.usage.get("input", 0), record.usage.get("output", 0))
+        turn.result.outcome = record.finish_reason or "stop"
+        turn.result.reason = ""
+        turn.result.usage = usage
+        turn.publish(
+            done=pb.TurnDone(
+                finish_reason=FINISH_REASONS.get(record.finish_reason, pb.FINISH_REASON_STOP),
+                usage=usage_to_pb(usage),
+                timings=turn.timings.to_pb(self._clock()),
+            )
+        )
+
+
+def _lease_lost() -> KoreroError:
+    return KoreroError(
+        grpc.StatusCode.ABORTED,
+        "TURN_LEASE_LOST",
+        "this turn lost its hold on the session and was not saved; send the message again",
+        retryable=True,
+    )
+
+
+def _stored_as(outcome: FinishOutcome, record: TurnRecord) -> bool:
+    """Whether the store holds `record`'s outcome (written now or by an earlier send)."""
+    if outcome.status == "applied":
+        return True
+    stored = outcome.stored
+    return stored is not None and stored.status == record.status

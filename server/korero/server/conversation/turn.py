@@ -107,6 +107,8 @@ class Turn:
     cancel_reason: KoreroError | None = None
     cancelled_by_client: bool = False
     finishing: bool = False
+    unresolved: bool = False
+    """Persisting the outcome failed without an answer from Redis (outcome unknown)."""
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     log: TurnLog | None = None
     """Where published events are logged for replay (None: not logged here)."""
@@ -119,6 +121,11 @@ class Turn:
     def intent(self) -> str:
         route = self.plan.route
         return route.intent if route is not None else ""
+
+    @property
+    def ended(self) -> bool:
+        """Whether the terminal event (`done` or `error`) was published."""
+        return bool(self.events) and self.events[-1].WhichOneof("kind") in ("done", "error")
 
     @property
     def done(self) -> bool:
@@ -157,8 +164,12 @@ class Turn:
             self.log.push(event)
         return event
 
-    def publish(self, **kind: Any) -> pb.Event:
-        return self.deliver(self.prepare(**kind))
+    def publish(self, *, advance: bool = True, **kind: Any) -> pb.Event:
+        """Send an event to every sink; `advance=False` repeats the last seq (outside the log)."""
+        if advance:
+            return self.deliver(self.prepare(**kind))
+        event = pb.Event(session_id=self.session_id, turn_id=self.turn_id, seq=self.seq, **kind)
+        return self.deliver(event, logged=True)
 
     def cancel(self, *, by_client: bool = True, error: KoreroError | None = None) -> None:
         """Stop the turn: by the client (terminal `done` CANCELLED) or with an error."""

@@ -13,6 +13,7 @@ are marked `-- outbox`.
 from __future__ import annotations
 
 __all__ = [
+    "ABORT_BEGIN",
     "APPEND_EVENTS",
     "BEGIN_TURN",
     "CREATE",
@@ -20,8 +21,10 @@ __all__ = [
     "FOLLOW_LOG",
     "MARK_PENDING",
     "REHYDRATE",
+    "RENEW_TURN",
     "RESERVE_SEQS",
     "RESUME",
+    "TURN_STATE",
 ]
 
 # Sequence numbers (lines marked `-- seq`). The meta hash holds `seq`, the last
@@ -121,51 +124,122 @@ return {'resumed', redis.call('HGETALL', KEYS[1]), redis.call('LLEN', KEYS[2]), 
 
 BEGIN_TURN = """
 local meta, hist, turns = KEYS[1], KEYS[2], KEYS[3]
-local cmid, text = ARGV[1], ARGV[2]
+local cmid, text, attempt = ARGV[1], ARGV[2], ARGV[10]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if redis.call('EXISTS', meta) == 0 then return {'missing'} end
 local holder = redis.call('HGET', meta, 'inflight')
 local locked = holder and tonumber(redis.call('HGET', meta, 'inflight_until') or '0') > now
+if holder and not locked then
+  -- The holder's lease ran out (its instance died or stalled): its turn failed.
+  local hcmid = redis.call('HGET', meta, 'inflight_cmid')
+  local hrec = hcmid and redis.call('HGET', turns, hcmid)
+  if hrec then
+    local h = cjson.decode(hrec)
+    if h.status == 'running' and h.turn_id == holder then
+      redis.call('HSET', turns, hcmid, cjson.encode(
+        {turn_id = holder, status = 'failed', finish_reason = 'TURN_ORPHANED'}))
+    end
+  end
+  redis.call('HDEL', meta, 'inflight', 'inflight_until', 'inflight_cmid')
+  holder = nil
+end
 local rec = redis.call('HGET', turns, cmid)
-if rec then
-  local r = cjson.decode(rec)
-  if r.status == 'done' and not locked then  -- seq: a replay is numbered above everything
+local r = rec and cjson.decode(rec)
+if r then
+  if r.status == 'done' then
+    if locked then return {'busy', holder} end  -- seq: a replay never interleaves a turn
     local base = math.max(tonumber(redis.call('HGET', meta, 'seq') or '0'),
                           tonumber(redis.call('HGET', meta, 'seq_top') or '0'))
     redis.call('HSET', meta, 'seq', base + ARGV[8], 'seq_top', base + ARGV[8])
     return {'replay', rec, base}
   end
   if r.status == 'running' and locked and holder == r.turn_id then
-    return {'running', rec, tonumber(redis.call('HGET', meta, 'turn_base') or '0')}  -- seq
+    if r.attempt ~= attempt then
+      return {'running', rec, tonumber(redis.call('HGET', meta, 'turn_base') or '0')}  -- seq
+    end
+  elseif r.attempt == attempt then
+    return {'aborted'}  -- this very attempt was given up (see ABORT_BEGIN)
+  elseif locked then
+    return {'busy', holder}
   end
+elseif locked then
+  return {'busy', holder}
 end
-if locked then return {'busy', holder} end
-local n = redis.call('HINCRBY', meta, 'turns', 1)
-local turn_id = 't' .. n
-local seq = math.max(tonumber(redis.call('HGET', meta, 'seq') or '0'),  -- seq
-                     tonumber(redis.call('HGET', meta, 'seq_top') or '0'))
-redis.call('HSET', meta, 'seq', seq, 'seq_top', seq + tonumber(ARGV[7]), 'turn_base', seq,  -- seq
-           'inflight_cmid', cmid)
-redis.call('HSET', meta, 'inflight', turn_id,
-           'inflight_until', now + tonumber(ARGV[6]), 'updated_at', now)
-redis.call('HSET', turns, cmid, cjson.encode({turn_id = turn_id, status = 'running'}))
-local last = redis.call('LINDEX', hist, -1)
-if not (rec and last and cjson.decode(last).cmid == cmid) then
-  local msg = {role = 'user', text = text, turn_id = turn_id, cmid = cmid, ts = now}
-  if ARGV[9] and ARGV[9] ~= '' then msg.intent = ARGV[9] end
-  redis.call('RPUSH', hist, cjson.encode(msg))
-  redis.call('LTRIM', hist, -tonumber(ARGV[3]), -1)
-end
-if KEYS[4] then  -- outbox
-  redis.call('XADD', KEYS[4], '*', 'd', cjson.encode({
-    ep = tonumber(redis.call('HGET', meta, 'epoch') or '0'),
-    k = 'u', turn = n, turn_id = turn_id, cmid = cmid, text = text, intent = ARGV[9] or '',
-    ts = now, seq = seq + tonumber(ARGV[7])}))
+local turn_id, seq
+if r and r.status == 'running' and r.attempt == attempt then
+  turn_id, seq = r.turn_id, r.seq  -- the same attempt delivered twice: same answer
+else
+  local n = redis.call('HINCRBY', meta, 'turns', 1)
+  turn_id = 't' .. n
+  seq = math.max(tonumber(redis.call('HGET', meta, 'seq') or '0'),  -- seq
+                 tonumber(redis.call('HGET', meta, 'seq_top') or '0'))
+  redis.call('HSET', meta, 'seq', seq, 'seq_top', seq + tonumber(ARGV[7]), 'turn_base', seq)
+  redis.call('HSET', meta, 'inflight', turn_id,
+             'inflight_until', now + tonumber(ARGV[6]), 'inflight_cmid', cmid, 'updated_at', now)
+  redis.call('HSET', turns, cmid, cjson.encode(
+    {turn_id = turn_id, status = 'running', attempt = attempt, seq = seq}))
+  -- A retry of a message whose turn failed: the message is stored already,
+  -- unless its only record is an aborted begin's (nomsg).
+  if not r or r.nomsg then
+    local msg = {role = 'user', text = text, turn_id = turn_id, cmid = cmid, ts = now}
+    if ARGV[9] and ARGV[9] ~= '' then msg.intent = ARGV[9] end
+    redis.call('RPUSH', hist, cjson.encode(msg))
+    redis.call('LTRIM', hist, -tonumber(ARGV[3]), -1)
+  end
+  if KEYS[4] then  -- outbox
+    redis.call('XADD', KEYS[4], '*', 'd', cjson.encode({
+      ep = tonumber(redis.call('HGET', meta, 'epoch') or '0'),
+      k = 'u', turn = n, turn_id = turn_id, cmid = cmid, text = text, intent = ARGV[9] or '',
+      ts = now, seq = seq + tonumber(ARGV[7])}))
+  end
 end
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
 return {'started', turn_id, seq, redis.call('HGETALL', meta),
         redis.call('LRANGE', hist, -tonumber(ARGV[4]), -1), redis.call('LLEN', hist)}
+"""
+
+RENEW_TURN = """
+if redis.call('HGET', KEYS[1], 'inflight') ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'inflight_until', now + tonumber(ARGV[2]))
+return 1
+"""
+
+ABORT_BEGIN = """
+local meta, turns = KEYS[1], KEYS[2]
+local cmid, attempt = ARGV[1], ARGV[2]
+local rec = redis.call('HGET', turns, cmid)
+if not rec then
+  if redis.call('EXISTS', meta) == 0 then return 'missing' end
+  -- The begin has not run (yet): a tombstone makes it refuse if it arrives late.
+  redis.call('HSET', turns, cmid, cjson.encode({turn_id = '', status = 'failed',
+    finish_reason = 'STORE_UNAVAILABLE', attempt = attempt, nomsg = true}))
+  redis.call('PEXPIRE', turns, ARGV[3])
+  return 'tombstone'
+end
+local r = cjson.decode(rec)
+if r.attempt ~= attempt then return 'other' end
+if r.status ~= 'running' then return 'settled' end
+redis.call('HSET', turns, cmid, cjson.encode({turn_id = r.turn_id, status = 'failed',
+  finish_reason = 'STORE_UNAVAILABLE', attempt = attempt}))
+if redis.call('HGET', meta, 'inflight') == r.turn_id then
+  redis.call('HDEL', meta, 'inflight', 'inflight_until', 'inflight_cmid')
+end
+return 'aborted'
+"""
+
+TURN_STATE = """
+local rec = redis.call('HGET', KEYS[2], ARGV[1])
+local holder = redis.call('HGET', KEYS[1], 'inflight')
+local live = 0
+if holder then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if tonumber(redis.call('HGET', KEYS[1], 'inflight_until') or '0') > now then live = 1 end
+end
+return {rec or '', holder or '', live}
 """
 
 FINISH_TURN = (
@@ -174,8 +248,21 @@ FINISH_TURN = (
 local meta, hist, turns, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
--- A session lost under the turn (Redis restarted empty) is not brought back half.
-if redis.call('EXISTS', meta) == 0 then return 0 end
+local function release()
+  if redis.call('HGET', meta, 'inflight') == ARGV[2] then
+    redis.call('HDEL', meta, 'inflight', 'inflight_until', 'inflight_cmid', 'turn_base')
+  end
+end
+local rec = redis.call('HGET', turns, ARGV[1])
+local r = rec and cjson.decode(rec)
+if not r or r.turn_id ~= ARGV[2] then
+  release()
+  return {'lost'}  -- declared failed and run again by another turn
+end
+if r.status ~= 'running' then
+  release()
+  return {'settled', rec}  -- a retried finish, or declared failed: never overwritten
+end
 if ARGV[5] ~= '' then
   local msg = cjson.decode(ARGV[5])
   msg.ts = now
@@ -185,16 +272,15 @@ end
 redis.call('HSET', turns, ARGV[1], ARGV[4])
 if ARGV[10] and ARGV[10] ~= '' then redis.call('HSET', meta, 'summary', ARGV[10]) end
 -- seq: the turn's unlogged events and its terminal one go into the log now, so
--- the log is complete when the lock is released; unused reservation is handed back.
+-- the log is complete when the lease is released; unused reservation is handed back.
 append_events(events, meta, 13, now, tonumber(ARGV[6]), tonumber(ARGV[12]))
 local last = tonumber(ARGV[7])
 local head = tonumber(redis.call('HGET', meta, 'seq') or '0')
 if last > head then redis.call('HSET', meta, 'seq', last) end
 if redis.call('HGET', meta, 'inflight') == ARGV[2] then
-  redis.call('HDEL', meta, 'inflight', 'inflight_until', 'turn_base', 'inflight_cmid')
-  redis.call('HSET', meta, 'seq_top', math.max(last, head))  -- seq
+  redis.call('HSET', meta, 'seq_top', math.max(last, head))
 end
-redis.call('PEXPIRE', events, ARGV[9])
+release()
 redis.call('HSET', meta, 'updated_at', now)
 if KEYS[5] then  -- outbox
   local out = cjson.decode(ARGV[11])
@@ -202,8 +288,8 @@ if KEYS[5] then  -- outbox
   out.ep = tonumber(redis.call('HGET', meta, 'epoch') or '0')
   redis.call('XADD', KEYS[5], '*', 'd', cjson.encode(out))
 end
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[9]) end
-return 1
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[9]) end
+return {'applied'}
 """
 )
 

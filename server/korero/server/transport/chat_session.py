@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -28,6 +29,7 @@ from korero.server.conversation.engine import ConversationEngine, OpenedSession,
 from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError
 from korero.server.settings import ServerSettings
+from korero.server.transport.outbound import OutboundQueue, queue_full
 
 __all__ = ["ChatSession", "StreamRules", "cursor_of", "read_first_frame"]
 
@@ -43,13 +45,23 @@ class StreamRules:
 
     heartbeat_interval: float
     first_frame_timeout: float
+    queue_events: int = 64
+    """Most events waiting for a client that does not read (see outbound.py)."""
+    queue_bytes: int = 65536
+    """Most bytes of events waiting for a client that does not read."""
 
     @classmethod
     def from_settings(cls, server: ServerSettings) -> StreamRules:
         return cls(
             heartbeat_interval=server.heartbeat_interval,
             first_frame_timeout=server.first_frame_timeout,
+            queue_events=server.stream_queue_events,
+            queue_bytes=server.stream_queue_bytes,
         )
+
+    def outbound_queue(self) -> OutboundQueue[Any]:
+        """A bounded queue for one stream's events."""
+        return OutboundQueue(self.queue_events, self.queue_bytes)
 
 
 async def read_first_frame(
@@ -104,7 +116,7 @@ class ChatSession:
         engine: ConversationEngine,
         tenant: str,
         opened: OpenedSession,
-        heartbeat_interval: float,
+        rules: StreamRules,
         deadline: Callable[[], float | None] = lambda: None,
     ) -> None:
         self._engine = engine
@@ -114,24 +126,27 @@ class ChatSession:
         self.turn: Turn | None = None
         self.draining = False
         """Set once the server started draining; the transport then says goodbye."""
+        self.failure: KoreroError | None = None
+        """Set when the reader failed (e.g. an undecodable frame): the transport ends
+        the stream with it after the events already queued."""
+        self.on_overflow: Callable[[], None] = lambda: None
+        """Called when the client stopped reading and the queue overflowed: the
+        transport interrupts its blocked write and ends the stream."""
         self._deadline = deadline
-        self._out: asyncio.Queue[pb.Event | _Signal] = asyncio.Queue()
-        self._interval = heartbeat_interval
+        self._out: OutboundQueue[_Signal] = rules.outbound_queue()
+        self._out.on_overflow = self._overflowed
+        self._interval = rules.heartbeat_interval
         self._loop = asyncio.get_running_loop()
         self._sent_at = self._loop.time()  # the last time anything was sent
-        self._heartbeat = self._loop.call_later(heartbeat_interval, self._tick)
+        self._heartbeat = self._loop.call_later(self._interval, self._tick)
+        self._resume: OpenedSession | None = None
         if opened.started.session_started.HasField("replay"):
-            for event in opened.missed:
-                self._out.put_nowait(event)
-            self.turn = engine.join_live(
-                tenant,
-                self.session_id,
-                opened.inflight,
-                opened.cursor,
-                self._sink,
-                deadline(),
-                opened.inflight_cmid,
-            )
+            self._resume = opened  # replayed by `outbound()`, outside the bounded queue
+
+    @property
+    def overflowed(self) -> bool:
+        """The client stopped reading and its queue overflowed."""
+        return self._out.overflowed
 
     @property
     def turn_in_flight(self) -> bool:
@@ -146,13 +161,24 @@ class ChatSession:
         )
 
     def _sink(self, event: pb.Event) -> None:
-        self._out.put_nowait(event)
+        self._out.put(event)
+
+    def _overflowed(self) -> None:
+        """The client stopped reading: stop the turn now (its outcome is stored as
+        failed), and let the transport end the stream."""
+        self.fail(queue_full())
+        if self.turn is not None and not self.turn.done:
+            self.turn.unsubscribe(self._sink)
+            self.turn.cancel(error=queue_full())
+        self.on_overflow()
 
     def _tick(self) -> None:
-        """A heartbeat once the stream has been quiet for the interval (not up to twice it)."""
+        """A heartbeat once the stream has been quiet for the interval (not up to twice it);
+        none for a client that is not reading (no pile)."""
         quiet = self._loop.time() - self._sent_at
         if quiet >= self._interval * 0.999:
-            self._out.put_nowait(_HEARTBEAT)
+            if not len(self._out):
+                self._out.put(_HEARTBEAT)
             self._sent_at = self._loop.time()
             quiet = 0.0
         self._heartbeat = self._loop.call_later(self._interval - quiet, self._tick)
@@ -170,7 +196,7 @@ class ChatSession:
             if turn is not None and (not wanted or wanted == turn.turn_id):
                 turn.cancel()
         elif kind == "start":
-            self._out.put_nowait(
+            self._out.put(
                 self.rejection(
                     InvalidArgumentError(
                         "SESSION_ALREADY_STARTED", "`start` is only valid as the first frame"
@@ -178,7 +204,7 @@ class ChatSession:
                 )
             )
         else:
-            self._out.put_nowait(
+            self._out.put(
                 self.rejection(InvalidArgumentError("REQUEST_EMPTY", "the request sets no kind"))
             )
 
@@ -187,7 +213,7 @@ class ChatSession:
         if current is not None and not current.done:
             if current.client_message_id == message.client_message_id:
                 return  # a resend of the message being answered on this very stream
-            self._out.put_nowait(
+            self._out.put(
                 self.rejection(
                     InvalidArgumentError(
                         "TURN_IN_FLIGHT",
@@ -205,28 +231,66 @@ class ChatSession:
                 self.tenant, self.session_id, message, self._sink, self._deadline()
             )
         except KoreroError as error:
-            self._out.put_nowait(self.rejection(error, message.client_message_id))
+            self._out.put(self.rejection(error, message.client_message_id))
 
     async def finish(self) -> None:
         """The client sent its last frame: end once the turn in flight has ended."""
         if self.turn is not None:
             await self.turn.wait()
-        self._out.put_nowait(_END)
+        self._out.put(_END)
 
     def end(self) -> None:
         """The client is gone: end the outbound stream now."""
-        self._out.put_nowait(_END)
+        self._out.put(_END)
+
+    def fail(self, error: KoreroError) -> None:
+        """The stream cannot go on (its reader failed): end it with `error`."""
+        if self.failure is None:
+            self.failure = error
+        self._out.put(_END)
 
     def drain(self) -> None:
         """The server is draining: end now if idle, else after the turn's terminal event."""
-        self._out.put_nowait(_DRAIN)
+        self._out.put(_DRAIN)
 
     # Outbound -----------------------------------------------------------------
 
+    def _join(self, opened: OpenedSession) -> None:
+        self.turn = self._engine.join_live(
+            self.tenant,
+            self.session_id,
+            opened.inflight,
+            opened.cursor,
+            self._sink,
+            self._deadline(),
+            opened.inflight_cmid,
+        )
+
+    async def _replayed(self) -> AsyncIterator[pb.Event]:
+        """On a resume from a cursor: the missed events, as logged (never merged or
+        dropped), then the turn in flight joined live (before the last one goes out,
+        so a client that has caught up finds the turn already followed)."""
+        opened, self._resume = self._resume, None
+        if opened is None:
+            return
+        missed = [e for e in opened.missed if e.seq > self.last_seq]
+        for index, event in enumerate(missed):
+            if index == len(missed) - 1:
+                self._join(opened)
+            self._sent_at = self._loop.time()
+            self.last_seq = event.seq
+            yield event
+        if not missed:
+            self._join(opened)
+
     async def outbound(self) -> AsyncIterator[pb.Event]:
         """Events to send, until the client is done or the server drains."""
+        async for event in self._replayed():
+            yield event
         while True:
             item = await self._out.get()
+            if item is None:  # overflowed: `failure` says so
+                return
             if isinstance(item, _Signal):
                 if item is _END:
                     return
