@@ -270,3 +270,34 @@ async def test_a_replayed_turn_starts_with_the_rate_limit_event(client: ChatClie
     assert kinds(first)[:2] == ["turn_started", "rate_limit"]
     assert kinds(again)[:2] == ["turn_started", "rate_limit"]
     assert again[0].turn_started.replayed
+
+
+async def test_send_message_retried_with_a_cursor_gets_the_rest_of_the_same_turn(
+    server: KoreroServer, sim: UpstreamSim
+) -> None:
+    sim.config = SLOW
+    async with ChatClient(f"127.0.0.1:{server.port}") as client:
+        session_id = (await client.conversation()).session_id
+        request = pb.SendMessageRequest(
+            session_id=session_id,
+            message=pb.UserMessage(client_message_id="w1", text="Tell me about refunds"),
+        )
+        before: list[pb.Event] = []
+        call = client.stub.SendMessage(request)
+        async for response in call:
+            before.append(response.event)
+            if len([e for e in before if e.WhichOneof("kind") == "text_delta"]) >= 2:
+                call.cancel()  # the browser's connection broke mid-answer
+                break
+        request.after_seq = before[-1].seq
+        rest = [r.event async for r in client.stub.SendMessage(request)]
+        # Retried once more after the end: the terminal event again, nothing new.
+        request.after_seq = rest[-2].seq
+        again = [r.event async for r in client.stub.SendMessage(request)]
+    seqs = [e.seq for e in before + rest]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert not any(e.turn_started.replayed for e in rest)
+    assert kinds(rest)[-1] == "done"
+    assert text_of(before + rest) == sim.answer_for(sim.requests[0].body["messages"])
+    assert [e.seq for e in again] == [rest[-1].seq]
+    assert len(sim.requests) == 1

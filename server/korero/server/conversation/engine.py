@@ -238,6 +238,37 @@ class ConversationEngine:
             event, missed, record.inflight, record.inflight_cmid, replay.through_seq
         )
 
+    async def resume_turn(
+        self,
+        tenant: str,
+        session_id: str,
+        client_message_id: str,
+        after_seq: int,
+        sink: EventSink,
+        deadline: float | None = None,
+    ) -> tuple[list[pb.Event], Turn | None] | None:
+        """The events of a message's turn after `after_seq`, from the session's log, and
+        that turn if still in flight (joined: its later events go to `sink`), or None when
+        the log has nothing of that message's turn after the cursor (start it as usual).
+
+        For a `SendMessage` retried with a cursor: the client gets the rest of the same
+        turn, with the same seqs, instead of a replayed turn.
+        """
+        validate_session_id(session_id)
+        opened = await self.open_session(tenant, session_id, pb.SessionMetadata(), after_seq)
+        state = await self._store.turn_state(tenant, session_id, client_message_id)
+        turn_id = state.record.turn_id if state.record is not None else ""
+        if not turn_id:
+            return None
+        logged = [e for e in opened.missed if e.turn_id == turn_id]
+        if logged and logged[-1].WhichOneof("kind") in ("done", "error"):
+            return logged, None
+        if opened.inflight != turn_id:
+            return (logged, None) if logged else None
+        last = logged[-1].seq if logged else after_seq
+        turn = self.join_live(tenant, session_id, turn_id, last, sink, deadline, client_message_id)
+        return logged, turn
+
     def join_live(
         self,
         tenant: str,

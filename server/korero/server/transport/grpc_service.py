@@ -279,11 +279,14 @@ class ChatServicer:
                     opened = await self._engine.open_session(tenant, "", request.metadata)
                     session_id = opened.session_id
                     out.put(opened.started)
-                turn = await self._engine.start_turn_shielded(
-                    tenant, session_id, request.message, out.put, _deadline(context)
-                )
+                replay, turn = await self._send_turn(tenant, session_id, request, out, context)
             except KoreroError as error:
                 await abort_with_error(context, error)
+            for logged in replay:  # a retried call's logged events, outside the bounded queue
+                if not await writer.write(pb.SendMessageResponse(event=logged)):
+                    return
+                if logged.WhichOneof("kind") in _TERMINAL:
+                    return
             while (event := await out.get()) is not None:
                 if not await writer.write(pb.SendMessageResponse(event=event)):
                     break
@@ -296,6 +299,32 @@ class ChatServicer:
                 # The client went away: cancelled unless it comes back within the grace.
                 self._engine.detach(turn, out.put)
         yield  # pragma: no cover - an async generator, see Chat
+
+    async def _send_turn(
+        self,
+        tenant: str,
+        session_id: str,
+        request: pb.SendMessageRequest,
+        out: OutboundQueue[None],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tuple[list[pb.Event], Turn | None]:
+        """The turn of a SendMessage call; with `after_seq`, a retry of a call that broke
+        off gets the rest of that same turn (logged events first, then live), not a replay."""
+        if request.HasField("after_seq") and request.session_id:
+            resumed = await self._engine.resume_turn(
+                tenant,
+                session_id,
+                request.message.client_message_id,
+                request.after_seq,
+                out.put,
+                _deadline(context),
+            )
+            if resumed is not None:
+                return resumed
+        turn = await self._engine.start_turn_shielded(
+            tenant, session_id, request.message, out.put, _deadline(context)
+        )
+        return [], turn
 
     # Unary reads -----------------------------------------------------------------------
 
