@@ -546,8 +546,6 @@ class ConversationEngine:
         """What the turn's task does after `begin`: run it, replay it, or follow it."""
         if begin.status == "started":
             assert begin.session is not None
-            if self._outbox is not None:
-                self._outbox.notify()  # the user message on its way to PostgreSQL
             turn.log = TurnLog(self._store, turn.tenant, turn.session_id, turn.turn_id)
             self._live[(turn.tenant, turn.session_id)] = turn
             return self._runner.run(turn, begin.session, begin.history, message.text, deadline)

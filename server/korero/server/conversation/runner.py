@@ -190,9 +190,14 @@ class TurnRunner:
         answer = _Answer(self._model)
 
         def emit_text(text: str) -> None:
-            if timings.first_token is None:
+            first = timings.first_token is None
+            if first:
                 timings.first_token = self._clock()
             turn.publish(text_delta=pb.TextDelta(text=text))
+            if first and self._outbox is not None:
+                # The user message on its way to PostgreSQL, once the first token is out:
+                # the writer's work never competes with the first token.
+                self._outbox.notify()
 
         coalescer = DeltaCoalescer(
             emit_text, self._settings.coalesce_window_ms / 1000, self._settings.coalesce_max_bytes
