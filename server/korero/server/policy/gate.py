@@ -95,17 +95,22 @@ class CallGate:
             return self._anonymous
         guarded = self._throttle_key(authorization) if self._throttle is not None else None
         if self._throttle is not None and guarded is not None:
-            self._throttle.check(peer, guarded)  # before the lookup it would cost
+            # Before the lookup it would cost: a failure is reserved up front, so
+            # concurrent guesses cannot all slip past an almost empty bucket.
+            self._throttle.check(peer, guarded)
+            self._throttle.failed(peer, guarded)
         try:
             identity = await self._authenticator.authenticate(authorization)
         except KoreroError as error:
             if (
                 self._throttle is not None
                 and guarded is not None
-                and error.code == grpc.StatusCode.UNAUTHENTICATED
+                and error.code != grpc.StatusCode.UNAUTHENTICATED
             ):
-                self._throttle.failed(peer, guarded)
+                self._throttle.refund(peer, guarded)  # not a failed check (e.g. Redis down)
             raise
+        if self._throttle is not None and guarded is not None:
+            self._throttle.refund(peer, guarded)
         needed = scope_for_method(method)
         if identity.scopes and needed is not None and needed not in identity.scopes:
             raise KoreroError(

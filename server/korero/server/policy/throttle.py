@@ -74,6 +74,11 @@ class _Buckets:
             return 0.0
         return (1 - bucket.level) / self._rate
 
+    def refund(self, key: str) -> None:
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.level = min(self._capacity, bucket.level + 1)
+
     def spend(self, key: str) -> None:
         bucket = self._refill(key)
         if bucket is None:
@@ -121,6 +126,14 @@ class AuthFailureThrottle:
                 retry_after=wait,
                 metadata={"limit": f"auth_failures_per_{limit}"},
             )
+
+    def refund(self, peer: str | None, tenant: str) -> None:
+        """Give back a failure reserved for a check that did not fail."""
+        address = peer_address(peer)
+        if self._peers is not None and address is not None:
+            self._peers.refund(address)
+        if self._tenants is not None:
+            self._tenants.refund(tenant)
 
     def failed(self, peer: str | None, tenant: str) -> None:
         """Count one failed check against `peer` and `tenant`."""
