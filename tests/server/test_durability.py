@@ -306,6 +306,7 @@ async def _has_rows(pg: asyncpg.Connection, session_id: str, n: int) -> bool:
     return len(await _rows(pg, session_id)) >= n
 
 
+@pytest.mark.slow  # spawns `korero`
 def test_db_migrate_is_idempotent_and_creates_the_database() -> None:
     url = asyncio.run(fresh_database()).rsplit("/", 1)[0] + "/korero_cli_" + "x" * 6
     try:
@@ -320,6 +321,7 @@ def test_db_migrate_is_idempotent_and_creates_the_database() -> None:
         asyncio.run(drop_database(url))
 
 
+@pytest.mark.slow  # spawns `korero`
 async def test_sessions_purge_deletes_idle_sessions_of_one_tenant(
     durable: KoreroServer, pg_url: str, pg: asyncpg.Connection, redis_url: str
 ) -> None:

@@ -32,6 +32,7 @@ from korero.server.context.knowledge import KnowledgeStore
 from korero.server.context.router import IntentRouter, RouteDecision, RuleRouter
 from korero.server.conversation.eventlog import TurnLog
 from korero.server.conversation.generation import AnswerGenerator
+from korero.server.conversation.records import SessionRecords
 from korero.server.conversation.runner import REPLAY_EVENTS, TurnRunner
 from korero.server.conversation.tools_loop import ToolLoop
 from korero.server.conversation.turn import EventSink, StageTimings, Turn, TurnPlan
@@ -54,13 +55,7 @@ from korero.server.policy.ratelimit import RateLimiter
 from korero.server.settings import EngineSettings, LLMSettings
 from korero.server.storage.history import HistoryStore
 from korero.server.storage.outbox import OutboxWriter
-from korero.server.storage.paging import (
-    decode_message_cursor,
-    encode_message_cursor,
-    merge_pages,
-    message_key,
-)
-from korero.server.storage.records import SessionRecord, StoredMessage, TurnBegin
+from korero.server.storage.records import SessionRecord, TurnBegin
 from korero.server.storage.scripts import ScriptCall
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics
@@ -127,8 +122,10 @@ class ConversationEngine:
         outbox: OutboxWriter | None = None,
     ) -> None:
         self._store = store
-        self._history = history
         self._outbox = outbox
+        self._records = (
+            None if history is None else SessionRecords(store, history, outbox, settings)
+        )
         self._assembler = assembler
         self._settings = settings
         self._model = llm_settings.model
@@ -168,8 +165,11 @@ class ConversationEngine:
 
     def attach_history(self, history: HistoryStore | None, outbox: OutboxWriter | None) -> None:
         """Use PostgreSQL (and the outbox writer that feeds it); wiring calls this once."""
-        self._history = history
-        self._outbox = outbox
+        self._records = (
+            None
+            if history is None
+            else SessionRecords(self._store, history, outbox, self._settings)
+        )
         self._runner.attach_outbox(outbox)
 
     @property
@@ -309,8 +309,10 @@ class ConversationEngine:
         after_seq: int | None,
     ) -> SessionRecord:
         """Resume a session missing from Redis: rehydrated whole from PostgreSQL, or lost."""
+        if self._records is None:
+            raise missing
         for _ in range(_REHYDRATE_ATTEMPTS):
-            if not await self._rehydrate(tenant, session_id):
+            if not await self._records.rehydrate(tenant, session_id):
                 raise missing
             try:
                 return await self._store.resume_session(tenant, session_id, meta, after_seq)
@@ -318,59 +320,17 @@ class ConversationEngine:
                 await asyncio.sleep(0.05)  # another stream is bringing it back
         raise HistoryUnavailableError("the session is being restored; try again")
 
-    async def _rehydrate(self, tenant: str, session_id: str) -> bool:
-        """Bring a session missing from Redis back whole from PostgreSQL; False if unknown there.
-
-        The session's own outbox (if Redis still has it: the session expired
-        while PostgreSQL was away) is written first; then a new epoch is claimed,
-        which fences off writes read from a Redis that crashed; then Redis is
-        filled from PostgreSQL. Its seq continues above every seq PostgreSQL
-        knows was handed out. True also when another stream claimed the epoch
-        first (it is restoring the session).
-        """
-        if self._history is None:
-            return False
-        if self._outbox is not None and not await self._outbox.commit(tenant, session_id):
-            raise HistoryUnavailableError("the session's pending writes could not be stored")
-        stored = await self._history.get_session(tenant, session_id)
-        if stored is None:
-            return False
-        epoch = await self._history.claim_epoch(tenant, session_id, stored.epoch)
-        if epoch is None:
-            return True
-        messages, records = await self._history.recent(
-            tenant, session_id, self._settings.history_max_messages
-        )
-        await self._store.rehydrate(
-            tenant, session_id, stored, messages, records, seq=stored.seq_high, epoch=epoch
-        )
-        log.info(
-            "event=session_rehydrated tenant=%s messages=%d epoch=%d", tenant, len(messages), epoch
-        )
-        return True
-
     async def get_session(self, tenant: str, session_id: str) -> pb.Session:
         validate_session_id(session_id)
         try:
             return session_to_pb(await self._store.get_session(tenant, session_id))
         except NotFoundError:
-            if self._history is None:
-                raise
-            stored = await self._history.get_session(tenant, session_id)
+            stored = (
+                None if self._records is None else await self._records.session(tenant, session_id)
+            )
             if stored is None:
                 raise
-        return session_to_pb(
-            SessionRecord(
-                tenant=tenant,
-                session_id=session_id,
-                metadata=stored.metadata,
-                created_at=stored.created_at,
-                updated_at=stored.updated_at,
-                last_seq=stored.seq_high,
-                turn_count=stored.turn_count,
-                message_count=stored.message_count,
-            )
-        )
+        return session_to_pb(stored)
 
     async def list_messages(
         self, tenant: str, session_id: str, page_size: int, page_token: str
@@ -379,41 +339,13 @@ class ConversationEngine:
         if page_size < 0:
             raise InvalidArgumentError("PAGE_SIZE_INVALID", "page_size must not be negative")
         size = min(page_size or _DEFAULT_PAGE_SIZE, _MAX_PAGE_SIZE)
-        if self._history is None:
+        if self._records is None:
             messages, token = await self._store.list_messages(tenant, session_id, size, page_token)
         else:
-            messages, token = await self._history_page(tenant, session_id, size, page_token)
+            messages, token = await self._records.page(tenant, session_id, size, page_token)
         return pb.ListMessagesResponse(
             messages=[message_to_pb(m) for m in messages], next_page_token=token
         )
-
-    async def _history_page(
-        self, tenant: str, session_id: str, size: int, page_token: str
-    ) -> tuple[list[StoredMessage], str]:
-        """A page of PostgreSQL's history merged with the Redis window (newest, maybe unwritten).
-
-        If PostgreSQL cannot be reached, the page comes from the Redis window alone.
-        """
-        after = decode_message_cursor(page_token)
-        exists, window = await self._store.history_window(tenant, session_id)
-        older: list[StoredMessage] = []
-        try:
-            older = await self._history.messages_after(  # type: ignore[union-attr]
-                tenant, session_id, after, size + 1
-            )
-            known = exists or bool(older) or after is not None
-            if not known:
-                known = await self._history.get_session(tenant, session_id) is not None  # type: ignore[union-attr]
-        except HistoryUnavailableError:
-            if not exists:
-                raise
-            known = True
-        if not known:
-            raise NotFoundError("SESSION_NOT_FOUND", f"no session {session_id!r}")
-        page = merge_pages(older, window, after, size + 1)
-        more = len(page) > size
-        page = page[:size]
-        return page, encode_message_cursor(message_key(page[-1])) if more and page else ""
 
     async def delete_session(self, tenant: str, session_id: str, allow_missing: bool) -> None:
         """Delete the session from Redis (state, outbox, event log) and PostgreSQL (AIP-135).
@@ -426,8 +358,8 @@ class ConversationEngine:
                 turn.cancel()
         # Redis first: once the outbox is gone nothing can write the session back.
         existed = await self._store.delete_session(tenant, session_id)
-        if self._history is not None:
-            existed = await self._history.delete_session(tenant, session_id) or existed
+        if self._records is not None:
+            existed = await self._records.delete(tenant, session_id) or existed
         if not existed and not allow_missing:
             raise NotFoundError("SESSION_NOT_FOUND", f"no session {session_id!r}")
         log.info("event=session_deleted tenant=%s existed=%s", tenant, existed)
