@@ -488,22 +488,19 @@ class ConversationEngine:
         return self._follow(turn, message, deadline)
 
     async def _follow(self, turn: Turn, message: pb.UserMessage, deadline: float | None) -> None:
-        """A retried message whose turn runs elsewhere: relay that turn's events from the
-        session's log (same seqs) while its lease lives.
+        """A retried message whose turn runs elsewhere: wait for it while its lease lives.
 
-        If its holder stops (the lease runs out with no terminal event logged),
-        begin again: the store declares the orphaned turn failed and runs the
-        message here (or replays the answer, if it was stored after all).
+        Once it ends (or its holder stops renewing the lease), begin again: the
+        store replays the answer, or declares the orphaned turn failed and runs
+        the message here. (A stream that resumes from a cursor joins the running
+        turn live instead: `join_live`.)
         """
         limit = self._clock() + self._settings.turn_timeout
         deadline_ = limit if deadline is None else min(deadline, limit)
         route = turn.plan.route
         assert route is not None
-        turn.following = True
         try:
-            while (
-                ended := await self._runner.follow(turn, deadline_, self._watch_seconds)
-            ) is False:
+            while await self._runner.await_settled(turn, deadline_):
                 begin, probe, lookup, kb_version = await self._begin(
                     turn.tenant, turn.session_id, message, route, deadline
                 )
@@ -513,7 +510,6 @@ class ConversationEngine:
                 if begin.status == "busy":
                     await self._runner.not_completed(turn, _turn_in_flight(begin.turn_id))
                     return
-                turn.following = False
                 turn.turn_id, turn.seq, turn.lookup = begin.turn_id, begin.seq_base, lookup
                 turn.plan = dataclasses.replace(turn.plan, cache_probe=probe, kb_version=kb_version)
                 turn.span.set_attribute("korero.turn_id", turn.turn_id)
@@ -522,8 +518,7 @@ class ConversationEngine:
         except KoreroError as error:
             await self._runner.not_completed(turn, error)
             return
-        if ended is None:
-            await self._runner.not_completed(turn)
+        await self._runner.not_completed(turn)
 
     async def _relay(self, turn: Turn, deadline: float | None) -> None:
         """A stream resumed on this instance while the turn runs on another: relay it."""
