@@ -17,7 +17,9 @@ from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient, ChatError
 from korero.server.app import KoreroServer
 from korero.server.settings import Settings
+from korero.server.storage.history import OutboxBatch
 from korero.server.storage.migrate import migrate
+from korero.server.storage.outbox import add_entry
 from korero.sim import UpstreamSim
 from tests.conftest import RedisProcess, make_settings
 from tests.helpers import run_turn, text_of
@@ -141,7 +143,7 @@ async def test_two_tenants_every_row_carries_its_tenant(
         "SELECT table_name FROM information_schema.tables"
         " WHERE table_schema = 'public' AND table_name <> 'korero_migrations'"
     )
-    assert {t["table_name"] for t in tables} == {"sessions", "messages"}
+    assert {t["table_name"] for t in tables} == {"sessions", "messages", "session_tombstones"}
     for table in ("sessions", "messages"):
         rows = await pg.fetch(f"SELECT * FROM {table}")  # noqa: S608 - fixed names
         assert rows
@@ -257,6 +259,21 @@ async def test_delete_session_removes_it_everywhere_and_is_idempotent(
         await client.stub.DeleteSession(
             pb.DeleteSessionRequest(session_id=gone.session_id, allow_missing=True)
         )
+        # A write read before the deletion (an outbox sweep in flight) cannot bring it back.
+        stale = OutboxBatch()
+        add_entry(
+            stale,
+            "default",
+            gone.session_id,
+            "1-1",
+            b'{"k":"u","turn":9,"turn_id":"t9","cmid":"late","text":"late","ts":1}',
+        )
+        assert durable.history is not None
+        await durable.history.apply(stale)
+        assert await _rows(pg, gone.session_id) == []
+        assert not await pg.fetchval(
+            "SELECT count(*) FROM sessions WHERE session_id = $1", gone.session_id
+        )
         # The other session is untouched.
         assert len(await _rows(pg, keep.session_id)) == 2
         assert (await client.get_session(keep.session_id)).turn_count == 1
@@ -361,3 +378,24 @@ async def test_sessions_purge_deletes_idle_sessions_of_one_tenant(
     )
     # Another tenant's row with the same id is not touched.
     assert await pg.fetchval("SELECT count(*) FROM sessions WHERE tenant = 'other'") == 1
+
+
+async def test_text_postgresql_refuses_is_stored_cleaned_not_stuck(
+    durable: KoreroServer, pg: asyncpg.Connection
+) -> None:
+    # NUL is valid UTF-8 and fine in Redis, but PostgreSQL refuses it in text and jsonb:
+    # left as is, one such message would hold back every session's writes.
+    async with ChatClient(f"127.0.0.1:{durable.port}") as client:
+        conversation = await client.conversation(
+            metadata=pb.SessionMetadata(customer_name="Nul\x00Name")
+        )
+        await run_turn(conversation, "hello\x00there", "n1")
+        after = await client.conversation()
+        await run_turn(after, "and the next session", "n2")
+    rows = await _rows(pg, conversation.session_id)
+    assert rows[0] == ("user", "hello\ufffdthere", "n1")
+    metadata = await pg.fetchval(
+        "SELECT metadata FROM sessions WHERE session_id = $1", conversation.session_id
+    )
+    assert "Nul\ufffdName" in metadata
+    assert len(await _rows(pg, after.session_id)) == 2

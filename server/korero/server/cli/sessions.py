@@ -14,6 +14,8 @@ from korero.server.storage.sessions import SessionStore
 
 __all__ = ["register"]
 
+_TOMBSTONE_SECONDS = 86400
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `sessions purge` to the `korero` command."""
@@ -67,6 +69,8 @@ async def _purge(args: argparse.Namespace) -> int:
                 deleted += 1
             if not stale:
                 break
+        # Deletions older than a day cannot be undone by a late write any more.
+        await history.prune_tombstones(_TOMBSTONE_SECONDS)
     except KoreroError as exc:
         print(f"korero sessions: {exc.reason}: {exc.message}", file=sys.stderr)
         return 1

@@ -125,6 +125,18 @@ ON CONFLICT (tenant, session_id) DO UPDATE SET
 WHERE EXCLUDED.epoch >= s.epoch
 """
 
+# Writes and deletions of one session take the same transaction-scoped lock,
+# always in key order, so a deletion and a write of rows read before it never
+# interleave.
+_LOCK_KEYS = """
+SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k
+"""
+
+_TOMBSTONED = """
+SELECT tenant, session_id FROM session_tombstones
+WHERE (tenant, session_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
+
 _LOCK_SESSIONS = """
 SELECT tenant, session_id, epoch FROM sessions
 WHERE (tenant, session_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
@@ -185,12 +197,13 @@ class HistoryStore:
     async def apply(self, batch: OutboxBatch) -> None:
         """Upsert a batch in one transaction; applying it twice changes nothing.
 
-        The batch's sessions are locked first (in key order) and rows of an epoch
-        older than their session's are dropped: a rehydration, which claims a new
-        epoch under the same lock, never races a write read from a Redis that crashed.
+        The batch's sessions are locked first (in key order); rows of a deleted
+        session are dropped, and so are rows of an epoch older than their
+        session's: a rehydration, which claims a new epoch under the same lock,
+        never races a write read from a Redis that crashed.
         """
         keys = sorted(batch.sessions)
-        sessions = [
+        sessions_rows = [
             (
                 tenant,
                 session_id,
@@ -210,6 +223,12 @@ class HistoryStore:
             self._pool.acquire(timeout=self._timeout) as conn,
             conn.transaction(),
         ):
+            await conn.execute(_LOCK_KEYS, [_lock_key(t, s) for t, s in keys])
+            gone = {
+                (r["tenant"], r["session_id"])
+                for r in await conn.fetch(_TOMBSTONED, [k[0] for k in keys], [k[1] for k in keys])
+            }
+            sessions = [row for row in sessions_rows if (row[0], row[1]) not in gone]
             current = {
                 (r["tenant"], r["session_id"]): r["epoch"]
                 for r in await conn.fetch(
@@ -218,7 +237,8 @@ class HistoryStore:
             }
 
             def fresh(epoch: int, row: tuple[Any, ...]) -> bool:
-                return epoch >= int(current.get((row[0], row[1]), 0))
+                key = (row[0], row[1])
+                return key not in gone and epoch >= int(current.get(key, 0))
 
             if sessions:
                 await conn.executemany(_UPSERT_SESSION, sessions)
@@ -320,12 +340,20 @@ class HistoryStore:
     # Deletion and retention -------------------------------------------------------------
 
     async def delete_session(self, tenant: str, session_id: str) -> bool:
-        """Delete a session and its messages; False when there was nothing to delete."""
+        """Delete a session and its messages, leaving a tombstone that refuses late
+        writes of it; False when there was nothing to delete."""
         async with (
             postgres_boundary(),
             self._pool.acquire(timeout=self._timeout) as conn,
             conn.transaction(),
         ):
+            await conn.execute(_LOCK_KEYS, [_lock_key(tenant, session_id)])
+            await conn.execute(
+                "INSERT INTO session_tombstones (tenant, session_id) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING",
+                tenant,
+                session_id,
+            )
             await conn.execute(
                 "DELETE FROM messages WHERE tenant = $1 AND session_id = $2", tenant, session_id
             )
@@ -333,6 +361,16 @@ class HistoryStore:
                 "DELETE FROM sessions WHERE tenant = $1 AND session_id = $2", tenant, session_id
             )
         return status != "DELETE 0"
+
+    async def prune_tombstones(self, older_than: int) -> int:
+        """Forget deletions older than `older_than` seconds (no write can be that late)."""
+        async with postgres_boundary(), self._pool.acquire(timeout=self._timeout) as conn:
+            status = await conn.execute(
+                "DELETE FROM session_tombstones"
+                " WHERE deleted_at < now() - make_interval(secs => $1)",
+                float(older_than),
+            )
+        return int(status.split()[-1])
 
     async def stale_sessions(
         self, tenant: str, idle_seconds: int, limit: int = 1000
@@ -347,6 +385,10 @@ class HistoryStore:
                 limit,
             )
         return [r["session_id"] for r in rows]
+
+
+def _lock_key(tenant: str, session_id: str) -> str:
+    return f"{tenant}\t{session_id}"
 
 
 def _message(row: asyncpg.Record) -> StoredMessage:

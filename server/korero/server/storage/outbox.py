@@ -69,9 +69,30 @@ def _turn_no(turn_id: str) -> int:
     return int(turn_id[1:]) if turn_id[1:].isdigit() else 0
 
 
+def _clean(value: Any) -> Any:
+    """Text PostgreSQL accepts: NUL (refused in `text` and `jsonb`) becomes U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    return value
+
+
 def add_entry(batch: OutboxBatch, tenant: str, session_id: str, entry_id: str, raw: bytes) -> None:
-    """Fold one outbox entry into the batch of rows to upsert."""
-    d: dict[str, Any] = json.loads(raw)
+    """Fold one outbox entry into the batch of rows to upsert (an entry that cannot be
+    read is logged and skipped: one bad entry must not hold back every session)."""
+    try:
+        _add_entry(batch, tenant, session_id, entry_id, raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.error("event=outbox_entry_unreadable entry=%s error=%s", entry_id, type(exc).__name__)
+
+
+def _add_entry(batch: OutboxBatch, tenant: str, session_id: str, entry_id: str, raw: bytes) -> None:
+    d: dict[str, Any] = _clean(json.loads(raw))
+    if isinstance(d.get("metadata"), str):  # JSON inside JSON: clean the decoded form
+        d["metadata"] = json.dumps(_clean(json.loads(d["metadata"])))
     ts = float(d.get("ts") or time.time() * 1000)
     epoch = int(d.get("ep") or 0)
     row = batch.session(tenant, session_id, ts, epoch)

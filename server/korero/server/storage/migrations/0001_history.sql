@@ -46,3 +46,11 @@ CREATE UNIQUE INDEX messages_answer_cmid
 -- Fencing: a session rehydrated into Redis gets a new epoch; outbox writes of an
 -- older epoch (read from a Redis that has since crashed) are refused.
 ALTER TABLE sessions ADD COLUMN epoch integer NOT NULL DEFAULT 0;
+
+-- A deleted session stays deleted: outbox writes read before the deletion are refused.
+CREATE TABLE session_tombstones (
+    tenant     text        NOT NULL,
+    session_id text        NOT NULL,
+    deleted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant, session_id)
+);
