@@ -43,6 +43,8 @@ from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.report.recorder import Recorder
 from korero.server.settings import Settings
+from korero.server.storage.history import HistoryStore
+from korero.server.storage.outbox import OutboxWriter
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
 from korero.server.tools import ToolExecutor, ToolRegistry
@@ -59,6 +61,8 @@ log = logging.getLogger(__name__)
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentDeskService"].full_name
+HISTORY_HEALTH = "korero.history"
+"""Health service name that is NOT_SERVING while PostgreSQL writes fail (the chat stays SERVING)."""
 
 _SERVER_OPTIONS = [
     ("grpc.so_reuseport", 1),
@@ -90,6 +94,8 @@ class KoreroServer:
     tracer_provider: TracerProvider | None = None
     websocket: WebSocketServer | None = None
     tool_executor: ToolExecutor | None = None
+    history: HistoryStore | None = None
+    outbox: OutboxWriter | None = None
     handoff: HandoffService | None = None
     webhooks: WebhookDispatcher | None = None
     recorder: Recorder | None = None
@@ -108,9 +114,12 @@ class KoreroServer:
         tracer_provider: TracerProvider | None = None,
     ) -> KoreroServer:
         """Build everything from settings (or injected parts) and start listening."""
-        store = store or SessionStore.connect(settings.redis, settings.engine)
+        durable = settings.postgres.url is not None
+        store = store or SessionStore.connect(settings.redis, settings.engine, outbox=durable)
         llm = llm or OpenAIProvider(settings.llm)
         metrics = Metrics(settings.observability)
+        health = health_aio.HealthServicer()
+        history, outbox = await _durability(settings, store, metrics, health)
         provider = tracer_provider or build_tracer_provider(settings.observability)
         tracer = (provider or trace.get_tracer_provider()).get_tracer("korero.server")
         interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -125,16 +134,16 @@ class KoreroServer:
         if settings.postgres.url is not None:
             recorder = Recorder(
                 settings.postgres.url,
-                pool_size=settings.postgres.pool_size,
+                pool_size=max(1, settings.postgres.pool_size // 4),
                 timeout=settings.postgres.timeout,
             )
             recorder.start()
         handoff, webhooks = await _build_handoff(settings, store, metrics, recorder)
         engine = _build_engine(
-            settings, store, llm, limiter, metrics, tracer, tool_executor, handoff, recorder
+            settings, store, llm, limiter, metrics, tracer, tool_executor, handoff
         )
+        engine.attach_history(history, outbox)
         lifecycle = Lifecycle()
-        health = health_aio.HealthServicer()
         server, port, services = _build_grpc_server(
             settings, engine, lifecycle, health, metrics, interceptors, handoff
         )
@@ -152,6 +161,9 @@ class KoreroServer:
         await server.start()
         for service in ("", *services):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if outbox is not None:
+            await health.set(HISTORY_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+            outbox.start()
         try:
             metrics_runner = await serve_metrics(metrics, settings.observability.metrics_listen)
         except OSError as exc:  # metrics are not worth refusing to serve for
@@ -176,6 +188,8 @@ class KoreroServer:
             provider,
             websocket,
             tool_executor,
+            history,
+            outbox,
             handoff,
             webhooks,
             recorder,
@@ -211,6 +225,10 @@ class KoreroServer:
         await self.llm.aclose()
         if self.tool_executor is not None:
             await self.tool_executor.close()
+        if self.outbox is not None:
+            await self.outbox.stop()  # a last sweep: a clean stop leaves no backlog behind
+        if self.history is not None:
+            await self.history.close()
         await self.store.close()
         log.info("event=stopped")
 
@@ -248,6 +266,32 @@ def _build_gate(
     return gate, limiter, authenticator
 
 
+async def _durability(
+    settings: Settings, store: SessionStore, metrics: Metrics, health: health_aio.HealthServicer
+) -> tuple[HistoryStore | None, OutboxWriter | None]:
+    """PostgreSQL and the outbox writer that feeds it, when KORERO_POSTGRES_URL is set."""
+    if settings.postgres.url is None:
+        return None, None
+    history = await HistoryStore.connect(settings.postgres)
+
+    def on_state(up: bool) -> None:
+        serving = health_pb2.HealthCheckResponse
+        status = serving.SERVING if up else serving.NOT_SERVING
+        asyncio.get_running_loop().create_task(health.set(HISTORY_HEALTH, status))
+
+    outbox = OutboxWriter(
+        store.redis,
+        history,
+        drain_interval=settings.postgres.drain_interval,
+        commit_wait=settings.postgres.commit_wait,
+        on_backlog=metrics.postgres_outbox_backlog.set,
+        on_error=lambda op: metrics.postgres_errors.labels(op).inc(),
+        on_commit_wait=metrics.postgres_commit_wait.observe,
+        on_state=on_state,
+    )
+    return history, outbox
+
+
 def _build_engine(
     settings: Settings,
     store: SessionStore,
@@ -257,7 +301,6 @@ def _build_engine(
     tracer: trace.Tracer,
     tool_executor: ToolExecutor,
     handoff: HandoffService | None,
-    recorder: Recorder | None,
 ) -> ConversationEngine:
     """The conversation engine with its context assembly, cache, knowledge base and tools."""
     kb_store = KnowledgeStore(store.redis)
@@ -293,7 +336,6 @@ def _build_engine(
             cache_seconds=settings.tools.cache_seconds,
         ),
         handoff=handoff,
-        on_turn_end=recorder.observe_turn if recorder is not None else None,
     )
 
 

@@ -5,5 +5,6 @@ from __future__ import annotations
 from korero.client._agent import AgentDesk
 from korero.client._client import ChatClient, Conversation
 from korero.client._errors import ChatError
+from korero.client._retry import Reconnect
 
-__all__ = ["AgentDesk", "ChatClient", "ChatError", "Conversation"]
+__all__ = ["AgentDesk", "ChatClient", "ChatError", "Conversation", "Reconnect"]

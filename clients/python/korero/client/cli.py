@@ -203,7 +203,11 @@ async def _chat(args: argparse.Namespace) -> int:
                     continue
                 if not state["human"]:
                     sys.stdout.write("bot> ")
+                reconnects = conversation.reconnects
                 await _turn(conversation, line)
+                if conversation.reconnects > reconnects:
+                    # The stream broke and was resumed from the last seq: nothing was lost.
+                    print(f"[reconnected {conversation.reconnects - reconnects}x, nothing missed]")
         except ChatError as error:
             printer.cancel()
             print(f"\nkorero chat: stream ended: {error}", file=sys.stderr)

@@ -6,8 +6,10 @@ one Redis Cluster slot:
 * the session's (`kr:{t:s}:…`): `RELAY_APPEND` claims, keeps or releases the
   session for a handoff (`owner` in the session hash: while it is set the bot
   does not answer), numbers customer-facing events with the session's `seq`
-  and appends them to the relay log, records relayed messages in the history,
-  and publishes on the session's channel;
+  (above any reservation, never while a bot turn holds the session), appends
+  them to the relay log and to the session's event log (so a stream resumed
+  from a cursor replays them), records relayed messages in the history, and
+  publishes on the session's channel;
 * the tenant desk's (`kr:{t:desk}:…`): every desk script starts with
   `_DESK_PRELUDE` and changes handoff records, queues and agents together,
   appending webhook deliveries to the outbox in the same step (a
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 RELAY_APPEND = """
-local meta, hist, relay, turns = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local meta, hist, relay, turns, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local mode, hid, ttl, maxlen, channel, cmid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local n = tonumber(ARGV[7])
 local t = redis.call('TIME')
@@ -42,9 +44,15 @@ if redis.call('EXISTS', meta) == 0 then return {'missing'} end
 local owner = redis.call('HGET', meta, 'owner')
 if mode == 'open' then
   if owner and owner ~= hid then return {'owned', owner} end
-  redis.call('HSET', meta, 'owner', hid)
+  redis.call('HSET', meta, 'owner', hid)  -- from now on no bot turn begins
 elseif mode ~= 'any' then
   if owner ~= hid then return {'not_owner', owner or ''} end
+end
+-- seq: a bot turn still holding the session numbers its events from its own
+-- reservation; numbering ours now could collide with it, so the caller waits.
+local holder = redis.call('HGET', meta, 'inflight')
+if holder and tonumber(redis.call('HGET', meta, 'inflight_until') or '0') > now and n > 0 then
+  return {'busy', holder}
 end
 if cmid ~= '' then
   local rec = redis.call('HGET', turns, cmid)
@@ -54,13 +62,28 @@ if cmid ~= '' then
   end
 end
 if mode == 'close' then redis.call('HDEL', meta, 'owner') end
+local function varint(v)
+  local out = {}
+  repeat
+    local b = v % 128
+    v = math.floor(v / 128)
+    if v > 0 then b = b + 128 end
+    out[#out + 1] = string.char(b)
+  until v == 0
+  return table.concat(out)
+end
 local turn_id = 't' .. (redis.call('HGET', meta, 'turns') or '0')
+local seq = math.max(tonumber(redis.call('HGET', meta, 'seq') or '0'),  -- seq
+                     tonumber(redis.call('HGET', meta, 'seq_top') or '0'))
 local out = {'ok'}
 for i = 0, n - 1 do
   local kind, ev, body, msg = ARGV[8 + i*4], ARGV[9 + i*4], ARGV[10 + i*4], ARGV[11 + i*4]
-  local seq = redis.call('HINCRBY', meta, 'seq', 1)
+  seq = seq + 1
   redis.call('XADD', relay, 'MAXLEN', '~', maxlen, '*',
              'seq', seq, 'kind', kind, 'hid', hid, 'ev', ev, 'body', body)
+  if ev ~= '' then  -- the session's event log (resume): the event with its seq (field 3)
+    redis.call('XADD', events, seq .. '-1', 't', now, 'e', ev .. string.char(24) .. varint(seq))
+  end
   if msg ~= '' then
     local m = cjson.decode(msg)
     m.ts = now
@@ -69,6 +92,7 @@ for i = 0, n - 1 do
   end
   out[#out + 1] = seq
 end
+if n > 0 then redis.call('HSET', meta, 'seq', seq, 'seq_top', seq) end
 if cmid ~= '' then
   redis.call('HSET', turns, cmid,
              cjson.encode({turn_id = '', status = 'relayed', seq = out[2], handoff = hid}))

@@ -252,6 +252,19 @@ class HandoffService:
         if result.status == "missing":
             raise InvalidArgumentError("SESSION_NOT_FOUND", f"session {session_id!r} has expired")
         seq = result.seqs[0]
+        if self._recorder is not None and result.status == "ok":
+            self._recorder.handoff_message(
+                tenant,
+                session_id,
+                seq,
+                handoff_id,
+                "customer",
+                "",
+                message.client_message_id,
+                message.text,
+                (signals or {}).get("sentiment"),
+                self._now(),
+            )
         turn = Turn(tenant, session_id, "", message.client_message_id, seq - 1)
         turn.publish(
             message_relayed=pb.MessageRelayed(
@@ -398,6 +411,7 @@ class HandoffService:
                 escalation.reason,
                 str(record["queue"]),
                 now,
+                turn_id,
             )
         log.info(
             "event=handoff_requested tenant=%s handoff=%s trigger=%s queue=%s",
@@ -780,6 +794,19 @@ class HandoffService:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "HANDOFF_NOT_YOURS",
                 "this conversation is no longer yours",
+            )
+        if self._recorder is not None and result.status == "ok":
+            self._recorder.handoff_message(
+                tenant,
+                handoff.session,
+                result.seqs[0],
+                handoff.id,
+                "agent",
+                agent.display_name,
+                message_id,
+                text,
+                None,
+                self._now(),
             )
         return result.seqs[0]
 

@@ -19,6 +19,7 @@ to the session's `owner` field. Every call runs inside the Redis boundary.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from korero.server.errors import StoreUnavailableError
 from korero.server.handoff import scripts as lua
 from korero.server.handoff.records import AgentRecord, DeskSnapshot, HandoffRecord, RelayEntry
 from korero.server.storage.boundary import redis_boundary
@@ -36,6 +38,7 @@ from korero.server.storage.records import StoredMessage, TurnRecord
 __all__ = ["AppendResult", "HandoffStore", "RelayItem", "SessionContext"]
 
 AppendMode = Literal["open", "keep", "close", "any"]
+_BUSY_ATTEMPTS = 600  # waiting ~5 minutes at most for a bot turn to end (its own timeout bounds it)
 
 
 @dataclass(frozen=True)
@@ -137,9 +140,21 @@ class HandoffStore:
                 json.dumps(item.body, ensure_ascii=False) if item.body else "",
                 json.dumps(item.history, ensure_ascii=False) if item.history else "",
             ]
-        keys = [session_key(tenant, session_id, p) for p in ("meta", "history", "relay", "turns")]
-        async with redis_boundary():
-            out = await self._append(keys=keys, args=args)
+        keys = [
+            session_key(tenant, session_id, p)
+            for p in ("meta", "history", "relay", "turns", "events")
+        ]
+        for attempt in range(_BUSY_ATTEMPTS):
+            async with redis_boundary():
+                out = await self._append(keys=keys, args=args)
+            if _text(out[0]) != "busy":
+                break
+            # A bot turn still holds the session (its answer is streaming): wait for it.
+            # An `open` has claimed the session already; the items follow as `keep`.
+            args[0] = "keep" if mode == "open" else mode
+            await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
+        else:
+            raise StoreUnavailableError("a turn is still holding the session; try again")
         status = _text(out[0])
         if status == "ok":
             return AppendResult("ok", tuple(int(s) for s in out[1:]))

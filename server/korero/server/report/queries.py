@@ -1,9 +1,10 @@
 """The report: how a tenant's conversations went over a period, from PostgreSQL.
 
-A *conversation* is a session with at least one turn or handoff in the
+A *conversation* is a session with at least one message or handoff in the
 period; it was *contained* when no handoff of it was requested in the
-period (the bot resolved it without a person). Read from the tables of
-migration `storage/migrations/0002_handoffs.sql` (see recorder.py).
+period (the bot resolved it without a person). Read from `messages`
+(migration 0001: the bot's turns, written through the session outbox) and
+`handoffs` (migration 0002, written by report/recorder.py).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Report:
     agent_joined: int = 0
     median_agent_wait_seconds: float | None = None
     turns: int = 0
+    """The bot's answers (hand-over notices not counted)."""
     p95_time_to_first_token_ms: float | None = None
     cached_answers: int = 0
     cache_hit_rate: float | None = None
@@ -58,6 +60,17 @@ class Report:
         return out
 
 
+# The bot's answers in the period, without the turns that only said "a person
+# is coming" (those escalated: their turn id is on the handoff).
+_ANSWERS = """
+answers AS (
+    SELECT m.* FROM messages m
+    WHERE m.tenant = $1 AND m.created_at >= $2 AND m.created_at < $3
+      AND m.role = 'assistant'
+      AND NOT EXISTS (
+          SELECT 1 FROM handoffs h
+          WHERE h.tenant = m.tenant AND h.session_id = m.session_id AND h.turn_id = m.turn_id)
+)"""
 _CONVERSATIONS = """
 SELECT count(*) AS conversations,
        count(*) FILTER (WHERE NOT EXISTS (
@@ -65,7 +78,7 @@ SELECT count(*) AS conversations,
            WHERE h.tenant = $1 AND h.session_id = s.session_id
              AND h.requested_at >= $2 AND h.requested_at < $3)) AS contained
 FROM (
-    SELECT session_id FROM turn_facts
+    SELECT session_id FROM messages
     WHERE tenant = $1 AND created_at >= $2 AND created_at < $3
     UNION
     SELECT session_id FROM handoffs
@@ -84,22 +97,25 @@ SELECT count(*) AS joined,
 FROM handoffs
 WHERE tenant = $1 AND requested_at >= $2 AND requested_at < $3 AND joined_at IS NOT NULL
 """
-_TURNS = """
-SELECT count(*) AS turns,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY ttft_ms)
-           FILTER (WHERE ttft_ms IS NOT NULL AND NOT escalated) AS p95_ttft,
+_TURNS = (
+    "WITH"
+    + _ANSWERS
+    + """
+SELECT count(*) AS answers,
+       percentile_cont(0.95) WITHIN GROUP (
+           ORDER BY (timings->>'time_to_first_token')::double precision * 1000)
+           FILTER (WHERE timings ? 'time_to_first_token') AS p95_ttft,
        count(*) FILTER (WHERE cached) AS cached,
-       count(*) FILTER (WHERE outcome IN ('stop', 'length', 'cached') AND NOT escalated)
-           AS answered,
-       avg(input_tokens + output_tokens)
-           FILTER (WHERE outcome IN ('stop', 'length') AND NOT escalated
-                   AND input_tokens + output_tokens > 0) AS avg_tokens
-FROM turn_facts
-WHERE tenant = $1 AND created_at >= $2 AND created_at < $3
+       avg(COALESCE((usage->>'input')::bigint, 0) + COALESCE((usage->>'output')::bigint, 0))
+           FILTER (WHERE NOT cached
+                   AND COALESCE((usage->>'input')::bigint, 0)
+                       + COALESCE((usage->>'output')::bigint, 0) > 0) AS avg_tokens
+FROM answers
 """
+)
 _INTENTS = """
-SELECT intent, count(*) AS n FROM turn_facts
-WHERE tenant = $1 AND created_at >= $2 AND created_at < $3 AND intent <> ''
+SELECT intent, count(*) AS n FROM messages
+WHERE tenant = $1 AND created_at >= $2 AND created_at < $3 AND role = 'user' AND intent <> ''
 GROUP BY intent ORDER BY n DESC, intent LIMIT $4
 """
 
@@ -135,7 +151,7 @@ async def build_report(
     contained = int(conv["contained"])
     handoffs = sum(by_trigger.values())
     cached = int(turns["cached"])
-    answered = int(turns["answered"])
+    answered = int(turns["answers"])
     avg_tokens = float(turns["avg_tokens"] or 0.0)
     return Report(
         tenant=tenant,
@@ -154,7 +170,7 @@ async def build_report(
         median_agent_wait_seconds=None
         if wait["median_wait"] is None
         else round(float(wait["median_wait"]), 3),
-        turns=int(turns["turns"]),
+        turns=answered,
         p95_time_to_first_token_ms=None
         if turns["p95_ttft"] is None
         else round(float(turns["p95_ttft"]), 1),

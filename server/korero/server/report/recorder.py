@@ -1,11 +1,12 @@
-"""Turn facts and handoff records, written to PostgreSQL in batches, off the chat path.
+"""Handoff records, written to PostgreSQL in batches, off the chat path.
 
-The engine and the handoff service call `turn` / `handoff_*` (no I/O: the
-record goes into a bounded in-memory queue); one task writes whatever is
+The handoff service calls `handoff_*` (no I/O: the record goes into a
+bounded in-memory queue); one task writes whatever is
 queued every `_FLUSH` seconds in one transaction. While PostgreSQL is away,
 records wait (up to `_MAX_PENDING`, then the oldest are dropped and counted);
 a chat never waits for it. The tables are those of migration
-`storage/migrations/0002_handoffs.sql`.
+`storage/migrations/0002_handoffs.sql`; the bot's own turns reach PostgreSQL
+through the session outbox (storage/outbox.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from typing import Any
 
 import asyncpg
 
-from korero.server.conversation.turn import Turn
-
 __all__ = ["Recorder"]
 
 log = logging.getLogger(__name__)
@@ -30,17 +29,17 @@ log = logging.getLogger(__name__)
 _FLUSH = 0.5
 _MAX_PENDING = 50_000
 
-_TURN = """
-INSERT INTO turn_facts (tenant, session_id, turn_id, created_at, intent, outcome, reason,
-                        ttft_ms, duration_ms, input_tokens, output_tokens, cached, sentiment,
-                        escalated)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-ON CONFLICT (tenant, session_id, turn_id) DO NOTHING
-"""
 _REQUESTED = """
-INSERT INTO handoffs (tenant, handoff_id, session_id, trigger, reason, queue, requested_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+INSERT INTO handoffs (tenant, handoff_id, session_id, trigger, reason, queue, requested_at,
+                      turn_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (tenant, handoff_id) DO NOTHING
+"""
+_MESSAGE = """
+INSERT INTO handoff_messages (tenant, session_id, seq, handoff_id, role, author,
+                              client_message_id, text, sentiment, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (tenant, session_id, seq) DO NOTHING
 """
 _JOINED = """
 INSERT INTO handoffs (tenant, handoff_id, session_id, trigger, reason, queue, requested_at,
@@ -107,40 +106,6 @@ class Recorder:
             self.dropped += 1
         self._pending.append(_Row(sql, args))
 
-    def turn(
-        self,
-        *,
-        tenant: str,
-        session_id: str,
-        turn_id: str,
-        intent: str,
-        outcome: str,
-        reason: str,
-        ttft_ms: float | None,
-        duration_ms: float,
-        input_tokens: int,
-        output_tokens: int,
-        sentiment: float | None,
-        escalated: bool,
-    ) -> None:
-        self._add(
-            _TURN,
-            tenant,
-            session_id,
-            turn_id,
-            datetime.now(tz=UTC),
-            intent,
-            outcome,
-            reason,
-            ttft_ms,
-            duration_ms,
-            input_tokens,
-            output_tokens,
-            outcome == "cached",
-            sentiment,
-            escalated,
-        )
-
     def handoff_requested(
         self,
         tenant: str,
@@ -150,9 +115,46 @@ class Recorder:
         reason: str,
         queue: str,
         requested_ms: int,
+        turn_id: str = "",
     ) -> None:
         self._add(
-            _REQUESTED, tenant, handoff_id, session_id, trigger, reason, queue, _at(requested_ms)
+            _REQUESTED,
+            tenant,
+            handoff_id,
+            session_id,
+            trigger,
+            reason,
+            queue,
+            _at(requested_ms),
+            turn_id,
+        )
+
+    def handoff_message(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        handoff_id: str,
+        role: str,
+        author: str,
+        client_message_id: str,
+        text: str,
+        sentiment: float | None,
+        at_ms: int,
+    ) -> None:
+        """A message of the conversation while a person owns it (customer or agent)."""
+        self._add(
+            _MESSAGE,
+            tenant,
+            session_id,
+            seq,
+            handoff_id,
+            role,
+            author,
+            client_message_id,
+            text,
+            sentiment,
+            _at(at_ms),
         )
 
     def handoff_joined(
@@ -211,30 +213,6 @@ class Recorder:
             disposition,
             agent_id,
             agent_name,
-        )
-
-    def observe_turn(self, turn: Turn, duration: float) -> None:
-        """The engine's `on_turn_end`: one turn fact (replays are not new turns)."""
-        result = turn.result
-        if result.outcome == "replayed" or not turn.turn_id or turn.timings is None:
-            return
-        timings = turn.timings
-        usage = result.usage
-        self.turn(
-            tenant=turn.tenant,
-            session_id=turn.session_id,
-            turn_id=turn.turn_id,
-            intent=turn.intent,
-            outcome=result.outcome,
-            reason=result.reason,
-            ttft_ms=None
-            if timings.first_token is None
-            else (timings.first_token - timings.started) * 1000,
-            duration_ms=duration * 1000,
-            input_tokens=usage.input_tokens if usage is not None else 0,
-            output_tokens=usage.output_tokens if usage is not None else 0,
-            sentiment=turn.sentiment.score if turn.sentiment is not None else None,
-            escalated=turn.escalation is not None,
         )
 
     # Writing ----------------------------------------------------------------------------

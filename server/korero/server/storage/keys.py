@@ -10,6 +10,10 @@ that one Lua script touches share a Redis Cluster slot:
                                         a tenant's agent desk (see handoff/)
     kr:{t:desk}:wh:<target> | wh:<target>:dead | wh:<target>:lease
                                         a tenant's webhook outbox per endpoint
+    kr:{t:s}:outbox                     its writes on their way to PostgreSQL
+    kr:{t:s}:events                     its event log, replayed on resume
+    kr:{outbox}:pending                 sessions with outbox entries (ids only,
+                                        no data: the one key without a tenant)
     kr:{t:kb}:meta | chunks:<v> | cache:<v>:…   a tenant's knowledge base
                                         and response cache (see context/)
     kr:{t:auth}:apikeys                 a tenant's API keys (see policy/)
@@ -25,11 +29,14 @@ from __future__ import annotations
 
 __all__ = [
     "NOTIFY_PATTERN",
+    "OUTBOX_PENDING",
     "api_keys_key",
     "desk_channel",
     "desk_key",
     "kb_key",
     "parse_notify_channel",
+    "parse_pending_member",
+    "pending_member",
     "rate_limit_key",
     "session_channel",
     "session_key",
@@ -39,10 +46,12 @@ __all__ = [
 NOTIFY_PATTERN = "kr:{*}:notify"
 """Matches every session and desk channel."""
 _DESK = "desk"
+OUTBOX_PENDING = "kr:{outbox}:pending"
+"""Sorted set: `pending_member(tenant, session)` -> a counter bumped on every outbox write."""
 
 
 def session_key(tenant: str, session_id: str, part: str) -> str:
-    """The key of one part of a session: `meta`, `history` or `turns`."""
+    """The key of one part of a session: `meta`, `history`, `turns`, `outbox` or `events`."""
     return f"kr:{{{tenant}:{session_id}}}:{part}"
 
 
@@ -85,6 +94,17 @@ def parse_notify_channel(channel: str) -> tuple[str, str | None] | None:
     if not sep or not tenant or not rest:
         return None
     return (tenant, None) if rest == _DESK else (tenant, rest)
+
+
+def pending_member(tenant: str, session_id: str) -> str:
+    """A session's member in `OUTBOX_PENDING`."""
+    return f"{tenant}\t{session_id}"
+
+
+def parse_pending_member(member: bytes | str) -> tuple[str, str]:
+    text = member.decode() if isinstance(member, bytes) else member
+    tenant, _, session_id = text.partition("\t")
+    return tenant, session_id
 
 
 def tools_key(tenant: str) -> str:

@@ -1,18 +1,17 @@
--- Human handoffs and per-turn facts: what `korero report` reads.
---
--- `handoffs` is one row per handoff (handoff/): requested, joined by an agent,
--- ended. `turn_facts` is one row per bot turn with what the report needs
--- (intent, outcome, time to first token, tokens, cache); it stands in for the
--- history tables of 0001 (sessions and messages) where those are not applied.
--- Every row carries its tenant, and every key and index starts with it.
+-- Human handoffs (handoff/): one row per handoff — requested, joined by an agent,
+-- ended — and the messages exchanged while a person owned the conversation
+-- (the bot's turns are in `messages`, 0001). `korero report` reads these with
+-- `sessions` and `messages`. Every row carries its tenant, and every key and
+-- index starts with it.
 
-CREATE TABLE IF NOT EXISTS handoffs (
+CREATE TABLE handoffs (
     tenant        text        NOT NULL,
     handoff_id    text        NOT NULL,
     session_id    text        NOT NULL,
-    trigger       text        NOT NULL,
+    trigger       text        NOT NULL,   -- settings.HandoffTriggerName
     reason        text        NOT NULL DEFAULT '',
     queue         text        NOT NULL DEFAULT 'general',
+    turn_id       text        NOT NULL DEFAULT '',   -- the bot turn that escalated, if one did
     requested_at  timestamptz NOT NULL,
     joined_at     timestamptz,                       -- the first agent joined
     ended_at      timestamptz,
@@ -23,24 +22,21 @@ CREATE TABLE IF NOT EXISTS handoffs (
     PRIMARY KEY (tenant, handoff_id)
 );
 
-CREATE INDEX IF NOT EXISTS handoffs_tenant_requested ON handoffs (tenant, requested_at);
+CREATE INDEX handoffs_tenant_requested ON handoffs (tenant, requested_at);
+CREATE INDEX handoffs_tenant_session ON handoffs (tenant, session_id);
 
-CREATE TABLE IF NOT EXISTS turn_facts (
-    tenant         text             NOT NULL,
-    session_id     text             NOT NULL,
-    turn_id        text             NOT NULL,
-    created_at     timestamptz      NOT NULL,
-    intent         text             NOT NULL DEFAULT '',
-    outcome        text             NOT NULL,        -- stop | length | cached | cancelled | error
-    reason         text             NOT NULL DEFAULT '',
-    ttft_ms        double precision,                 -- null: no text was sent
-    duration_ms    double precision NOT NULL,
-    input_tokens   integer          NOT NULL DEFAULT 0,
-    output_tokens  integer          NOT NULL DEFAULT 0,
-    cached         boolean          NOT NULL DEFAULT false,
-    sentiment      real,
-    escalated      boolean          NOT NULL DEFAULT false,
-    PRIMARY KEY (tenant, session_id, turn_id)
+CREATE TABLE handoff_messages (
+    tenant            text        NOT NULL,
+    session_id        text        NOT NULL,
+    seq               bigint      NOT NULL,          -- its seq on the customer's stream
+    handoff_id        text        NOT NULL,
+    role              text        NOT NULL CHECK (role IN ('customer', 'agent')),
+    author            text        NOT NULL DEFAULT '',   -- the agent's display name
+    client_message_id text        NOT NULL DEFAULT '',
+    text              text        NOT NULL,
+    sentiment         real,
+    created_at        timestamptz NOT NULL,
+    PRIMARY KEY (tenant, session_id, seq)
 );
 
-CREATE INDEX IF NOT EXISTS turn_facts_tenant_created ON turn_facts (tenant, created_at);
+CREATE INDEX handoff_messages_handoff ON handoff_messages (tenant, handoff_id);
