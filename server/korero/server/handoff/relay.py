@@ -57,8 +57,7 @@ class RelayHub:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=2.0)  # bounded: shutdown never hangs here
             self._task = None
 
     def watch(self, tenant: str, session_id: str | None, wake: Wake) -> None:
@@ -108,7 +107,7 @@ class RelayHub:
                 await asyncio.sleep(delay)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
 
 
 class SessionFeed:

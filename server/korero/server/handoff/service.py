@@ -11,7 +11,6 @@ webhooks), then tells the customer through the session's relay log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -143,8 +142,7 @@ class HandoffService:
             await asyncio.wait(self._background, timeout=2.0)
         if self._sweeper is not None:
             self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await asyncio.wait({self._sweeper}, timeout=2.0)
         await self._hub.close()
 
     # Engine hooks ---------------------------------------------------------------------
