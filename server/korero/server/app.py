@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -89,11 +91,12 @@ class KoreroServer:
         store: SessionStore | None = None,
         llm: LLMProvider | None = None,
         tracer_provider: TracerProvider | None = None,
+        metrics: Metrics | None = None,
     ) -> KoreroServer:
         """Build everything from settings (or injected parts) and start listening."""
         store = store or SessionStore.connect(settings.redis, settings.engine)
         llm = llm or OpenAIProvider(settings.llm)
-        metrics = Metrics(settings.observability)
+        metrics = metrics or Metrics(settings.observability)
         provider = tracer_provider or build_tracer_provider(settings.observability)
         tracer = (provider or trace.get_tracer_provider()).get_tracer("korero.server")
         interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -237,9 +240,19 @@ class KoreroServer:
         log.info("event=stopped")
 
 
-async def run(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain."""
-    app = await KoreroServer.start(settings)
+async def run(
+    settings: Settings,
+    *,
+    multiprocess_dir: Path | None = None,
+    on_serving: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain.
+
+    A worker of `korero serve --workers N` passes the supervisor's metrics
+    directory (values summed over workers) and a callback saying it is serving.
+    """
+    metrics = Metrics(settings.observability, multiprocess_dir=multiprocess_dir)
+    app = await KoreroServer.start(settings, metrics=metrics)
     log.info(
         "event=serving address=%s redis=%s llm=%s model=%s auth=%s metrics_port=%s",
         app.address,
@@ -265,6 +278,8 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_serving is not None:
+        on_serving()
     await stop.wait()
     await app.shutdown()
 

@@ -138,6 +138,17 @@ def _path(raw: str) -> Path:
     return Path(raw)
 
 
+def _workers(raw: str) -> int | None:
+    """A process count, or None for `auto` (one per available core)."""
+    word = raw.strip().lower()
+    if word == "auto":
+        return None
+    count = int(word)
+    if count < 1:
+        raise ValueError("must be at least 1, or `auto`")
+    return count
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """The gRPC listener and process lifecycle."""
@@ -172,6 +183,15 @@ class ServerSettings:
         parse=_path,
     )
     """The WebSocket listener serves this directory's files (clients/web/dist) at `/`."""
+    workers: int | None = _env(
+        "KORERO_WORKERS",
+        None,
+        "server processes sharing the ports (empty or `auto`: one per core)",
+        parse=_workers,
+    )
+    """`korero serve` runs this many processes on the same ports (SO_REUSEPORT);
+    None counts the cores this process may use (CPU affinity and cgroup quota).
+    `--workers` overrides it."""
 
 
 @dataclass(frozen=True)
