@@ -96,13 +96,21 @@ def _worker_main(settings: Settings, index: int, metrics_dir: str, ready: Any) -
     from korero.server.app import run  # noqa: PLC0415
 
     configure_logging(settings.server.log_level, index)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGTERM
+    # Until the server installs its own handlers (which drain), a stop request
+    # finds nothing to drain: leave quietly. Ctrl-C reaches the parent too,
+    # which turns it into SIGTERM.
+    signal.signal(signal.SIGTERM, _exit_before_serving)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run(settings, multiprocess_dir=Path(metrics_dir), on_serving=ready.set))
     except OSError as exc:
         print(f"korero serve: worker {index}: {exc}", file=sys.stderr)
         sys.exit(STARTUP_FAILED if not ready.is_set() else 1)
+
+
+def _exit_before_serving(signum: int, _: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 @dataclass
@@ -181,8 +189,8 @@ class Supervisor:
         )
         self._workers = [self._start(context, i) for i in range(self.count)]
         if not self._await_ready(wake):
-            self._stop_all()
-            return 1
+            code = self._stop_all()
+            return code if self._stopping else 1  # told to stop while starting: not a failure
         log.info("event=workers_serving workers=%d", self.count)
         while not self._stopping:
             now = time.monotonic()
@@ -272,7 +280,12 @@ class Supervisor:
                 worker.process.join()
         codes = [w.process.exitcode for w in running]
         log.info("event=workers_stopped exitcodes=%s", ",".join(str(c) for c in codes))
-        return 0 if all(code == 0 for code in codes) else 1
+        # A worker stopped while still starting had nothing to drain.
+        clean = [
+            code == 0 or (code == -signal.SIGTERM and not w.ready.is_set())
+            for w, code in zip(running, codes, strict=True)
+        ]
+        return 0 if all(clean) else 1
 
     def _reserve_ports(self, server: ServerSettings) -> ServerSettings:
         return dataclasses.replace(
