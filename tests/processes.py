@@ -43,7 +43,9 @@ class ServeProcess:
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_for(self, pattern: str, *, count: int = 1, timeout: float = 30) -> list[re.Match[str]]:
+    async def wait_for(
+        self, pattern: str, *, count: int = 1, timeout: float = 30
+    ) -> list[re.Match[str]]:
         """The first `count` log lines matching `pattern` (waiting for them to appear)."""
         regex = re.compile(pattern)
         async with asyncio.timeout(timeout), self._changed:

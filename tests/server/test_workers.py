@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from korero.client import ChatClient, ChatError, Conversation
-from korero.server.supervisor import available_cores
+from korero.server.cli.workers import available_cores
 from korero.sim import SimConfig, UpstreamSim
 from tests.helpers import kinds, run_turn
 from tests.processes import ServeProcess

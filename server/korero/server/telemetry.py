@@ -158,7 +158,7 @@ class Metrics:
         if self.multiprocess_dir is None:
             return self.registry
         merged = CollectorRegistry()
-        MultiProcessCollector(merged, path=str(self.multiprocess_dir))
+        MultiProcessCollector(merged, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
         return merged
 
     def render(self) -> bytes:

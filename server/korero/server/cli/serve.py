@@ -9,8 +9,8 @@ import sys
 
 import uvloop
 
+from korero.server.cli.workers import Supervisor, available_cores, configure_logging
 from korero.server.settings import Settings, SettingsError, env_reference
-from korero.server.supervisor import Supervisor, available_cores, configure_logging
 
 __all__ = ["register"]
 

@@ -38,6 +38,7 @@ from korero.server.errors import InvalidArgumentError, KoreroError, NotFoundErro
 from korero.server.settings import EngineSettings, RedisSettings
 from korero.server.storage import session_scripts as lua
 from korero.server.storage.boundary import redis_boundary
+from korero.server.storage.connection import connect
 from korero.server.storage.keys import session_key
 from korero.server.storage.records import SessionRecord, StoredMessage, TurnBegin, TurnRecord
 from korero.server.storage.scripts import ScriptCall, run_scripts
@@ -67,19 +68,12 @@ class SessionStore:
 
     @classmethod
     def connect(cls, redis_settings: RedisSettings, engine: EngineSettings) -> SessionStore:
-        """A store over a blocking connection pool sized by settings.
+        """A store on one Redis or a Redis Cluster, as the URL says (`connection.py`).
 
-        A blocking pool makes callers wait for a connection (up to the Redis
-        timeout) instead of failing with MaxConnectionsError under bursts.
+        Either way callers wait for a connection (up to the Redis timeout)
+        instead of failing with MaxConnectionsError under bursts.
         """
-        pool = aioredis.BlockingConnectionPool.from_url(
-            redis_settings.url,
-            max_connections=redis_settings.max_connections,
-            timeout=redis_settings.timeout,
-            socket_timeout=redis_settings.timeout,
-            socket_connect_timeout=redis_settings.timeout,
-        )
-        return cls(aioredis.Redis(connection_pool=pool), engine)
+        return cls(connect(redis_settings), engine)
 
     @property
     def redis(self) -> aioredis.Redis:

@@ -216,9 +216,7 @@ class Supervisor:
             name=f"korero-worker-{index}",
         )
         process.start()
-        log.info(
-            "event=worker_started worker=%d pid=%s restarts=%d", index, process.pid, crashes
-        )
+        log.info("event=worker_started worker=%d pid=%s restarts=%d", index, process.pid, crashes)
         return _Worker(index, process, ready, time.monotonic(), crashes)
 
     def _await_ready(self, wake: socket.socket) -> bool:
@@ -255,7 +253,7 @@ class Supervisor:
             delay,
         )
         if pid is not None:  # its live gauges (open streams) no longer count
-            multiprocess.mark_process_dead(pid, str(self._metrics_dir))
+            multiprocess.mark_process_dead(pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
         worker.process.close()
         worker.crashes = crashes
         worker.restart_at = time.monotonic() + delay
