@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
-import redis
 
 from korero.client import ChatClient
 from korero.server.app import KoreroServer
@@ -34,11 +28,14 @@ from korero.server.settings import (
     RedisSettings,
     ServerSettings,
     Settings,
+    ToolSettings,
 )
 from korero.sim import SimConfig, UpstreamSim
-from tests.redis_cluster import RedisClusterProcess
+from korero.testing import PrivateRedis, PrivateRedisCluster
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+RedisProcess = PrivateRedis
+"""A private redis-server that tests may stop, pause and restart (korero.testing)."""
+
 REDIS_CLUSTER = os.environ.get("KORERO_TEST_REDIS", "") == "cluster"
 
 
@@ -51,69 +48,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(skip)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisProcess:
-    """A private redis-server that tests may stop, pause and restart."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
-
-
 @pytest.fixture(scope="session")
 def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    proc: RedisProcess | RedisClusterProcess
+    proc: RedisProcess | PrivateRedisCluster
     if REDIS_CLUSTER:
-        proc = RedisClusterProcess(tmp_path_factory.mktemp("redis-cluster"))
+        proc = PrivateRedisCluster(tmp_path_factory.mktemp("redis-cluster"))
     else:
         proc = RedisProcess(tmp_path_factory.mktemp("redis"))
     proc.start()
@@ -148,6 +87,7 @@ def make_settings(redis_url: str, llm_url: str, **overrides: object) -> Settings
         "knowledge": KnowledgeSettings(),
         "prompt": PromptSettings(),
         "cache": CacheSettings(),
+        "tools": ToolSettings(),
     }
     for key, value in overrides.items():
         group, name = key.split("__")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -51,3 +53,41 @@ async def ingest_sample(redis_url: str, tenant: str = "default") -> int:
 
 def of_kind(events: list[pb.Event], kind: str) -> list[pb.Event]:
     return [e for e in events if e.WhichOneof("kind") == kind]
+
+
+class RawChat:
+    """A `Chat` stream on the generated stub, for frames the client would never send."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.session_id = ""
+
+    @classmethod
+    async def open(cls, stub: Any) -> RawChat:
+        chat = cls(stub.Chat())
+        await chat.call.write(pb.ChatRequest(start=pb.StartSession()))
+        chat.session_id = (await chat.next_event()).session_id
+        return chat
+
+    async def write(self, request: pb.ChatRequest) -> None:
+        await self.call.write(request)
+
+    async def next_event(self, timeout: float = 5.0) -> pb.Event:
+        """The next event that is not a heartbeat."""
+        while True:
+            response = await asyncio.wait_for(self.call.read(), timeout)
+            if response.event.WhichOneof("kind") != "heartbeat":
+                return response.event  # type: ignore[no-any-return]
+
+    async def turn(self, text: str, cmid: str) -> list[pb.Event]:
+        """Send a message and collect events up to its turn's terminal one."""
+        await self.write(pb.ChatRequest(message=pb.UserMessage(client_message_id=cmid, text=text)))
+        events = []
+        while True:
+            event = await self.next_event()
+            events.append(event)
+            if event.WhichOneof("kind") in ("done", "error") and event.turn_id:
+                return events
+
+    def close(self) -> None:
+        self.call.cancel()

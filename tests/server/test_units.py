@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,15 +61,50 @@ def test_every_setting_is_documented() -> None:
         assert name.split(" / ")[0] in text, f"{name} missing from docs/operating.md"
 
 
+class FakeTimer:
+    def __init__(self, when: float, callback: Callable[[], Any]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeScheduler:
+    """A clock with timers that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.timers: list[FakeTimer] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[[], Any]) -> FakeTimer:
+        timer = FakeTimer(when, callback)
+        self.timers.append(timer)
+        return timer
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = [t for t in self.timers if t.when <= self.now and not t.cancelled]
+        self.timers = [t for t in self.timers if t not in due]
+        for timer in due:
+            timer.callback()
+
+
 async def test_coalescer_sends_first_piece_at_once_then_merges() -> None:
     sent: list[str] = []
-    c = DeltaCoalescer(sent.append, window=0.05, max_bytes=1000)
+    clock = FakeScheduler()
+    c = DeltaCoalescer(sent.append, window=0.05, max_bytes=1000, scheduler=clock)
     c.add("Hello")
     assert sent == ["Hello"]
     for word in (" there", ",", " how", " are"):
         c.add(word)
+    clock.advance(0.049)
     assert sent == ["Hello"]  # held inside the window
-    await asyncio.sleep(0.08)
+    clock.advance(0.002)
     assert sent == ["Hello", " there, how are"]
     c.add(" you")
     c.flush()

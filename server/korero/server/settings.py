@@ -1,5 +1,8 @@
 """Settings: the one place that reads the environment.
 
+One module on purpose (it is longer than 400 lines): it is the one list the
+settings table and `korero serve --help` are generated from.
+
 Every knob is a field of a frozen dataclass with its environment variable,
 default and description declared next to it, so `korero serve --help` and the
 settings table in docs/operating.md come from the same source. Values are
@@ -32,6 +35,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SettingsError",
+    "ToolSettings",
     "env_reference",
 ]
 
@@ -447,6 +451,20 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
+class ToolSettings:
+    """The tool loop (live data through tenant-configured tools; see docs/tools.md)."""
+
+    max_rounds: int = _env(
+        "KORERO_TOOLS_MAX_ROUNDS", 3, "most rounds of tool calls in one turn (0: tools off)"
+    )
+    """After this many rounds the model is asked again without tools, so it must answer."""
+    cache_seconds: float = _env(
+        "KORERO_TOOLS_CACHE_SECONDS", 5.0, "seconds a tenant's tool list is kept in-process"
+    )
+    """Saves a Redis round trip per turn; `korero tools add|remove` applies within this time."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, grouped by concern."""
 
@@ -460,6 +478,7 @@ class Settings:
     knowledge: KnowledgeSettings = field(default_factory=KnowledgeSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    tools: ToolSettings = field(default_factory=ToolSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -33,6 +33,18 @@ helpful without an API key; it is still a simulation, not a model):
   ``customer:`` line. A token is
 a word with its leading space, so the concatenated deltas are the text.
 
+With ``SimConfig(persona="assistant")`` (the ``upstream-sim`` command's
+default) every other prompt gets a short reply that fits the intent named in
+the system message's ``Routing:`` line (small talk, a complaint, a request for
+a human, a booking question it cannot look up, a policy question it cannot
+ground), never filler; see `korero.sim._assistant`.
+
+Tools: when the request offers ``tools`` and the question needs live data (a
+flight number, "my booking", "my flight"), the answer is OpenAI-style
+``tool_calls`` (streamed deltas, parallel calls, finish reason
+``tool_calls``); when the messages end with ``tool`` results, the answer is
+built from their figures and cites each result's ``source`` label.
+
 Faults (`Fault`) queue up and are consumed, in order, by the next chat
 completion requests; other endpoints never consume them.
 
@@ -64,6 +76,13 @@ from typing import Any, Literal, Self, get_args
 from aiohttp import web
 
 from korero.server.context import citations
+from korero.sim._assistant import (
+    answer_from_tools,
+    detect_intent,
+    guess_intent,
+    intent_reply,
+    plan_tool_calls,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -89,9 +108,11 @@ _WAIT_POLL_SECONDS = 0.05
 # How long `stop()` lets in-flight handlers wind down after cancelling them.
 _SHUTDOWN_GRACE_SECONDS = 1.0
 
+Persona = Literal["echo", "assistant"]
 FaultKind = Literal["rate_limit", "server_error", "status", "cut", "stall", "delay"]
 _FAULT_KINDS: frozenset[str] = frozenset(get_args(FaultKind))
 
+_BOOKING_REFERENCE = re.compile(r"^[ \t]*Booking reference:[ \t]*(\S+)[ \t]*$", re.MULTILINE)
 _CUSTOMER_NAME = re.compile(r"^[ \t]*Customer name:[ \t]*(\S.*?)[ \t]*$", re.MULTILINE)
 
 # Filler vocabulary: plain support-desk English, fixed forever so that
@@ -137,6 +158,11 @@ class SimConfig:
     """Whether usage is reported; False mimics servers that never send it."""
     model: str = DEFAULT_MODEL
     """Model name reported when the request names none."""
+    persona: Persona = "echo"
+    """``echo``: answers of exactly `answer_tokens` tokens (echo + filler) that tests and
+    benchmarks size on purpose; ``assistant``: a short relevant reply for every intent
+    (what ``korero upstream-sim`` serves). Tool calls, tool-result answers and
+    knowledge-base quotes are the same in both."""
 
     def __post_init__(self) -> None:
         if not self.ttft >= 0:
@@ -145,6 +171,8 @@ class SimConfig:
             raise ValueError(f"tokens_per_second must be >= 0, got {self.tokens_per_second}")
         if self.answer_tokens < 0:
             raise ValueError(f"answer_tokens must be >= 0, got {self.answer_tokens}")
+        if self.persona not in ("echo", "assistant"):
+            raise ValueError(f"persona must be echo or assistant, got {self.persona!r}")
 
 
 @dataclass(frozen=True)
@@ -307,7 +335,10 @@ def _summarize(transcript: str) -> str:
 
 
 def compose_answer(
-    messages: Sequence[Mapping[str, Any]], answer_tokens: int, quote_tokens: int = 120
+    messages: Sequence[Mapping[str, Any]],
+    answer_tokens: int,
+    quote_tokens: int = 120,
+    persona: Persona = "echo",
 ) -> list[str]:
     """The answer to `messages` as tokens (words with their leading space).
 
@@ -324,6 +355,9 @@ def compose_answer(
     )
     if first_system.startswith("Summarize"):
         return _as_tokens(_summarize("\n".join(texts[1:])))[: max(answer_tokens, quote_tokens)]
+    from_tools = answer_from_tools(messages)
+    if from_tools is not None:
+        return _as_tokens(from_tools)
     excerpts = [(m.group(1), m.group(2)) for t in texts for m in citations.EXCERPT.finditer(t)]
     last_user = ""
     name = None
@@ -339,6 +373,11 @@ def compose_answer(
     if excerpts:
         quoted = _quote_excerpts(last_user, excerpts, name)
         return _as_tokens(quoted)[: max(answer_tokens, quote_tokens)]
+    if persona == "assistant":
+        intent = detect_intent(messages) or guess_intent(last_user)
+        booking = _BOOKING_REFERENCE.search(first_system)
+        reply = intent_reply(intent, last_user, name, booking.group(1) if booking else "")
+        return _as_tokens(reply)
 
     echo = " ".join(last_user.split())[:ECHO_CHARS].rstrip()
     words = ["You", "asked:", *f'"{echo}".'.split(" ")]
@@ -411,6 +450,48 @@ def _encode_stream(
         tail += envelope + f'[],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'
     tail += "data: [DONE]\n\n"
     return role_chunk.encode(), token_chunks, tail.encode()
+
+
+def _encode_tool_calls(
+    completion_id: str,
+    model: str,
+    tool_calls: list[dict[str, Any]],
+    usage: dict[str, int] | None,
+) -> tuple[bytes, list[bytes], bytes]:
+    """SSE bytes of streamed tool calls, the way OpenAI sends them.
+
+    Per call: a chunk with its index, id, type, name and empty arguments, then
+    the arguments in two pieces; the finish reason is ``tool_calls``.
+    """
+    envelope = (
+        f'data: {{"id":{json.dumps(completion_id)},"object":"chat.completion.chunk",'
+        f'"created":{int(time.time())},"model":{json.dumps(model)},"choices":'
+    )
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return envelope + json.dumps([choice], separators=(",", ":")) + "}\n\n"
+
+    role_chunk = chunk({"role": "assistant", "content": None})
+    pieces: list[bytes] = []
+    for index, call in enumerate(tool_calls):
+        head = {
+            "index": index,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": ""},
+        }
+        arguments = call["function"]["arguments"]
+        half = len(arguments) // 2
+        pieces.append(chunk({"tool_calls": [head]}).encode())
+        for part in (arguments[:half], arguments[half:]):
+            delta = {"tool_calls": [{"index": index, "function": {"arguments": part}}]}
+            pieces.append(chunk(delta).encode())
+    tail = chunk({}, "tool_calls")
+    if usage is not None:
+        tail += envelope + f'[],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'
+    tail += "data: [DONE]\n\n"
+    return role_chunk.encode(), pieces, tail.encode()
 
 
 class UpstreamSim:
@@ -543,7 +624,9 @@ class UpstreamSim:
     def answer_for(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """The full text the sim answers to `messages` (before any ``max_tokens`` cut)."""
         config = self.config
-        return "".join(compose_answer(messages, config.answer_tokens, config.quote_tokens))
+        return "".join(
+            compose_answer(messages, config.answer_tokens, config.quote_tokens, config.persona)
+        )
 
     def _notify(self) -> None:
         self._changed.set()
@@ -638,10 +721,26 @@ class UpstreamSim:
             return await self._send_error(request, fault, recorded, headers)
 
         messages: list[Any] = body["messages"]
-        tokens = compose_answer(messages, config.answer_tokens, config.quote_tokens)
-        finish_reason = "stop"
+        offered = body.get("tools")
+        calls = plan_tool_calls(messages, offered) if isinstance(offered, list) else []
+        tool_calls: list[dict[str, Any]] = [
+            {
+                "id": f"call_sim{recorded.id}_{index}",
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(arguments)},
+            }
+            for index, (name, arguments) in enumerate(calls)
+        ]
+        if tool_calls:
+            # One "token" per streamed piece of the calls (see `_encode_tool_calls`).
+            tokens = [c["function"]["arguments"] for c in tool_calls for _ in range(3)]
+        else:
+            tokens = compose_answer(
+                messages, config.answer_tokens, config.quote_tokens, config.persona
+            )
+        finish_reason = "tool_calls" if tool_calls else "stop"
         limit = _max_tokens(body)
-        if limit is not None and limit < len(tokens):
+        if limit is not None and limit < len(tokens) and not tool_calls:
             tokens = tokens[:limit]
             finish_reason = "length"
         model = body.get("model")
@@ -669,6 +768,7 @@ class UpstreamSim:
                 model=model,
                 finish_reason=finish_reason,
                 usage=usage if include_usage else None,
+                tool_calls=tool_calls,
             )
         return await self._complete(
             request,
@@ -680,6 +780,7 @@ class UpstreamSim:
             model=model,
             finish_reason=finish_reason,
             usage=usage,
+            tool_calls=tool_calls,
         )
 
     async def _send_error(
@@ -721,6 +822,7 @@ class UpstreamSim:
         model: str,
         finish_reason: str,
         usage: dict[str, int] | None,
+        tool_calls: list[dict[str, Any]],
     ) -> web.StreamResponse:
         if fault is not None and fault.kind == "cut":
             return self._cut(request, recorded)
@@ -736,7 +838,12 @@ class UpstreamSim:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(tokens), "refusal": None},
+                    "message": {
+                        "role": "assistant",
+                        "content": None if tool_calls else "".join(tokens),
+                        "refusal": None,
+                        **({"tool_calls": tool_calls} if tool_calls else {}),
+                    },
                     "logprobs": None,
                     "finish_reason": finish_reason,
                 }
@@ -756,7 +863,7 @@ class UpstreamSim:
         self._mark_finished(recorded)
         return resp
 
-    async def _stream(
+    async def _stream(  # noqa: PLR0912 -- faults strike at any point of the stream
         self,
         request: web.Request,
         config: SimConfig,
@@ -768,12 +875,18 @@ class UpstreamSim:
         model: str,
         finish_reason: str,
         usage: dict[str, int] | None,
+        tool_calls: list[dict[str, Any]],
     ) -> web.StreamResponse:
         # Every chunk is encoded before the first write so the per-token work
         # is one sleep (when rate limited) and one write.
-        role_chunk, token_chunks, tail = _encode_stream(
-            f"chatcmpl-sim{recorded.id}", model, tokens, finish_reason, usage
-        )
+        if tool_calls:
+            role_chunk, token_chunks, tail = _encode_tool_calls(
+                f"chatcmpl-sim{recorded.id}", model, tool_calls, usage
+            )
+        else:
+            role_chunk, token_chunks, tail = _encode_stream(
+                f"chatcmpl-sim{recorded.id}", model, tokens, finish_reason, usage
+            )
         interrupt_at: int | None = None
         if fault is not None and fault.kind in ("cut", "stall"):
             interrupt_at = min(fault.after_tokens, len(tokens))

@@ -28,6 +28,7 @@ from korero.server.context.knowledge import KnowledgeStore
 from korero.server.context.router import IntentRouter, RouteDecision, RuleRouter
 from korero.server.conversation.generation import AnswerGenerator
 from korero.server.conversation.runner import REPLAY_EVENTS, TurnRunner
+from korero.server.conversation.tools_loop import ToolLoop
 from korero.server.conversation.turn import EventSink, StageTimings, Turn, TurnPlan
 from korero.server.conversation.validation import (
     validate_message,
@@ -71,6 +72,7 @@ class ConversationEngine:
         limiter: RateLimiter | None = None,
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
+        tool_loop: ToolLoop | None = None,
     ) -> None:
         self._store = store
         self._assembler = assembler
@@ -90,7 +92,11 @@ class ConversationEngine:
             store=store,
             assembler=assembler,
             generator=AnswerGenerator(
-                llm=llm, settings=llm_settings, tracer=self._tracer, clock=clock
+                llm=llm,
+                settings=llm_settings,
+                tracer=self._tracer,
+                clock=clock,
+                tool_loop=tool_loop,
             ),
             settings=settings,
             model=llm_settings.model,
@@ -100,6 +106,7 @@ class ConversationEngine:
             limiter=limiter,
             record_cache_request=self._count_cache_request,
             clock=clock,
+            tool_loop=tool_loop,
         )
 
     @property

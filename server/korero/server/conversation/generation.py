@@ -19,6 +19,7 @@ import grpc
 from opentelemetry import trace
 
 from korero.server.conversation.coalesce import DeltaCoalescer
+from korero.server.conversation.tools_loop import ToolLoop, ToolTurn
 from korero.server.conversation.turn import StageTimings
 from korero.server.errors import KoreroError
 from korero.server.llm.provider import LLMProvider, LLMRequest, TokenUsage
@@ -57,11 +58,13 @@ class AnswerGenerator:
         settings: LLMSettings,
         tracer: trace.Tracer,
         clock: Callable[[], float] = time.monotonic,
+        tool_loop: ToolLoop | None = None,
     ) -> None:
         self._llm = llm
         self._settings = settings
         self._tracer = tracer
         self._clock = clock
+        self._tool_loop = tool_loop
 
     async def generate(
         self,
@@ -71,8 +74,12 @@ class AnswerGenerator:
         coalescer: DeltaCoalescer,
         answer: list[str],
         timings: StageTimings,
+        tools: ToolTurn | None = None,
     ) -> tuple[TokenUsage | None, str]:
-        """Stream the answer into `coalescer` (and `answer`), inside a GenAI client span."""
+        """Stream the answer into `coalescer` (and `answer`), inside a GenAI client span.
+
+        With `tools`, the answer comes through the tool loop (see `tools_loop`).
+        """
         usage: TokenUsage | None = None
         finish: str | None = None
         with self._tracer.start_as_current_span(
@@ -94,6 +101,7 @@ class AnswerGenerator:
                     coalescer,
                     answer,
                     timings,
+                    tools,
                 )
             finally:
                 _span_end(span, timings, usage, finish)
@@ -106,12 +114,13 @@ class AnswerGenerator:
         coalescer: DeltaCoalescer,
         answer: list[str],
         timings: StageTimings,
+        tools: ToolTurn | None,
     ) -> tuple[TokenUsage | None, str]:
         attempt = 0
         while True:
             timings.llm_started = timings.llm_started or self._clock()
             try:
-                usage, finish = await self._attempt(request, deadline, coalescer, answer)
+                usage, finish = await self._attempt(request, deadline, coalescer, answer, tools)
             except TimeoutError:
                 timings.llm_ended = self._clock()
                 early = not answer and self._clock() < deadline
@@ -152,17 +161,21 @@ class AnswerGenerator:
         deadline: float,
         coalescer: DeltaCoalescer,
         answer: list[str],
+        tools: ToolTurn | None,
     ) -> tuple[TokenUsage | None, str | None]:
         """One upstream call; TimeoutError on a stall or the deadline."""
         usage: TokenUsage | None = None
         finish: str | None = None
         async with asyncio.timeout(deadline - self._clock()):
-            stream = self._llm.stream(request)
+            if tools is not None and self._tool_loop is not None:
+                stream = self._tool_loop.stream(self._llm, request, tools)
+            else:
+                stream = self._llm.stream(request)
             async with contextlib.aclosing(stream):
                 first_by = min(deadline, self._clock() + self._settings.first_token_timeout)
                 async with asyncio.timeout(first_by - self._clock()) as first_timeout:
                     async for chunk in stream:
-                        if chunk.text or chunk.finish_reason:
+                        if chunk.text or chunk.finish_reason or chunk.tool_calls:
                             first_timeout.reschedule(None)
                         if chunk.text:
                             answer.append(chunk.text)

@@ -6,6 +6,10 @@ outcome is persisted (`finish`) before the terminal event is published.
 `replay` answers a retried message whose answer is stored; `follow` waits for
 a retried message whose turn runs on another instance. Whatever fails, the
 turn ends with exactly one `done` or `error` event (`fail`).
+
+Longer than 400 lines on purpose: it is one lifecycle read top to bottom, and
+every path out of it (done, replay, follow, fail) shares the same persistence
+step; splitting them would pass the same half-dozen collaborators around.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from korero.server.context.assembly import AssembledContext, ContextAssembler, C
 from korero.server.context.cache import CachedAnswer, CacheLookup, ResponseCache
 from korero.server.conversation.coalesce import DeltaCoalescer
 from korero.server.conversation.generation import AnswerGenerator
+from korero.server.conversation.tools_loop import ToolLoop, ToolTurn
 from korero.server.conversation.turn import Turn
 from korero.server.conversation.wire import (
     FINISH_REASONS,
@@ -90,6 +95,8 @@ class _Answer:
     finish: str | None = None
     context: AssembledContext | None = None
     cached: CacheLookup | None = None
+    tools: ToolTurn | None = None
+    """The turn's tools, when the model was offered any."""
 
     @property
     def text(self) -> str:
@@ -113,7 +120,9 @@ class TurnRunner:
         limiter: RateLimiter | None = None,
         record_cache_request: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tool_loop: ToolLoop | None = None,
     ) -> None:
+        self._tool_loop = tool_loop
         self._store = store
         self._assembler = assembler
         self._generator = generator
@@ -229,8 +238,18 @@ class TurnRunner:
             _replay_pieces(answer.context.fallback, emit_text, answer.pieces)
             answer.usage, answer.finish = TokenUsage(0, 0), "stop"
         elif answer.context is not None:
+            if self._tool_loop is not None:  # live data: the tenant's tools for this intent
+                answer.tools = await self._tool_loop.turn(
+                    turn.tenant, turn.intent, request.session.metadata, turn.publish, deadline
+                )
             answer.usage, answer.finish = await self._generator.generate(
-                answer.context.messages, answer.model, deadline, coalescer, answer.pieces, timings
+                answer.context.messages,
+                answer.model,
+                deadline,
+                coalescer,
+                answer.pieces,
+                timings,
+                answer.tools,
             )
 
     async def _complete(self, turn: Turn, answer: _Answer, seq_base: int) -> None:
@@ -246,6 +265,9 @@ class TurnRunner:
                 estimated=True,
             )
         sources = self._citations(text, answer.context, answer.cached)
+        if answer.tools is not None:  # the live data the answer drew on comes first
+            sources = [*answer.tools.citations(text, self._snippet_chars), *sources]
+            sources = sources[:MAX_CITATIONS]
         for citation in sources:
             turn.publish(citation=pb.Citation(**citation))
         turn.publish(usage=usage_to_pb(usage))
@@ -267,7 +289,13 @@ class TurnRunner:
             record,
             seq_base,
             summary=json.dumps(summary, ensure_ascii=False) if summary else "",
-            also=self._cache_store_call(turn, answer.context, record, sources),
+            also=self._cache_store_call(
+                turn,
+                answer.context,
+                record,
+                sources,
+                used_tools=answer.tools is not None and answer.tools.used_tools,
+            ),
         )
         done = pb.TurnDone(
             finish_reason=FINISH_REASONS.get(finish, pb.FINISH_REASON_STOP),
@@ -323,8 +351,13 @@ class TurnRunner:
         context: AssembledContext | None,
         record: TurnRecord,
         citations: list[dict[str, Any]],
+        *,
+        used_tools: bool = False,
     ) -> ScriptCall | None:
-        """Store a shareable answer (or free the single-flight lock) with the turn's outcome."""
+        """Store a shareable answer (or free the single-flight lock) with the turn's outcome.
+
+        A turn that called tools is never stored: its answer rests on live (maybe personal) data.
+        """
         lookup, probe = turn.lookup, turn.plan.cache_probe
         if self._cache is None or probe is None or lookup is None or lookup.status != "leader":
             return None
@@ -332,6 +365,7 @@ class TurnRunner:
         if (
             context is not None
             and context.shareable
+            and not used_tools
             and record.status == "done"
             and record.finish_reason == "stop"
             and record.answer

@@ -44,7 +44,14 @@ def _unauthenticated(reason: str, message: str) -> KoreroError:
 class JwksCache:
     """Signing keys from a JWKS URL, refetched at a bounded rate."""
 
-    def __init__(self, url: str, refetch_interval: float, ttl: float = 600.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        refetch_interval: float,
+        ttl: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
         self._url = url
         self._refetch_interval = refetch_interval
         self._ttl = ttl
@@ -54,16 +61,16 @@ class JwksCache:
         self.fetches = 0
 
     async def get(self, kid: str) -> jwt.PyJWK | None:
-        now = time.monotonic()
+        now = self._clock()
         stale = now - self._fetched_at > self._ttl
         if (kid not in self._keys or stale) and now - self._fetched_at >= self._refetch_interval:
             async with self._lock:
-                if time.monotonic() - self._fetched_at >= self._refetch_interval:
+                if self._clock() - self._fetched_at >= self._refetch_interval:
                     await self._fetch()
         return self._keys.get(kid)
 
     async def _fetch(self) -> None:
-        self._fetched_at = time.monotonic()
+        self._fetched_at = self._clock()
         self.fetches += 1
         try:
             timeout = aiohttp.ClientTimeout(total=5)

@@ -19,7 +19,10 @@ from pathlib import Path
 import redis
 from redis.cluster import RedisCluster
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+from korero.testing._redis import REDIS_SERVER
+
+__all__ = ["PrivateRedisCluster"]
+
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 NODE_TIMEOUT_MS = 1000
@@ -50,7 +53,7 @@ class ClusterNodeProcess:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
             [
                 REDIS_SERVER,
                 "--port",
@@ -85,7 +88,7 @@ class ClusterNodeProcess:
 
 
 @dataclass
-class RedisClusterProcess:
+class PrivateRedisCluster:
     """A local Redis Cluster: `primaries` primaries with `replicas` replicas each."""
 
     workdir: Path
@@ -112,7 +115,7 @@ class RedisClusterProcess:
             node.start()
         for node in self.nodes:
             _wait_ping(node.port)
-        subprocess.run(
+        subprocess.run(  # noqa: S603 - our own argv, no shell
             [
                 REDIS_CLI,
                 "--cluster",
@@ -159,7 +162,7 @@ class RedisClusterProcess:
 
     @staticmethod
     def _primary_ports(client: redis.Redis) -> list[int]:
-        raw = client.execute_command("CLUSTER", "NODES").decode()
+        raw = client.execute_command("CLUSTER", "NODES").decode()  # type: ignore[no-untyped-call]
         ports = []
         for line in raw.splitlines():
             parts = line.split()
@@ -194,7 +197,7 @@ class _WholeCluster(RedisCluster):
         replies = super().keys(pattern, target_nodes=RedisCluster.PRIMARIES, **kwargs)
         if isinstance(replies, dict):
             return [key for part in replies.values() for key in part]
-        return list(replies)
+        return [k if isinstance(k, bytes) else k.encode() for k in replies]
 
 
 def _wait_ping(port: int, timeout: float = 10) -> None:
