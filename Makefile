@@ -7,7 +7,7 @@ WEB_STAMP := $(WEB)/node_modules/.installed
 WEB_SRC   := $(shell find $(WEB)/src $(WEB)/static protos -type f -not -path '*/gen/*' 2>/dev/null) \
              $(WEB)/build.mjs $(WEB)/buf.gen.yaml $(WEB)/tsconfig.json scripts/build-web.sh
 
-.PHONY: setup web generate check-generate lint test test-fast validate-deploy run bench bench-quick bench-smoke clean
+.PHONY: setup web generate check-generate lint test test-fast test-redis-cluster validate-deploy run run-cluster bench bench-quick bench-smoke clean
 
 setup: $(STAMP) $(WEB_STAMP)    ## venv + every dependency (Debian redis-server, chromium too)
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt scripts/setup.sh
@@ -31,8 +31,12 @@ lint: $(STAMP)                  ## buf lint + format, ruff, mypy --strict, envoy
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/mypy server clients/python/korero/client
 
-test: lint check-generate web   ## everything CI runs (browser tests included)
+test: lint check-generate web   ## everything CI runs (browser tests and the Redis Cluster run included)
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory test-redis-cluster
+
+test-redis-cluster: $(STAMP)    ## tests/server's fast tests again, on a private 3-primary Redis Cluster
+	KORERO_TEST_REDIS=cluster $(BIN)/pytest -m "not slow" -q tests/server
 
 test-fast: $(STAMP)             ## the suite without the process-spawning `slow` tests (< 60 s)
 	$(BIN)/pytest -m "not slow" -q

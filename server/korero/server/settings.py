@@ -142,6 +142,16 @@ def _path(raw: str) -> Path:
     return Path(raw)
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+def _redis_url(raw: str) -> str:
+    scheme = raw.strip().partition("://")[0].lower()
+    if scheme not in _REDIS_SCHEMES:
+        raise ValueError(f"the scheme must be one of {', '.join(_REDIS_SCHEMES)}")
+    return raw.strip()
+
+
 def _workers(raw: str) -> int | None:
     """A process count, or None for `auto` (one per available core)."""
     word = raw.strip().lower()
@@ -202,14 +212,27 @@ class ServerSettings:
 class RedisSettings:
     """The Redis holding all session state."""
 
-    url: str = _env("REDIS_URL", DEFAULT_REDIS_URL, "Redis URL for session state")
-    """redis:// or rediss:// URL."""
+    url: str = _env(
+        "REDIS_URL",
+        DEFAULT_REDIS_URL,
+        "Redis URL for session state (`redis+cluster://host:port[,host:port]` for a cluster)",
+        parse=_redis_url,
+    )
+    """redis://, rediss:// or unix:// for one server; redis+cluster:// or
+    rediss+cluster:// with one or more seed nodes for Redis Cluster."""
     max_connections: int = _env(
         "KORERO_REDIS_MAX_CONNECTIONS", 64, "size of the blocking Redis connection pool"
     )
     """Callers wait for a free connection instead of failing when all are in use."""
     timeout: float = _env("KORERO_REDIS_TIMEOUT", 2.0, "seconds per Redis call before UNAVAILABLE")
     """Socket timeout, and the longest wait for a pooled connection."""
+    failover_wait: float = _env(
+        "KORERO_REDIS_FAILOVER_WAIT",
+        5.0,
+        "seconds a Redis Cluster call keeps retrying while a primary fails over",
+    )
+    """Redis Cluster only: a call on a failed primary's slots is retried every 0.25 s
+    until its replica takes over (about cluster-node-timeout + 1 s), or this long."""
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,12 @@ class ClusterNodeProcess:
                 "no",
                 "--dir",
                 str(self.workdir),
+                "--logfile",
+                "redis.log",
+                # A replica's first sync starts at once (the default waits 5 s
+                # for more replicas): until it is done it cannot take over.
+                "--repl-diskless-sync-delay",
+                "0",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -150,14 +156,27 @@ class PrivateRedisCluster:
             time.sleep(0.05)
 
     def _healthy(self) -> bool:
+        """Every live node: state ok, all slots served by live primaries, the same
+        view of who the primaries are, and each replica's link to its primary up."""
         live = [n for n in self.nodes if n.proc is not None]
+        live_ports = {n.port for n in live}
         views = set()
         for node in live:
             with node.client() as c:
                 info = c.execute_command("CLUSTER", "INFO").decode()
                 if "cluster_state:ok" not in info or "cluster_slots_ok:16384" not in info:
                     return False
-                views.add(tuple(sorted(self._primary_ports(c))))
+                primaries = tuple(sorted(self._primary_ports(c)))
+                if not set(primaries) <= live_ports:
+                    return False
+                views.add(primaries)
+                replication = c.info("replication")
+                if (
+                    replication.get("role") == "slave"
+                    and replication.get("master_port") in live_ports
+                    and replication.get("master_link_status") != "up"
+                ):
+                    return False
         return len(views) == 1
 
     @staticmethod

@@ -16,7 +16,16 @@ What makes that safe on a cluster:
   probe) is split by redis-py per node and the parts are sent at the same
   time, so it still costs one round trip of wall time;
 - a script the node does not know (NOSCRIPT) is loaded and re-run by
-  `scripts.run_scripts`, per call, on the node that owns its slot.
+  `scripts.run_scripts`, per call, on the node that owns its slot;
+- while a primary fails over (from its failure until a replica is promoted:
+  about `cluster-node-timeout` plus a second), a command that certainly did
+  not run — the connection could not be opened, or a node refused it with
+  CLUSTERDOWN/TRYAGAIN/READONLY — is sent again every 0.25 s with a fresh
+  slot map for up to `KORERO_REDIS_FAILOVER_WAIT` seconds, then fails as
+  `STORE_UNAVAILABLE`. A command whose connection died after it was written
+  is never sent again (it may have run, and reached the replica): it fails
+  as `STORE_UNAVAILABLE` at once. redis-py's own retries are off, because
+  they do resend those.
 
 redis-py's cluster client fails with `MaxConnectionsError` when a node's
 connections are all in use; the single-server pool here waits instead (the
@@ -29,16 +38,16 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
-from redis.asyncio.connection import parse_url
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio.connection import Connection, SSLConnection, parse_url
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from korero.server.settings import RedisSettings
@@ -48,12 +57,40 @@ __all__ = ["CLUSTER_SCHEMES", "connect", "is_cluster_url"]
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 """URL scheme selecting Redis Cluster -> the scheme of each node's connection."""
 
-_CLUSTER_RETRIES = 6
-"""Topology errors (a node gone, CLUSTERDOWN, a slot moving) retried with a fresh
-slot map: with the backoff below that rides out a failover of about 3 s."""
-_BACKOFF = ExponentialWithJitterBackoff(cap=1.0, base=0.1)
+_FAILOVER_PAUSE = 0.25
+"""Seconds between our retries while a primary fails over."""
+_REFUSED = (
+    rexc.ClusterDownError,  # between a primary's failure and its replica's promotion
+    rexc.SlotNotCoveredError,
+    rexc.TryAgainError,
+    rexc.ReadOnlyError,  # a demoted primary, until the slot map is re-read
+)
+"""Replies by which a node refused a command: it did not run."""
+
+
+def _did_not_run(exc: BaseException) -> bool:
+    """Whether a failed command certainly did not run, so sending it again is safe.
+
+    A node that refused it said so; a connection that could not be opened
+    sent nothing (redis-py words those "…connecting to…"). A connection lost
+    after the command was written leaves its outcome unknown: it may have run
+    (and reached the replica), so it is not sent again — that would run a
+    turn's begin or finish script twice.
+    """
+    if isinstance(exc, rexc.MaxConnectionsError):
+        return False
+    if isinstance(exc, _REFUSED):
+        return True
+    return isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError)) and (
+        "connecting to" in str(exc)
+    )
+
 
 _HOLDING: contextvars.ContextVar[bool] = contextvars.ContextVar("korero_redis_slot", default=False)
+_HOLDING_RETRY: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "korero_redis_retrying", default=False
+)
+_T = TypeVar("_T")
 
 
 def is_cluster_url(url: str) -> bool:
@@ -102,8 +139,9 @@ def connect(settings: RedisSettings, *, socket_timeout: float | None = None) -> 
         max_connections=settings.max_connections,
         socket_timeout=timeout,
         socket_connect_timeout=settings.timeout,
-        retry=Retry(_BACKOFF, _CLUSTER_RETRIES),
+        retry=Retry(NoBackoff(), 0),  # ours instead: see _did_not_run
         wait_timeout=settings.timeout,
+        failover_wait=settings.failover_wait,
         **options,
     )
     # Same command API for what Kōrero sends (see the module docstring).
@@ -115,13 +153,34 @@ def _node(seed: str) -> ClusterNode:
     return ClusterNode(host.strip("[]") or "127.0.0.1", int(port or 6379))
 
 
-class _WaitingCluster(RedisCluster):
-    """A cluster client whose callers wait for a connection instead of failing."""
+class _CheckedConnection(Connection):
+    """A pooled connection the server has already closed (it died, or failed over)
+    is reopened before a command is written to it, so that command's failure
+    is a refused connect — known not to have run — rather than an unknown."""
 
-    def __init__(self, *, wait_timeout: float, **kwargs: Any) -> None:
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self._reader is not None and self._reader.at_eof():
+            await self.disconnect(nowait=True)
+        await super().send_packed_command(command, check_health)
+
+
+class _CheckedSSLConnection(SSLConnection, _CheckedConnection):
+    """The same, over TLS (rediss+cluster://)."""
+
+
+class _WaitingCluster(RedisCluster):
+    """A cluster client whose callers wait for a connection instead of failing,
+    and whose calls ride out a primary's failover (see the module docstring)."""
+
+    def __init__(self, *, wait_timeout: float, failover_wait: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        checked = _CheckedSSLConnection if kwargs.get("ssl") else _CheckedConnection
+        self.connection_kwargs["connection_class"] = checked  # nodes found later
+        for node in self.startup_nodes:
+            node.connection_class = checked
         self._free = asyncio.Semaphore(kwargs["max_connections"])
         self._wait_timeout = wait_timeout
+        self.failover_wait = failover_wait
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -141,9 +200,32 @@ class _WaitingCluster(RedisCluster):
             _HOLDING.reset(token)
             self._free.release()
 
+    async def riding_failover(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        """`attempt()`, again every 0.25 s on a topology error, for up to `failover_wait` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.failover_wait
+        while True:
+            try:
+                return await attempt()
+            except rexc.RedisError as exc:
+                if not _did_not_run(exc) or loop.time() + _FAILOVER_PAUSE > deadline:
+                    raise
+                # Re-read the slot map, not from the node that may have died.
+                self._initialize = True
+                self.replace_default_node()
+            await asyncio.sleep(_FAILOVER_PAUSE)
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self.turn():
-            return await super().execute_command(*args, **kwargs)
+            if _HOLDING_RETRY.get():  # inside a pipeline's or a command's retry already
+                return await super().execute_command(*args, **kwargs)
+            token = _HOLDING_RETRY.set(True)
+            try:
+                return await self.riding_failover(
+                    lambda: _once(super(_WaitingCluster, self).execute_command(*args, **kwargs))
+                )
+            finally:
+                _HOLDING_RETRY.reset(token)
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         if shard_hint:
@@ -152,8 +234,59 @@ class _WaitingCluster(RedisCluster):
 
 
 class _WaitingPipeline(ClusterPipeline):
-    """A cluster pipeline that holds one place of its client while it runs."""
+    """A cluster pipeline that holds one place of its client while it runs; the
+    commands that certainly did not run are sent again (only they: the others
+    have their replies, or an unknown outcome) while a primary fails over."""
+
+    async def initialize(self) -> ClusterPipeline:
+        """Read the slot map if needed (the node it is read from may be failing over)."""
+        client = cast(_WaitingCluster, self.cluster_client)
+        await client.riding_failover(lambda: super(_WaitingPipeline, self).initialize())
+        return self
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        self.__dict__.setdefault("_queued", []).append((args, dict(kwargs)))
+        return super().execute_command(*args, **kwargs)
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
-        async with cast(_WaitingCluster, self.cluster_client).turn():
-            return await super().execute(raise_on_error, allow_redirections)
+        client = cast(_WaitingCluster, self.cluster_client)
+        queued: list[tuple[tuple[Any, ...], dict[str, Any]]] = self.__dict__.pop("_queued", [])
+        results: list[Any] = [None] * len(queued)
+        pending = list(range(len(queued)))
+        attempts = 0
+
+        async def attempt() -> list[Any]:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # the failed attempt emptied the queue
+                for i in pending:
+                    args, kwargs = queued[i]
+                    super(_WaitingPipeline, self).execute_command(*args, **dict(kwargs))
+            replies = await super(_WaitingPipeline, self).execute(False, allow_redirections)
+            for i, reply in zip(list(pending), replies, strict=True):
+                results[i] = reply
+            pending[:] = [
+                i for i in pending if isinstance(results[i], Exception) and _did_not_run(results[i])
+            ]
+            if pending:
+                raise results[pending[0]]
+            return results
+
+        async with client.turn():
+            token = _HOLDING_RETRY.set(True)  # commands re-sent inside are not retried twice
+            try:
+                await client.riding_failover(attempt)
+            except rexc.RedisError as exc:
+                if raise_on_error or not any(reply is exc for reply in results):
+                    raise  # the pipeline itself failed, not some of its commands
+            finally:
+                _HOLDING_RETRY.reset(token)
+        if raise_on_error:
+            for reply in results:
+                if isinstance(reply, Exception):
+                    raise reply
+        return results
+
+
+async def _once(call: Awaitable[_T]) -> _T:
+    return await call
