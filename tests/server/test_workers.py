@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from korero.client import ChatClient, ChatError, Conversation
 from korero.server.cli.workers import available_cores
 from korero.sim import SimConfig, UpstreamSim
+from korero.testing import ServeProcess
 from tests.helpers import kinds, run_turn
-from tests.processes import ServeProcess
 
 CONNECTIONS = 16
 """The kernel spreads connections, not calls: 16 put both workers to work

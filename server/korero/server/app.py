@@ -30,6 +30,7 @@ from korero.server.context.router import RuleRouter
 from korero.server.conversation.engine import ConversationEngine
 from korero.server.conversation.tools_loop import ToolLoop
 from korero.server.llm.provider import LLMProvider, OpenAIProvider
+from korero.server.ops import OpsStats
 from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
@@ -43,6 +44,8 @@ from korero.server.transport.chat_session import StreamRules
 from korero.server.transport.grpc_service import ChatServicer
 from korero.server.transport.interceptors import GateInterceptor
 from korero.server.transport.lifecycle import Lifecycle
+from korero.server.transport.tls import describe as describe_tls
+from korero.server.transport.tls import grpc_server_credentials, server_ssl_context
 from korero.server.transport.websocket import WebSocketServer
 
 __all__ = ["KoreroServer", "run"]
@@ -81,6 +84,7 @@ class KoreroServer:
     tracer_provider: TracerProvider | None = None
     websocket: WebSocketServer | None = None
     tool_executor: ToolExecutor | None = None
+    ops: OpsStats | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -116,6 +120,9 @@ class KoreroServer:
         server, port = _build_grpc_server(
             settings, engine, lifecycle, health, metrics, interceptors
         )
+        ops = None
+        if settings.observability.ops_token is not None:
+            ops = OpsStats(metrics, settings.observability.ops_token)
         websocket = None
         if settings.server.ws_listen is not None:
             websocket = WebSocketServer(
@@ -124,8 +131,12 @@ class KoreroServer:
                 listen=settings.server.ws_listen,
                 rules=StreamRules.from_settings(settings.server),
                 web_root=settings.server.web_root,
+                ssl_context=server_ssl_context(settings.tls),
+                routes=ops.routes() if ops is not None else (),
             )
             await websocket.start()
+            if ops is not None:
+                await ops.start()
         await server.start()
         for service in ("", CHAT_SERVICE):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -153,6 +164,7 @@ class KoreroServer:
             provider,
             websocket,
             tool_executor,
+            ops if websocket is not None else None,
         )
 
     @property
@@ -171,6 +183,8 @@ class KoreroServer:
         await self.engine.drain(grace)
         if self.websocket is not None:
             await self.websocket.close()
+        if self.ops is not None:
+            await self.ops.close()
         await self.server.stop(grace=1.0)
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
@@ -262,7 +276,14 @@ def _build_grpc_server(
     interceptors: list[grpc.aio.ServerInterceptor],
 ) -> tuple[grpc.aio.Server, int]:
     """ChatService, health and reflection on the configured address (not started yet)."""
-    server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
+    options = list(_SERVER_OPTIONS)
+    if settings.server.max_connection_age is not None:
+        # GOAWAY after this age: new calls reconnect (and may be balanced elsewhere);
+        # open streams are not cut (no max_connection_age_grace).
+        options.append(
+            ("grpc.max_connection_age_ms", int(settings.server.max_connection_age * 1000))
+        )
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     chat_pb2_grpc.add_ChatServiceServicer_to_server(
         ChatServicer(
             engine=engine,
@@ -282,8 +303,12 @@ def _build_grpc_server(
         ),
         server,
     )
+    credentials = grpc_server_credentials(settings.tls)
     try:
-        port = server.add_insecure_port(settings.server.listen)
+        if credentials is not None:
+            port = server.add_secure_port(settings.server.listen, credentials)
+        else:
+            port = server.add_insecure_port(settings.server.listen)
     except RuntimeError as exc:  # grpcio's way of saying the bind failed
         raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
     return server, port
@@ -303,8 +328,9 @@ async def run(
     metrics = Metrics(settings.observability, multiprocess_dir=multiprocess_dir)
     app = await KoreroServer.start(settings, metrics=metrics)
     log.info(
-        "event=serving address=%s redis=%s llm=%s model=%s auth=%s metrics_port=%s",
+        "event=serving address=%s tls=%s redis=%s llm=%s model=%s auth=%s metrics_port=%s",
         app.address,
+        describe_tls(settings.tls),
         _redact(settings.redis.url),
         settings.llm.base_url,
         settings.llm.model,
@@ -312,7 +338,11 @@ async def run(
         app.metrics_port,
     )
     if app.websocket is not None:
-        log.info("event=ws_serving address=%s path=/ws/chat", app.websocket.address)
+        log.info(
+            "event=ws_serving address=%s path=/ws/chat ops=%s",
+            app.websocket.address,
+            "on" if app.ops is not None else "off",
+        )
     host = settings.server.listen.rsplit(":", 1)[0].strip("[]")
     if settings.auth.mode == "off" and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(

@@ -35,6 +35,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SettingsError",
+    "TLSSettings",
     "ToolSettings",
     "env_reference",
 ]
@@ -152,6 +153,16 @@ def _redis_url(raw: str) -> str:
     return raw.strip()
 
 
+def _seconds_or_off(raw: str) -> float | None:
+    """Seconds (> 0), or None for `off`."""
+    if raw.strip().lower() == "off":
+        return None
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a positive number of seconds, or `off`")
+    return value
+
+
 def _workers(raw: str) -> int | None:
     """A process count, or None for `auto` (one per available core)."""
     word = raw.strip().lower()
@@ -206,6 +217,50 @@ class ServerSettings:
     """`korero serve` runs this many processes on the same ports (SO_REUSEPORT);
     None counts the cores this process may use (CPU affinity and cgroup quota).
     `--workers` overrides it."""
+    max_connection_age: float | None = _env(
+        "KORERO_MAX_CONNECTION_AGE",
+        600.0,
+        "seconds before a client connection is asked to reconnect (GOAWAY; `off`: never)",
+        parse=_seconds_or_off,
+    )
+    """gRPC `max_connection_age`: a client's new calls move to a fresh connection (which a
+    load balancer may send elsewhere) while its open streams carry on, so long-lived
+    connections do not pin a client to the instance it met first."""
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """TLS, and optionally mutual TLS, on the gRPC and WebSocket listeners."""
+
+    cert_file: Path | None = _env(
+        "KORERO_TLS_CERT",
+        None,
+        "PEM certificate (chain) the listeners present; empty: plaintext",
+        parse=_path,
+    )
+    """Set together with KORERO_TLS_KEY to serve TLS (gRPC and the WebSocket/page listener)."""
+    key_file: Path | None = _env(
+        "KORERO_TLS_KEY", None, "PEM private key of KORERO_TLS_CERT", parse=_path
+    )
+    """Read once at start; restart (one instance at a time) to rotate."""
+    client_ca_file: Path | None = _env(
+        "KORERO_TLS_CLIENT_CA",
+        None,
+        "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
+        parse=_path,
+    )
+    """Mutual TLS: a client without a certificate signed by one of these CAs is refused
+    during the handshake (e.g. only Envoy, holding such a certificate, may connect)."""
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise SettingsError("KORERO_TLS_CERT and KORERO_TLS_KEY are set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise SettingsError("KORERO_TLS_CLIENT_CA needs KORERO_TLS_CERT and KORERO_TLS_KEY")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
 
 
 @dataclass(frozen=True)
@@ -419,6 +474,12 @@ class ObservabilitySettings:
         "KORERO_PRICE_OUTPUT_PER_MTOK", 0.0, "USD per million completion tokens (cost metric)"
     )
     """Feeds the estimated-cost metric."""
+    ops_token: str | None = _env(
+        "KORERO_OPS_TOKEN",
+        None,
+        "admin token for the live ops page and /ops/stats (empty: both off)",
+    )
+    """Bearer token the ops page sends to `/ops/stats` on the WebSocket listener."""
 
 
 @dataclass(frozen=True)
@@ -492,6 +553,7 @@ class Settings:
     """All settings, grouped by concern."""
 
     server: ServerSettings = field(default_factory=ServerSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     llm: LLMSettings = field(default_factory=LLMSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
@@ -542,7 +604,7 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _convert(name: str, raw: str, kind: type) -> Any:
-    if kind is str:
+    if kind is str or kind is type(None):  # text, or text that is off (None) by default
         return raw
     if kind is bool:
         word = raw.strip().lower()

@@ -21,12 +21,14 @@ The parent process serves nothing. It
 - on SIGTERM or SIGINT sends SIGTERM to every worker — each drains exactly
   like a single server (NOT_SERVING, turns finish within the grace, streams
   end with UNAVAILABLE) — and kills those still running after the grace
-  plus a margin.
+  plus a margin. Should the supervisor itself be killed outright, the kernel
+  sends each worker SIGTERM (`PR_SET_PDEATHSIG`): they drain and exit too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import math
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 STARTUP_FAILED = 3
 """Exit code of a worker that could not start serving (bad address, port taken)."""
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _READY_TIMEOUT = 60.0
 _STOP_MARGIN = 10.0
 """Seconds past the shutdown grace before a worker that still runs is killed."""
@@ -96,6 +99,7 @@ def _worker_main(settings: Settings, index: int, metrics_dir: str, ready: Any) -
     from korero.server.app import run  # noqa: PLC0415
 
     configure_logging(settings.server.log_level, index)
+    _follow_parent_down()
     # Until the server installs its own handlers (which drain), a stop request
     # finds nothing to drain: leave quietly. Ctrl-C reaches the parent too,
     # which turns it into SIGTERM.
@@ -107,6 +111,16 @@ def _worker_main(settings: Settings, index: int, metrics_dir: str, ready: Any) -
     except OSError as exc:
         print(f"korero serve: worker {index}: {exc}", file=sys.stderr)
         sys.exit(STARTUP_FAILED if not ready.is_set() else 1)
+
+
+def _follow_parent_down() -> None:
+    """Have the kernel send SIGTERM (a drain) if the supervisor dies: a worker
+    must not keep serving, unsupervised, after `kill -9` of its parent."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _exit_before_serving(signum: int, _: FrameType | None) -> None:

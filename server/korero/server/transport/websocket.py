@@ -34,6 +34,8 @@ import binascii
 import contextlib
 import json
 import logging
+import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -292,11 +294,15 @@ class WebSocketServer:
         listen: str,
         rules: StreamRules,
         web_root: Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        routes: Sequence[web.RouteDef] = (),
     ) -> None:
         self._engine = engine
         self._gate = gate
         self._listen = listen
         self._rules = rules
+        self._ssl_context = ssl_context
+        self._routes = tuple(routes)
         self._connections: set[_Connection] = set()
         self._draining = False
         self._runner: web.AppRunner | None = None
@@ -316,6 +322,7 @@ class WebSocketServer:
         app = web.Application()
         app.router.add_get(CHAT_PATH, self._chat)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_routes(self._routes)
         if self._web_root is not None:
             app.router.add_get("/", self._page)
             app.router.add_get("/{name}", self._page)
@@ -325,7 +332,9 @@ class WebSocketServer:
         host, _, port = self._listen.rpartition(":")
         runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, host or "127.0.0.1", int(port), reuse_port=True)
+        site = web.TCPSite(
+            runner, host or "127.0.0.1", int(port), reuse_port=True, ssl_context=self._ssl_context
+        )
         try:
             await site.start()
         except OSError:

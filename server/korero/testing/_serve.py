@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+__all__ = ["ServeProcess"]
+
 KORERO = str(Path(sys.executable).parent / "korero")
 
 
@@ -44,7 +46,11 @@ class ServeProcess:
             self._changed.notify_all()
 
     async def wait_for(
-        self, pattern: str, *, count: int = 1, timeout: float = 30
+        self,
+        pattern: str,
+        *,
+        count: int = 1,
+        timeout: float = 30,  # noqa: ASYNC109 - a bound per wait, as UpstreamSim.wait_for
     ) -> list[re.Match[str]]:
         """The first `count` log lines matching `pattern` (waiting for them to appear)."""
         regex = re.compile(pattern)
@@ -57,6 +63,10 @@ class ServeProcess:
                     tail = "\n".join(self.lines[-20:])
                     raise AssertionError(f"server exited before {pattern!r}:\n{tail}")
                 await self._changed.wait()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
