@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt scripts/s
 $(WEB_STAMP): $(WEB)/package.json $(WEB)/package-lock.json scripts/setup-web.sh
 	scripts/setup-web.sh
 
-web: $(WEB)/dist/app.js         ## build the chat page into clients/web/dist
+web: $(WEB)/dist/app.js         ## build the chat page and the ops page into clients/web/dist
 $(WEB)/dist/app.js: $(STAMP) $(WEB_STAMP) $(WEB_SRC)
 	scripts/build-web.sh
 

@@ -4,17 +4,20 @@ import { copyFileSync, mkdirSync } from "node:fs";
 
 const out = new URL("./dist/", import.meta.url);
 mkdirSync(out, { recursive: true });
-await build({
-  entryPoints: [new URL("./src/main.ts", import.meta.url).pathname],
-  bundle: true,
-  format: "iife",
-  target: "es2022",
-  minify: true,
-  sourcemap: true,
-  outfile: new URL("app.js", out).pathname,
-  logLevel: "warning",
-});
-for (const name of ["index.html", "app.css"]) {
+// The chat page (app.js) and the live operations page (ops.js).
+for (const [entry, bundle] of [["main.ts", "app.js"], ["ops.ts", "ops.js"]]) {
+  await build({
+    entryPoints: [new URL(`./src/${entry}`, import.meta.url).pathname],
+    bundle: true,
+    format: "iife",
+    target: "es2022",
+    minify: true,
+    sourcemap: true,
+    outfile: new URL(bundle, out).pathname,
+    logLevel: "warning",
+  });
+}
+for (const name of ["index.html", "app.css", "ops.html", "ops.css"]) {
   copyFileSync(new URL(`./static/${name}`, import.meta.url), new URL(name, out));
 }
 console.log("build-web: clients/web/dist ready");
