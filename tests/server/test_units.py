@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from korero.server.conversation.coalesce import DeltaCoalescer
+from korero.server.policy.gate import scope_for_method
 from korero.server.settings import Settings, SettingsError, env_reference
 
 
@@ -44,11 +45,58 @@ def test_settings_read_environment_and_aliases() -> None:
         ("KORERO_LLM_MAX_TOKENS", "many"),
         ("KORERO_SHUTDOWN_GRACE", "-1"),
         ("KORERO_REDIS_TIMEOUT", "nan"),
+        ("KORERO_AUTH", "maybe"),
+        ("KORERO_TRACE_EXPORTER", "jaeger"),
+        ("KORERO_RATE_LIMIT_REDIS_DOWN", "open"),
+        ("KORERO_RATE_TIERS", "{not json"),
+        ("KORERO_RATE_TIERS", '{"tiers": {"gold": {"requests": 5}}}'),
+        ("KORERO_RATE_TIERS", '{"tiers": {}, "tenants": {"t1": "gold"}}'),
     ],
 )
 def test_bad_settings_are_named_in_the_error(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
         Settings.from_env({name: value})
+
+
+def test_settings_are_typed_at_the_edge() -> None:
+    """Lists, tiers, enum-like words and `off` are parsed once, in settings."""
+    s = Settings.from_env(
+        {
+            "KORERO_AUTH": "ON",
+            "KORERO_AUTH_OPEN_METHODS": "/grpc.health.v1.Health/, /x.Y/",
+            "KORERO_JWT_ALGORITHMS": "RS256,ES256",
+            "KORERO_RATE_TIERS": '{"tiers": {"gold": {"tenant_requests_per_minute": 5}},'
+            ' "tenants": {"acme": "gold"}}',
+            "KORERO_METRICS_LISTEN": "off",
+            "KORERO_WS_LISTEN": "OFF",
+            "KORERO_WEB_ROOT": "clients/web/dist",
+        }
+    )
+    assert s.auth.mode == "on"
+    assert s.auth.open_methods == ("/grpc.health.v1.Health/", "/x.Y/")
+    assert s.auth.jwt_algorithms == ("RS256", "ES256")
+    assert s.auth.jwt_secret is None  # unset secrets are None, not ""
+    assert s.limits.tiers.tiers == {"gold": {"tenant_requests_per_minute": 5}}
+    assert s.limits.tiers.tenants == {"acme": "gold"}
+    assert s.observability.metrics_listen is None
+    assert s.server.ws_listen is None
+    assert s.server.web_root == Path("clients/web/dist")
+
+
+@pytest.mark.parametrize(
+    ("method", "scope"),
+    [
+        ("/korero.chat.v1.ChatService/Chat", "chat:write"),
+        ("/korero.chat.v1.ChatService/SendMessage", "chat:write"),
+        ("/korero.chat.v1.ChatService/GetSession", "chat:read"),
+        ("/korero.chat.v1.ChatService/ListMessages", "chat:read"),
+        ("/korero.agent.v1.AgentDeskService/Connect", "agent:write"),
+        ("/grpc.health.v1.Health/Check", None),
+        ("not a method", None),
+    ],
+)
+def test_scopes_follow_from_the_method(method: str, scope: str | None) -> None:
+    assert scope_for_method(method) == scope
 
 
 def test_every_setting_is_documented() -> None:

@@ -18,10 +18,11 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from aiohttp import web
 
+from korero._http_service import HTTPService
 from korero.airline._data import BOOKINGS, FLIGHTS
 
 __all__ = ["AirlineFault", "AirlineService"]
@@ -47,13 +48,11 @@ def _not_found(what: str, key: str) -> web.Response:
     return web.json_response(body, status=404)
 
 
-class AirlineService:
+class AirlineService(HTTPService):
     """The airline API on a real port; `start()` binds it, `stop()` releases it."""
 
     def __init__(self) -> None:
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
-        self._host = "127.0.0.1"
+        super().__init__()
         self._faults: list[list[Any]] = []
         self.requests: list[str] = []
         """Paths requested, oldest first (tests check what was asked for)."""
@@ -71,40 +70,12 @@ class AirlineService:
         app.router.add_get("/v1/flights/{number}", self._flight)
         app.router.add_get("/v1/bookings/{reference}", self._booking)
         # handler_cancellation: a tool call cancelled by Kōrero is seen here at once.
-        runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
-        )
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
-        self._host = host
-        logger.info("airline_api.started port=%d", self._port)
+        await self._serve(app, host, port, grace=1.0)
+        logger.info("airline_api.started port=%d", self.port)
 
     async def stop(self) -> None:
         """Stop serving."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-            self._port = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    @property
-    def port(self) -> int:
-        """The bound TCP port."""
-        if self._port is None:
-            raise RuntimeError("AirlineService is not running")
-        return self._port
+        await self._close()
 
     @property
     def base_url(self) -> str:

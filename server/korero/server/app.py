@@ -22,7 +22,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
-from korero.chat.v1 import chat_pb2, chat_pb2_grpc
+from korero.chat.v1 import chat_pb2
 from korero.server.context.assembly import KnowledgeAssembler, LLMSummarizer
 from korero.server.context.cache import ResponseCache
 from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore
@@ -35,6 +35,7 @@ from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
 from korero.server.policy.ratelimit import RateLimiter
+from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.settings import Settings
 from korero.server.storage.sessions import SessionStore
@@ -202,8 +203,14 @@ def _build_gate(
 ) -> tuple[CallGate, RateLimiter | None, Authenticator]:
     """The call policy: who may call (auth) and how much (limits)."""
     authenticator: Authenticator = AnonymousAuthenticator(settings.engine.tenant)
+    throttle = throttle_key = None
     if settings.auth.mode == "on":
-        authenticator = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
+        tokens = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
+        authenticator, throttle_key = tokens, tokens.throttle_key
+        throttle = AuthFailureThrottle(
+            per_peer=settings.auth.failures_per_peer,
+            per_tenant=settings.auth.failures_per_tenant,
+        )
     limiter = None
     if settings.limits.enabled:
         limiter = RateLimiter(
@@ -218,6 +225,8 @@ def _build_gate(
         default_tenant=settings.engine.tenant,
         limiter=limiter,
         authenticates=settings.auth.mode == "on",
+        throttle=throttle,
+        throttle_key=throttle_key,
     )
     return gate, limiter, authenticator
 
@@ -284,16 +293,13 @@ def _build_grpc_server(
             ("grpc.max_connection_age_ms", int(settings.server.max_connection_age * 1000))
         )
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(
-        ChatServicer(
-            engine=engine,
-            lifecycle=lifecycle,
-            metrics=metrics,
-            rules=StreamRules.from_settings(settings.server),
-            default_tenant=settings.engine.tenant,
-        ),
-        server,
-    )
+    ChatServicer(
+        engine=engine,
+        lifecycle=lifecycle,
+        metrics=metrics,
+        rules=StreamRules.from_settings(settings.server),
+        default_tenant=settings.engine.tenant,
+    ).add_to_server(server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (

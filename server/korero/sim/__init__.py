@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from korero.sim._upstream import (
+from korero.sim._compose import compose_answer, prompt_token_count
+from korero.sim._config import (
     DEFAULT_MODEL,
     MAX_RECORDED_REQUESTS,
     Fault,
@@ -10,10 +11,8 @@ from korero.sim._upstream import (
     Persona,
     RecordedRequest,
     SimConfig,
-    UpstreamSim,
-    compose_answer,
-    prompt_token_count,
 )
+from korero.sim._upstream import UpstreamSim
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -25,6 +25,7 @@ import jwt
 from korero.server.errors import KoreroError
 from korero.server.policy.api_keys import (
     ApiKeyStore,
+    api_key_tenant,
     key_digest,
     looks_like_api_key,
     valid_tenant,
@@ -35,6 +36,17 @@ from korero.server.settings import AuthSettings
 __all__ = ["JwksCache", "TokenAuthenticator"]
 
 log = logging.getLogger(__name__)
+
+
+_KNOWN_GOOD_SECONDS = 3600.0
+_KNOWN_GOOD_MAX = 10_000
+
+
+def _bearer(authorization: str | None) -> str | None:
+    """The token of `Bearer <token>`, else None."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 def _unauthenticated(reason: str, message: str) -> KoreroError:
@@ -103,6 +115,8 @@ class TokenAuthenticator:
         self._keys = keys
         self._clock = clock
         self._cache: dict[str, tuple[float, Identity]] = {}
+        # Digests of keys that verified here lately: never throttled (see throttle.py).
+        self._known_good: dict[str, float] = {}
         if jwks is None and settings.jwks_url:
             jwks = JwksCache(settings.jwks_url, settings.jwks_refetch_interval)
         self._jwks = jwks
@@ -111,12 +125,24 @@ class TokenAuthenticator:
         if any(a.lower() == "none" for a in self._algorithms):
             raise ValueError("KORERO_JWT_ALGORITHMS must not include 'none'")
 
+    def throttle_key(self, authorization: str | None) -> str | None:
+        """The tenant to throttle failures under, for credentials whose check would
+        look up an unknown API key in Redis; None for everything else (keys that
+        verified here lately, JWTs and malformed values cost no lookup)."""
+        token = _bearer(authorization)
+        if token is None or not looks_like_api_key(token):
+            return None
+        digest = key_digest(token)
+        seen = self._known_good.get(digest)
+        if seen is not None and self._clock() - seen < _KNOWN_GOOD_SECONDS:
+            return None
+        return api_key_tenant(token)
+
     async def authenticate(self, authorization: str | None) -> Identity:
         if not authorization:
             raise _unauthenticated("CREDENTIALS_MISSING", "send `authorization: Bearer <token>`")
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = _bearer(authorization)
+        if token is None:
             raise _unauthenticated("CREDENTIALS_MALFORMED", "expected `Bearer <token>`")
         if looks_like_api_key(token):
             return await self._api_key(token)
@@ -134,8 +160,12 @@ class TokenAuthenticator:
         if record is None:
             raise _unauthenticated("API_KEY_INVALID", "unknown API key")
         if record.revoked_at is not None:
+            self._known_good.pop(digest, None)
             raise _unauthenticated("API_KEY_REVOKED", "this API key has been revoked")
         identity = Identity(record.tenant, f"key:{record.key_id}", frozenset(record.scopes))
+        if len(self._known_good) >= _KNOWN_GOOD_MAX:
+            self._known_good.clear()
+        self._known_good[digest] = now
         if self._settings.key_cache_seconds > 0:
             self._cache[digest] = (now + self._settings.key_cache_seconds, identity)
             if len(self._cache) > 10_000:
