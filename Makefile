@@ -47,6 +47,9 @@ validate-deploy: $(STAMP)       ## Dockerfile, compose, k8s overlays, alert rule
 run: $(STAMP) web               ## Redis (if none), simulated upstream, server, Envoy + chat page
 	scripts/run.sh
 
+run-cluster: $(STAMP) web       ## the same with 3 instances behind one Envoy (RUN_TLS=1: TLS + mTLS)
+	scripts/run-cluster.sh
+
 bench: $(STAMP)                 ## benchmarks (see bench/README.md); never run by CI
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]' && $(BIN)/python -m bench
 

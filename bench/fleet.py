@@ -28,6 +28,8 @@ __all__ = ["Fleet", "FleetInstance", "envoy_binary"]
 
 ROOT = Path(__file__).resolve().parent.parent
 RENDER = ROOT / "scripts" / "envoy-fleet-config"
+_BIND_ATTEMPTS = 3
+"""Free ports are picked before they are bound: another process may take one first."""
 
 
 def envoy_binary() -> str:
@@ -114,7 +116,30 @@ class Fleet:
         await instance.process.wait_for(r"event=serving", count=self.workers, timeout=60)
 
     async def start(self) -> None:
-        await asyncio.gather(*(self.start_instance(i) for i in self.instances))
+        await asyncio.gather(*(self._start_instance_on_free_ports(i) for i in self.instances))
+        for attempt in range(_BIND_ATTEMPTS):
+            try:
+                await self._start_envoy()
+                return
+            except RuntimeError as exc:  # a port picked earlier was taken meanwhile
+                if "Address already in use" not in str(exc) or attempt == _BIND_ATTEMPTS - 1:
+                    raise
+                self.port, self.admin_port = free_port(), free_port()
+
+    async def _start_instance_on_free_ports(self, instance: FleetInstance) -> None:
+        for attempt in range(_BIND_ATTEMPTS):
+            try:
+                await self.start_instance(instance)
+                return
+            except AssertionError as exc:  # exited before serving
+                text = str(exc).lower()
+                taken = "cannot listen" in text or "address already in use" in text
+                if not taken or attempt == _BIND_ATTEMPTS - 1:
+                    raise
+                instance.grpc_port, instance.ws_port = free_port(), free_port()
+                instance.metrics_port = free_port()
+
+    async def _start_envoy(self) -> None:
         config = self.workdir / "envoy-fleet.yaml"
         args = [sys.executable, str(RENDER), "--listen-port", str(self.port),
                 "--admin-port", str(self.admin_port), "--lb", self.lb]  # fmt: skip

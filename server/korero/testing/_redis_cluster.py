@@ -78,6 +78,10 @@ class ClusterNodeProcess:
                 # for more replicas): until it is done it cannot take over.
                 "--repl-diskless-sync-delay",
                 "0",
+                # While a primary is down, the others keep serving their slots
+                # (as docs/scaling.md recommends for Kōrero).
+                "--cluster-require-full-coverage",
+                "no",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

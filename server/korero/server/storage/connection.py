@@ -140,6 +140,9 @@ def connect(settings: RedisSettings, *, socket_timeout: float | None = None) -> 
         socket_timeout=timeout,
         socket_connect_timeout=settings.timeout,
         retry=Retry(NoBackoff(), 0),  # ours instead: see _did_not_run
+        # Serve the slots that are up while a primary fails over (with the
+        # servers' cluster-require-full-coverage no, docs/scaling.md).
+        require_full_coverage=False,
         wait_timeout=settings.timeout,
         failover_wait=settings.failover_wait,
         **options,
