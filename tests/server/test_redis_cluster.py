@@ -212,7 +212,10 @@ async def test_a_primary_failover_is_survived(replicated: PrivateRedisCluster) -
             await app.shutdown(grace=0)
 
     failures = [entry for entry in log if entry[4] != "done"]
-    assert {name for name, *_ in failures} <= doomed, ("a session on a live primary failed", failures)
+    assert {name for name, *_ in failures} <= doomed, (
+        "a session on a live primary failed",
+        failures,
+    )
     assert {outcome for *_, outcome in failures} <= {"STORE_UNAVAILABLE", "TURN_NOT_COMPLETED"}
     # Only a turn whose write was in flight when the primary died failed first.
     first_failure = {}

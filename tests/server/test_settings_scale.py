@@ -46,6 +46,7 @@ def test_scale_settings_are_typed_at_the_edge() -> None:
         ({"KORERO_TLS_CLIENT_CA": "/ca.crt"}, "KORERO_TLS_CLIENT_CA"),
         ({"KORERO_MAX_CONNECTION_AGE": "0"}, "KORERO_MAX_CONNECTION_AGE"),
         ({"REDIS_URL": "http://127.0.0.1:6379"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis+cluster://127.0.0.1:7000/2"}, "REDIS_URL"),
     ],
 )
 def test_bad_scale_settings_are_named(env: dict[str, str], named: str) -> None:

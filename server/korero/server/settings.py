@@ -147,9 +147,14 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 
 
 def _redis_url(raw: str) -> str:
-    scheme = raw.strip().partition("://")[0].lower()
-    if scheme not in _REDIS_SCHEMES:
+    scheme, _, rest = raw.strip().partition("://")
+    if scheme.lower() not in _REDIS_SCHEMES:
         raise ValueError(f"the scheme must be one of {', '.join(_REDIS_SCHEMES)}")
+    if scheme.lower().endswith("+cluster") and rest.partition("/")[2].split("?")[0] not in (
+        "",
+        "0",
+    ):
+        raise ValueError("Redis Cluster has only database 0")
     return raw.strip()
 
 
