@@ -38,6 +38,15 @@ async def _metrics(port: int) -> dict[str, float]:
     return out
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _turns_stopped(metrics: dict[str, float]) -> float:
     return sum(v for k, v in metrics.items() if k.startswith("korero_turns_total{outcome=stop"))
 
@@ -137,3 +146,29 @@ async def test_workers_share_ports_sum_metrics_restart_and_drain(
 def test_available_cores_counts_what_this_process_may_use() -> None:
     cores = available_cores()
     assert 1 <= cores <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.slow
+async def test_kill_9_of_the_supervisor_takes_its_workers_down(redis_url: str) -> None:
+    server = await ServeProcess.start(
+        "--workers",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        env={
+            "REDIS_URL": redis_url,
+            "KORERO_WS_LISTEN": "127.0.0.1:0",
+            "KORERO_METRICS_LISTEN": "127.0.0.1:0",
+        },
+    )
+    try:
+        started = await server.wait_for(r"event=worker_started worker=\d pid=(\d+)", count=2)
+        await server.wait_for(r"event=workers_serving", timeout=45)
+        server.signal(signal.SIGKILL)
+        await server.proc.wait()
+        # Not left serving unsupervised: the kernel kills them with their parent.
+        async with asyncio.timeout(5):
+            while any(_running(int(m[1])) for m in started):
+                await asyncio.sleep(0.05)
+    finally:
+        await server.stop()

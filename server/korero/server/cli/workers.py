@@ -22,7 +22,9 @@ The parent process serves nothing. It
   like a single server (NOT_SERVING, turns finish within the grace, streams
   end with UNAVAILABLE) — and kills those still running after the grace
   plus a margin. Should the supervisor itself be killed outright, the kernel
-  sends each worker SIGTERM (`PR_SET_PDEATHSIG`): they drain and exit too.
+  kills its workers too (`PR_SET_PDEATHSIG`): `kill -9` of `korero serve`
+  ends the instance at once, as it would a single process, and the turns it
+  was running are freed by their lease (KORERO_TURN_LEASE).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def configure_logging(level: str, worker: int | None = None) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def _worker_main(settings: Settings, index: int, metrics_dir: str, ready: Any) -> None:
+def _worker_main(settings: Settings, index: int, metrics_dir: str, ready: Any, parent: int) -> None:
     """The body of one worker process (runs in a fresh interpreter)."""
     import asyncio  # noqa: PLC0415 - the worker imports the server, the parent never does
 
@@ -99,7 +101,7 @@ def _worker_main(settings: Settings, index: int, metrics_dir: str, ready: Any) -
     from korero.server.app import run  # noqa: PLC0415
 
     configure_logging(settings.server.log_level, index)
-    _follow_parent_down()
+    _follow_parent_down(parent)
     # Until the server installs its own handlers (which drain), a stop request
     # finds nothing to drain: leave quietly. Ctrl-C reaches the parent too,
     # which turns it into SIGTERM.
@@ -113,14 +115,14 @@ def _worker_main(settings: Settings, index: int, metrics_dir: str, ready: Any) -
         sys.exit(STARTUP_FAILED if not ready.is_set() else 1)
 
 
-def _follow_parent_down() -> None:
-    """Have the kernel send SIGTERM (a drain) if the supervisor dies: a worker
-    must not keep serving, unsupervised, after `kill -9` of its parent."""
+def _follow_parent_down(parent: int) -> None:
+    """Have the kernel kill this worker if the supervisor dies: a worker must not
+    keep serving, unsupervised, after `kill -9` of its parent."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _exit_before_serving(signum: int, _: FrameType | None) -> None:
@@ -226,7 +228,7 @@ class Supervisor:
         ready = context.Event()
         process = context.Process(
             target=_worker_main,
-            args=(self.settings, index, str(self._metrics_dir), ready),
+            args=(self.settings, index, str(self._metrics_dir), ready, os.getpid()),
             name=f"korero-worker-{index}",
         )
         process.start()
