@@ -69,6 +69,14 @@ echo "run: sample airline data service at http://127.0.0.1:$AIRLINE_PORT (Aotea 
   --endpoint-base "http://127.0.0.1:$AIRLINE_PORT" | sed 's/^/run: /'
 
 # The sample knowledge base (kb/sample), for the default tenant: a new KB version each start.
+# PostgreSQL, the system of record: create the database if missing, apply migrations.
+if [ "${KORERO_POSTGRES_URL:-${POSTGRES_URL:-}}" = "off" ]; then
+  echo "run: PostgreSQL off (KORERO_POSTGRES_URL=off): history lives in Redis only"
+elif ! "$VENV/bin/korero" db migrate | sed 's/^/run: postgres: /'; then
+  echo "run: PostgreSQL does not answer; start it, or run with KORERO_POSTGRES_URL=off" >&2
+  exit 1
+fi
+
 "$VENV/bin/korero" kb ingest "${KORERO_KB_DIR:-kb/sample}" --tenant "${KORERO_TENANT:-default}" \
   | sed 's/^/run: /'
 

@@ -23,6 +23,7 @@ from korero.server.settings import (
     KnowledgeSettings,
     LLMSettings,
     ObservabilitySettings,
+    PostgresSettings,
     PromptSettings,
     RateLimitSettings,
     RedisSettings,
@@ -77,10 +78,11 @@ def make_settings(redis_url: str, llm_url: str, **overrides: object) -> Settings
     groups: dict[str, object] = {
         "server": ServerSettings(listen="127.0.0.1:0", shutdown_grace=2.0, ws_listen="127.0.0.1:0"),
         "redis": RedisSettings(url=redis_url, timeout=1.0),
+        "postgres": PostgresSettings(url=None),  # the PostgreSQL suites turn it on
         "llm": LLMSettings(
             base_url=llm_url, api_key="test", retry_backoff=0.01, first_token_timeout=5.0
         ),
-        "engine": EngineSettings(coalesce_window_ms=20.0),
+        "engine": EngineSettings(coalesce_window_ms=20.0, detach_grace=0.3),
         "auth": AuthSettings(key_cache_seconds=0.0),
         "limits": RateLimitSettings(),
         "observability": ObservabilitySettings(metrics_listen="127.0.0.1:0"),

@@ -86,6 +86,7 @@ async def test_every_key_is_under_the_tenant_and_session_hash_tag(
     sid = conversation.session_id
     assert keys == sorted(
         [
+            f"kr:{{default:{sid}}}:events",
             f"kr:{{default:{sid}}}:history",
             f"kr:{{default:{sid}}}:meta",
             f"kr:{{default:{sid}}}:turns",

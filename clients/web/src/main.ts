@@ -7,6 +7,10 @@
 // ChatRequest / ChatResponse protobuf messages as the gRPC Chat stream, binary,
 // one message per WebSocket message; cancelling sends a `cancel` frame.
 // Switching routes keeps the session: the WebSocket resumes it with `start`.
+// Both routes reconnect after a broken connection with the last seq seen as the
+// resume cursor (`after_seq`): the answer goes on where it stopped, no event is
+// shown twice, and a message the server never got is sent again with the same
+// client_message_id (bounded attempts, exponential backoff with jitter).
 
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
@@ -64,6 +68,25 @@ function setStatus(text: string): void {
 
 function newId(): string {
   return crypto.randomUUID();
+}
+
+/** The last seq of the session's log this page has shown: the resume cursor. */
+let lastSeq = 0n;
+
+const RECONNECT_ATTEMPTS = 6;
+
+/** Exponential backoff with full jitter: up to 0.1 s × 2^attempt, at most 3 s. */
+function backoff(attempt: number): Promise<void> {
+  const ceiling = Math.min(3000, 100 * 2 ** attempt);
+  return new Promise((resolve) => setTimeout(resolve, Math.random() * ceiling));
+}
+
+/** An event already shown before the connection broke (seq only goes up). */
+function seen(event: Event): boolean {
+  if (event.turnId === "") return false;
+  if (event.seq <= lastSeq) return true;
+  lastSeq = event.seq;
+  return false;
 }
 
 let answerCount = 0;
@@ -253,21 +276,40 @@ class GrpcWebRoute implements Route {
   }
 
   async send(text: string, view: AnswerView): Promise<void> {
-    this.abort = new AbortController();
-    try {
-      const stream = this.client.sendMessage(
-        { sessionId, message: { clientMessageId: newId(), text } },
-        { signal: this.abort.signal },
-      );
-      for await (const response of stream) {
-        if (response.event && view.show(this.name, response.event)) break;
+    const clientMessageId = newId();
+    let cursor: bigint | undefined;
+    for (let attempt = 0; ; attempt++) {
+      this.abort = new AbortController();
+      try {
+        const stream = this.client.sendMessage(
+          { sessionId, message: { clientMessageId, text }, afterSeq: cursor },
+          { signal: this.abort.signal },
+        );
+        for await (const response of stream) {
+          const event = response.event;
+          if (!event || seen(event)) continue;
+          if (view.show(this.name, event)) return;
+        }
+        return;
+      } catch (err) {
+        const error = ConnectError.from(err);
+        if (error.code === Code.Canceled) {
+          view.markCancelled();
+          return;
+        }
+        const broken = error.code === Code.Unavailable || error.code === Code.Unknown;
+        if (!broken || !sessionId || attempt + 1 >= RECONNECT_ATTEMPTS) {
+          view.markError(`error ${Code[error.code]}: ${error.rawMessage}`);
+          return;
+        }
+        // The call broke off: send the same message again with the cursor, and the
+        // server sends the rest of the same turn (or runs it, if it never arrived).
+        cursor = lastSeq;
+        setStatus(`connection lost; resuming from seq ${lastSeq}…`);
+        await backoff(attempt);
+      } finally {
+        this.abort = null;
       }
-    } catch (err) {
-      const error = ConnectError.from(err);
-      if (error.code === Code.Canceled) view.markCancelled();
-      else view.markError(`error ${Code[error.code]}: ${error.rawMessage}`);
-    } finally {
-      this.abort = null;
     }
   }
 
@@ -287,6 +329,9 @@ class WebSocketRoute implements Route {
   private view: AnswerView | null = null;
   private turnId = "";
   private settle: (() => void) | null = null;
+  /** The message whose turn is being shown, and whether its turn_started came. */
+  private pending: { clientMessageId: string; text: string; started: boolean } | null = null;
+  private closing = false;
 
   private connect(): Promise<WebSocket> {
     if (this.socket && this.socket.readyState === WebSocket.OPEN) return Promise.resolve(this.socket);
@@ -298,8 +343,13 @@ class WebSocketRoute implements Route {
       const ws = new WebSocket(`${scheme}//${window.location.host}/ws/chat`, protocols);
       ws.binaryType = "arraybuffer";
       let started = false;
+      // A session this page already shows events of resumes from its cursor.
+      const afterSeq = sessionId && this.pending ? lastSeq : undefined;
+      let replayThrough: bigint | null = null;
       ws.onopen = () => {
-        const start = create(ChatRequestSchema, { kind: { case: "start", value: { sessionId } } });
+        const start = create(ChatRequestSchema, {
+          kind: { case: "start", value: { sessionId, afterSeq } },
+        });
         ws.send(toBinary(ChatRequestSchema, start));
       };
       ws.onmessage = (msg: MessageEvent<ArrayBuffer>) => {
@@ -311,10 +361,25 @@ class WebSocketRoute implements Route {
           sessionId = event.sessionId;
           sessionLabel.textContent = `session ${sessionId}`;
           this.socket = ws;
+          const replay = event.kind.value.replay;
+          if (replay) {
+            replayThrough = replay.throughSeq;
+            if (replayThrough <= lastSeq) this.resendIfLost(ws);
+          }
           resolve(ws);
           return;
         }
-        if (event.kind.case === "turnStarted") this.turnId = event.turnId;
+        if (seen(event)) return;
+        if (event.kind.case === "turnStarted") {
+          this.turnId = event.turnId;
+          if (this.pending && event.kind.value.clientMessageId === this.pending.clientMessageId) {
+            this.pending.started = true;
+          }
+        }
+        if (replayThrough !== null && event.seq >= replayThrough) {
+          replayThrough = null;
+          this.resendIfLost(ws);
+        }
         if (this.view && this.view.show(this.name, event)) this.finish();
       };
       ws.onclose = (e: CloseEvent) => {
@@ -323,6 +388,12 @@ class WebSocketRoute implements Route {
         this.socket = null;
         this.opening = null;
         if (!started) reject(new Error(`closed ${e.code} ${e.reason}`));
+        // A broken connection (not ours, not a refusal) mid-turn: resume from the cursor.
+        const broken = !this.closing && e.code !== 1000 && e.code !== 1008 && e.code < 4000;
+        if (started && broken && this.view && this.pending) {
+          void this.resume();
+          return;
+        }
         this.view?.markError(`connection closed: ${e.code} ${e.reason}`);
         this.finish();
       };
@@ -334,8 +405,34 @@ class WebSocketRoute implements Route {
     return opening;
   }
 
+  /** After a replay: a message whose turn never started is sent again (same id). */
+  private resendIfLost(ws: WebSocket): void {
+    const pending = this.pending;
+    if (!pending || pending.started) return;
+    const message = create(ChatRequestSchema, {
+      kind: { case: "message", value: { clientMessageId: pending.clientMessageId, text: pending.text } },
+    });
+    ws.send(toBinary(ChatRequestSchema, message));
+  }
+
+  private async resume(): Promise<void> {
+    for (let attempt = 0; attempt < RECONNECT_ATTEMPTS; attempt++) {
+      setStatus(`connection lost; resuming from seq ${lastSeq}…`);
+      await backoff(attempt);
+      try {
+        await this.connect();
+        return; // the replay, then the live turn, arrive through onmessage
+      } catch {
+        // try again
+      }
+    }
+    this.view?.markError("connection lost; could not resume");
+    this.finish();
+  }
+
   private finish(): void {
     this.view = null;
+    this.pending = null;
     this.turnId = "";
     const settle = this.settle;
     this.settle = null;
@@ -352,8 +449,10 @@ class WebSocketRoute implements Route {
     }
     this.view = view;
     const done = new Promise<void>((resolve) => (this.settle = resolve));
+    const clientMessageId = newId();
+    this.pending = { clientMessageId, text, started: false };
     const message = create(ChatRequestSchema, {
-      kind: { case: "message", value: { clientMessageId: newId(), text } },
+      kind: { case: "message", value: { clientMessageId, text } },
     });
     ws.send(toBinary(ChatRequestSchema, message));
     await done;
@@ -366,6 +465,7 @@ class WebSocketRoute implements Route {
   }
 
   close(): void {
+    this.closing = true;
     this.socket?.close(1000, "route switched");
     this.socket = null;
   }

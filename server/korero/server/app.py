@@ -38,6 +38,8 @@ from korero.server.policy.ratelimit import RateLimiter
 from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.settings import Settings
+from korero.server.storage.history import HistoryStore
+from korero.server.storage.outbox import OutboxWriter
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
 from korero.server.tools import ToolExecutor, ToolRegistry
@@ -54,6 +56,8 @@ __all__ = ["KoreroServer", "run"]
 log = logging.getLogger(__name__)
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+HISTORY_HEALTH = "korero.history"
+"""Health service name that is NOT_SERVING while PostgreSQL writes fail (the chat stays SERVING)."""
 
 _SERVER_OPTIONS = [
     ("grpc.so_reuseport", 1),
@@ -85,6 +89,8 @@ class KoreroServer:
     tracer_provider: TracerProvider | None = None
     websocket: WebSocketServer | None = None
     tool_executor: ToolExecutor | None = None
+    history: HistoryStore | None = None
+    outbox: OutboxWriter | None = None
     ops: OpsStats | None = None
 
     @property
@@ -102,9 +108,12 @@ class KoreroServer:
         metrics: Metrics | None = None,
     ) -> KoreroServer:
         """Build everything from settings (or injected parts) and start listening."""
-        store = store or SessionStore.connect(settings.redis, settings.engine)
+        durable = settings.postgres.url is not None
+        store = store or SessionStore.connect(settings.redis, settings.engine, outbox=durable)
         llm = llm or OpenAIProvider(settings.llm)
         metrics = metrics or Metrics(settings.observability)
+        health = health_aio.HealthServicer()
+        history, outbox = await _durability(settings, store, metrics, health)
         provider = tracer_provider or build_tracer_provider(settings.observability)
         tracer = (provider or trace.get_tracer_provider()).get_tracer("korero.server")
         interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -116,8 +125,8 @@ class KoreroServer:
             interceptors.append(GateInterceptor(gate))
         tool_executor = ToolExecutor()
         engine = _build_engine(settings, store, llm, limiter, metrics, tracer, tool_executor)
+        engine.attach_history(history, outbox)
         lifecycle = Lifecycle()
-        health = health_aio.HealthServicer()
         server, port = _build_grpc_server(
             settings, engine, lifecycle, health, metrics, interceptors
         )
@@ -141,6 +150,9 @@ class KoreroServer:
         await server.start()
         for service in ("", CHAT_SERVICE):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if outbox is not None:
+            await health.set(HISTORY_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+            outbox.start()
         try:
             metrics_runner = await serve_metrics(metrics, settings.observability.metrics_listen)
         except OSError as exc:  # metrics are not worth refusing to serve for
@@ -165,6 +177,8 @@ class KoreroServer:
             provider,
             websocket,
             tool_executor,
+            history,
+            outbox,
             ops if websocket is not None else None,
         )
 
@@ -194,6 +208,10 @@ class KoreroServer:
         await self.llm.aclose()
         if self.tool_executor is not None:
             await self.tool_executor.close()
+        if self.outbox is not None:
+            await self.outbox.stop()  # a last sweep: a clean stop leaves no backlog behind
+        if self.history is not None:
+            await self.history.close()
         await self.store.close()
         log.info("event=stopped")
 
@@ -229,6 +247,32 @@ def _build_gate(
         throttle_key=throttle_key,
     )
     return gate, limiter, authenticator
+
+
+async def _durability(
+    settings: Settings, store: SessionStore, metrics: Metrics, health: health_aio.HealthServicer
+) -> tuple[HistoryStore | None, OutboxWriter | None]:
+    """PostgreSQL and the outbox writer that feeds it, when KORERO_POSTGRES_URL is set."""
+    if settings.postgres.url is None:
+        return None, None
+    history = await HistoryStore.connect(settings.postgres)
+
+    def on_state(up: bool) -> None:
+        serving = health_pb2.HealthCheckResponse
+        status = serving.SERVING if up else serving.NOT_SERVING
+        asyncio.get_running_loop().create_task(health.set(HISTORY_HEALTH, status))
+
+    outbox = OutboxWriter(
+        store.redis,
+        history,
+        drain_interval=settings.postgres.drain_interval,
+        commit_wait=settings.postgres.commit_wait,
+        on_backlog=metrics.postgres_outbox_backlog.set,
+        on_error=lambda op: metrics.postgres_errors.labels(op).inc(),
+        on_commit_wait=metrics.postgres_commit_wait.observe,
+        on_state=on_state,
+    )
+    return history, outbox
 
 
 def _build_engine(

@@ -28,6 +28,7 @@ __all__ = [
     "KnowledgeSettings",
     "LLMSettings",
     "ObservabilitySettings",
+    "PostgresSettings",
     "PromptSettings",
     "RateLimitSettings",
     "RateTiers",
@@ -43,6 +44,7 @@ __all__ = [
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_WS_LISTEN = "127.0.0.1:8081"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/korero"
 DEFAULT_LLM_BASE_URL = "http://127.0.0.1:8088/v1"
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, concise customer-support assistant. Answer the "
@@ -179,6 +181,25 @@ def _workers(raw: str) -> int | None:
     return count
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_age(raw: str) -> int | None:
+    """A duration such as `90d`, `12h`, `30m`, `45s` or plain seconds; `off` is None."""
+    word = raw.strip().lower()
+    if word in ("", "off", "none"):
+        return None
+    unit = _UNITS.get(word[-1])
+    number = word[:-1] if unit is not None else word
+    try:
+        value = int(number) * (unit or 1)
+    except ValueError:
+        raise ValueError("expected a duration such as 90d, 12h, 30m or 45s") from None
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """The gRPC listener and process lifecycle."""
@@ -309,6 +330,46 @@ class RedisSettings:
 
 
 @dataclass(frozen=True)
+class PostgresSettings:
+    """PostgreSQL, the system of record for sessions and messages."""
+
+    url: str | None = _env(
+        "KORERO_POSTGRES_URL",
+        DEFAULT_POSTGRES_URL,
+        "PostgreSQL URL for long-term history, or `off` (Redis only)",
+        aliases=("POSTGRES_URL",),
+        parse=_off_or,
+    )
+    """postgresql:// URL; `off` keeps history in Redis only (nothing survives a Redis loss)."""
+    pool_size: int = _env("KORERO_POSTGRES_POOL_SIZE", 8, "connections in the PostgreSQL pool")
+    """The outbox writer and the history reads share this pool."""
+    timeout: float = _env(
+        "KORERO_POSTGRES_TIMEOUT", 2.0, "seconds per PostgreSQL call before UNAVAILABLE"
+    )
+    """Bounds a read (ListMessages, rehydration) and one write batch."""
+    commit_wait: float = _env(
+        "KORERO_POSTGRES_COMMIT_WAIT",
+        1.0,
+        "seconds `done` waits for the turn's PostgreSQL commit",
+    )
+    """While PostgreSQL answers, `done` is sent after the turn is committed there; when it does
+    not within this time (or is known to be down) `done` goes out with the turn held in the Redis
+    outbox, written when PostgreSQL returns."""
+    drain_interval: float = _env(
+        "KORERO_OUTBOX_DRAIN_INTERVAL", 0.25, "seconds between outbox sweeps when idle"
+    )
+    """The writer also wakes at once when a turn begins or ends on this instance."""
+    history_retention: int | None = _env(
+        "KORERO_HISTORY_RETENTION",
+        None,
+        "delete sessions idle longer than this (e.g. 90d; empty: keep)",
+        parse=parse_age,
+    )
+    """Used by `korero sessions purge` when no --older-than is given (run it daily from cron);
+    empty: history is kept until deleted."""
+
+
+@dataclass(frozen=True)
 class LLMSettings:
     """The OpenAI-compatible upstream."""
 
@@ -399,6 +460,20 @@ class EngineSettings:
         "KORERO_COALESCE_MAX_BYTES", 2048, "flush merged text at this many bytes"
     )
     """A merged delta is sent early when it reaches this size."""
+    detach_grace: float = _env(
+        "KORERO_DETACH_GRACE", 5.0, "seconds a turn keeps generating after its client vanished"
+    )
+    """A client that drops mid-answer may resume (`after_seq`) within this time and get the rest;
+    after it the turn is cancelled and the upstream request closed. An explicit `cancel` is
+    immediate."""
+    event_log_max_events: int = _env(
+        "KORERO_EVENT_LOG_MAX_EVENTS", 2000, "events kept per session for resume"
+    )
+    """The replay log (`kr:{t:s}:events`) keeps at most this many of a session's latest events."""
+    event_log_max_age: int = _env(
+        "KORERO_EVENT_LOG_MAX_AGE", 3600, "seconds an event is kept for resume"
+    )
+    """Older events leave the replay log; a cursor behind them is told replay was truncated."""
 
 
 @dataclass(frozen=True)
@@ -607,6 +682,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    postgres: PostgresSettings = field(default_factory=PostgresSettings)
     llm: LLMSettings = field(default_factory=LLMSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)

@@ -125,6 +125,20 @@ class Metrics:
         self.upstream_errors = Counter(
             "korero_upstream_errors", "Failed LLM calls by reason", ["reason"], registry=r
         )
+        self.postgres_outbox_backlog = Gauge(
+            "korero_postgres_outbox_backlog",
+            "Outbox entries (messages, session changes) not yet written to PostgreSQL",
+            registry=r,
+        )
+        self.postgres_errors = Counter(
+            "korero_postgres_errors", "Failed PostgreSQL calls by operation", ["op"], registry=r
+        )
+        self.postgres_commit_wait = Histogram(
+            "korero_postgres_commit_wait_seconds",
+            "How long `done` waited for the turn's PostgreSQL commit",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def turn_ended(
         self,

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from korero.client._client import ChatClient, Conversation
 from korero.client._errors import ChatError
+from korero.client._retry import Reconnect
 
-__all__ = ["ChatClient", "ChatError", "Conversation"]
+__all__ = ["ChatClient", "ChatError", "Conversation", "Reconnect"]

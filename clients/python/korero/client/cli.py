@@ -164,7 +164,11 @@ async def _chat(args: argparse.Namespace) -> int:
                 if not line.strip():
                     continue
                 sys.stdout.write("bot> ")
+                reconnects = conversation.reconnects
                 await _turn(conversation, line)
+                if conversation.reconnects > reconnects:
+                    # The stream broke and was resumed from the last seq: nothing was lost.
+                    print(f"[reconnected {conversation.reconnects - reconnects}x, nothing missed]")
         except ChatError as error:
             print(f"\nkorero chat: stream ended: {error}", file=sys.stderr)
             print(f"resume with: korero chat --session {conversation.session_id}", file=sys.stderr)

@@ -5,6 +5,10 @@ tenant's keys can never be read through another tenant's name, and the keys
 that one Lua script touches share a Redis Cluster slot:
 
     kr:{t:s}:meta | history | turns     one session (see `sessions.py`)
+    kr:{t:s}:outbox                     its writes on their way to PostgreSQL
+    kr:{t:s}:events                     its event log, replayed on resume
+    kr:{outbox}:pending                 sessions with outbox entries (ids only,
+                                        no data: the one key without a tenant)
     kr:{t:kb}:meta | chunks:<v> | cache:<v>:…   a tenant's knowledge base
                                         and response cache (see context/)
     kr:{t:auth}:apikeys                 a tenant's API keys (see policy/)
@@ -14,11 +18,23 @@ that one Lua script touches share a Redis Cluster slot:
 
 from __future__ import annotations
 
-__all__ = ["api_keys_key", "kb_key", "rate_limit_key", "session_key", "tools_key"]
+__all__ = [
+    "OUTBOX_PENDING",
+    "api_keys_key",
+    "kb_key",
+    "parse_pending_member",
+    "pending_member",
+    "rate_limit_key",
+    "session_key",
+    "tools_key",
+]
+
+OUTBOX_PENDING = "kr:{outbox}:pending"
+"""Sorted set: `pending_member(tenant, session)` -> a counter bumped on every outbox write."""
 
 
 def session_key(tenant: str, session_id: str, part: str) -> str:
-    """The key of one part of a session: `meta`, `history` or `turns`."""
+    """The key of one part of a session: `meta`, `history`, `turns`, `outbox` or `events`."""
     return f"kr:{{{tenant}:{session_id}}}:{part}"
 
 
@@ -35,6 +51,17 @@ def api_keys_key(tenant: str) -> str:
 def rate_limit_key(tenant: str, part: str) -> str:
     """A tenant's token bucket: `requests`, `tokens` or `session:<id>`."""
     return f"kr:{{{tenant}}}:rl:{part}"
+
+
+def pending_member(tenant: str, session_id: str) -> str:
+    """A session's member in `OUTBOX_PENDING`."""
+    return f"{tenant}\t{session_id}"
+
+
+def parse_pending_member(member: bytes | str) -> tuple[str, str]:
+    text = member.decode() if isinstance(member, bytes) else member
+    tenant, _, session_id = text.partition("\t")
+    return tenant, session_id
 
 
 def tools_key(tenant: str) -> str:

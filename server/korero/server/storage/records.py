@@ -65,6 +65,20 @@ class SessionRecord:
     message_count: int
     summary: dict[str, Any] = field(default_factory=dict)
     """Summary of older turns kept by context assembly: `{"through": n, "text": ...}`."""
+    seq_top: int = 0
+    """The highest seq a turn in flight may have handed out (its reservation)."""
+    inflight: str = ""
+    """The turn holding the session, if any."""
+    inflight_cmid: str = ""
+    """The client_message_id of that turn."""
+    turn_base: int = 0
+    """The last seq before the turn in flight began (its events are above it)."""
+    log_floor: int = 0
+    """The highest seq trimmed from the event log (a cursor below it cannot be replayed whole)."""
+    rehydrated: bool = False
+    """The session was brought back from PostgreSQL."""
+    missed: tuple[tuple[int, bytes], ...] = ()
+    """On a resume with a cursor: the logged events after it, (seq, event bytes) in order."""
 
     @classmethod
     def from_hash(
@@ -81,6 +95,12 @@ class SessionRecord:
             turn_count=int(h.get("turns", "0")),
             message_count=message_count,
             summary=json.loads(h["summary"]) if h.get("summary") else {},
+            seq_top=int(h.get("seq_top", "0")),
+            inflight=h.get("inflight", ""),
+            inflight_cmid=h.get("inflight_cmid", ""),
+            turn_base=int(h.get("turn_base", "0")),
+            log_floor=int(h.get("log_floor", "0")),
+            rehydrated=h.get("rehydrated") == "1",
         )
 
 

@@ -7,6 +7,12 @@ once: one turn at a time (a resend of the message in flight is ignored, any
 other message is refused with `TURN_IN_FLIGHT`), `cancel`, refusals that
 repeat the last seq, heartbeats on a quiet stream, and draining (an idle
 session ends at once, a busy one after its turn's terminal event).
+
+Resume: a stream opened with a cursor first sends the logged events after it,
+then joins the turn in flight (here or on another instance). Its seq never
+goes backwards: a turn event at or below the last one sent is not sent again.
+A stream that ends with a turn in flight detaches from it; the engine cancels
+the turn only when no stream comes back within the detach grace.
 """
 
 from __future__ import annotations
@@ -19,13 +25,18 @@ from typing import Any
 import grpc
 
 from korero.chat.v1 import chat_pb2 as pb
-from korero.server.conversation.engine import ConversationEngine, Turn
+from korero.server.conversation.engine import ConversationEngine, OpenedSession, Turn
 from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError
 from korero.server.settings import ServerSettings
 from korero.server.transport.outbound import OutboundQueue, queue_full
 
-__all__ = ["ChatSession", "StreamRules", "read_first_frame"]
+__all__ = ["ChatSession", "StreamRules", "cursor_of", "read_first_frame"]
+
+
+def cursor_of(start: pb.StartSession) -> int | None:
+    """The resume cursor of a `start` frame (None when not set)."""
+    return start.after_seq if start.HasField("after_seq") else None
 
 
 @dataclass(frozen=True)
@@ -104,14 +115,14 @@ class ChatSession:
         self,
         engine: ConversationEngine,
         tenant: str,
-        started: pb.Event,
+        opened: OpenedSession,
         rules: StreamRules,
         deadline: Callable[[], float | None] = lambda: None,
     ) -> None:
         self._engine = engine
         self.tenant = tenant
-        self.session_id = started.session_id
-        self.last_seq = started.seq
+        self.session_id = opened.session_id
+        self.last_seq = opened.started.seq
         self.turn: Turn | None = None
         self.draining = False
         """Set once the server started draining; the transport then says goodbye."""
@@ -124,10 +135,13 @@ class ChatSession:
         self._deadline = deadline
         self._out: OutboundQueue[_Signal] = rules.outbound_queue()
         self._out.on_overflow = self._overflowed
-        self._active = True  # something was sent since the last heartbeat check
         self._interval = rules.heartbeat_interval
         self._loop = asyncio.get_running_loop()
+        self._sent_at = self._loop.time()  # the last time anything was sent
         self._heartbeat = self._loop.call_later(self._interval, self._tick)
+        self._resume: OpenedSession | None = None
+        if opened.started.session_started.HasField("replay"):
+            self._resume = opened  # replayed by `outbound()`, outside the bounded queue
 
     @property
     def overflowed(self) -> bool:
@@ -159,10 +173,15 @@ class ChatSession:
         self.on_overflow()
 
     def _tick(self) -> None:
-        if not self._active and not len(self._out):  # a client that is not reading: no pile
-            self._out.put(_HEARTBEAT)
-        self._active = False
-        self._heartbeat = self._loop.call_later(self._interval, self._tick)
+        """A heartbeat once the stream has been quiet for the interval (not up to twice it);
+        none for a client that is not reading (no pile)."""
+        quiet = self._loop.time() - self._sent_at
+        if quiet >= self._interval * 0.999:
+            if not len(self._out):
+                self._out.put(_HEARTBEAT)
+            self._sent_at = self._loop.time()
+            quiet = 0.0
+        self._heartbeat = self._loop.call_later(self._interval - quiet, self._tick)
 
     # Inbound ------------------------------------------------------------------
 
@@ -208,7 +227,7 @@ class ChatSession:
         if self.draining:
             return
         try:
-            self.turn = await self._engine.start_turn(
+            self.turn = await self._engine.start_turn_shielded(
                 self.tenant, self.session_id, message, self._sink, self._deadline()
             )
         except KoreroError as error:
@@ -236,8 +255,38 @@ class ChatSession:
 
     # Outbound -----------------------------------------------------------------
 
+    def _join(self, opened: OpenedSession) -> None:
+        self.turn = self._engine.join_live(
+            self.tenant,
+            self.session_id,
+            opened.inflight,
+            opened.cursor,
+            self._sink,
+            self._deadline(),
+            opened.inflight_cmid,
+        )
+
+    async def _replayed(self) -> AsyncIterator[pb.Event]:
+        """On a resume from a cursor: the missed events, as logged (never merged or
+        dropped), then the turn in flight joined live (before the last one goes out,
+        so a client that has caught up finds the turn already followed)."""
+        opened, self._resume = self._resume, None
+        if opened is None:
+            return
+        missed = [e for e in opened.missed if e.seq > self.last_seq]
+        for index, event in enumerate(missed):
+            if index == len(missed) - 1:
+                self._join(opened)
+            self._sent_at = self._loop.time()
+            self.last_seq = event.seq
+            yield event
+        if not missed:
+            self._join(opened)
+
     async def outbound(self) -> AsyncIterator[pb.Event]:
         """Events to send, until the client is done or the server drains."""
+        async for event in self._replayed():
+            yield event
         while True:
             item = await self._out.get()
             if item is None:  # overflowed: `failure` says so
@@ -254,15 +303,17 @@ class ChatSession:
                 if not self.turn_in_flight:
                     return
                 continue
-            self._active = True
+            if item.turn_id and item.seq <= self.last_seq:
+                continue  # already sent (a replay overlapping the live turn): never backwards
+            self._sent_at = self._loop.time()
             self.last_seq = max(self.last_seq, item.seq)
             yield item
             if self.draining and item.WhichOneof("kind") in _TERMINAL:
                 return
 
     def close(self) -> None:
-        """Stop the heartbeat; a turn still in flight is cancelled (stops the upstream call)."""
+        """Stop the heartbeat; detach from a turn still in flight (cancelled after the grace,
+        which stops the upstream call, unless a stream resumes it)."""
         self._heartbeat.cancel()
         if self.turn is not None and not self.turn.done:
-            self.turn.unsubscribe(self._sink)
-            self.turn.cancel()
+            self._engine.detach(self.turn, self._sink)

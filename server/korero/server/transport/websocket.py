@@ -56,7 +56,12 @@ from korero.server.conversation.engine import ConversationEngine
 from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
 from korero.server.policy.gate import CallGate
-from korero.server.transport.chat_session import ChatSession, StreamRules, read_first_frame
+from korero.server.transport.chat_session import (
+    ChatSession,
+    StreamRules,
+    cursor_of,
+    read_first_frame,
+)
 from korero.server.transport.outbound import StreamWriter, queue_full
 
 __all__ = [
@@ -261,17 +266,17 @@ class _ChatSocket:
             # The same gate as every gRPC call: authenticate, scope, tenant call limit.
             identity = await self._gate.admit(CHAT_METHOD, self._authorization, peer=self._peer)
             tenant = identity.tenant
-            started = await self._engine.open_session(
-                tenant, first.start.session_id, first.start.metadata
+            opened = await self._engine.open_session(
+                tenant, first.start.session_id, first.start.metadata, cursor_of(first.start)
             )
         except KoreroError as error:
             await conn.fail(error)
             return
-        session = ChatSession(self._engine, tenant, started, self._rules)
+        session = ChatSession(self._engine, tenant, opened, self._rules)
         conn.session = session
         writer: StreamWriter[pb.Event] = StreamWriter(lambda event: conn.codec.send(conn.ws, event))
         session.on_overflow = writer.interrupt
-        await writer.write(started)
+        await writer.write(opened.started)
         reader = asyncio.create_task(self._read(session))
         try:
             async for event in session.outbound():
@@ -286,7 +291,7 @@ class _ChatSocket:
             pass  # the socket went away while we wrote to it
         finally:
             reader.cancel()
-            session.close()  # a turn still in flight: the client went away, stop it
+            session.close()  # a turn still in flight: cancelled unless resumed within the grace
 
     async def _receive(self) -> WSMessage | None:
         """The next data message, or None when the socket closed."""

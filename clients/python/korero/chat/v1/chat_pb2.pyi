@@ -205,8 +205,15 @@ class StartSession(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session to resume. Empty starts a new session."""
+    after_seq: _builtins.int
+    """The resume cursor: the last `seq` the client received on this session.
+    When set, the server first replays every event with a higher seq, in
+    order, then continues live (joining a turn still in flight). Unset: no
+    replay. `SessionStarted.replay` says what was replayed.
+    """
     @_builtins.property
     def metadata(self) -> Global___SessionMetadata:
         """Facts about the customer, put into the prompt. Stored on a new session;
@@ -218,12 +225,15 @@ class StartSession(_message.Message):
         *,
         session_id: _builtins.str = ...,
         metadata: Global___SessionMetadata | None = ...,
+        after_seq: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "metadata", b"metadata", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__after_seq: _TypeAlias = _typing.Literal["after_seq"]  # noqa: Y015
+    _WhichOneofArgType__after_seq: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_seq) -> _WhichOneofReturnType__after_seq | None: ...
 
 Global___StartSession: _TypeAlias = StartSession  # noqa: Y015
 
@@ -287,8 +297,14 @@ class SendMessageRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session. Empty starts a new session whose id arrives in the events."""
+    after_seq: _builtins.int
+    """The resume cursor, for a client whose earlier `SendMessage` call with the
+    same `client_message_id` broke off: the turn's events with a higher seq
+    are sent (from the event log, then live) instead of a replayed turn.
+    """
     @_builtins.property
     def metadata(self) -> Global___SessionMetadata:
         """Metadata for a new session (ignored on an existing one)."""
@@ -303,12 +319,15 @@ class SendMessageRequest(_message.Message):
         session_id: _builtins.str = ...,
         metadata: Global___SessionMetadata | None = ...,
         message: Global___UserMessage | None = ...,
+        after_seq: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "message", b"message", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "metadata", b"metadata", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "message", b"message", "metadata", b"metadata", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__after_seq: _TypeAlias = _typing.Literal["after_seq"]  # noqa: Y015
+    _WhichOneofArgType__after_seq: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_seq) -> _WhichOneofReturnType__after_seq | None: ...
 
 Global___SendMessageRequest: _TypeAlias = SendMessageRequest  # noqa: Y015
 
@@ -441,6 +460,49 @@ class ListMessagesResponse(_message.Message):
 Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015
 
 @_typing.final
+class DeleteSessionRequest(_message.Message):
+    """DeleteSessionRequest names the session to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ALLOW_MISSING_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session id."""
+    allow_missing: _builtins.bool
+    """When true, deleting a session that does not exist succeeds (AIP-135)."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        allow_missing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSessionRequest: _TypeAlias = DeleteSessionRequest  # noqa: Y015
+
+@_typing.final
+class DeleteSessionResponse(_message.Message):
+    """DeleteSessionResponse confirms the deletion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSessionResponse: _TypeAlias = DeleteSessionResponse  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
     """Event is one thing that happened in a session, as streamed to the client."""
 
@@ -466,7 +528,9 @@ class Event(_message.Message):
     """The turn this event belongs to; empty for session-level events."""
     seq: _builtins.int
     """Per-session, strictly increasing sequence number: the resume cursor.
-    Heartbeats repeat the last number issued and do not advance it.
+    Events of the session's log (turn events) each have their own seq;
+    `session_started`, heartbeats and rejections repeat the stream's last
+    seq and do not advance it.
     """
     @_builtins.property
     def session_started(self) -> Global___SessionStarted:
@@ -548,25 +612,70 @@ class SessionStarted(_message.Message):
 
     RESUMED_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     resumed: _builtins.bool
     """True when an existing session was resumed."""
     @_builtins.property
     def session(self) -> Global___Session:
         """The session as stored."""
 
+    @_builtins.property
+    def replay(self) -> Global___Replay:
+        """Set when the client resumed with `after_seq`: what is replayed next."""
+
     def __init__(
         self,
         *,
         resumed: _builtins.bool = ...,
         session: Global___Session | None = ...,
+        replay: Global___Replay | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replay", b"replay", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resumed", b"resumed", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replay", b"replay", "resumed", b"resumed", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionStarted: _TypeAlias = SessionStarted  # noqa: Y015
+
+@_typing.final
+class Replay(_message.Message):
+    """Replay describes the events replayed after a resume from a cursor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    THROUGH_SEQ_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    FIRST_SEQ_FIELD_NUMBER: _builtins.int
+    after_seq: _builtins.int
+    """The client's cursor."""
+    through_seq: _builtins.int
+    """The seq of the last event replayed from the log (equal to `after_seq`
+    when nothing was missed). Live events follow with higher seqs.
+    """
+    truncated: _builtins.bool
+    """True when events after the cursor are no longer kept (the log is bounded
+    by length and age): replay starts at `first_seq`, and the messages in
+    between are in `ListMessages`.
+    """
+    first_seq: _builtins.int
+    """The first seq replayed, when `truncated`."""
+    def __init__(
+        self,
+        *,
+        after_seq: _builtins.int = ...,
+        through_seq: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
+        first_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "first_seq", b"first_seq", "through_seq", b"through_seq", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Replay: _TypeAlias = Replay  # noqa: Y015
 
 @_typing.final
 class TurnStarted(_message.Message):
@@ -997,7 +1106,10 @@ class Session(_message.Message):
     session_id: _builtins.str
     """The session id."""
     last_seq: _builtins.int
-    """The last sequence number issued."""
+    """The seq of the last event recorded in the session's log: every event
+    sent so far on any stream has a seq at most this (a turn in flight adds
+    its events within milliseconds).
+    """
     turn_count: _builtins.int
     """Turns started so far."""
     message_count: _builtins.int
