@@ -9,11 +9,14 @@
    with it);
 
 and keeps going until every conversation has been answered again after the
-kill. A client does what a Kōrero client does without the resume cursor:
-on a stream that ends it re-opens the session by id (through Envoy, so on
-a live instance) and resends the message it had not got an answer to, with
-the same `client_message_id`; an error event that says "retry" (e.g.
-`TURN_NOT_COMPLETED`) gets the same message again. At the end the history
+kill. The client is `korero.client.ChatClient`: with `reconnect` on (its
+default) it reopens a broken stream itself, from its last seq (the resume
+cursor), and resends a message the server never got; with it off
+(`FailoverConfig.reconnect=False`), this scenario does what a client without
+the cursor does — on a stream that ends it re-opens the session by id
+(through Envoy, so on a live instance) and resends the message it had no
+answer to, with the same `client_message_id`. Either way an error event that
+says "retry" (e.g. `TURN_NOT_COMPLETED`) gets the same message again. At the end the history
 in Redis is checked: every answered message exactly once, in order, with
 exactly one answer — nothing lost, nothing duplicated.
 
@@ -55,6 +58,8 @@ class FailoverConfig:
     """Seconds of load after every conversation was answered again."""
     deadline: float = 45.0
     """The longest the run waits for every conversation to recover after the kill."""
+    reconnect: bool = True
+    """The client's own reconnect (resume cursor); off: re-open by session id here."""
 
 
 @dataclass
@@ -257,7 +262,8 @@ async def run_failover(
     watching = asyncio.Event()
     try:
         await fleet.start()
-        async with ChatClient(fleet.target) as client:
+        reconnect = {} if cfg.reconnect else {"reconnect": None}
+        async with ChatClient(fleet.target, **reconnect) as client:  # type: ignore[arg-type]
             outcome.events["start"] = time.monotonic()
             tasks = [
                 asyncio.create_task(_converse(i, client, stop, outcome, cfg.pause))
@@ -308,16 +314,24 @@ async def run_failover(
 
 
 def scenario_failover(ctx: Any) -> dict[str, Any]:
-    """`python -m bench scenarios --only failover`: the run above at full size."""
+    """`python -m bench scenarios --only failover`: the run above at full size, with the
+    client's reconnect (resume cursor) on, then off."""
     from bench.procs import ProcessGroup  # noqa: PLC0415
 
-    with ProcessGroup() as g:
-        redis_url, _, _ = g.redis()
-        llm, _ = g.sim(ttft_ms=50, tokens_per_second=200, answer_tokens=16)
-        cfg = FailoverConfig(conversations=ctx.size(60, 16), warmup=ctx.size(5, 2))
-        outcome = asyncio.run(run_failover(g.workdir, redis_url=redis_url, llm_url=llm, config=cfg))
-    summary = outcome.summary()
-    md = "8. Failover: 3 instances behind Envoy, SIGTERM one, then kill -9 another\n\n"
-    md += outcome.table()
+    out: dict[str, Any] = {}
+    md = "8. Failover: 3 instances behind Envoy, SIGTERM one, then kill -9 another\n"
+    for reconnect in (True, False):
+        with ProcessGroup() as g:
+            redis_url, _, _ = g.redis()
+            llm, _ = g.sim(ttft_ms=50, tokens_per_second=200, answer_tokens=16)
+            cfg = FailoverConfig(
+                conversations=ctx.size(60, 16), warmup=ctx.size(5, 2), reconnect=reconnect
+            )
+            outcome = asyncio.run(
+                run_failover(g.workdir, redis_url=redis_url, llm_url=llm, config=cfg)
+            )
+        label = "reconnect on (resume cursor)" if reconnect else "reconnect off (re-open by id)"
+        out[label] = outcome.summary()
+        md += f"\nClient {label}:\n\n" + outcome.table() + "\n"
     print("\n" + md)
-    return {**summary, "table": md}
+    return {**out, "table": md}

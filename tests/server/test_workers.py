@@ -83,7 +83,10 @@ async def test_workers_share_ports_sum_metrics_restart_and_drain(
         assert {int(m[1]) for m in serving} == {port}
 
         own = [("grpc.use_local_subchannel_pool", 1)]  # one connection per client
-        clients = [ChatClient(f"127.0.0.1:{port}", options=own) for _ in range(CONNECTIONS)]
+        # No automatic reconnect: a stream on the worker killed below must show its break.
+        clients = [
+            ChatClient(f"127.0.0.1:{port}", options=own, reconnect=None) for _ in range(CONNECTIONS)
+        ]
         conversations: list[Conversation] = await asyncio.gather(
             *(c.conversation() for c in clients)
         )
