@@ -46,6 +46,7 @@ from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.report.recorder import Recorder
 from korero.server.settings import Settings
+from korero.server.storage.connection import pubsub_url
 from korero.server.storage.history import HistoryStore
 from korero.server.storage.outbox import OutboxWriter
 from korero.server.storage.sessions import SessionStore
@@ -433,7 +434,7 @@ async def _build_handoff(
             # Its own connection, without the pool's read timeout: it idles by design.
             hub=RelayHub(
                 aioredis.Redis.from_url(
-                    settings.redis.url,
+                    pubsub_url(settings.redis.url),
                     socket_connect_timeout=settings.redis.timeout,
                     health_check_interval=30,
                 )

@@ -52,7 +52,7 @@ from redis.retry import Retry
 
 from korero.server.settings import RedisSettings
 
-__all__ = ["CLUSTER_SCHEMES", "connect", "is_cluster_url"]
+__all__ = ["CLUSTER_SCHEMES", "connect", "is_cluster_url", "pubsub_url"]
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 """URL scheme selecting Redis Cluster -> the scheme of each node's connection."""
@@ -96,6 +96,18 @@ _T = TypeVar("_T")
 def is_cluster_url(url: str) -> bool:
     """Whether `url` names a Redis Cluster (`redis+cluster://`, `rediss+cluster://`)."""
     return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def pubsub_url(url: str) -> str:
+    """A plain URL for a pub/sub connection: on a cluster, the first seed node
+    (a classic PUBLISH reaches every node of a cluster, so one node hears all)."""
+    if not is_cluster_url(url):
+        return url
+    scheme, netloc, path, query, fragment = urlsplit(url)
+    credentials, _, hosts = netloc.rpartition("@")
+    first = hosts.split(",")[0].strip()
+    node = f"{credentials}@{first}" if credentials else first
+    return urlunsplit((CLUSTER_SCHEMES[scheme.lower()], node, path, query, fragment))
 
 
 def connect(settings: RedisSettings, *, socket_timeout: float | None = None) -> aioredis.Redis:
