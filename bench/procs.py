@@ -218,6 +218,7 @@ class ProcessGroup:
             "KORERO_LLM_BASE_URL": llm_url,
             "KORERO_LLM_API_KEY": "bench",
             "KORERO_LOG_LEVEL": "WARNING",
+            "KORERO_WORKERS": "1",  # one process each: these scenarios count processes themselves
             "KORERO_REDIS_MAX_CONNECTIONS": "256",
             # The limiter stays on (its Redis round trip is part of every measured turn), with
             # budgets no scenario reaches: the defaults (600 requests/min per tenant, all load

@@ -88,7 +88,7 @@ async def _main(n: int) -> None:
         [sys.executable, "-m", "bench.echo_server", "--port", str(echo_port)], {}, False, n
     )
     korero = await _measure(
-        [f"{bin_dir}/korero", "serve", "--listen", f"127.0.0.1:{_free_port()}"],
+        [f"{bin_dir}/korero", "serve", "--workers", "1", "--listen", f"127.0.0.1:{_free_port()}"],
         {
             "KORERO_METRICS_LISTEN": "off",
             "KORERO_WS_LISTEN": "off",

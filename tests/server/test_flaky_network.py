@@ -104,7 +104,7 @@ async def _run(redis_url: str, sim: UpstreamSim, conversations: int) -> None:
     settings = make_settings(
         redis_url,
         sim.base_url,
-        engine__detach_grace=5.0,
+        engine__detach_grace=30.0,  # a loaded machine (CI) may take seconds to reconnect
         limits__enabled=False,
         cache__enabled=False,  # every turn must reach the model exactly once
         server__ws_listen=None,

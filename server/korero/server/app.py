@@ -9,7 +9,9 @@ import asyncio
 import functools
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import redis.asyncio as aioredis
@@ -35,6 +37,7 @@ from korero.server.handoff.service import HandoffService
 from korero.server.handoff.store import HandoffStore
 from korero.server.handoff.webhooks import WebhookDispatcher, WebhookOutbox
 from korero.server.llm.provider import LLMProvider, OpenAIProvider
+from korero.server.ops import OpsStats
 from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
@@ -43,6 +46,7 @@ from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.report.recorder import Recorder
 from korero.server.settings import Settings
+from korero.server.storage.connection import pubsub_url
 from korero.server.storage.history import HistoryStore
 from korero.server.storage.outbox import OutboxWriter
 from korero.server.storage.sessions import SessionStore
@@ -53,6 +57,8 @@ from korero.server.transport.chat_session import StreamRules
 from korero.server.transport.grpc_service import ChatServicer
 from korero.server.transport.interceptors import GateInterceptor
 from korero.server.transport.lifecycle import Lifecycle
+from korero.server.transport.tls import describe as describe_tls
+from korero.server.transport.tls import grpc_server_credentials, server_ssl_context
 from korero.server.transport.websocket import WebSocketServer
 
 __all__ = ["KoreroServer", "run"]
@@ -96,6 +102,7 @@ class KoreroServer:
     tool_executor: ToolExecutor | None = None
     history: HistoryStore | None = None
     outbox: OutboxWriter | None = None
+    ops: OpsStats | None = None
     handoff: HandoffService | None = None
     webhooks: WebhookDispatcher | None = None
     recorder: Recorder | None = None
@@ -112,12 +119,13 @@ class KoreroServer:
         store: SessionStore | None = None,
         llm: LLMProvider | None = None,
         tracer_provider: TracerProvider | None = None,
+        metrics: Metrics | None = None,
     ) -> KoreroServer:
         """Build everything from settings (or injected parts) and start listening."""
         durable = settings.postgres.url is not None
         store = store or SessionStore.connect(settings.redis, settings.engine, outbox=durable)
         llm = llm or OpenAIProvider(settings.llm)
-        metrics = Metrics(settings.observability)
+        metrics = metrics or Metrics(settings.observability)
         health = health_aio.HealthServicer()
         history, outbox = await _durability(settings, store, metrics, health)
         provider = tracer_provider or build_tracer_provider(settings.observability)
@@ -147,6 +155,9 @@ class KoreroServer:
         server, port, services = _build_grpc_server(
             settings, engine, lifecycle, health, metrics, interceptors, handoff
         )
+        ops = None
+        if settings.observability.ops_token is not None:
+            ops = OpsStats(metrics, settings.observability.ops_token)
         websocket = None
         if settings.server.ws_listen is not None:
             websocket = WebSocketServer(
@@ -155,9 +166,13 @@ class KoreroServer:
                 listen=settings.server.ws_listen,
                 rules=StreamRules.from_settings(settings.server),
                 web_root=settings.server.web_root,
+                ssl_context=server_ssl_context(settings.tls),
+                routes=ops.routes() if ops is not None else (),
                 handoff=handoff,
             )
             await websocket.start()
+            if ops is not None:
+                await ops.start()
         await server.start()
         for service in ("", *services):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -190,6 +205,7 @@ class KoreroServer:
             tool_executor,
             history,
             outbox,
+            ops if websocket is not None else None,
             handoff,
             webhooks,
             recorder,
@@ -211,6 +227,8 @@ class KoreroServer:
         await self.engine.drain(grace)
         if self.websocket is not None:
             await self.websocket.close()
+        if self.ops is not None:
+            await self.ops.close()
         await self.server.stop(grace=1.0)
         if self.webhooks is not None:
             await self.webhooks.close()
@@ -352,7 +370,14 @@ def _build_grpc_server(
 
     Returns the server, its port and the names of the services it serves.
     """
-    server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
+    options = list(_SERVER_OPTIONS)
+    if settings.server.max_connection_age is not None:
+        # GOAWAY after this age: new calls reconnect (and may be balanced elsewhere);
+        # open streams are not cut (no max_connection_age_grace).
+        options.append(
+            ("grpc.max_connection_age_ms", int(settings.server.max_connection_age * 1000))
+        )
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     ChatServicer(
         engine=engine,
         lifecycle=lifecycle,
@@ -383,8 +408,12 @@ def _build_grpc_server(
         ),
         server,
     )
+    credentials = grpc_server_credentials(settings.tls)
     try:
-        port = server.add_insecure_port(settings.server.listen)
+        if credentials is not None:
+            port = server.add_secure_port(settings.server.listen, credentials)
+        else:
+            port = server.add_insecure_port(settings.server.listen)
     except RuntimeError as exc:  # grpcio's way of saying the bind failed
         raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
     return server, port, services
@@ -405,7 +434,7 @@ async def _build_handoff(
             # Its own connection, without the pool's read timeout: it idles by design.
             hub=RelayHub(
                 aioredis.Redis.from_url(
-                    settings.redis.url,
+                    pubsub_url(settings.redis.url),
                     socket_connect_timeout=settings.redis.timeout,
                     health_check_interval=30,
                 )
@@ -428,12 +457,23 @@ async def _build_handoff(
     return handoff, webhooks
 
 
-async def run(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain."""
-    app = await KoreroServer.start(settings)
+async def run(
+    settings: Settings,
+    *,
+    multiprocess_dir: Path | None = None,
+    on_serving: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain.
+
+    A worker of `korero serve --workers N` passes the supervisor's metrics
+    directory (values summed over workers) and a callback saying it is serving.
+    """
+    metrics = Metrics(settings.observability, multiprocess_dir=multiprocess_dir)
+    app = await KoreroServer.start(settings, metrics=metrics)
     log.info(
-        "event=serving address=%s redis=%s llm=%s model=%s auth=%s metrics_port=%s",
+        "event=serving address=%s tls=%s redis=%s llm=%s model=%s auth=%s metrics_port=%s",
         app.address,
+        describe_tls(settings.tls),
         _redact(settings.redis.url),
         settings.llm.base_url,
         settings.llm.model,
@@ -441,7 +481,11 @@ async def run(settings: Settings) -> None:
         app.metrics_port,
     )
     if app.websocket is not None:
-        log.info("event=ws_serving address=%s paths=/ws/chat,/ws/agent", app.websocket.address)
+        log.info(
+            "event=ws_serving address=%s paths=/ws/chat,/ws/agent ops=%s",
+            app.websocket.address,
+            "on" if app.ops is not None else "off",
+        )
     host = settings.server.listen.rsplit(":", 1)[0].strip("[]")
     if settings.auth.mode == "off" and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
@@ -456,6 +500,8 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_serving is not None:
+        on_serving()
     await stop.wait()
     await app.shutdown()
 

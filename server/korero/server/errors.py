@@ -81,7 +81,9 @@ class NotFoundError(KoreroError):
 class StoreUnavailableError(KoreroError):
     """The session store could not be reached in time."""
 
-    def __init__(self, message: str = "session store unavailable") -> None:
+    def __init__(
+        self, message: str = "session store unavailable", *, maybe_applied: bool = True
+    ) -> None:
         super().__init__(
             grpc.StatusCode.UNAVAILABLE,
             "STORE_UNAVAILABLE",
@@ -89,6 +91,9 @@ class StoreUnavailableError(KoreroError):
             retryable=True,
             retry_after=1.0,
         )
+        self.maybe_applied = maybe_applied
+        """False when Redis answered with an error (the command did not run); True when
+        the reply never came (a timeout or a lost connection: it may have run)."""
 
 
 class HistoryUnavailableError(KoreroError):

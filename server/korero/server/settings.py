@@ -38,6 +38,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SettingsError",
+    "TLSSettings",
     "ToolSettings",
     "WebhookSettings",
     "WebhookTarget",
@@ -158,6 +159,42 @@ def _words(raw: str) -> tuple[str, ...]:
 
 def _path(raw: str) -> Path:
     return Path(raw)
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+def _redis_url(raw: str) -> str:
+    scheme, _, rest = raw.strip().partition("://")
+    if scheme.lower() not in _REDIS_SCHEMES:
+        raise ValueError(f"the scheme must be one of {', '.join(_REDIS_SCHEMES)}")
+    if scheme.lower().endswith("+cluster") and rest.partition("/")[2].split("?")[0] not in (
+        "",
+        "0",
+    ):
+        raise ValueError("Redis Cluster has only database 0")
+    return raw.strip()
+
+
+def _seconds_or_off(raw: str) -> float | None:
+    """Seconds (> 0), or None for `off`."""
+    if raw.strip().lower() == "off":
+        return None
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a positive number of seconds, or `off`")
+    return value
+
+
+def _workers(raw: str) -> int | None:
+    """A process count, or None for `auto` (one per available core)."""
+    word = raw.strip().lower()
+    if word == "auto":
+        return None
+    count = int(word)
+    if count < 1:
+        raise ValueError("must be at least 1, or `auto`")
+    return count
 
 
 def _triggers(raw: str) -> tuple[HandoffTriggerName, ...]:
@@ -287,6 +324,24 @@ class ServerSettings:
         parse=_path,
     )
     """The WebSocket listener serves this directory's files (clients/web/dist) at `/`."""
+    workers: int | None = _env(
+        "KORERO_WORKERS",
+        None,
+        "server processes sharing the ports (empty or `auto`: one per core)",
+        parse=_workers,
+    )
+    """`korero serve` runs this many processes on the same ports (SO_REUSEPORT);
+    None counts the cores this process may use (CPU affinity and cgroup quota).
+    `--workers` overrides it."""
+    max_connection_age: float | None = _env(
+        "KORERO_MAX_CONNECTION_AGE",
+        600.0,
+        "seconds before a client connection is asked to reconnect (GOAWAY; `off`: never)",
+        parse=_seconds_or_off,
+    )
+    """gRPC `max_connection_age`: a client's new calls move to a fresh connection (which a
+    load balancer may send elsewhere) while its open streams carry on, so long-lived
+    connections do not pin a client to the instance it met first."""
     stream_queue_events: int = _env(
         "KORERO_STREAM_QUEUE_EVENTS",
         64,
@@ -303,17 +358,65 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    """TLS, and optionally mutual TLS, on the gRPC and WebSocket listeners."""
+
+    cert_file: Path | None = _env(
+        "KORERO_TLS_CERT",
+        None,
+        "PEM certificate (chain) the listeners present; empty: plaintext",
+        parse=_path,
+    )
+    """Set together with KORERO_TLS_KEY to serve TLS (gRPC and the WebSocket/page listener)."""
+    key_file: Path | None = _env(
+        "KORERO_TLS_KEY", None, "PEM private key of KORERO_TLS_CERT", parse=_path
+    )
+    """Read once at start; restart (one instance at a time) to rotate."""
+    client_ca_file: Path | None = _env(
+        "KORERO_TLS_CLIENT_CA",
+        None,
+        "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
+        parse=_path,
+    )
+    """Mutual TLS: a client without a certificate signed by one of these CAs is refused
+    during the handshake (e.g. only Envoy, holding such a certificate, may connect)."""
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise SettingsError("KORERO_TLS_CERT and KORERO_TLS_KEY are set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise SettingsError("KORERO_TLS_CLIENT_CA needs KORERO_TLS_CERT and KORERO_TLS_KEY")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
 class RedisSettings:
     """The Redis holding all session state."""
 
-    url: str = _env("REDIS_URL", DEFAULT_REDIS_URL, "Redis URL for session state")
-    """redis:// or rediss:// URL."""
+    url: str = _env(
+        "REDIS_URL",
+        DEFAULT_REDIS_URL,
+        "Redis URL for session state (`redis+cluster://host:port[,host:port]` for a cluster)",
+        parse=_redis_url,
+    )
+    """redis://, rediss:// or unix:// for one server; redis+cluster:// or
+    rediss+cluster:// with one or more seed nodes for Redis Cluster."""
     max_connections: int = _env(
         "KORERO_REDIS_MAX_CONNECTIONS", 64, "size of the blocking Redis connection pool"
     )
     """Callers wait for a free connection instead of failing when all are in use."""
     timeout: float = _env("KORERO_REDIS_TIMEOUT", 2.0, "seconds per Redis call before UNAVAILABLE")
     """Socket timeout, and the longest wait for a pooled connection."""
+    failover_wait: float = _env(
+        "KORERO_REDIS_FAILOVER_WAIT",
+        5.0,
+        "seconds a Redis Cluster call keeps retrying while a primary fails over",
+    )
+    """Redis Cluster only: a call on a failed primary's slots is retried every 0.25 s
+    until its replica takes over (about cluster-node-timeout + 1 s), or this long."""
 
 
 @dataclass(frozen=True)
@@ -588,6 +691,12 @@ class ObservabilitySettings:
         "KORERO_PRICE_OUTPUT_PER_MTOK", 0.0, "USD per million completion tokens (cost metric)"
     )
     """Feeds the estimated-cost metric."""
+    ops_token: str | None = _env(
+        "KORERO_OPS_TOKEN",
+        None,
+        "admin token for the live ops page and /ops/stats (empty: both off)",
+    )
+    """Bearer token the ops page sends to `/ops/stats` on the WebSocket listener."""
 
 
 @dataclass(frozen=True)
@@ -755,6 +864,7 @@ class Settings:
     """All settings, grouped by concern."""
 
     server: ServerSettings = field(default_factory=ServerSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     postgres: PostgresSettings = field(default_factory=PostgresSettings)
     llm: LLMSettings = field(default_factory=LLMSettings)
@@ -808,7 +918,7 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _convert(name: str, raw: str, kind: type) -> Any:
-    if kind is str:
+    if kind is str or kind is type(None):  # text, or text that is off (None) by default
         return raw
     if kind is bool:
         word = raw.strip().lower()

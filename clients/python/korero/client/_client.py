@@ -261,6 +261,12 @@ class ChatClient:
 
     `send` opens a conversation on first use; `conversation()` opens more.
     Every gRPC failure surfaces as `ChatError`.
+
+    `credentials` (`grpc.ssl_channel_credentials(...)`) makes the channel TLS;
+    `options` are channel arguments. grpcio shares one connection between
+    channels to the same target; `("grpc.use_local_subchannel_pool", 1)`
+    gives this client its own, which is how a load test spreads over the
+    worker processes of `korero serve --workers N`.
     """
 
     def __init__(
@@ -270,12 +276,21 @@ class ChatClient:
         metadata: Sequence[tuple[str, str]] = (),
         channel: grpc.aio.Channel | None = None,
         reconnect: Reconnect | None = DEFAULT_RECONNECT,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self._metadata = tuple(metadata)
         self._reconnect = reconnect
-        # Reconnect fast after a dropped connection (grpcio's default first wait is 1 s).
-        self._channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        if channel is None:
+            # Reconnect fast after a dropped connection (grpcio's default first wait is 1 s).
+            settings = [*_CHANNEL_OPTIONS, *options]
+            channel = (
+                grpc.aio.secure_channel(target, credentials, options=settings)
+                if credentials is not None
+                else grpc.aio.insecure_channel(target, options=settings)
+            )
+        self._channel = channel
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self._default: Conversation | None = None
 

@@ -14,6 +14,7 @@ import signal
 import stat
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -173,7 +174,14 @@ async def _chat(args: argparse.Namespace) -> int:
     )
     terminal = _Terminal()
     auth = [("authorization", f"Bearer {args.token}")] if args.token else []
-    async with ChatClient(args.target, metadata=auth) as client:
+    try:
+        credentials, options = _transport(args)
+    except OSError as exc:
+        print(f"korero chat: {exc}", file=sys.stderr)
+        return 2
+    async with ChatClient(
+        args.target, metadata=auth, credentials=credentials, options=options
+    ) as client:
         try:
             conversation = await client.conversation(args.session or "", metadata)
         except ChatError as error:
@@ -220,7 +228,17 @@ async def _chat(args: argparse.Namespace) -> int:
 
 
 async def _health(args: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    try:
+        credentials, options = _transport(args)
+    except OSError as exc:
+        print(f"korero health: {exc}", file=sys.stderr)
+        return 2
+    channel = (
+        grpc.aio.secure_channel(args.target, credentials, options=options)
+        if credentials is not None
+        else grpc.aio.insecure_channel(args.target, options=options)
+    )
+    async with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = await stub.Check(
@@ -232,6 +250,40 @@ async def _health(args: argparse.Namespace) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(f"{args.target}: {status}")
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _transport(
+    args: argparse.Namespace,
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]]:
+    """TLS credentials and channel options from --tls/--ca/--cert/--key/--server-name."""
+    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    if not (args.tls or args.ca or args.cert):
+        return None, options
+    if bool(args.cert) != bool(args.key):
+        raise OSError("--cert and --key go together (a client certificate and its key)")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(args.ca).read_bytes() if args.ca else None,
+        private_key=Path(args.key).read_bytes() if args.key else None,
+        certificate_chain=Path(args.cert).read_bytes() if args.cert else None,
+    )
+    return credentials, options
+
+
+def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TLS (grpcurl: no -plaintext, -cacert, -cert, -key)")
+    group.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
+    )
+    group.add_argument("--ca", metavar="FILE", help="PEM CA to trust instead (implies --tls)")
+    group.add_argument(
+        "--cert", metavar="FILE", help="PEM client certificate for mutual TLS (implies --tls)"
+    )
+    group.add_argument("--key", metavar="FILE", help="PEM private key of --cert")
+    group.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="name to verify in the server's certificate, when it differs from the target host",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("KORERO_TOKEN", ""),
         help="API key or JWT sent as `authorization: Bearer` [$KORERO_TOKEN]",
     )
+    _add_tls_flags(chat)
     chat.set_defaults(func=lambda a: asyncio.run(_chat(a)))
     health = sub.add_parser(
         "health",
@@ -263,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--target", default=DEFAULT_TARGET, help="server HOST:PORT [%(default)s]")
     health.add_argument("--service", default="", help="service name; empty means the whole server")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds [%(default)s]")
+    _add_tls_flags(health)
     health.set_defaults(func=lambda a: asyncio.run(_health(a)))
     agent_cli.register(sub, DEFAULT_TARGET, _Terminal)
     for entry in entry_points(group="korero.commands"):

@@ -618,10 +618,11 @@ class ConversationEngine:
                     signals=signals,
                     also=also,
                 )
-            except StoreUnavailableError:
-                await self._abort_begin(
-                    tenant, session_id, message.client_message_id, attempt, deadline
-                )
+            except StoreUnavailableError as error:
+                if error.maybe_applied:  # a refused begin (e.g. OOM) did not run: nothing to undo
+                    await self._abort_begin(
+                        tenant, session_id, message.client_message_id, attempt, deadline
+                    )
                 raise
         replies = list(begin.replies)
         kb_version = int(replies.pop(0)) if self._knowledge is not None else 0

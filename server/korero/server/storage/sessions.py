@@ -54,6 +54,7 @@ from korero.server.errors import (
 from korero.server.settings import EngineSettings, RedisSettings
 from korero.server.storage import session_scripts as lua
 from korero.server.storage.boundary import redis_boundary
+from korero.server.storage.connection import connect
 from korero.server.storage.history import HistorySession
 from korero.server.storage.keys import (
     OUTBOX_PENDING,
@@ -112,19 +113,12 @@ class SessionStore:
     def connect(
         cls, redis_settings: RedisSettings, engine: EngineSettings, *, outbox: bool = False
     ) -> SessionStore:
-        """A store over a blocking connection pool sized by settings.
+        """A store on one Redis or a Redis Cluster, as the URL says (`connection.py`).
 
-        A blocking pool makes callers wait for a connection (up to the Redis
-        timeout) instead of failing with MaxConnectionsError under bursts.
+        Either way callers wait for a connection (up to the Redis timeout)
+        instead of failing with MaxConnectionsError under bursts.
         """
-        pool = aioredis.BlockingConnectionPool.from_url(
-            redis_settings.url,
-            max_connections=redis_settings.max_connections,
-            timeout=redis_settings.timeout,
-            socket_timeout=redis_settings.timeout,
-            socket_connect_timeout=redis_settings.timeout,
-        )
-        return cls(aioredis.Redis(connection_pool=pool), engine, outbox=outbox)
+        return cls(connect(redis_settings), engine, outbox=outbox)
 
     @property
     def redis(self) -> aioredis.Redis:

@@ -40,6 +40,8 @@ import binascii
 import contextlib
 import json
 import logging
+import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -363,6 +365,8 @@ class WebSocketServer:
         listen: str,
         rules: StreamRules,
         web_root: Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        routes: Sequence[web.RouteDef] = (),
         handoff: HandoffService | None = None,
     ) -> None:
         self._engine = engine
@@ -370,6 +374,8 @@ class WebSocketServer:
         self._gate = gate
         self._listen = listen
         self._rules = rules
+        self._ssl_context = ssl_context
+        self._routes = tuple(routes)
         self._connections: set[_Connection] = set()
         self._draining = False
         self._runner: web.AppRunner | None = None
@@ -392,6 +398,7 @@ class WebSocketServer:
         if self._handoff is not None:
             app.router.add_get(AGENT_PATH, self._agent)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_routes(self._routes)
         if self._web_root is not None:
             app.router.add_get("/", self._page)
             app.router.add_get("/{name}", self._page)
@@ -412,6 +419,7 @@ class WebSocketServer:
                 host or "127.0.0.1",
                 int(port),
                 reuse_port=True,
+                ssl=self._ssl_context,
             )
         except OSError:
             await runner.cleanup()
