@@ -80,6 +80,12 @@ fi
 "$VENV/bin/korero" kb ingest "${KORERO_KB_DIR:-kb/sample}" --tenant "${KORERO_TENANT:-default}" \
   | sed 's/^/run: /'
 
+# Handoff records and `korero report` live in PostgreSQL (KORERO_POSTGRES_URL=off: none).
+if [ "${KORERO_POSTGRES_URL:-${POSTGRES_URL:-}}" != "off" ]; then
+  "$VENV/bin/korero" db migrate | sed 's/^/run: /' \
+    || echo "run: PostgreSQL not reachable: handoffs are not recorded (korero report is empty)" >&2
+fi
+
 "$VENV/bin/korero" serve --listen "$LISTEN" &
 pids+=($!)
 server_pid=$!
@@ -106,6 +112,7 @@ ENVOY="127.0.0.1:$ENVOY_LISTEN_PORT"
 cat <<MSG
 run: Kōrero gRPC on $LISTEN, WebSocket adapter on $WS_LISTEN, Envoy on $ENVOY.
      Chat in a browser:  http://$ENVOY/   (gRPC-Web or WebSocket, switch at the top)
+     Agent desk:         http://$ENVOY/agent.html   (or: $VENV/bin/korero agent --name Mere)
      In a second terminal:
        $VENV/bin/korero chat --target $LISTEN --name Aroha --booking KR7Q2X
        $VENV/bin/korero health --target $LISTEN

@@ -7,6 +7,9 @@
 // ChatRequest / ChatResponse protobuf messages as the gRPC Chat stream, binary,
 // one message per WebSocket message; cancelling sends a `cancel` frame.
 // Switching routes keeps the session: the WebSocket resumes it with `start`.
+// Human handoff: "Talk to a person" (or a turn that escalates) moves the page to
+// the WebSocket route, where handoff events and the agent's messages arrive
+// between turns; while an agent owns the conversation, messages go to them.
 // Both routes reconnect after a broken connection with the last seq seen as the
 // resume cursor (`after_seq`): the answer goes on where it stopped, no event is
 // shown twice, and a message the server never got is sent again with the same
@@ -55,6 +58,7 @@ const cancelButton = $<HTMLButtonElement>("cancel");
 const routeSelect = $<HTMLSelectElement>("route");
 const statusLine = $<HTMLElement>("status");
 const sessionLabel = $<HTMLElement>("session");
+const handoffButton = $<HTMLButtonElement>("handoff");
 
 // An optional token (localStorage "korero.token") goes to the same Authenticator
 // on both routes: as the authorization header, or as a WebSocket subprotocol.
@@ -69,6 +73,65 @@ function setStatus(text: string): void {
 function newId(): string {
   return crypto.randomUUID();
 }
+
+function durationSeconds(d: { seconds: bigint; nanos: number } | undefined): number {
+  return d ? Number(d.seconds) + d.nanos / 1e9 : 0;
+}
+
+/** A handoff event or an agent message outside any turn: a notice or an agent bubble. */
+function showSessionEvent(route: RouteName, event: Event): void {
+  const kind = event.kind;
+  const record: EventRecord = { route, kind: kind.case ?? "none", seq: event.seq.toString(), turnId: event.turnId, at: performance.now() };
+  window.korero.events.push(record);
+  let text = "";
+  switch (kind.case) {
+    case "handoffRequested":
+      text = kind.value.message || "Connecting you with a member of our team…";
+      document.body.dataset.handoff = "requested";
+      break;
+    case "handoffQueued": {
+      const wait = Math.max(1, Math.round(durationSeconds(kind.value.estimatedWait) / 60));
+      text = `You're number ${kind.value.position} in the queue (about ${wait} min).`;
+      document.body.dataset.handoff = "queued";
+      break;
+    }
+    case "agentJoined":
+      text = `${kind.value.agentDisplayName} joined the chat.`;
+      document.body.dataset.handoff = "agent";
+      break;
+    case "agentMessage": {
+      record.text = kind.value.text;
+      const bubble = document.createElement("div");
+      bubble.className = "msg agent";
+      const who = document.createElement("div");
+      who.className = "who";
+      who.textContent = kind.value.agentDisplayName;
+      bubble.append(who, document.createTextNode(kind.value.text));
+      log.append(bubble);
+      bubble.scrollIntoView({ block: "end" });
+      return;
+    }
+    case "agentLeft":
+      text = kind.value.reason === "disconnected"
+        ? `${kind.value.agentDisplayName} lost their connection; please hold on.`
+        : `${kind.value.agentDisplayName} left the chat.`;
+      break;
+    case "handoffEnded":
+      text = kind.value.message || "The conversation with our team has ended.";
+      document.body.dataset.handoff = "ended";
+      break;
+    default:
+      return;
+  }
+  record.text = text;
+  const notice = document.createElement("div");
+  notice.className = "msg notice";
+  notice.textContent = text;
+  log.append(notice);
+  notice.scrollIntoView({ block: "end" });
+}
+
+const SESSION_KINDS = new Set(["handoffRequested", "handoffQueued", "agentJoined", "agentMessage", "agentLeft", "handoffEnded"]);
 
 /** The last seq of the session's log this page has shown: the resume cursor. */
 let lastSeq = 0n;
@@ -98,6 +161,9 @@ class AnswerView {
   private readonly tools: HTMLUListElement;
   private readonly toolItems = new Map<string, HTMLLIElement>();
   private readonly meta: HTMLElement;
+  private readonly bubble: HTMLElement;
+  /** The turn handed the conversation to a person. */
+  escalated = false;
   private ttftShown = false;
   private readonly startedAt = performance.now();
   private readonly prefix = `a${++answerCount}`;
@@ -110,6 +176,7 @@ class AnswerView {
     user.className = "msg user";
     user.textContent = question;
     const bubble = document.createElement("div");
+    this.bubble = bubble;
     bubble.className = "msg assistant";
     this.text = document.createElement("div");
     this.text.className = "text";
@@ -214,6 +281,15 @@ class AnswerView {
         return false;
       case "heartbeat":
         return false;
+      case "handoffRequested":
+        this.escalated = true;
+        document.body.dataset.handoff = "requested";
+        return false;
+      case "messageRelayed":
+        // A person owns the conversation: the message went to them, the bot stays silent.
+        this.bubble.remove();
+        this.meta.dataset.terminal = "relayed";
+        return true;
       case "done": {
         const d = kind.value;
         const finish = FinishReason[d.finishReason].toLowerCase().replace("finish_reason_", "");
@@ -369,6 +445,16 @@ class WebSocketRoute implements Route {
           resolve(ws);
           return;
         }
+        if (!event.turnId && SESSION_KINDS.has(event.kind.case ?? "")) {
+          if (event.seq <= lastSeq) return; // shown before the connection broke
+          lastSeq = event.seq;
+          showSessionEvent(this.name, event);
+          return;
+        }
+        if (event.kind.case === "messageRelayed" && this.pending
+            && event.kind.value.clientMessageId === this.pending.clientMessageId) {
+          this.pending.started = true; // it reached the agent: never send it again
+        }
         if (seen(event)) return;
         if (event.kind.case === "turnStarted") {
           this.turnId = event.turnId;
@@ -464,6 +550,18 @@ class WebSocketRoute implements Route {
     this.socket.send(toBinary(ChatRequestSchema, cancel));
   }
 
+  /** Ask for a person (the `handoff` frame); what follows arrives between turns. */
+  async requestHandoff(): Promise<void> {
+    const ws = await this.connect();
+    const ask = create(ChatRequestSchema, { kind: { case: "handoff", value: { reason: "" } } });
+    ws.send(toBinary(ChatRequestSchema, ask));
+  }
+
+  /** Open the socket now, to hear handoff events before the next message. */
+  async listen(): Promise<void> {
+    await this.connect();
+  }
+
   close(): void {
     this.closing = true;
     this.socket?.close(1000, "route switched");
@@ -473,12 +571,26 @@ class WebSocketRoute implements Route {
 
 let route: Route = new GrpcWebRoute();
 
-routeSelect.addEventListener("change", () => {
+function switchRoute(name: RouteName): void {
   route.close();
-  const name = routeSelect.value as RouteName;
+  routeSelect.value = name;
   route = name === "websocket" ? new WebSocketRoute() : new GrpcWebRoute();
   document.body.dataset.route = name;
   setStatus(`route: ${name}`);
+}
+
+routeSelect.addEventListener("change", () => switchRoute(routeSelect.value as RouteName));
+
+/** Handoff events need the full-duplex route: move there (the session is kept). */
+async function followHandoff(): Promise<WebSocketRoute> {
+  if (!(route instanceof WebSocketRoute)) switchRoute("websocket");
+  const ws = route as WebSocketRoute;
+  await ws.listen();
+  return ws;
+}
+
+handoffButton.addEventListener("click", () => {
+  void followHandoff().then((ws) => ws.requestHandoff()).catch((err) => setStatus(`handoff failed: ${err}`));
 });
 
 $<HTMLFormElement>("composer").addEventListener("submit", (e) => {
@@ -493,6 +605,7 @@ $<HTMLFormElement>("composer").addEventListener("submit", (e) => {
   routeSelect.disabled = true;
   setStatus(`answering via ${route.name}…`);
   void route.send(text, view).finally(() => {
+    if (view.escalated && route.name === "grpc-web") void followHandoff().catch(() => undefined);
     document.body.dataset.turn = "idle";
     sendButton.disabled = false;
     cancelButton.disabled = true;

@@ -6,6 +6,7 @@ No conversation logic lives here; it only connects the pieces.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import redis.asyncio as aioredis
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -22,6 +24,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
+from korero.agent.v1 import agent_pb2, agent_pb2_grpc
 from korero.chat.v1 import chat_pb2
 from korero.server.context.assembly import KnowledgeAssembler, LLMSummarizer
 from korero.server.context.cache import ResponseCache
@@ -29,6 +32,10 @@ from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore
 from korero.server.context.router import RuleRouter
 from korero.server.conversation.engine import ConversationEngine
 from korero.server.conversation.tools_loop import ToolLoop
+from korero.server.handoff.relay import RelayHub
+from korero.server.handoff.service import HandoffService
+from korero.server.handoff.store import HandoffStore
+from korero.server.handoff.webhooks import WebhookDispatcher, WebhookOutbox
 from korero.server.llm.provider import LLMProvider, OpenAIProvider
 from korero.server.ops import OpsStats
 from korero.server.policy.api_keys import ApiKeyStore
@@ -37,12 +44,14 @@ from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
 from korero.server.policy.ratelimit import RateLimiter
 from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.policy.tokens import TokenAuthenticator
+from korero.server.report.recorder import Recorder
 from korero.server.settings import Settings
 from korero.server.storage.history import HistoryStore
 from korero.server.storage.outbox import OutboxWriter
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
 from korero.server.tools import ToolExecutor, ToolRegistry
+from korero.server.transport.agent_service import AgentDeskServicer
 from korero.server.transport.chat_session import StreamRules
 from korero.server.transport.grpc_service import ChatServicer
 from korero.server.transport.interceptors import GateInterceptor
@@ -56,6 +65,7 @@ __all__ = ["KoreroServer", "run"]
 log = logging.getLogger(__name__)
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentDeskService"].full_name
 HISTORY_HEALTH = "korero.history"
 """Health service name that is NOT_SERVING while PostgreSQL writes fail (the chat stays SERVING)."""
 
@@ -92,6 +102,9 @@ class KoreroServer:
     history: HistoryStore | None = None
     outbox: OutboxWriter | None = None
     ops: OpsStats | None = None
+    handoff: HandoffService | None = None
+    webhooks: WebhookDispatcher | None = None
+    recorder: Recorder | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -124,11 +137,22 @@ class KoreroServer:
         if gate.checks_anything:
             interceptors.append(GateInterceptor(gate))
         tool_executor = ToolExecutor()
-        engine = _build_engine(settings, store, llm, limiter, metrics, tracer, tool_executor)
+        recorder = None
+        if settings.postgres.url is not None:
+            recorder = Recorder(
+                settings.postgres.url,
+                pool_size=max(1, settings.postgres.pool_size // 4),
+                timeout=settings.postgres.timeout,
+            )
+            recorder.start()
+        handoff, webhooks = await _build_handoff(settings, store, metrics, recorder)
+        engine = _build_engine(
+            settings, store, llm, limiter, metrics, tracer, tool_executor, handoff
+        )
         engine.attach_history(history, outbox)
         lifecycle = Lifecycle()
-        server, port = _build_grpc_server(
-            settings, engine, lifecycle, health, metrics, interceptors
+        server, port, services = _build_grpc_server(
+            settings, engine, lifecycle, health, metrics, interceptors, handoff
         )
         ops = None
         if settings.observability.ops_token is not None:
@@ -143,12 +167,13 @@ class KoreroServer:
                 web_root=settings.server.web_root,
                 ssl_context=server_ssl_context(settings.tls),
                 routes=ops.routes() if ops is not None else (),
+                handoff=handoff,
             )
             await websocket.start()
             if ops is not None:
                 await ops.start()
         await server.start()
-        for service in ("", CHAT_SERVICE):
+        for service in ("", *services):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if outbox is not None:
             await health.set(HISTORY_HEALTH, health_pb2.HealthCheckResponse.SERVING)
@@ -180,6 +205,9 @@ class KoreroServer:
             history,
             outbox,
             ops if websocket is not None else None,
+            handoff,
+            webhooks,
+            recorder,
         )
 
     @property
@@ -201,6 +229,12 @@ class KoreroServer:
         if self.ops is not None:
             await self.ops.close()
         await self.server.stop(grace=1.0)
+        if self.webhooks is not None:
+            await self.webhooks.close()
+        if self.handoff is not None:
+            await self.handoff.close()
+        if self.recorder is not None:
+            await self.recorder.close()
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
         if self.tracer_provider is not None:
@@ -283,6 +317,7 @@ def _build_engine(
     metrics: Metrics,
     tracer: trace.Tracer,
     tool_executor: ToolExecutor,
+    handoff: HandoffService | None,
 ) -> ConversationEngine:
     """The conversation engine with its context assembly, cache, knowledge base and tools."""
     kb_store = KnowledgeStore(store.redis)
@@ -317,6 +352,7 @@ def _build_engine(
             max_rounds=settings.tools.max_rounds,
             cache_seconds=settings.tools.cache_seconds,
         ),
+        handoff=handoff,
     )
 
 
@@ -327,8 +363,12 @@ def _build_grpc_server(
     health: health_aio.HealthServicer,
     metrics: Metrics,
     interceptors: list[grpc.aio.ServerInterceptor],
-) -> tuple[grpc.aio.Server, int]:
-    """ChatService, health and reflection on the configured address (not started yet)."""
+    handoff: HandoffService | None,
+) -> tuple[grpc.aio.Server, int, list[str]]:
+    """ChatService (and the agent desk), health and reflection, not started yet.
+
+    Returns the server, its port and the names of the services it serves.
+    """
     options = list(_SERVER_OPTIONS)
     if settings.server.max_connection_age is not None:
         # GOAWAY after this age: new calls reconnect (and may be balanced elsewhere);
@@ -344,10 +384,24 @@ def _build_grpc_server(
         rules=StreamRules.from_settings(settings.server),
         default_tenant=settings.engine.tenant,
     ).add_to_server(server)
+    services = [CHAT_SERVICE]
+    if handoff is not None:
+        agent_pb2_grpc.add_AgentDeskServiceServicer_to_server(
+            AgentDeskServicer(
+                service=handoff,
+                lifecycle=lifecycle,
+                metrics=metrics,
+                heartbeat_interval=settings.server.heartbeat_interval,
+                first_frame_timeout=settings.server.first_frame_timeout,
+                default_tenant=settings.engine.tenant,
+            ),
+            server,
+        )
+        services.append(AGENT_SERVICE)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
-            CHAT_SERVICE,
+            *services,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -361,7 +415,45 @@ def _build_grpc_server(
             port = server.add_insecure_port(settings.server.listen)
     except RuntimeError as exc:  # grpcio's way of saying the bind failed
         raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
-    return server, port
+    return server, port, services
+
+
+async def _build_handoff(
+    settings: Settings, store: SessionStore, metrics: Metrics, recorder: Recorder | None
+) -> tuple[HandoffService | None, WebhookDispatcher]:
+    """The handoff service (None when off) and the webhook dispatcher, started."""
+    handoff = None
+    if settings.handoff.enabled:
+        handoff = HandoffService(
+            store=HandoffStore(
+                store.redis,
+                ttl_seconds=settings.engine.session_ttl,
+                relay_max=settings.handoff.relay_log_max,
+            ),
+            # Its own connection, without the pool's read timeout: it idles by design.
+            hub=RelayHub(
+                aioredis.Redis.from_url(
+                    settings.redis.url,
+                    socket_connect_timeout=settings.redis.timeout,
+                    health_check_interval=30,
+                )
+            ),
+            settings=settings.handoff,
+            outbox=WebhookOutbox(settings.webhooks),
+            metrics=metrics,
+            recorder=recorder,
+        )
+        await handoff.start()
+    webhooks = WebhookDispatcher(
+        store.redis,
+        settings.webhooks,
+        on_result=lambda result: metrics.webhook_deliveries.labels(result).inc(),
+    )
+    webhooks.start()
+    if handoff is not None:
+        for tenant in settings.webhooks.targets:
+            handoff.hub.watch(tenant, None, functools.partial(webhooks.wake, tenant))
+    return handoff, webhooks
 
 
 async def run(
@@ -389,7 +481,7 @@ async def run(
     )
     if app.websocket is not None:
         log.info(
-            "event=ws_serving address=%s path=/ws/chat ops=%s",
+            "event=ws_serving address=%s paths=/ws/chat,/ws/agent ops=%s",
             app.websocket.address,
             "on" if app.ops is not None else "off",
         )

@@ -25,6 +25,8 @@ __all__ = [
     "AuthSettings",
     "CacheSettings",
     "EngineSettings",
+    "HandoffSettings",
+    "HandoffTriggerName",
     "KnowledgeSettings",
     "LLMSettings",
     "ObservabilitySettings",
@@ -38,6 +40,8 @@ __all__ = [
     "SettingsError",
     "TLSSettings",
     "ToolSettings",
+    "WebhookSettings",
+    "WebhookTarget",
     "env_reference",
 ]
 
@@ -60,6 +64,16 @@ class SettingsError(ValueError):
 AuthMode = Literal["on", "off"]
 LimiterRedisDown = Literal["local", "closed"]
 TraceExporter = Literal["none", "otlp", "console"]
+HandoffTriggerName = Literal[
+    "human_request",
+    "sentiment",
+    "fallback",
+    "low_confidence",
+    "complaint",
+    "client_request",
+    "agent_pick",
+]
+ALL_HANDOFF_TRIGGERS: tuple[HandoffTriggerName, ...] = get_args(HandoffTriggerName)
 
 _TIER_FIELDS = (
     "session_messages_per_minute",
@@ -116,6 +130,8 @@ def _env(
     meta = {"env": name, "doc": doc, "aliases": aliases, "parse": parse}
     if isinstance(default, RateTiers):
         return field(default_factory=RateTiers, metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -179,6 +195,80 @@ def _workers(raw: str) -> int | None:
     if count < 1:
         raise ValueError("must be at least 1, or `auto`")
     return count
+
+
+def _triggers(raw: str) -> tuple[HandoffTriggerName, ...]:
+    """A comma-separated list of trigger names; `none` for no automatic handoff."""
+    if raw.strip().lower() == "none":
+        return ()
+    words = _words(raw.lower())
+    unknown = sorted(set(words) - set(ALL_HANDOFF_TRIGGERS))
+    if unknown:
+        raise ValueError(
+            f"unknown triggers {', '.join(unknown)}; use {', '.join(ALL_HANDOFF_TRIGGERS)}"
+        )
+    return tuple(t for t in ALL_HANDOFF_TRIGGERS if t in words)
+
+
+def _score(raw: str) -> float:
+    """A sentiment score bound, -1 to 1."""
+    value = float(raw)
+    if not -1.0 <= value <= 1.0:
+        raise ValueError("must be between -1 and 1")
+    return value
+
+
+def _skill_map(raw: str) -> dict[str, str]:
+    """`intent=queue,...`: which queue (agent skill) an intent's handoffs wait in."""
+    pairs: dict[str, str] = {}
+    for item in _words(raw):
+        intent, sep, queue = item.partition("=")
+        if not sep or not intent.strip() or not queue.strip():
+            raise ValueError(f"expected intent=queue, got {item!r}")
+        pairs[intent.strip()] = queue.strip()
+    return pairs
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    """One CRM / ticketing endpoint of a tenant."""
+
+    url: str
+    secret: str
+    """Key of the HMAC-SHA256 signature."""
+    events: tuple[str, ...] = ()
+    """Event types it receives (empty: all)."""
+
+    @property
+    def target_id(self) -> str:
+        """A short stable id for the URL (names its queue in Redis)."""
+        import hashlib  # noqa: PLC0415 - only here
+
+        return hashlib.sha256(self.url.encode()).hexdigest()[:12]
+
+
+def _webhook_targets(raw: str) -> dict[str, tuple[WebhookTarget, ...]]:
+    """JSON `{"tenant": [{"url": ..., "secret": ..., "events": [...]}]}`."""
+    if not raw.strip():
+        return {}
+    doc = json.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError("expected a JSON object of tenant -> list of targets")
+    out: dict[str, tuple[WebhookTarget, ...]] = {}
+    for tenant, targets in doc.items():
+        if not isinstance(targets, list):
+            raise ValueError(f"tenant {tenant!r}: expected a list of targets")
+        parsed = []
+        for t in targets:
+            if not isinstance(t, dict) or not t.get("url") or not t.get("secret"):
+                raise ValueError(f"tenant {tenant!r}: every target needs `url` and `secret`")
+            if not str(t["url"]).startswith(("http://", "https://")):
+                raise ValueError(f"tenant {tenant!r}: {t['url']!r} is not an http(s) URL")
+            parsed.append(
+                WebhookTarget(str(t["url"]), str(t["secret"]), tuple(t.get("events") or ()))
+            )
+        out[str(tenant)] = tuple(parsed)
+    return out
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -662,6 +752,100 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
+class HandoffSettings:
+    """Escalation to human agents: triggers, queues, the agent desk."""
+
+    enabled: bool = _env("KORERO_HANDOFF", True, "hand conversations to human agents (true/false)")
+    """Off: no trigger fires and `RequestHandoff` is refused; the bot answers everything."""
+    triggers: tuple[HandoffTriggerName, ...] = _env(
+        "KORERO_HANDOFF_TRIGGERS",
+        ALL_HANDOFF_TRIGGERS,
+        "triggers that hand a conversation to a human (comma-separated, or `none`)",
+        parse=_triggers,
+    )
+    """Any of human_request, sentiment, fallback, low_confidence, complaint,
+    client_request, agent_pick."""
+    sentiment_message: float = _env(
+        "KORERO_HANDOFF_SENTIMENT_MESSAGE",
+        -0.75,
+        "a message scoring at or below this (VADER compound, -1..1) escalates",
+        parse=_score,
+    )
+    """One very negative message is enough."""
+    sentiment_trend: float = _env(
+        "KORERO_HANDOFF_SENTIMENT_TREND",
+        -0.4,
+        "the mean of the last messages at or below this escalates",
+        parse=_score,
+    )
+    """A conversation that keeps going badly escalates before any single message is extreme."""
+    sentiment_window: int = _env(
+        "KORERO_HANDOFF_SENTIMENT_WINDOW", 3, "customer messages the sentiment trend averages"
+    )
+    """The trend needs at least two scored messages."""
+    fallbacks: int = _env("KORERO_HANDOFF_FALLBACKS", 2, "fallback answers in a row that escalate")
+    """A fallback is the bot's "I couldn't find anything" answer."""
+    low_confidence: float = _env(
+        "KORERO_HANDOFF_LOW_CONFIDENCE", 0.4, "router confidence below which a message is unsure"
+    )
+    """See context/router.py for how confidence is computed."""
+    low_confidence_turns: int = _env(
+        "KORERO_HANDOFF_LOW_CONFIDENCE_TURNS", 3, "unsure messages in a row that escalate"
+    )
+    """Counted over consecutive customer messages, this one included."""
+    queues: dict[str, str] = _env(
+        "KORERO_HANDOFF_QUEUES",
+        {"complaint": "complaints", "booking_lookup": "bookings"},
+        "intent=queue pairs routing handoffs to agent skills (others: general)",
+        parse=_skill_map,
+    )
+    """Agents serve `general` plus the queues named in their skills."""
+    offer_timeout: float = _env(
+        "KORERO_HANDOFF_OFFER_TIMEOUT", 30.0, "seconds an agent has to accept an offer"
+    )
+    """Then the conversation is offered to the next agent."""
+    agent_grace: float = _env(
+        "KORERO_HANDOFF_AGENT_GRACE", 30.0, "seconds a disconnected agent keeps conversations"
+    )
+    """After that they go back to the front of their queue."""
+    default_wait: float = _env(
+        "KORERO_HANDOFF_DEFAULT_WAIT", 120.0, "seconds of estimated wait before any is measured"
+    )
+    """Estimates use a moving average of measured waits once there are some."""
+    sweep_interval: float = _env(
+        "KORERO_HANDOFF_SWEEP_INTERVAL", 1.0, "seconds between checks of offers and graces"
+    )
+    """Each instance with agents connected runs the checks; they are idempotent."""
+    relay_log_max: int = _env(
+        "KORERO_HANDOFF_RELAY_LOG_MAX", 1000, "handoff events kept per session for the relay"
+    )
+    """The relay log of a session is trimmed to about this many entries."""
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Signed CRM / ticketing webhooks on handoff events."""
+
+    targets: dict[str, tuple[WebhookTarget, ...]] = _env(
+        "KORERO_WEBHOOKS",
+        {},
+        'JSON: {"tenant": [{"url": "https://…", "secret": "…", "events": [...]}]}',
+        parse=_webhook_targets,
+    )
+    """Per-tenant endpoints; events: handoff.requested, handoff.agent_joined, handoff.closed."""
+    max_attempts: int = _env(
+        "KORERO_WEBHOOK_MAX_ATTEMPTS", 8, "attempts before a delivery is dead-lettered"
+    )
+    """`korero webhooks retry` puts dead letters back in their queue."""
+    backoff: float = _env("KORERO_WEBHOOK_BACKOFF", 1.0, "seconds before the first retry")
+    """Doubles per attempt, with full jitter, up to KORERO_WEBHOOK_BACKOFF_MAX."""
+    backoff_max: float = _env("KORERO_WEBHOOK_BACKOFF_MAX", 300.0, "longest wait between retries")
+    """Cap of the exponential backoff."""
+    timeout: float = _env("KORERO_WEBHOOK_TIMEOUT", 5.0, "seconds per delivery attempt")
+    """A receiver slower than this counts as a failed attempt."""
+
+
+@dataclass(frozen=True)
 class ToolSettings:
     """The tool loop (live data through tenant-configured tools; see docs/tools.md)."""
 
@@ -691,6 +875,8 @@ class Settings:
     knowledge: KnowledgeSettings = field(default_factory=KnowledgeSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    handoff: HandoffSettings = field(default_factory=HandoffSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     tools: ToolSettings = field(default_factory=ToolSettings)
 
     @classmethod
@@ -756,6 +942,10 @@ def _shown(value: Any) -> str:
         return ""
     if isinstance(value, tuple):
         return ",".join(value)
+    if isinstance(value, dict):
+        if all(isinstance(v, str) for v in value.values()):
+            return ",".join(f"{k}={v}" for k, v in value.items())
+        return json.dumps(value) if value else ""
     return str(value)
 
 

@@ -122,6 +122,25 @@ class Metrics:
         self.redis_errors = Counter(
             "korero_redis_errors", "Failed Redis calls by reason", ["reason"], registry=r
         )
+        self.handoffs = Counter(
+            "korero_handoffs",
+            "Conversations handed to human agents, by trigger",
+            ["trigger"],
+            registry=r,
+        )
+        self.handoff_wait = Histogram(
+            "korero_handoff_wait_seconds",
+            "From a handoff request to the agent joining",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r,
+        )
+        self.agent_desks = Gauge("korero_agent_desks", "Open agent desk streams", registry=r)
+        self.webhook_deliveries = Counter(
+            "korero_webhook_deliveries",
+            "Webhook delivery attempts by result (delivered, retried, dead_lettered)",
+            ["result"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "korero_upstream_errors", "Failed LLM calls by reason", ["reason"], registry=r
         )

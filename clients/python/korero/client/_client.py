@@ -20,6 +20,17 @@ from korero.client._retry import DEFAULT_RECONNECT, Reconnect
 __all__ = ["ChatClient", "Conversation"]
 
 _TERMINAL = frozenset({"done", "error"})
+_SESSION_KINDS = frozenset(
+    {
+        "handoff_requested",
+        "handoff_queued",
+        "agent_joined",
+        "agent_message",
+        "agent_left",
+        "handoff_ended",
+    }
+)
+"""Events about the conversation rather than one message: see `Conversation.notifications`."""
 SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"
 _CLOSED = object()
 _CHANNEL_OPTIONS = [
@@ -58,6 +69,8 @@ class Conversation:
         self._reconnect = reconnect
         self._timeout = stream_timeout
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.notifications: asyncio.Queue[pb.Event] = asyncio.Queue()
+        """Handoff events and agent messages that belong to no turn, in seq order."""
         self._error: ChatError | None = None
         self._goaway: ChatError | None = None
         self._closing = False
@@ -104,6 +117,20 @@ class Conversation:
             return
         if event.turn_id and event.seq <= self.last_seq:
             return  # already received before the stream was reopened
+        if not event.turn_id and (kind in _SESSION_KINDS or kind == "message_relayed"):
+            if event.seq <= self.last_seq:
+                return  # already received before the stream was reopened
+            self.last_seq = event.seq
+            if kind == "message_relayed":
+                if (
+                    self._pending is not None
+                    and event.message_relayed.client_message_id == self._pending[0]
+                ):
+                    self._started_seen = True  # it reached the agent: never send it again
+                self._queue.put_nowait(event)
+            else:
+                self.notifications.put_nowait(event)
+            return
         self.last_seq = max(self.last_seq, event.seq)
         if (
             kind == "turn_started"
@@ -178,8 +205,18 @@ class Conversation:
                     event.turn_id or event.error.client_message_id in ("", cmid)
                 ):
                     return
+                if kind == "message_relayed" and event.message_relayed.client_message_id == cmid:
+                    return  # a person owns the conversation: the message went to them
         finally:
             self._pending = None
+
+    async def request_handoff(self, reason: str = "") -> None:
+        """Ask for a human agent; what follows arrives in `notifications`."""
+        await self._write(pb.ChatRequest(handoff=pb.RequestHandoff(reason=reason)))
+
+    async def next_notification(self, within: float | None = None) -> pb.Event:
+        """The next handoff event or agent message (TimeoutError after `within` seconds)."""
+        return await asyncio.wait_for(self.notifications.get(), within)
 
     async def cancel(self, turn_id: str = "") -> None:
         """Cancel the turn in flight (or the named one)."""

@@ -32,6 +32,7 @@ from korero.server.context.knowledge import KnowledgeStore
 from korero.server.context.router import IntentRouter, RouteDecision, RuleRouter
 from korero.server.conversation.eventlog import TurnLog
 from korero.server.conversation.generation import AnswerGenerator
+from korero.server.conversation.hooks import HandoffHook
 from korero.server.conversation.records import SessionRecords
 from korero.server.conversation.runner import REPLAY_EVENTS, TurnRunner
 from korero.server.conversation.tools_loop import ToolLoop
@@ -89,6 +90,15 @@ _MAX_PAGE_SIZE = 500
 _REHYDRATE_ATTEMPTS = 20
 
 
+def _handoff_ended() -> KoreroError:
+    return KoreroError(
+        grpc.StatusCode.ABORTED,
+        "HANDOFF_CHANGED",
+        "a person has just joined or left the conversation; send the message again",
+        retryable=True,
+    )
+
+
 def _turn_in_flight(turn_id: str) -> InvalidArgumentError:
     return InvalidArgumentError(
         "TURN_IN_FLIGHT", f"turn {turn_id} is still in flight; wait for it to end or cancel it"
@@ -118,6 +128,7 @@ class ConversationEngine:
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
         tool_loop: ToolLoop | None = None,
+        handoff: HandoffHook | None = None,
         history: HistoryStore | None = None,
         outbox: OutboxWriter | None = None,
     ) -> None:
@@ -139,6 +150,7 @@ class ConversationEngine:
         self._limiter = limiter
         self._metrics = metrics
         self._tracer = tracer or trace.get_tracer(__name__)
+        self._handoff = handoff
         # Reserved per message before the history is known; settled to real usage.
         self._base_reservation = estimate_tokens(settings.system_prompt) + llm_settings.max_tokens
         self._runner = TurnRunner(
@@ -161,6 +173,7 @@ class ConversationEngine:
             clock=clock,
             tool_loop=tool_loop,
             outbox=outbox,
+            handoff=handoff,
         )
 
     def attach_history(self, history: HistoryStore | None, outbox: OutboxWriter | None) -> None:
@@ -175,6 +188,10 @@ class ConversationEngine:
     @property
     def cache(self) -> ResponseCache | None:
         return self._cache
+
+    @property
+    def handoff(self) -> HandoffHook | None:
+        return self._handoff
 
     @property
     def limiter(self) -> RateLimiter | None:
@@ -421,6 +438,7 @@ class ConversationEngine:
             local.subscribe(sink)
             return local
         route = await self._router.route(message.text)
+        signals = self._handoff.signals(message.text, route) if self._handoff else None
         admission = None
         if self._limiter is not None:
             reservation = self._base_reservation + estimate_tokens(message.text)
@@ -438,8 +456,17 @@ class ConversationEngine:
         scope = otel_context.attach(trace.set_span_in_context(turn_span))
         try:
             begin, probe, lookup, kb_version = await self._begin(
-                tenant, session_id, message, route, deadline
+                tenant, session_id, message, route, deadline, signals
             )
+            if begin.status == "human":  # a person owns the session: the bot stays silent
+                relayed = await self._to_person(
+                    tenant, session_id, begin.turn_id, message, route, sink
+                )
+                turn_span.end()
+                otel_context.detach(scope)
+                if admission is not None:
+                    await self._runner.refund(admission)
+                return relayed
             if begin.status == "busy":
                 raise _turn_in_flight(begin.turn_id)
         except KoreroError as error:
@@ -455,7 +482,7 @@ class ConversationEngine:
             begin.turn_id,
             message.client_message_id,
             begin.seq_base,
-            plan=TurnPlan(route, admission, probe, kb_version),
+            plan=TurnPlan(route, admission, probe, kb_version, signals),
             lookup=lookup,
             span=turn_span,
             timings=StageTimings(started=started, session_load=self._clock() - started),
@@ -471,6 +498,26 @@ class ConversationEngine:
         finally:
             otel_context.detach(scope)
         return turn
+
+    async def _to_person(
+        self,
+        tenant: str,
+        session_id: str,
+        handoff_id: str,
+        message: pb.UserMessage,
+        route: RouteDecision,
+        sink: EventSink,
+    ) -> Turn:
+        """Hand a message to the person who owns the session (handoff/)."""
+        relayed = None
+        if self._handoff is not None:
+            signals = self._handoff.signals(message.text, route)
+            relayed = await self._handoff.relay(
+                tenant, session_id, handoff_id, message, signals, route, sink
+            )
+        if relayed is None:  # the agent let go of the session a moment ago
+            raise _handoff_ended()
+        return relayed
 
     def _body(
         self, turn: Turn, begin: TurnBegin, message: pb.UserMessage, deadline: float | None
@@ -510,6 +557,9 @@ class ConversationEngine:
                 if begin.status == "busy":
                     await self._runner.not_completed(turn, _turn_in_flight(begin.turn_id))
                     return
+                if begin.status == "human":  # a person took the session over meanwhile
+                    await self._runner.not_completed(turn, _handoff_ended())
+                    return
                 turn.turn_id, turn.seq, turn.lookup = begin.turn_id, begin.seq_base, lookup
                 turn.plan = dataclasses.replace(turn.plan, cache_probe=probe, kb_version=kb_version)
                 turn.span.set_attribute("korero.turn_id", turn.turn_id)
@@ -537,6 +587,7 @@ class ConversationEngine:
         message: pb.UserMessage,
         route: RouteDecision,
         deadline: float | None,
+        signals: dict[str, float] | None = None,
     ) -> tuple[TurnBegin, CacheProbe | None, CacheLookup | None, int]:
         """`begin_turn` with the KB version and the cache lookup in the same round trip.
 
@@ -564,6 +615,7 @@ class ConversationEngine:
                     REPLAY_EVENTS,
                     attempt=attempt,
                     intent=route.intent,
+                    signals=signals,
                     also=also,
                 )
             except StoreUnavailableError as error:

@@ -38,6 +38,7 @@ from korero.server.context.assembly import AssembledContext, ContextAssembler, C
 from korero.server.context.cache import CachedAnswer, CacheLookup, ResponseCache
 from korero.server.conversation.coalesce import DeltaCoalescer
 from korero.server.conversation.generation import AnswerGenerator
+from korero.server.conversation.hooks import HandoffHook
 from korero.server.conversation.tools_loop import ToolLoop, ToolTurn
 from korero.server.conversation.turn import Turn
 from korero.server.conversation.wire import (
@@ -128,6 +129,7 @@ class _Answer:
     finish: str | None = None
     context: AssembledContext | None = None
     cached: CacheLookup | None = None
+    handoff: pb.HandoffRequested | None = None
     tools: ToolTurn | None = None
     """The turn's tools, when the model was offered any."""
 
@@ -153,6 +155,7 @@ class TurnRunner:
         limiter: RateLimiter | None = None,
         record_cache_request: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        handoff: HandoffHook | None = None,
         tool_loop: ToolLoop | None = None,
         outbox: OutboxWriter | None = None,
     ) -> None:
@@ -168,6 +171,7 @@ class TurnRunner:
         self._limiter = limiter
         self._record_cache_request = record_cache_request or (lambda _hit: None)
         self._clock = clock
+        self._handoff = handoff
         self._outbox = outbox
 
     def attach_outbox(self, outbox: OutboxWriter | None) -> None:
@@ -186,6 +190,8 @@ class TurnRunner:
     ) -> None:
         assert turn.timings is not None
         timings = turn.timings
+        if self._handoff is not None:
+            turn.sentiment = self._handoff.reading(turn.plan.signals, history)
         self._announce(turn)
         answer = _Answer(self._model)
 
@@ -228,6 +234,8 @@ class TurnRunner:
             )
         finally:
             lease.cancel()
+        if answer.handoff is not None and self._handoff is not None and turn.result.reason == "":
+            await self._handoff.escalate(turn, answer.handoff)  # after the terminal event
 
     async def _keep_lease(self, turn: Turn) -> None:
         """Renew the turn's lease while it runs; a lease taken over ends the turn."""
@@ -254,6 +262,7 @@ class TurnRunner:
                 model=display_model(self._model),
                 intent=turn.intent,
                 trace_id=_trace_id(turn),
+                sentiment=turn.sentiment,
             )
         )
         if turn.plan.admission is not None:
@@ -293,7 +302,17 @@ class TurnRunner:
         limit = self._clock() + self._settings.turn_timeout
         deadline = limit if deadline is None else min(deadline, limit)
         cached = answer.cached.entry if answer.cached is not None else None
-        if cached is not None:
+        escalation = None
+        if self._handoff is not None:
+            fallback = answer.context is not None and answer.context.fallback is not None
+            escalation = self._handoff.escalation(turn, request.history, fallback=fallback)
+        if escalation is not None:  # the bot says so in plain words, and nothing else
+            answer.context = answer.cached = None
+            _replay_pieces(escalation[0], emit_text, answer.pieces)
+            answer.usage, answer.finish = TokenUsage(0, 0), "stop"
+            answer.handoff = escalation[1]
+            turn.publish(handoff_requested=escalation[1])
+        elif cached is not None:
             answer.model = cached.model or answer.model
             _replay_pieces(cached.answer, emit_text, answer.pieces)
             answer.usage, answer.finish = TokenUsage(0, 0), "stop"

@@ -75,6 +75,8 @@ class TurnPlan:
     cache_probe: CacheProbe | None = None
     kb_version: int = 0
     """The tenant's knowledge-base version when the turn began (0: none)."""
+    signals: dict[str, float] | None = None
+    """Stored with the message for the handoff policy: sentiment, router confidence."""
 
 
 @dataclass
@@ -106,6 +108,10 @@ class Turn:
     task: asyncio.Task[None] | None = None
     cancel_reason: KoreroError | None = None
     cancelled_by_client: bool = False
+    sentiment: pb.Sentiment | None = None
+    """The message's sentiment and trend, sent in `turn_started`."""
+    escalation: Any = None
+    """Set when the turn hands the conversation to a human (handoff/triggers.py)."""
     finishing: bool = False
     unresolved: bool = False
     """Persisting the outcome failed without an answer from Redis (outcome unknown)."""

@@ -32,6 +32,14 @@ class StoredMessage:
     created_at: float  # unix seconds
     intent: str = ""
     """The router's decision for a user message (empty for answers)."""
+    sentiment: float | None = None
+    """The user message's sentiment score (-1..1), when scored."""
+    trend: float | None = None
+    """The sentiment trend when the user message arrived, when scored."""
+    confidence: float | None = None
+    """The router's confidence for a user message, when routed."""
+    agent: str = ""
+    """The human agent's display name: an answer written by an agent, not the model."""
 
     @property
     def turn_number(self) -> int:
@@ -48,7 +56,15 @@ class StoredMessage:
             d.get("cmid", ""),
             d["ts"] / 1000,
             d.get("intent", ""),
+            _number(d.get("sentiment")),
+            _number(d.get("trend")),
+            _number(d.get("confidence")),
+            d.get("agent", ""),
         )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
 
 
 @dataclass(frozen=True)
@@ -155,9 +171,11 @@ class TurnBegin:
     - `running`: the message's turn is in flight (maybe on another instance),
       holding a live lease.
     - `busy`: another turn of this session is in flight.
+    - `human`: a human agent owns the session (`turn_id` is the handoff id);
+      nothing was stored and the bot must not answer.
     """
 
-    status: Literal["started", "replay", "running", "busy"]
+    status: Literal["started", "replay", "running", "busy", "human"]
     turn_id: str = ""
     seq_base: int = 0
     record: TurnRecord | None = None

@@ -146,6 +146,9 @@ if holder and not locked then
 end
 local rec = redis.call('HGET', turns, cmid)
 local r = rec and cjson.decode(rec)
+-- A person owns the session (handoff/): nothing here, the message goes to them.
+local owner = redis.call('HGET', meta, 'owner')
+if owner and not (r and r.status == 'done') then return {'human', owner} end
 if r then
   if r.status == 'done' then
     if locked then return {'busy', holder} end  -- seq: a replay never interleaves a turn
@@ -184,6 +187,9 @@ else
   if not r or r.nomsg then
     local msg = {role = 'user', text = text, turn_id = turn_id, cmid = cmid, ts = now}
     if ARGV[9] and ARGV[9] ~= '' then msg.intent = ARGV[9] end
+    if ARGV[11] and ARGV[11] ~= '' then  -- signals: sentiment, router confidence
+      for k, v in pairs(cjson.decode(ARGV[11])) do msg[k] = v end
+    end
     redis.call('RPUSH', hist, cjson.encode(msg))
     redis.call('LTRIM', hist, -tonumber(ARGV[3]), -1)
   end

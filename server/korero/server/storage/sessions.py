@@ -7,6 +7,7 @@ in one Redis Cluster slot, and the tenant prefix keeps tenants apart):
                              seq (last sequence number issued), turns (count),
                              inflight / inflight_until / inflight_cmid (the turn
                              lease: holder, expiry, its message),
+                             owner (the handoff owning the session, see handoff/),
                              summary (JSON: older turns, see context/assembly.py)
     kr:{t:s}:history  list   JSON messages (user ones with the router's intent),
                              oldest first, trimmed to a bound
@@ -73,7 +74,7 @@ from korero.server.storage.scripts import ScriptCall, run_scripts
 
 __all__ = ["SEQ_RESERVE", "SessionStore"]
 
-_SESSION_PARTS = ("meta", "history", "turns", "outbox", "events")
+_SESSION_PARTS = ("meta", "history", "turns", "outbox", "events", "relay")  # relay: handoff/
 
 SEQ_RESERVE = 256
 """Sequence numbers a turn in flight may hand out ahead of its last logged event.
@@ -250,15 +251,18 @@ class SessionStore:
         *,
         attempt: str,
         intent: str = "",
+        signals: Mapping[str, float] | None = None,
         also: Sequence[ScriptCall] = (),
     ) -> TurnBegin:
         """Record the user message and take the session's turn lease, in one round trip.
 
         `attempt` names this begin: sent again it gives the same answer, and
-        `abort_begin` with it gives it up. `intent` is stored with the user
-        message; `also` (calls on other key spaces: the KB version, the
-        response cache) travel in the same pipeline and their replies come
-        back, in order, as `TurnBegin.replies`.
+        `abort_begin` with it gives it up. `intent` and `signals` (sentiment,
+        router confidence) are stored with the user message. A session a
+        human agent owns is not touched: the status is `human` and `turn_id`
+        names the owning handoff. `also` (calls on other key spaces: the KB
+        version, the response cache) travel in the same pipeline and their
+        replies come back, in order, as `TurnBegin.replies`.
         """
         s = self._settings
         call = ScriptCall(
@@ -275,6 +279,7 @@ class SessionStore:
                 replay_events,
                 intent,
                 attempt,
+                _dumps(signals) if signals else "",
             ),
         )
         marks = self._marks(tenant, session_id)
@@ -293,8 +298,8 @@ class SessionStore:
             return TurnBegin(
                 "running", record.turn_id, int(out[2]), record=record, replies=tuple(replies)
             )
-        if status == "busy":
-            return TurnBegin("busy", out[1].decode(), replies=tuple(replies))
+        if status in ("busy", "human"):
+            return TurnBegin(status, out[1].decode(), replies=tuple(replies))
         if status == "aborted":
             raise StoreUnavailableError("this attempt to begin the turn was given up; try again")
         session = SessionRecord.from_hash(tenant, session_id, _pairs(out[3]), int(out[5]))

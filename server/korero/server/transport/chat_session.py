@@ -13,6 +13,11 @@ then joins the turn in flight (here or on another instance). Its seq never
 goes backwards: a turn event at or below the last one sent is not sent again.
 A stream that ends with a turn in flight detaches from it; the engine cancels
 the turn only when no stream comes back within the detach grace.
+
+Handoff (handoff/): the session also follows its relay feed, so handoff
+events and the agent's messages arrive on the same stream in seq order,
+never in the middle of a bot turn (and not twice after a replay); `handoff`
+(the client asking for a person) is handled here.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import grpc
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.conversation.engine import ConversationEngine, OpenedSession, Turn
+from korero.server.conversation.hooks import RelayFeed
 from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError
 from korero.server.settings import ServerSettings
@@ -93,6 +99,18 @@ async def read_first_frame(
 
 
 _TERMINAL = frozenset({"done", "error"})
+RELAYED = frozenset(
+    {
+        "handoff_requested",
+        "handoff_queued",
+        "agent_joined",
+        "agent_message",
+        "agent_left",
+        "handoff_ended",
+        "message_relayed",
+    }
+)
+"""Events from the session's relay feed (handoff/), numbered like every event."""
 
 
 class _Signal:
@@ -142,6 +160,20 @@ class ChatSession:
         self._resume: OpenedSession | None = None
         if opened.started.session_started.HasField("replay"):
             self._resume = opened  # replayed by `outbound()`, outside the bounded queue
+        self._feed: RelayFeed | None = None
+        self._requests: set[asyncio.Task[None]] = set()
+        handoff = engine.handoff
+        if handoff is not None:
+            self._feed = handoff.feed(
+                tenant, self.session_id, opened.started.seq, self._out.put, self._turn_wait
+            )
+
+    def _turn_wait(self) -> asyncio.Future[None] | None:
+        """What relay events wait for: the end of the bot turn in flight, if any."""
+        turn = self.turn
+        if turn is None or turn.done:
+            return None
+        return asyncio.ensure_future(turn.wait())
 
     @property
     def overflowed(self) -> bool:
@@ -161,6 +193,8 @@ class ChatSession:
         )
 
     def _sink(self, event: pb.Event) -> None:
+        if self._feed is not None and event.WhichOneof("kind") == "message_relayed":
+            return  # it comes through the relay feed, in order with the agent's messages
         self._out.put(event)
 
     def _overflowed(self) -> None:
@@ -195,6 +229,10 @@ class ChatSession:
             wanted = request.cancel.turn_id
             if turn is not None and (not wanted or wanted == turn.turn_id):
                 turn.cancel()
+        elif kind == "handoff":
+            task = asyncio.create_task(self._on_handoff(request.handoff))
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
         elif kind == "start":
             self._out.put(
                 self.rejection(
@@ -207,6 +245,24 @@ class ChatSession:
             self._out.put(
                 self.rejection(InvalidArgumentError("REQUEST_EMPTY", "the request sets no kind"))
             )
+
+    async def _on_handoff(self, request: pb.RequestHandoff) -> None:
+        """The client asks for a person: end the bot's turn in flight, then hand over."""
+        handoff = self._engine.handoff
+        try:
+            if handoff is None:
+                raise KoreroError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "HANDOFF_UNAVAILABLE",
+                    "handing over to a human is not available here",
+                )
+            turn = self.turn
+            if turn is not None and not turn.done:
+                turn.cancel()
+                await turn.wait()
+            await handoff.request(self.tenant, self.session_id, request.reason)
+        except KoreroError as error:
+            self._out.put(self.rejection(error))
 
     async def _on_message(self, message: pb.UserMessage) -> None:
         current = self.turn
@@ -227,6 +283,9 @@ class ChatSession:
         if self.draining:
             return
         try:
+            if self._feed is not None and self._feed.active:
+                # Relay events not yet delivered go before this message's events.
+                await self._feed.catch_up()
             self.turn = await self._engine.start_turn_shielded(
                 self.tenant, self.session_id, message, self._sink, self._deadline()
             )
@@ -303,7 +362,7 @@ class ChatSession:
                 if not self.turn_in_flight:
                     return
                 continue
-            if item.turn_id and item.seq <= self.last_seq:
+            if (item.turn_id or item.WhichOneof("kind") in RELAYED) and item.seq <= self.last_seq:
                 continue  # already sent (a replay overlapping the live turn): never backwards
             self._sent_at = self._loop.time()
             self.last_seq = max(self.last_seq, item.seq)
@@ -315,5 +374,9 @@ class ChatSession:
         """Stop the heartbeat; detach from a turn still in flight (cancelled after the grace,
         which stops the upstream call, unless a stream resumes it)."""
         self._heartbeat.cancel()
+        if self._feed is not None:
+            self._feed.close()
+        for task in self._requests:
+            task.cancel()
         if self.turn is not None and not self.turn.done:
             self._engine.detach(self.turn, self._sink)

@@ -1,7 +1,8 @@
 """The WebSocket transport: one session per socket, over the conversation engine.
 
 Browsers cannot open a gRPC bidirectional stream, so Envoy routes `/ws/`
-here. The adapter is as thin as the gRPC servicer: frames in become engine
+here (`/ws/chat` for customers; `/ws/agent`, the agent desk, is in
+agent_socket.py). The adapter is as thin as the gRPC servicer: frames in become engine
 calls, engine events out become frames. It mirrors `ChatService.Chat`:
 
 * Framing. Every WebSocket message is one whole protobuf message: client to
@@ -55,7 +56,9 @@ from korero.chat.v1 import chat_pb2 as pb
 from korero.server.conversation.engine import ConversationEngine
 from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
+from korero.server.handoff.service import HandoffService
 from korero.server.policy.gate import CallGate
+from korero.server.transport.agent_socket import AGENT_PATH, PROTOCOLS, AgentSocket
 from korero.server.transport.chat_session import (
     ChatSession,
     StreamRules,
@@ -364,8 +367,10 @@ class WebSocketServer:
         web_root: Path | None = None,
         ssl_context: ssl.SSLContext | None = None,
         routes: Sequence[web.RouteDef] = (),
+        handoff: HandoffService | None = None,
     ) -> None:
         self._engine = engine
+        self._handoff = handoff
         self._gate = gate
         self._listen = listen
         self._rules = rules
@@ -390,6 +395,8 @@ class WebSocketServer:
     def build_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get(CHAT_PATH, self._chat)
+        if self._handoff is not None:
+            app.router.add_get(AGENT_PATH, self._agent)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_routes(self._routes)
         if self._web_root is not None:
@@ -473,6 +480,30 @@ class WebSocketServer:
             conn.ended.set_result(None)
             if not ws.closed:
                 await conn.close(int(WSCloseCode.OK), "")
+        return ws
+
+    async def _agent(self, request: web.Request) -> web.StreamResponse:
+        """An agent desk (agent_socket.py)."""
+        assert self._handoff is not None
+        ws = web.WebSocketResponse(protocols=PROTOCOLS, max_msg_size=_MAX_FRAME_BYTES)
+        await ws.prepare(request)
+        if self._draining:
+            await ws.close(code=int(WSCloseCode.SERVICE_RESTART), message=b"UNAVAILABLE draining")
+            return ws
+        try:  # desks are not drained: an agent reconnects within the grace period
+            await AgentSocket(
+                ws,
+                service=self._handoff,
+                gate=self._gate,
+                authorization=_authorization_from_handshake(request),
+                heartbeat_interval=self._rules.heartbeat_interval,
+                first_frame_timeout=self._rules.first_frame_timeout,
+            ).run()
+        except Exception:
+            log.exception("event=ws_agent_failed")
+        finally:
+            if not ws.closed:
+                await ws.close()
         return ws
 
     async def _healthz(self, request: web.Request) -> web.StreamResponse:
