@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = ["ProcSampler", "ProcessGroup", "free_port", "proc_cpu", "proc_rss"]
+__all__ = ["ProcSampler", "ProcessGroup", "free_port", "loadavg", "proc_cpu", "proc_rss"]
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +43,15 @@ def proc_rss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def loadavg() -> float:
+    """The 1-minute load average (what every benchmark table records)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return float("nan")
 
 
 def proc_cpu(pid: int) -> float:
@@ -228,8 +237,12 @@ class ProcessGroup:
         llm_url: str,
         env: Mapping[str, str] | None = None,
         port: int | None = None,
+        python: str | None = None,
     ) -> tuple[int, list[subprocess.Popen[bytes]]]:
-        """`count` `korero serve` processes sharing one port (SO_REUSEPORT)."""
+        """`count` `korero serve` processes sharing one port (SO_REUSEPORT).
+
+        `python`: another interpreter (e.g. a baseline checkout's venv) to run them with.
+        """
         port = port or free_port()
         base = {
             "KORERO_LISTEN": f"127.0.0.1:{port}",
@@ -247,7 +260,7 @@ class ProcessGroup:
             **(env or {}),
         }
         procs = [
-            self._spawn([sys.executable, "-m", "korero.client.cli", "serve"], env=base)
+            self._spawn([python or sys.executable, "-m", "korero.client.cli", "serve"], env=base)
             for _ in range(count)
         ]
         for proc in procs:

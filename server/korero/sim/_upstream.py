@@ -225,6 +225,8 @@ class RecordedRequest:
     """Set when the client went away before the response was finished."""
     tokens_sent: int = 0
     fault: FaultKind | None = None
+    client_port: int = 0
+    """The client's TCP port: requests on one kept-alive connection share it."""
 
     def to_dict(self) -> dict[str, object]:
         """The JSON form served by ``GET /_sim/requests`` (no body text)."""
@@ -238,6 +240,7 @@ class RecordedRequest:
             "disconnected_at": self.disconnected_at,
             "tokens_sent": self.tokens_sent,
             "fault": self.fault,
+            "client_port": self.client_port,
         }
 
 
@@ -549,12 +552,15 @@ class UpstreamSim:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _record(self, body: dict[str, Any], fault: Fault | None) -> RecordedRequest:
+    def _record(
+        self, body: dict[str, Any], fault: Fault | None, client_port: int = 0
+    ) -> RecordedRequest:
         recorded = RecordedRequest(
             id=self._next_id,
             body=body,
             received_at=time.monotonic(),
             fault=fault.kind if fault else None,
+            client_port=client_port,
         )
         self._next_id += 1
         self.requests.append(recorded)
@@ -602,7 +608,8 @@ class UpstreamSim:
 
         config = self.config
         fault = self._take_fault()
-        recorded = self._record(body, fault)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        recorded = self._record(body, fault, int(peer[1]) if peer else 0)
         logger.debug(
             "upstream_sim.request id=%d stream=%s fault=%s",
             recorded.id,
