@@ -24,6 +24,7 @@ a response read to its end returns the connection to the pool.
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -98,6 +99,18 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[tuple[str, str, int | None], str | None] = {}
+
+    def _proxy(self, url: httpx.URL) -> str | None:
+        """HTTP(S)_PROXY / NO_PROXY for this origin, as httpx2 would honour them."""
+        origin = (url.scheme, url.host, url.port)
+        if origin not in self._proxies:
+            proxies = urllib.request.getproxies()
+            proxy = proxies.get(url.scheme) or proxies.get("all")
+            if proxy and urllib.request.proxy_bypass(url.host):
+                proxy = None
+            self._proxies[origin] = proxy or None
+        return self._proxies[origin]
 
     def _client(self) -> aiohttp.ClientSession:
         # Created on first use, inside the event loop that will run it.
@@ -109,7 +122,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
-                trust_env=True,  # HTTP(S)_PROXY and NO_PROXY, as httpx2 honours them
+                # Not trust_env: it reads ~/.netrc in a thread on every request.
+                # Proxies from the environment are looked up once per origin below.
+                trust_env=False,
                 auto_decompress=False,  # httpx2 decodes by Content-Encoding
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),  # httpx2 sets its own
             )
@@ -131,6 +146,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data=data,
                 allow_redirects=False,
                 compress=False,
+                proxy=self._proxy(request.url),
                 timeout=aiohttp.ClientTimeout(
                     sock_connect=timeout.get("connect"),
                     sock_read=timeout.get("read"),
