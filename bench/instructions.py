@@ -46,7 +46,10 @@ def _dumped_instructions(pattern: str, before: set[str]) -> int:
     """Instructions in the dump files written since `before` (summary lines)."""
     total = 0
     for path in sorted(set(glob.glob(pattern)) - before):
-        for line in Path(path).read_text(errors="replace").splitlines():
+        text = Path(path).read_text(errors="replace")
+        if not text.rstrip().endswith(tuple("0123456789")):  # still being written
+            return 0
+        for line in text.splitlines():
             if line.startswith("summary:"):
                 total += int(line.split()[1])
     return total
@@ -100,6 +103,7 @@ def measure(python: str, *, conversations: int, turns: int, workdir: Path) -> di
             [
                 VALGRIND,
                 "--tool=callgrind",
+                "--trace-children=yes",  # `python` may be a wrapper script that execs
                 f"--callgrind-out-file={out}",
                 python,
                 "-m",
@@ -121,8 +125,12 @@ def measure(python: str, *, conversations: int, turns: int, workdir: Path) -> di
         done = asyncio.run(_turns(host, conversations, turns))
         wall = time.monotonic() - t0
         _callgrind(proc.pid, "--dump=measured")
-        time.sleep(3)
-        instructions = _dumped_instructions(str(workdir / "callgrind.out.*"), before)
+        instructions = 0
+        for _ in range(120):  # the dump is written by the (slow) server itself
+            instructions = _dumped_instructions(str(workdir / "callgrind.out.*"), before)
+            if instructions:
+                break
+            time.sleep(1)
     return {"turns": done, "instructions": instructions, "perTurn": instructions / max(1, done),
             "wall": wall}  # fmt: skip
 
