@@ -98,6 +98,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, max_connections: int, keepalive_expiry: float) -> None:
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
+        # Built now, as httpx2 does (loading the CA certificates takes ~0.1 s: not
+        # something the first turn should wait for); the session needs a running loop.
+        self._ssl = httpx.create_ssl_context()
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[tuple[str, str, int | None], str | None] = {}
 
@@ -118,7 +121,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections,
                 keepalive_timeout=self._keepalive_expiry,
-                ssl=httpx.create_ssl_context(),
+                ssl=self._ssl,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
