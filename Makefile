@@ -7,7 +7,7 @@ WEB_STAMP := $(WEB)/node_modules/.installed
 WEB_SRC   := $(shell find $(WEB)/src $(WEB)/static protos -type f -not -path '*/gen/*' 2>/dev/null) \
              $(WEB)/build.mjs $(WEB)/buf.gen.yaml $(WEB)/tsconfig.json scripts/build-web.sh
 
-.PHONY: setup web generate check-generate lint test test-fast run bench bench-quick bench-smoke clean
+.PHONY: setup web generate check-generate lint test test-fast validate-deploy run bench bench-quick bench-smoke clean
 
 setup: $(STAMP) $(WEB_STAMP)    ## venv + every dependency (Debian redis-server, chromium too)
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt scripts/setup.sh
@@ -36,6 +36,9 @@ test: lint check-generate web   ## everything CI runs (browser tests included)
 
 test-fast: $(STAMP)             ## the suite without the process-spawning `slow` tests (< 60 s)
 	$(BIN)/pytest -m "not slow" -q
+
+validate-deploy: $(STAMP)       ## Dockerfile, compose, k8s overlays, alert rules, dashboard (offline; part of test)
+	$(BIN)/pytest -q tests/deploy
 
 run: $(STAMP) web               ## Redis (if none), simulated upstream, server, Envoy + chat page
 	scripts/run.sh

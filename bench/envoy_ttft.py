@@ -42,6 +42,7 @@ import grpc
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.chat.v1 import chat_pb2_grpc
+from korero.testing import PrivateRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -198,22 +199,9 @@ async def main(args: argparse.Namespace) -> int:
     envoy_port, admin_port = free_port(), free_port()
     async with AsyncExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)
-        redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
-        await start(
-            stack,
-            redis_server,
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(work),
-            log=work / "redis.log",
-        )
+        redis = PrivateRedis(work, port=redis_port)
+        redis.start()
+        stack.callback(redis.stop)
         await start(
             stack,
             str(BIN / "korero"),
@@ -226,6 +214,8 @@ async def main(args: argparse.Namespace) -> int:
             str(args.tokens_per_second),
             "--answer-tokens",
             str(args.answer_tokens),
+            "--persona",
+            "echo",
             log=work / "sim.log",
         )
         await start(

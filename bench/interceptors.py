@@ -16,13 +16,11 @@ import argparse
 import asyncio
 import json
 import platform
-import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -44,17 +42,12 @@ from korero.server.settings import (
     Settings,
 )
 from korero.sim import SimConfig, UpstreamSim
+from korero.testing import PrivateRedis
 
 
 class _Drop(SpanExporter):
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
         return SpanExportResult.SUCCESS
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -80,16 +73,11 @@ def _settings(redis_url: str, llm_url: str, full: bool) -> Settings:
 
 
 async def _measure(rounds: int, per_round: int) -> dict[str, Any]:
-    redis_bin = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = _free_port()
     workdir = tempfile.mkdtemp()
-    redis = subprocess.Popen(
-        [redis_bin, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-    )
+    redis = PrivateRedis(Path(workdir))
+    redis.start()
     try:
-        await asyncio.sleep(0.3)
-        redis_url = f"redis://127.0.0.1:{port}/0"
+        redis_url = redis.url
         async with UpstreamSim(SimConfig(answer_tokens=5)) as sim:
             provider = TracerProvider()
             provider.add_span_processor(BatchSpanProcessor(_Drop()))
@@ -104,8 +92,7 @@ async def _measure(rounds: int, per_round: int) -> dict[str, Any]:
                 await bare.shutdown(grace=0)
                 await full.shutdown(grace=0)
     finally:
-        redis.kill()
-        redis.wait()
+        redis.stop()
 
 
 async def _rounds(

@@ -8,7 +8,6 @@ by `ProcessGroup.close()` (also on errors: use it as a context manager).
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,16 +20,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from korero.testing import PrivateRedis, free_port
+
 __all__ = ["ProcSampler", "ProcessGroup", "free_port", "loadavg", "proc_cpu", "proc_rss"]
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def proc_rss(pid: int) -> int:
@@ -185,26 +179,11 @@ class ProcessGroup:
     # -- components ------------------------------------------------------------
 
     def redis(self) -> tuple[str, int, subprocess.Popen[bytes]]:
-        port = free_port()
-        proc = self._spawn(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxclients",
-                "10000",
-                "--dir",
-                str(self.workdir),
-            ]
-        )
-        _wait_port(port, proc, 10, "redis-server")
-        return f"redis://127.0.0.1:{port}/0", port, proc
+        private = PrivateRedis(self.workdir, args=("--maxclients", "10000"))
+        private.start()
+        assert private.proc is not None
+        self.procs.append(private.proc)
+        return private.url, private.port, private.proc
 
     def sim(
         self, *, ttft_ms: float = 0.0, tokens_per_second: float = 0.0, answer_tokens: int = 40
@@ -223,6 +202,8 @@ class ProcessGroup:
                 str(tokens_per_second),
                 "--answer-tokens",
                 str(answer_tokens),
+                "--persona",
+                "echo",
             ],
             env={"PYTHONUNBUFFERED": "1"},
         )

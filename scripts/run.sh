@@ -11,6 +11,7 @@ REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
 export REDIS_URL
 LISTEN=${KORERO_LISTEN:-127.0.0.1:50051}
 SIM_PORT=${KORERO_SIM_PORT:-8088}
+AIRLINE_PORT=${KORERO_AIRLINE_PORT:-8090}
 WS_LISTEN=${KORERO_WS_LISTEN:-127.0.0.1:8081}
 ENVOY_LISTEN_PORT=${ENVOY_LISTEN_PORT:-8080}
 ENVOY_ADMIN_PORT=${ENVOY_ADMIN_PORT:-9901}
@@ -51,10 +52,21 @@ if [ -z "${KORERO_LLM_BASE_URL:-}${OPENAI_BASE_URL:-}" ]; then
     grep -q listening "$RUN_DIR/upstream-sim.log" 2>/dev/null && break
     sleep 0.1
   done
-  echo "run: simulated upstream at $KORERO_LLM_BASE_URL (simulated: quotes the knowledge base, not a model)"
+  echo "run: simulated upstream at $KORERO_LLM_BASE_URL (simulated: quotes the knowledge base and calls the sample tools, not a model)"
 else
   echo "run: LLM upstream ${KORERO_LLM_BASE_URL:-$OPENAI_BASE_URL}"
 fi
+
+# The sample airline data service and its tools (tools/sample.json), for the default tenant.
+"$VENV/bin/korero" airline-api --port "$AIRLINE_PORT" >"$RUN_DIR/airline-api.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do
+  grep -q listening "$RUN_DIR/airline-api.log" 2>/dev/null && break
+  sleep 0.1
+done
+echo "run: sample airline data service at http://127.0.0.1:$AIRLINE_PORT (Aotea Air flights and bookings)"
+"$VENV/bin/korero" tools add --tenant "${KORERO_TENANT:-default}" --file tools/sample.json \
+  --endpoint-base "http://127.0.0.1:$AIRLINE_PORT" | sed 's/^/run: /'
 
 # The sample knowledge base (kb/sample), for the default tenant: a new KB version each start.
 "$VENV/bin/korero" kb ingest "${KORERO_KB_DIR:-kb/sample}" --tenant "${KORERO_TENANT:-default}" \
@@ -87,7 +99,7 @@ cat <<MSG
 run: Kōrero gRPC on $LISTEN, WebSocket adapter on $WS_LISTEN, Envoy on $ENVOY.
      Chat in a browser:  http://$ENVOY/   (gRPC-Web or WebSocket, switch at the top)
      In a second terminal:
-       $VENV/bin/korero chat --target $LISTEN --name Aroha
+       $VENV/bin/korero chat --target $LISTEN --name Aroha --booking KR7Q2X
        $VENV/bin/korero health --target $LISTEN
        $VENV/bin/grpcurl -plaintext $ENVOY list                     # through Envoy
        $VENV/bin/grpcurl -plaintext $ENVOY grpc.health.v1.Health/Check

@@ -9,11 +9,23 @@ PYTHON=${PYTHON:-python3}
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "setup: installing ${need_apt[*]} (Debian packages)"
+# promtool validates deploy/prometheus/rules.yaml in `make test`; it ships in Debian's
+# prometheus package, installed without its recommendations (node exporter, SMART
+# tools). Where systemd runs, the package also enables a local Prometheus service.
+need_apt_bare=()
+command -v promtool >/dev/null 2>&1 || need_apt_bare+=(prometheus)
+all_apt=("${need_apt[@]}" "${need_apt_bare[@]}")
+if [ ${#all_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${all_apt[*]} (Debian packages)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  if [ ${#need_apt[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  fi
+  if [ ${#need_apt_bare[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+      "${need_apt_bare[@]}" >/dev/null
+  fi
 fi
 
 "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'

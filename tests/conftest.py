@@ -4,15 +4,9 @@ upstream over real HTTP, and the real server on port 0."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
-import redis
 
 from korero.client import ChatClient
 from korero.server.app import KoreroServer
@@ -28,68 +22,13 @@ from korero.server.settings import (
     RedisSettings,
     ServerSettings,
     Settings,
+    ToolSettings,
 )
 from korero.sim import SimConfig, UpstreamSim
+from korero.testing import PrivateRedis
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisProcess:
-    """A private redis-server that tests may stop, pause and restart."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
+RedisProcess = PrivateRedis
+"""A private redis-server that tests may stop, pause and restart (korero.testing)."""
 
 
 @pytest.fixture(scope="session")
@@ -127,6 +66,7 @@ def make_settings(redis_url: str, llm_url: str, **overrides: object) -> Settings
         "knowledge": KnowledgeSettings(),
         "prompt": PromptSettings(),
         "cache": CacheSettings(),
+        "tools": ToolSettings(),
     }
     for key, value in overrides.items():
         group, name = key.split("__")

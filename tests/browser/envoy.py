@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import free_port
+from korero.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RENDER = ROOT / "scripts" / "envoy-config"

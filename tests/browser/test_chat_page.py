@@ -13,7 +13,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
+from korero.server.context.knowledge import KnowledgeStore, load_documents
 from korero.sim import UpstreamSim
 from tests.browser.envoy import ROOT, EnvoyProcess
 
@@ -35,11 +37,17 @@ pytestmark = [
 
 @pytest.mark.timeout(120)
 async def test_chat_page_streams_and_cancels_on_both_routes(
-    envoy: EnvoyProcess, sim: UpstreamSim
+    envoy: EnvoyProcess, sim: UpstreamSim, redis_url: str
 ) -> None:
     assert CHROMIUM is not None, "Debian chromium is missing: run `make setup`"
     assert NODE is not None, "node is missing: run `make setup`"
     assert (ROOT / "clients" / "web" / "dist" / "app.js").exists(), "run `make web` first"
+    # The sample knowledge base, so a policy answer comes as a list with citations.
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await KnowledgeStore(client).ingest("default", load_documents(ROOT / "kb" / "sample"))
+    finally:
+        await client.aclose()
     proc = await asyncio.create_subprocess_exec(
         NODE,
         str(E2E),
@@ -67,8 +75,11 @@ async def test_chat_page_streams_and_cancels_on_both_routes(
     for route in ("grpc-web", "websocket"):
         assert results[route]["answered"]["deltas"] >= 2
         assert (ARTIFACTS / f"browser-{route}.png").stat().st_size > 1000
-    # Four turns reached the upstream: two answered in full, two cut off by the cancel.
+    assert results["markdown"]["items"] >= 1
+    assert results["markdown"]["source"].startswith("Baggage Policy, Section 2.1")
+    # Six turns reached the upstream: two answered in full, two cut off by the
+    # cancel, then the policy answer and the one with HTML in it.
     chats = [r for r in sim.requests if r.body.get("messages")]
-    assert len(chats) == 4
-    assert [r.finished_at is not None for r in chats] == [True, False, True, False]
-    assert [r.disconnected_at is not None for r in chats] == [False, True, False, True]
+    assert len(chats) == 6
+    assert [r.finished_at is not None for r in chats] == [True, False, True, False, True, True]
+    assert [r.disconnected_at is not None for r in chats] == [0, 1, 0, 1, 0, 0]

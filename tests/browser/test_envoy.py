@@ -16,7 +16,7 @@ from korero.client import ChatClient
 from korero.server.app import KoreroServer
 from korero.server.transport.websocket import CHAT_PATH
 from tests.browser.envoy import ROOT, EnvoyProcess, render_config, validate
-from tests.helpers import kinds, run_turn
+from tests.helpers import RawH2Client, kinds, run_turn
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
 ORIGIN = "http://localhost:5173"
@@ -140,3 +140,33 @@ async def test_websocket_route_and_page_through_envoy(envoy: EnvoyProcess) -> No
             msg = await ws.receive(timeout=5)
             event = pb.ChatResponse.FromString(msg.data).event
             assert event.WhichOneof("kind") == "session_started"
+
+
+@pytest.mark.parametrize("method", ["GetSession", "SendMessage"])
+async def test_empty_bodies_through_envoy_are_answered_at_once(
+    envoy: EnvoyProcess, method: str
+) -> None:
+    path = f"/korero.chat.v1.ChatService/{method}"
+    # Native gRPC over HTTP/2, frames written by hand: a body that ends before a message.
+    async with RawH2Client(envoy.port) as raw:
+        answer = await raw.call(path, b"", timeout=1.0)
+    assert answer is not None, "no answer through Envoy within a second"
+    assert answer["grpc-status"] == "3"
+    # gRPC-Web, as a browser would send it.
+    async with (
+        aiohttp.ClientSession() as http,
+        asyncio.timeout(1.0),
+        http.post(
+            f"http://{envoy.target}{path}",
+            data=b"",
+            headers={"Content-Type": "application/grpc-web+proto", "X-Grpc-Web": "1"},
+        ) as response,
+    ):
+        body = await response.read()
+        status = response.headers.get("grpc-status")
+    if status is None:  # trailers in the body: a gRPC-Web frame flagged 0x80
+        assert body[:1] == b"\x80"
+        status = dict(
+            line.split(":", 1) for line in body[5:].decode().split("\r\n") if ":" in line
+        )["grpc-status"].strip()
+    assert status == "3"

@@ -12,7 +12,7 @@ import pytest
 
 from korero.server.app import KoreroServer
 from korero.sim import SimConfig, UpstreamSim
-from tests.conftest import free_port
+from korero.testing import free_port
 
 KORERO = str(Path(sys.executable).parent / "korero")
 

@@ -11,7 +11,7 @@ from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient, ChatError
 from korero.server.app import KoreroServer
 from korero.sim import SimConfig, UpstreamSim
-from tests.helpers import kinds, run_turn
+from tests.helpers import RawChat, kinds, run_turn
 
 CODE = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -36,22 +36,21 @@ async def _stored(client: ChatClient, session_id: str) -> tuple[list[str], int, 
 async def test_bad_message_is_rejected_in_stream_and_stores_nothing(
     client: ChatClient, sim: UpstreamSim, text: str, cmid: str, reason: str
 ) -> None:
-    conversation = await client.conversation()
-    await run_turn(conversation, "A good question", "ok-1")
-    before = await _stored(client, conversation.session_id)
-    await conversation._call.write(  # raw frame: the client would fill in an empty id
-        pb.ChatRequest(message=pb.UserMessage(client_message_id=cmid, text=text))
-    )
-    event = await asyncio.wait_for(conversation._queue.get(), 5)
+    chat = await RawChat.open(client.stub)  # raw frames: the client would fill in an empty id
+    await chat.turn("A good question", "ok-1")
+    before = await _stored(client, chat.session_id)
+    await chat.write(pb.ChatRequest(message=pb.UserMessage(client_message_id=cmid, text=text)))
+    event = await chat.next_event()
     assert event.WhichOneof("kind") == "error"
     assert CODE[event.error.code] == grpc.StatusCode.INVALID_ARGUMENT
     assert event.error.reason == reason
     assert not event.error.retryable
     assert event.turn_id == ""
-    assert await _stored(client, conversation.session_id) == before
+    assert await _stored(client, chat.session_id) == before
     assert len(sim.requests) == 1
     # The stream and the session carry on.
-    assert kinds(await run_turn(conversation, "Another good one", "ok-2"))[-1] == "done"
+    assert kinds(await chat.turn("Another good one", "ok-2"))[-1] == "done"
+    chat.close()
 
 
 async def test_first_frame_must_be_start(server: KoreroServer) -> None:
@@ -92,21 +91,20 @@ async def test_message_while_turn_in_flight_is_rejected(
     client: ChatClient, sim: UpstreamSim
 ) -> None:
     sim.config = SimConfig(ttft=0.3, answer_tokens=5)
-    conversation = await client.conversation()
-    first = asyncio.create_task(run_turn(conversation, "first", "a1"))
+    chat = await RawChat.open(client.stub)
+    first = asyncio.create_task(chat.turn("first", "a1"))
     await sim.wait_for(lambda r: True)
-    await conversation._call.write(
-        pb.ChatRequest(message=pb.UserMessage(client_message_id="a2", text="second"))
-    )
+    await chat.write(pb.ChatRequest(message=pb.UserMessage(client_message_id="a2", text="second")))
     events = await first
     rejected = [e for e in events if e.WhichOneof("kind") == "error"]
     assert len(rejected) == 1
     assert rejected[0].error.reason == "TURN_IN_FLIGHT"
     assert rejected[0].error.client_message_id == "a2"
     assert events[-1].WhichOneof("kind") == "done"
-    history = await client.list_messages(conversation.session_id)
+    history = await client.list_messages(chat.session_id)
     assert [m.text for m in history.messages if m.role == pb.ROLE_USER] == ["first"]
     assert len(sim.requests) == 1
+    chat.close()
 
 
 async def test_turn_in_flight_on_another_stream_is_rejected(

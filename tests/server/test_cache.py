@@ -196,6 +196,7 @@ async def test_tenants_never_share_cached_answers(
 
 
 async def test_the_cache_can_be_switched_off(redis_url: str, sim: UpstreamSim) -> None:
+    """With no response cache at all, retrieval still reads the KB version on its own path."""
     await ingest_sample(redis_url)
     app = await KoreroServer.start(make_settings(redis_url, sim.base_url, cache__enabled=False))
     try:
@@ -207,6 +208,7 @@ async def test_the_cache_can_be_switched_off(redis_url: str, sim: UpstreamSim) -
     finally:
         await app.shutdown(grace=0)
     assert len(sim.requests) == 2
+    assert all("Knowledge base excerpts" in r.body["messages"][0]["content"] for r in sim.requests)
 
 
 async def test_cached_and_uncached_turns_cost_three_round_trips(

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from korero.server.errors import UpstreamError
-from korero.server.llm.provider import OPENAI_ERROR_TABLE, translate_openai_error
+from korero.server.llm.errors import OPENAI_ERROR_TABLE, translate_openai_error
 
 
 def _openai_exception_classes() -> list[type[BaseException]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections import Counter
 from typing import Any
 
@@ -21,7 +22,8 @@ from korero.server.errors import RateLimitedError, StoreUnavailableError
 from korero.server.policy.ratelimit import RateLimiter
 from korero.server.settings import RateLimitSettings, RateTiers
 from korero.sim import SimConfig, UpstreamSim
-from tests.conftest import RedisProcess, free_port, make_settings
+from korero.testing import free_port
+from tests.conftest import RedisProcess, make_settings
 from tests.helpers import kinds, run_turn
 from tests.server.test_lifecycle import start_server_process
 
@@ -104,6 +106,11 @@ async def _bucket(redis_url: str, tenant: str = "default") -> float:
     return float(raw or "nan")
 
 
+def _refilled(per_minute: int, seconds: float) -> float:
+    """The most a bucket of `per_minute` can refill in `seconds` (and a token of rounding)."""
+    return per_minute * seconds / 60 + 1
+
+
 async def test_tokens_are_reserved_then_settled_to_real_usage(
     redis_url: str, sim: UpstreamSim
 ) -> None:
@@ -112,14 +119,16 @@ async def test_tokens_are_reserved_then_settled_to_real_usage(
     try:
         async with ChatClient(f"127.0.0.1:{app.port}") as client:
             conversation = await client.conversation()
+            began = time.monotonic()
             events = await run_turn(conversation, "What is the baggage allowance?", "t1")
             usage = events[-1].done.usage
             reserved = limit - events[1].rate_limit.remaining_tokens
             assert reserved >= 512  # at least max_tokens was reserved up front
             level = await _bucket(redis_url)
             # After settlement the bucket is down by the real usage, not the
-            # reservation (refill over the test's few ms adds a little).
-            assert limit - usage.total_tokens - 1 <= level <= limit - usage.total_tokens + 60
+            # reservation (plus what refilled while the turn ran).
+            refill = _refilled(limit, time.monotonic() - began)
+            assert limit - usage.total_tokens - 1 <= level <= limit - usage.total_tokens + refill
     finally:
         await app.shutdown(grace=0)
 
@@ -134,6 +143,7 @@ async def test_a_cancelled_turn_refunds_what_it_did_not_use(
         async with ChatClient(f"127.0.0.1:{app.port}") as client:
             conversation = await client.conversation()
             events = []
+            began = time.monotonic()
             async for event in conversation.send("Tell me everything", "c1"):
                 events.append(event)
                 if event.WhichOneof("kind") == "text_delta":
@@ -142,7 +152,8 @@ async def test_a_cancelled_turn_refunds_what_it_did_not_use(
             used = events[-1].done.usage.total_tokens
             assert used < 512
             level = await _bucket(redis_url)
-            assert limit - used - 1 <= level <= limit - used + 60
+            refill = _refilled(limit, time.monotonic() - began)
+            assert limit - used - 1 <= level <= limit - used + refill
     finally:
         await app.shutdown(grace=0)
 
@@ -253,7 +264,9 @@ async def test_redis_down_during_a_stream_counts_the_fallback_metric(
             events = await run_turn(conversation, "anyone?", "d1")
             # The limiter failed open; the store then says Redis is unavailable.
             assert events[-1].error.reason == "STORE_UNAVAILABLE"
-        assert app.metrics.rate_limit_fallbacks._value.get() >= 1
+        fallbacks = app.metrics.registry.get_sample_value("korero_rate_limit_fallbacks_total")
+        assert fallbacks is not None
+        assert fallbacks >= 1
     finally:
         private.stop()
         await app.shutdown(grace=0)

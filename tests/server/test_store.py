@@ -20,7 +20,8 @@ from korero.server.settings import EngineSettings, Settings
 from korero.server.storage.boundary import REDIS_ERROR_MAP, translate_redis_error
 from korero.server.storage.sessions import SessionStore
 from korero.sim import UpstreamSim
-from tests.conftest import RedisProcess, free_port, make_settings
+from korero.testing import free_port
+from tests.conftest import RedisProcess, make_settings
 from tests.helpers import kinds, run_turn
 
 

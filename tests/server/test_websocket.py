@@ -171,21 +171,32 @@ async def test_closing_the_socket_cancels_the_upstream_call(
 async def test_bad_frames_close_with_a_clear_code_and_reason(
     server: KoreroServer, http: aiohttp.ClientSession
 ) -> None:
+    # Every one is said in-band first (an error event), then the socket closes.
     # A text frame where the framing is binary: 1003 (unsupported data).
     async with http.ws_connect(ws_url(server), protocols=(PROTO_PROTOCOL,)) as ws:
         await ws.send_str("hello")
+        assert (await receive(ws)).error.reason == "FRAME_TYPE_INVALID"
         code, reason = await closed_with(ws)
-    assert code == 1003
-    assert reason.startswith("FRAME_TYPE_INVALID")
-    # Bytes that are not a ChatRequest: 1007 (invalid payload).
+    assert (code, reason) == (1003, "INVALID_ARGUMENT FRAME_TYPE_INVALID")
+    # Bytes that are not a ChatRequest: 1007 (invalid payload), first frame or later.
     async with http.ws_connect(ws_url(server)) as ws:
         await ws.send_bytes(b"\xff\xff\xff")
+        assert (await receive(ws)).error.reason == "FRAME_INVALID"
         code, reason = await closed_with(ws)
-    assert code == 1007
-    assert reason.startswith("FRAME_INVALID")
+    assert (code, reason) == (1007, "INVALID_ARGUMENT FRAME_INVALID")
+    async with http.ws_connect(ws_url(server)) as ws:
+        await send(ws, start())
+        started = await receive(ws)
+        await ws.send_bytes(b"\xff" * 64)
+        event = await receive(ws)
+        assert event.error.reason == "FRAME_INVALID"
+        assert event.seq == started.seq  # outside the resumable log
+        code, reason = await closed_with(ws)
+    assert (code, reason) == (1007, "INVALID_ARGUMENT FRAME_INVALID")
     # JSON that is not a ChatRequest.
     async with http.ws_connect(ws_url(server), protocols=(JSON_PROTOCOL,)) as ws:
         await ws.send_str('{"nope": 1}')
+        assert (await receive(ws)).error.reason == "FRAME_INVALID"
         code, reason = await closed_with(ws)
     assert code == 1007
     # A first frame that is not `start`: the error in-band, then 1008 (policy violation).

@@ -544,6 +544,8 @@ async def test_cli_serves_until_sigterm() -> None:
         "0",
         "--answer-tokens",
         "7",
+        "--persona",
+        "echo",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )

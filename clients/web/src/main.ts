@@ -17,7 +17,9 @@ import {
   ChatService,
   type Event,
   FinishReason,
+  ToolCallStatus,
 } from "./gen/korero/chat/v1/chat_pb.js";
+import { renderMarkdown } from "./markdown.js";
 
 type RouteName = "grpc-web" | "websocket";
 
@@ -64,13 +66,21 @@ function newId(): string {
   return crypto.randomUUID();
 }
 
-/** One assistant bubble: text, citations and the line with usage and finish. */
+let answerCount = 0;
+
+/** One assistant bubble: text (rendered Markdown), sources, and the line with usage and finish. */
 class AnswerView {
   private readonly text: HTMLElement;
   private readonly citations: HTMLOListElement;
+  private readonly tools: HTMLUListElement;
+  private readonly toolItems = new Map<string, HTMLLIElement>();
   private readonly meta: HTMLElement;
   private ttftShown = false;
   private readonly startedAt = performance.now();
+  private readonly prefix = `a${++answerCount}`;
+  private raw = "";
+  /** Sources-list entries by citation label (`Baggage Policy, Section 2.1`). */
+  private readonly sources = new Map<string, { id: string; n: number; item: HTMLLIElement }>();
 
   constructor(question: string) {
     const user = document.createElement("div");
@@ -82,12 +92,33 @@ class AnswerView {
     this.text.className = "text";
     this.citations = document.createElement("ol");
     this.citations.className = "citations";
+    this.tools = document.createElement("ul");
+    this.tools.className = "tools";
     this.meta = document.createElement("div");
     this.meta.className = "meta";
     this.meta.textContent = "…";
-    bubble.append(this.text, this.citations, this.meta);
+    bubble.append(this.tools, this.text, this.citations, this.meta);
     log.append(user, bubble);
     bubble.scrollIntoView({ block: "end" });
+  }
+
+  /** The sources-list entry of `label`, created (with the label as its text) if new. */
+  private source(label: string): { id: string; n: number; item: HTMLLIElement } {
+    let entry = this.sources.get(label);
+    if (!entry) {
+      const n = this.sources.size + 1;
+      const item = document.createElement("li");
+      item.id = `${this.prefix}-src-${n}`;
+      item.textContent = label;
+      entry = { id: item.id, n, item };
+      this.sources.set(label, entry);
+      this.citations.append(item);
+    }
+    return entry;
+  }
+
+  private render(): void {
+    this.text.innerHTML = renderMarkdown(this.raw, (label) => this.source(label));
   }
 
   /** Show one event; true when it ends the turn. */
@@ -111,18 +142,45 @@ class AnswerView {
         return false;
       case "textDelta":
         record.text = kind.value.text;
-        this.text.textContent += kind.value.text;
+        this.raw += kind.value.text;
+        this.render();
         if (!this.ttftShown) {
           this.ttftShown = true;
           this.meta.textContent = `first token after ${Math.round(performance.now() - this.startedAt)} ms…`;
         }
         this.text.parentElement?.scrollIntoView({ block: "end" });
         return false;
-      case "citation": {
+      case "toolCallStarted": {
+        const call = kind.value;
         const item = document.createElement("li");
+        item.dataset.status = "running";
+        item.textContent = `Looking up ${call.source || call.name}${call.arguments ? ` ${call.arguments}` : ""}…`;
+        this.toolItems.set(call.callId, item);
+        this.tools.append(item);
+        return false;
+      }
+      case "toolCallFinished": {
+        const f = kind.value;
+        const item = this.toolItems.get(f.callId) ?? this.tools.appendChild(document.createElement("li"));
+        const ms = f.duration ? Math.round(Number(f.duration.seconds) * 1000 + f.duration.nanos / 1e6) : 0;
+        const ok = f.status === ToolCallStatus.OK;
+        item.dataset.status = ok ? "ok" : "failed";
+        const status = (ToolCallStatus[f.status] ?? String(f.status)).toLowerCase().replace(/_/g, " ");
+        item.textContent = ok
+          ? `${f.name}: ${f.source || "done"} (${ms} ms)`
+          : `${f.name}: ${status}${f.error ? ` — ${f.error}` : ""} (${ms} ms)`;
+        if (ok && f.source) this.source(f.source);
+        return false;
+      }
+      case "citation": {
         const c = kind.value;
-        item.textContent = `${c.documentTitle}${c.section ? ` — ${c.section}` : ""}: ${c.snippet}`;
-        this.citations.append(item);
+        const label = c.documentId.startsWith("tool:")
+          ? `${c.documentTitle}, ${c.section}`
+          : c.section
+            ? `${c.documentTitle}, Section ${c.section}`
+            : c.documentTitle;
+        const entry = this.source(label);
+        entry.item.textContent = `${label}: ${c.snippet}`;
         return false;
       }
       case "usage":

@@ -90,7 +90,7 @@ async function answeredTurn(page, route, question) {
 async function cancelledTurn(page, route) {
   const before = (await simRequests()).length;
   await injectStall(3); // the upstream sends 3 tokens, then hangs until cancelled
-  const bubble = await ask(page, `A long question via ${route}`);
+  const bubble = await ask(page, `Hello, a long question via ${route}`);
   await until("the first delta", async () => (await bubble.locator(".text").textContent()).length > 0, TURN_TIMEOUT);
   await page.click("#cancel");
   await bubble.locator(".meta[data-terminal]").waitFor({ timeout: TURN_TIMEOUT });
@@ -107,6 +107,34 @@ async function cancelledTurn(page, route) {
     assert.deepEqual(kinds.slice(-2), ["usage", "done"], kinds.join());
   }
   return { tokensSent: upstream.tokens_sent, kinds };
+}
+
+/** A policy answer renders as a list whose `[Source: …]` markers link to the sources list. */
+async function renderedAnswer(page) {
+  const bubble = await ask(page, "How many checked bags does an Economy Standard fare include?");
+  await bubble.locator(".meta[data-terminal]").waitFor({ timeout: TURN_TIMEOUT });
+  const items = await bubble.locator(".text ul > li").allTextContents();
+  assert.ok(items.length >= 1, "no rendered list items");
+  assert.ok(items.some((t) => t.includes("23 kg")), items.join(" | "));
+  const link = bubble.locator(".text a.cite").first();
+  const href = await link.getAttribute("href");
+  assert.match(href, /^#a\d+-src-\d+$/);
+  const target = bubble.locator(`.citations li${href}`);
+  assert.equal(await target.count(), 1, `no sources entry ${href}`);
+  const source = await target.textContent();
+  assert.ok(source.startsWith("Baggage Policy, Section 2.1"), source);
+  assert.equal(await link.textContent(), "[1]");
+  await link.click();
+  assert.ok(page.url().endsWith(href));
+  assert.equal(await bubble.locator(".text").evaluate((el) => el.textContent.includes("[Source:")), false);
+
+  const hostile = await ask(page, 'hi <img src=x onerror="window.pwned=1"> **there**');
+  await hostile.locator(".meta[data-terminal]").waitFor({ timeout: TURN_TIMEOUT });
+  assert.equal(await hostile.locator(".text img").count(), 0, "raw HTML was rendered");
+  assert.ok((await hostile.locator(".text").textContent()).includes("<img src=x"));
+  assert.equal(await page.evaluate(() => window.pwned), undefined);
+  await page.screenshot({ path: join(ARTIFACTS, "browser-markdown.png"), fullPage: true });
+  return { items: items.length, href, source };
 }
 
 const results = {};
@@ -139,7 +167,7 @@ try {
   for (const route of ["grpc-web", "websocket"]) {
     try {
       await page.selectOption("#route", route);
-      const answered = await answeredTurn(page, route, `Where is my bag? (${route})`);
+      const answered = await answeredTurn(page, route, `Hello from ${route}`);
       const cancelled = await cancelledTurn(page, route);
       const label = await page.locator("#session").textContent();
       if (sessionId) assert.equal(label, sessionId, "switching routes keeps the session");
@@ -152,6 +180,15 @@ try {
       results[route] = { error: String(err?.stack ?? err) };
       await page.screenshot({ path: join(ARTIFACTS, `browser-${route}-failed.png`) }).catch(() => {});
     }
+  }
+  // Markdown: a grounded answer's list and its citation link; HTML in text stays text.
+  try {
+    results.markdown = await renderedAnswer(page);
+    passed++;
+  } catch (err) {
+    failed++;
+    results.markdown = { error: String(err?.stack ?? err) };
+    await page.screenshot({ path: join(ARTIFACTS, "browser-markdown-failed.png") }).catch(() => {});
   }
   // The gRPC-Web cancel shows up as a cancelled fetch in the console; nothing else may.
   results.consoleErrors = consoleErrors.filter((t) => !/ERR_ABORTED|AbortError|aborted/i.test(t));

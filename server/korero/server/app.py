@@ -20,21 +20,24 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
-from korero.chat.v1 import chat_pb2, chat_pb2_grpc
+from korero.chat.v1 import chat_pb2
 from korero.server.context.assembly import KnowledgeAssembler, LLMSummarizer
 from korero.server.context.cache import ResponseCache
 from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore
 from korero.server.context.router import RuleRouter
 from korero.server.conversation.engine import ConversationEngine
+from korero.server.conversation.tools_loop import ToolLoop
 from korero.server.llm.provider import LLMProvider, OpenAIProvider
 from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
 from korero.server.policy.ratelimit import RateLimiter
+from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.settings import Settings
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
+from korero.server.tools import ToolExecutor, ToolRegistry
 from korero.server.transport.chat_session import StreamRules
 from korero.server.transport.grpc_service import ChatServicer
 from korero.server.transport.interceptors import GateInterceptor
@@ -76,6 +79,7 @@ class KoreroServer:
     metrics_runner: web.AppRunner | None = None
     tracer_provider: TracerProvider | None = None
     websocket: WebSocketServer | None = None
+    tool_executor: ToolExecutor | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -100,79 +104,16 @@ class KoreroServer:
         if provider is not None:
             RedisInstrumentor.instrument_client(store.redis, tracer_provider=provider)
             interceptors.append(aio_server_interceptor(tracer_provider=provider))  # type: ignore[no-untyped-call]
-        authenticator: Authenticator = AnonymousAuthenticator(settings.engine.tenant)
-        if settings.auth.mode == "on":
-            authenticator = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
-        limiter = None
-        if settings.limits.enabled:
-            limiter = RateLimiter(
-                store.redis,
-                settings.limits,
-                on_fallback=metrics.rate_limit_fallbacks.inc,
-                on_reject=lambda limit: metrics.rate_limit_rejections.labels(limit).inc(),
-            )
-        gate = CallGate(
-            authenticator=authenticator,
-            open_methods=settings.auth.open_methods,
-            default_tenant=settings.engine.tenant,
-            limiter=limiter,
-            authenticates=settings.auth.mode == "on",
-        )
+        gate, limiter, authenticator = _build_gate(settings, store, metrics)
         if gate.checks_anything:
             interceptors.append(GateInterceptor(gate))
-        kb_store = KnowledgeStore(store.redis)
-        assembler = KnowledgeAssembler(
-            system_prompt=settings.engine.system_prompt,
-            prompt_version=settings.engine.prompt_version,
-            prompt=settings.prompt,
-            kb=KnowledgeBase(kb_store, settings.knowledge),
-            summarizer=LLMSummarizer(
-                llm=llm,
-                model=settings.llm.model,
-                max_tokens=settings.prompt.summary_tokens,
-                timeout=settings.llm.first_token_timeout,
-            ),
-        )
-        engine = ConversationEngine(
-            store=store,
-            llm=llm,
-            assembler=assembler,
-            settings=settings.engine,
-            llm_settings=settings.llm,
-            snippet_chars=settings.knowledge.snippet_chars,
-            limiter=limiter,
-            metrics=metrics,
-            tracer=tracer,
-            router=RuleRouter(),
-            cache=ResponseCache(store.redis, settings.cache) if settings.cache.enabled else None,
-            knowledge=kb_store,
-        )
+        tool_executor = ToolExecutor()
+        engine = _build_engine(settings, store, llm, limiter, metrics, tracer, tool_executor)
         lifecycle = Lifecycle()
         health = health_aio.HealthServicer()
-        server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(
-                engine=engine,
-                lifecycle=lifecycle,
-                metrics=metrics,
-                rules=StreamRules.from_settings(settings.server),
-                default_tenant=settings.engine.tenant,
-            ),
-            server,
+        server, port = _build_grpc_server(
+            settings, engine, lifecycle, health, metrics, interceptors
         )
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(
-            (
-                CHAT_SERVICE,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
-        try:
-            port = server.add_insecure_port(settings.server.listen)
-        except RuntimeError as exc:  # grpcio's way of saying the bind failed
-            raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
         websocket = None
         if settings.server.ws_listen is not None:
             websocket = WebSocketServer(
@@ -209,6 +150,7 @@ class KoreroServer:
             metrics_runner,
             provider,
             websocket,
+            tool_executor,
         )
 
     @property
@@ -233,8 +175,121 @@ class KoreroServer:
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
         await self.llm.aclose()
+        if self.tool_executor is not None:
+            await self.tool_executor.close()
         await self.store.close()
         log.info("event=stopped")
+
+
+def _build_gate(
+    settings: Settings, store: SessionStore, metrics: Metrics
+) -> tuple[CallGate, RateLimiter | None, Authenticator]:
+    """The call policy: who may call (auth) and how much (limits)."""
+    authenticator: Authenticator = AnonymousAuthenticator(settings.engine.tenant)
+    throttle = throttle_key = None
+    if settings.auth.mode == "on":
+        tokens = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
+        authenticator, throttle_key = tokens, tokens.throttle_key
+        throttle = AuthFailureThrottle(
+            per_peer=settings.auth.failures_per_peer,
+            per_tenant=settings.auth.failures_per_tenant,
+        )
+    limiter = None
+    if settings.limits.enabled:
+        limiter = RateLimiter(
+            store.redis,
+            settings.limits,
+            on_fallback=metrics.rate_limit_fallbacks.inc,
+            on_reject=lambda limit: metrics.rate_limit_rejections.labels(limit).inc(),
+        )
+    gate = CallGate(
+        authenticator=authenticator,
+        open_methods=settings.auth.open_methods,
+        default_tenant=settings.engine.tenant,
+        limiter=limiter,
+        authenticates=settings.auth.mode == "on",
+        throttle=throttle,
+        throttle_key=throttle_key,
+    )
+    return gate, limiter, authenticator
+
+
+def _build_engine(
+    settings: Settings,
+    store: SessionStore,
+    llm: LLMProvider,
+    limiter: RateLimiter | None,
+    metrics: Metrics,
+    tracer: trace.Tracer,
+    tool_executor: ToolExecutor,
+) -> ConversationEngine:
+    """The conversation engine with its context assembly, cache, knowledge base and tools."""
+    kb_store = KnowledgeStore(store.redis)
+    assembler = KnowledgeAssembler(
+        system_prompt=settings.engine.system_prompt,
+        prompt_version=settings.engine.prompt_version,
+        prompt=settings.prompt,
+        kb=KnowledgeBase(kb_store, settings.knowledge),
+        summarizer=LLMSummarizer(
+            llm=llm,
+            model=settings.llm.model,
+            max_tokens=settings.prompt.summary_tokens,
+            timeout=settings.llm.first_token_timeout,
+        ),
+    )
+    return ConversationEngine(
+        store=store,
+        llm=llm,
+        assembler=assembler,
+        settings=settings.engine,
+        llm_settings=settings.llm,
+        snippet_chars=settings.knowledge.snippet_chars,
+        limiter=limiter,
+        metrics=metrics,
+        tracer=tracer,
+        router=RuleRouter(),
+        cache=ResponseCache(store.redis, settings.cache) if settings.cache.enabled else None,
+        knowledge=kb_store,
+        tool_loop=ToolLoop(
+            ToolRegistry(store.redis),
+            tool_executor,
+            max_rounds=settings.tools.max_rounds,
+            cache_seconds=settings.tools.cache_seconds,
+        ),
+    )
+
+
+def _build_grpc_server(
+    settings: Settings,
+    engine: ConversationEngine,
+    lifecycle: Lifecycle,
+    health: health_aio.HealthServicer,
+    metrics: Metrics,
+    interceptors: list[grpc.aio.ServerInterceptor],
+) -> tuple[grpc.aio.Server, int]:
+    """ChatService, health and reflection on the configured address (not started yet)."""
+    server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
+    ChatServicer(
+        engine=engine,
+        lifecycle=lifecycle,
+        metrics=metrics,
+        rules=StreamRules.from_settings(settings.server),
+        default_tenant=settings.engine.tenant,
+    ).add_to_server(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            CHAT_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    try:
+        port = server.add_insecure_port(settings.server.listen)
+    except RuntimeError as exc:  # grpcio's way of saying the bind failed
+        raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
+    return server, port
 
 
 async def run(settings: Settings) -> None:

@@ -1,5 +1,8 @@
 """Settings: the one place that reads the environment.
 
+One module on purpose (it is longer than 400 lines): it is the one list the
+settings table and `korero serve --help` are generated from.
+
 Every knob is a field of a frozen dataclass with its environment variable,
 default and description declared next to it, so `korero serve --help` and the
 settings table in docs/operating.md come from the same source. Values are
@@ -32,6 +35,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SettingsError",
+    "ToolSettings",
     "env_reference",
 ]
 
@@ -172,6 +176,19 @@ class ServerSettings:
         parse=_path,
     )
     """The WebSocket listener serves this directory's files (clients/web/dist) at `/`."""
+    stream_queue_events: int = _env(
+        "KORERO_STREAM_QUEUE_EVENTS",
+        64,
+        "events queued for a stream whose client is not reading",
+    )
+    """Per stream; beyond it queued text deltas are merged, then the stream ends
+    with RESOURCE_EXHAUSTED `STREAM_QUEUE_FULL`."""
+    stream_queue_bytes: int = _env(
+        "KORERO_STREAM_QUEUE_BYTES",
+        65536,
+        "bytes of events queued for a stream whose client is not reading",
+    )
+    """Per stream; beyond it the stream ends with RESOURCE_EXHAUSTED `STREAM_QUEUE_FULL`."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +230,12 @@ class LLMSettings:
         "KORERO_LLM_FIRST_TOKEN_TIMEOUT", 15.0, "seconds to wait for the first token"
     )
     """Per attempt; a stalled upstream ends the turn with DEADLINE_EXCEEDED."""
+    inter_token_timeout: float = _env(
+        "KORERO_LLM_INTER_TOKEN_TIMEOUT",
+        20.0,
+        "seconds to wait for the next token once the answer has begun",
+    )
+    """A stall mid-answer ends the turn with DEADLINE_EXCEEDED `INTER_TOKEN_TIMEOUT`."""
     max_retries: int = _env(
         "KORERO_LLM_MAX_RETRIES", 2, "retries of a failed call, only before the first token"
     )
@@ -237,6 +260,20 @@ class EngineSettings:
         "KORERO_TURN_TIMEOUT", 120.0, "seconds a turn may take when the client sets no deadline"
     )
     """Overall deadline of one turn; a shorter gRPC deadline from the client wins."""
+    turn_lease: float = _env(
+        "KORERO_TURN_LEASE",
+        5.0,
+        "seconds a turn holds its session without renewing (crash recovery time)",
+    )
+    """A running turn renews its lease every third of this; a turn whose instance
+    died is declared failed (`TURN_ORPHANED`) by the next message once it runs out."""
+    store_resolve_seconds: float = _env(
+        "KORERO_STORE_RESOLVE_SECONDS",
+        10.0,
+        "seconds a Redis write of unknown outcome is retried before STORE_UNAVAILABLE",
+    )
+    """A begin or finish that timed out is resolved (given up, or sent again) before
+    the client hears anything; never past the client's deadline."""
     history_max_messages: int = _env(
         "KORERO_HISTORY_MAX_MESSAGES", 200, "messages kept in a session's stored history"
     )
@@ -303,6 +340,20 @@ class AuthSettings:
         "KORERO_JWKS_REFETCH_INTERVAL", 60.0, "least seconds between JWKS fetches"
     )
     """Bounds fetches caused by tokens with unknown key ids."""
+    failures_per_peer: int = _env(
+        "KORERO_AUTH_FAILURES_PER_PEER",
+        30,
+        "failed authentications per client address per minute before throttling",
+    )
+    """Past it, calls from that address that would need a credential check get
+    RESOURCE_EXHAUSTED `AUTH_THROTTLED` with RetryInfo (0: no limit)."""
+    failures_per_tenant: int = _env(
+        "KORERO_AUTH_FAILURES_PER_TENANT",
+        300,
+        "failed authentications naming one tenant per minute before throttling",
+    )
+    """Past it, unknown API keys of that tenant are refused without a Redis lookup;
+    keys that verified before still pass (0: no limit)."""
 
 
 @dataclass(frozen=True)
@@ -427,6 +478,20 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
+class ToolSettings:
+    """The tool loop (live data through tenant-configured tools; see docs/tools.md)."""
+
+    max_rounds: int = _env(
+        "KORERO_TOOLS_MAX_ROUNDS", 3, "most rounds of tool calls in one turn (0: tools off)"
+    )
+    """After this many rounds the model is asked again without tools, so it must answer."""
+    cache_seconds: float = _env(
+        "KORERO_TOOLS_CACHE_SECONDS", 5.0, "seconds a tenant's tool list is kept in-process"
+    )
+    """Saves a Redis round trip per turn; `korero tools add|remove` applies within this time."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, grouped by concern."""
 
@@ -440,6 +505,7 @@ class Settings:
     knowledge: KnowledgeSettings = field(default_factory=KnowledgeSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    tools: ToolSettings = field(default_factory=ToolSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

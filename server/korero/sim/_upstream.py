@@ -1,5 +1,10 @@
 """A simulated OpenAI-compatible upstream served over real HTTP.
 
+(Longer than 400 lines: a third is this description of what the simulator
+does; the rest is one class, the HTTP server, whose handlers share its fault
+queue and recordings. Answers are composed in `_compose.py`, written in
+OpenAI's wire format by `_wire.py`, configured by `_config.py`.)
+
 `UpstreamSim` runs an `aiohttp.web` server that answers
 ``POST /v1/chat/completions`` the way OpenAI does (SSE chunks or one JSON
 object), with deterministic text, configurable timing and injectable faults.
@@ -33,6 +38,18 @@ helpful without an API key; it is still a simulation, not a model):
   ``customer:`` line. A token is
 a word with its leading space, so the concatenated deltas are the text.
 
+With ``SimConfig(persona="assistant")`` (the ``upstream-sim`` command's
+default) every other prompt gets a short reply that fits the intent named in
+the system message's ``Routing:`` line (small talk, a complaint, a request for
+a human, a booking question it cannot look up, a policy question it cannot
+ground), never filler; see `korero.sim._assistant`.
+
+Tools: when the request offers ``tools`` and the question needs live data (a
+flight number, "my booking", "my flight"), the answer is OpenAI-style
+``tool_calls`` (streamed deltas, parallel calls, finish reason
+``tool_calls``); when the messages end with ``tool`` results, the answer is
+built from their figures and cites each result's ``source`` label.
+
 Faults (`Fault`) queue up and are consumed, in order, by the next chat
 completion requests; other endpoints never consume them.
 
@@ -49,23 +66,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import json
 import logging
-import math
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Self, get_args
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
-from korero.server.context import citations
+from korero._http_service import HTTPService
+from korero.sim._assistant import plan_tool_calls
+from korero.sim._compose import compose_answer, prompt_token_count
+from korero.sim._config import (
+    DEFAULT_ANSWER_TOKENS,
+    DEFAULT_MODEL,
+    MAX_RECORDED_REQUESTS,
+    Fault,
+    FaultKind,
+    RecordedRequest,
+    SimConfig,
+    _PendingFault,
+)
+from korero.sim._wire import (
+    _encode_stream,
+    _encode_tool_calls,
+    _error_body,
+    _max_tokens,
+    _token_interval,
+)
 
 __all__ = [
+    "DEFAULT_ANSWER_TOKENS",
     "DEFAULT_MODEL",
     "MAX_RECORDED_REQUESTS",
     "Fault",
@@ -79,344 +111,34 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "korero-sim-1"
-DEFAULT_ANSWER_TOKENS = 40
-MAX_RECORDED_REQUESTS = 10_000
-ECHO_CHARS = 80
 # Upper bound on one sleep inside `wait_for`, so predicates on fields that
 # change without a notification (tokens_sent) are still seen promptly.
 _WAIT_POLL_SECONDS = 0.05
 # How long `stop()` lets in-flight handlers wind down after cancelling them.
 _SHUTDOWN_GRACE_SECONDS = 1.0
 
-FaultKind = Literal["rate_limit", "server_error", "status", "cut", "stall", "delay"]
-_FAULT_KINDS: frozenset[str] = frozenset(get_args(FaultKind))
 
-_CUSTOMER_NAME = re.compile(r"^[ \t]*Customer name:[ \t]*(\S.*?)[ \t]*$", re.MULTILINE)
+class _Call(NamedTuple):
+    """One chat completion request being answered."""
 
-# Filler vocabulary: plain support-desk English, fixed forever so that
-# answers stay stable across releases.
-_WORDS: tuple[str, ...] = (
-    "account", "after", "again", "also", "answer", "back", "before", "billing",
-    "can", "change", "check", "confirm", "could", "customer", "data", "day",
-    "detail", "device", "email", "every", "find", "first", "from", "have",
-    "help", "here", "issue", "just", "know", "last", "let", "like", "look",
-    "make", "message", "more", "need", "next", "note", "number", "order",
-    "other", "page", "payment", "plan", "please", "problem", "quick", "reply",
-    "request", "reset", "right", "same", "see", "service", "setting", "should",
-    "simple", "soon", "step", "still", "support", "sure", "team", "that",
-    "then", "there", "this", "time", "today", "try", "update", "usual",
-    "value", "very", "wait", "want", "when", "where", "will", "with", "work",
-    "would", "your",
-)  # fmt: skip
-
-_ERROR_TYPES: dict[int, tuple[str, str | None]] = {
-    400: ("invalid_request_error", None),
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("permission_error", None),
-    404: ("invalid_request_error", "model_not_found"),
-    409: ("invalid_request_error", None),
-    422: ("invalid_request_error", None),
-    429: ("rate_limit_exceeded", "rate_limit_exceeded"),
-}
+    request: web.Request
+    config: SimConfig
+    fault: Fault | None
+    recorded: RecordedRequest
+    headers: dict[str, str]
 
 
-@dataclass(frozen=True)
-class SimConfig:
-    """How the simulated upstream answers; read afresh for every request."""
+class _Reply(NamedTuple):
+    """What a chat completion answers, however it is sent (streamed or whole)."""
 
-    ttft: float = 0.0
-    """Seconds between the response headers and the first content token."""
-    tokens_per_second: float = 0.0
-    """Streaming rate after the first token; 0 or infinity means unlimited."""
-    answer_tokens: int = DEFAULT_ANSWER_TOKENS
-    """Tokens in a full answer, before any ``max_tokens`` cut."""
-    quote_tokens: int = 120
-    """Most tokens of an answer that quotes knowledge-base excerpts."""
-    send_usage: bool = True
-    """Whether usage is reported; False mimics servers that never send it."""
-    model: str = DEFAULT_MODEL
-    """Model name reported when the request names none."""
-
-    def __post_init__(self) -> None:
-        if not self.ttft >= 0:
-            raise ValueError(f"ttft must be >= 0, got {self.ttft}")
-        if not self.tokens_per_second >= 0:
-            raise ValueError(f"tokens_per_second must be >= 0, got {self.tokens_per_second}")
-        if self.answer_tokens < 0:
-            raise ValueError(f"answer_tokens must be >= 0, got {self.answer_tokens}")
+    tokens: list[str]
+    model: str
+    finish_reason: str
+    usage: dict[str, int] | None
+    tool_calls: list[dict[str, Any]]
 
 
-@dataclass(frozen=True)
-class Fault:
-    """A failure to inject into the next `count` chat completion requests.
-
-    Kinds:
-
-    * ``rate_limit``: 429 with ``Retry-After: retry_after`` and an OpenAI error body;
-    * ``server_error``: 500 with an OpenAI error body;
-    * ``status``: HTTP ``status`` (400-599) with an OpenAI error body;
-    * ``cut``: stream ``after_tokens`` tokens, then close the connection
-      without ``[DONE]`` (a non-streaming request gets no response at all);
-    * ``stall``: stream ``after_tokens`` tokens, then hang for
-      ``stall_seconds`` before carrying on (a non-streaming request hangs
-      before its response);
-    * ``delay``: wait ``seconds`` more before the response headers.
-    """
-
-    kind: FaultKind
-    count: int = 1
-    status: int = 500
-    retry_after: float = 1.0
-    after_tokens: int = 3
-    stall_seconds: float = 3600.0
-    seconds: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in _FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r}")
-        if self.count < 1:
-            raise ValueError(f"count must be >= 1, got {self.count}")
-        if not 400 <= self.status <= 599:
-            raise ValueError(f"status must be in 400..599, got {self.status}")
-        if self.after_tokens < 0:
-            raise ValueError(f"after_tokens must be >= 0, got {self.after_tokens}")
-        for name in ("retry_after", "stall_seconds", "seconds"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object]) -> Fault:
-        """Build a fault from its JSON form (the field names); raise ValueError if invalid."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(data) - set(known)
-        if unknown:
-            raise ValueError(f"unknown fault fields: {sorted(unknown)}")
-        kind = data.get("kind")
-        if not isinstance(kind, str):
-            raise ValueError("fault needs a string 'kind'")
-        kwargs: dict[str, Any] = {"kind": kind}
-        for name in ("count", "status", "after_tokens"):
-            if name in data:
-                value = data[name]
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ValueError(f"fault field {name!r} must be an integer")
-                kwargs[name] = value
-        for name in ("retry_after", "stall_seconds", "seconds"):
-            if name in data:
-                value = data[name]
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ValueError(f"fault field {name!r} must be a number")
-                kwargs[name] = float(value)
-        return cls(**kwargs)
-
-
-@dataclass
-class RecordedRequest:
-    """One chat completion request as the sim saw it; times are `time.monotonic()`."""
-
-    id: int
-    body: dict[str, Any]
-    received_at: float
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    """Set once ``[DONE]`` or the full (or error) response was sent."""
-    disconnected_at: float | None = None
-    """Set when the client went away before the response was finished."""
-    tokens_sent: int = 0
-    fault: FaultKind | None = None
-    client_port: int = 0
-    """The client's TCP port: requests on one kept-alive connection share it."""
-
-    def to_dict(self) -> dict[str, object]:
-        """The JSON form served by ``GET /_sim/requests`` (no body text)."""
-        return {
-            "id": self.id,
-            "model": self.body.get("model"),
-            "stream": bool(self.body.get("stream")),
-            "received_at": self.received_at,
-            "first_token_at": self.first_token_at,
-            "finished_at": self.finished_at,
-            "disconnected_at": self.disconnected_at,
-            "tokens_sent": self.tokens_sent,
-            "fault": self.fault,
-            "client_port": self.client_port,
-        }
-
-
-@dataclass
-class _PendingFault:
-    fault: Fault
-    remaining: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.remaining = self.fault.count
-
-
-def _content_text(content: object) -> str:
-    """The text of a message's content: a string or a list of text parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
-
-
-def _message_texts(messages: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [_content_text(m.get("content")) for m in messages if isinstance(m, Mapping)]
-
-
-def prompt_token_count(messages: Sequence[Mapping[str, Any]]) -> int:
-    """Prompt tokens as the sim counts them: whitespace-separated words of all contents."""
-    return sum(len(text.split()) for text in _message_texts(messages))
-
-
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
-_WORDLIKE = re.compile(r"[a-z0-9]+")
-_CUSTOMER_LINE = re.compile(r"^customer:[ \t]*(.+)$", re.MULTILINE)
-_EARLIER = re.compile(
-    r"^Earlier summary: Summary: the customer asked about (.*?)\.?$", re.MULTILINE
-)
-
-
-def _as_tokens(text: str) -> list[str]:
-    return re.findall(r"\s*\S+", text)
-
-
-def _quote_excerpts(question: str, excerpts: list[tuple[str, str]], name: str | None) -> str:
-    asked = set(_WORDLIKE.findall(question.lower()))
-    lines = [f"Thanks, {name}. " if name else "", "Here is what our policy says:"]
-    for label, body in excerpts[:2]:
-        sentences = [s.strip() for s in _SENTENCE.split(" ".join(body.split())) if s.strip()]
-        ranked = sorted(
-            range(len(sentences)),
-            key=lambda i: (-len(asked & set(_WORDLIKE.findall(sentences[i].lower()))), i),
-        )
-        chosen = " ".join(sentences[i] for i in sorted(ranked[:2]))
-        lines.append(f"\n- {chosen} {label}")
-    return "".join(lines)
-
-
-def _summarize(transcript: str) -> str:
-    asks = [" ".join(m.split()[:4]) for m in _CUSTOMER_LINE.findall(transcript)]
-    earlier = _EARLIER.search(transcript)
-    if earlier:  # a rolling summary keeps what the previous one said
-        asks.insert(0, earlier.group(1).strip())
-    return "Summary: the customer asked about " + "; ".join(asks or ["nothing yet"]) + "."
-
-
-def compose_answer(
-    messages: Sequence[Mapping[str, Any]], answer_tokens: int, quote_tokens: int = 120
-) -> list[str]:
-    """The answer to `messages` as tokens (words with their leading space).
-
-    See the module docstring for how the text is built.
-    """
-    texts = _message_texts(messages)
-    first_system = next(
-        (
-            _content_text(m.get("content"))
-            for m in messages
-            if isinstance(m, Mapping) and m.get("role") == "system"
-        ),
-        "",
-    )
-    if first_system.startswith("Summarize"):
-        return _as_tokens(_summarize("\n".join(texts[1:])))[: max(answer_tokens, quote_tokens)]
-    excerpts = [(m.group(1), m.group(2)) for t in texts for m in citations.EXCERPT.finditer(t)]
-    last_user = ""
-    name = None
-    for message in messages:
-        if not isinstance(message, Mapping):
-            continue
-        text = _content_text(message.get("content"))
-        if message.get("role") == "user":
-            last_user = text
-        if name is None and (match := _CUSTOMER_NAME.search(text)):
-            name = " ".join(match.group(1).split())
-
-    if excerpts:
-        quoted = _quote_excerpts(last_user, excerpts, name)
-        return _as_tokens(quoted)[: max(answer_tokens, quote_tokens)]
-
-    echo = " ".join(last_user.split())[:ECHO_CHARS].rstrip()
-    words = ["You", "asked:", *f'"{echo}".'.split(" ")]
-    if name:
-        words += ["Thanks,", *f"{name}.".split(" ")]
-
-    filler_count = max(0, answer_tokens - len(words))
-    if filler_count:
-        canonical = json.dumps(
-            messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
-        )
-        digest = hashlib.shake_256(canonical.encode()).digest(2 * filler_count)
-        filler = [
-            _WORDS[int.from_bytes(digest[2 * i : 2 * i + 2], "big") % len(_WORDS)]
-            for i in range(filler_count)
-        ]
-        filler[-1] += "."
-        words += filler
-
-    words = words[:answer_tokens]
-    return [w if i == 0 else " " + w for i, w in enumerate(words)]
-
-
-def _error_body(status: int, message: str) -> dict[str, object]:
-    error_type, code = _ERROR_TYPES.get(status, ("server_error", None))
-    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
-
-
-def _max_tokens(body: Mapping[str, Any]) -> int | None:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return None
-
-
-def _token_interval(config: SimConfig) -> float:
-    rate = config.tokens_per_second
-    return 0.0 if rate <= 0 or math.isinf(rate) else 1.0 / rate
-
-
-def _encode_stream(
-    completion_id: str,
-    model: str,
-    tokens: list[str],
-    finish_reason: str,
-    usage: dict[str, int] | None,
-) -> tuple[bytes, list[bytes], bytes]:
-    """SSE bytes of a streamed answer: the role chunk, one chunk per token, and the tail.
-
-    The tail holds the finish chunk, the usage chunk when `usage` is given, and ``[DONE]``.
-    """
-    envelope = (
-        f'data: {{"id":{json.dumps(completion_id)},"object":"chat.completion.chunk",'
-        f'"created":{int(time.time())},"model":{json.dumps(model)},"choices":'
-    )
-    role_chunk = (
-        envelope + '[{"index":0,"delta":{"role":"assistant","content":""},'
-        '"finish_reason":null}]}\n\n'
-    )
-    token_chunks = [
-        (
-            envelope + '[{"index":0,"delta":{"content":'
-            f'{json.dumps(token, ensure_ascii=False)}}},"finish_reason":null}}]}}\n\n'
-        ).encode()
-        for token in tokens
-    ]
-    tail = envelope + f'[{{"index":0,"delta":{{}},"finish_reason":"{finish_reason}"}}]}}\n\n'
-    if usage is not None:
-        tail += envelope + f'[],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'
-    tail += "data: [DONE]\n\n"
-    return role_chunk.encode(), token_chunks, tail.encode()
-
-
-class UpstreamSim:
+class UpstreamSim(HTTPService):
     """A simulated OpenAI-compatible upstream on a real TCP port.
 
     Use it as ``async with UpstreamSim(SimConfig(ttft=0.1)) as sim:`` and give
@@ -424,15 +146,12 @@ class UpstreamSim:
     between requests; each request reads it once, when it arrives.
     """
 
-    # SimConfig is frozen, so one shared default instance is safe.
-    def __init__(self, config: SimConfig = SimConfig()) -> None:
-        self.config = config
+    def __init__(self, config: SimConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or SimConfig()
         self.requests: list[RecordedRequest] = []
         self._faults: deque[_PendingFault] = deque()
         self._next_id = 1
-        self._runner: web.AppRunner | None = None
-        self._host = "127.0.0.1"
-        self._port: int | None = None
         self._stopping = False
         self._inflight: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
@@ -441,7 +160,7 @@ class UpstreamSim:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Bind and start serving; `port` 0 picks a free port (see `port`)."""
-        if self._runner is not None:
+        if self.running:
             raise RuntimeError("UpstreamSim is already running")
         app = web.Application()
         app.add_routes(
@@ -457,51 +176,19 @@ class UpstreamSim:
         # handler_cancellation makes aiohttp cancel the handler as soon as the
         # peer's connection is lost, which is how a disconnect is seen during
         # a TTFT wait or a stall, not only at the next write.
-        runner = web.AppRunner(
-            app,
-            handler_cancellation=True,
-            access_log=None,
-            shutdown_timeout=_SHUTDOWN_GRACE_SECONDS,
-        )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self._host = host
-        self._port = int(runner.addresses[0][1])
+        await self._serve(app, host, port, grace=_SHUTDOWN_GRACE_SECONDS)
         self._stopping = False
-        logger.info("upstream_sim.started host=%s port=%d", host, self._port)
+        logger.info("upstream_sim.started host=%s port=%d", host, self.port)
 
     async def stop(self) -> None:
         """Stop serving; requests still in flight are cancelled. Idempotent."""
-        runner = self._runner
-        if runner is None:
+        if not self.running:
             return
         self._stopping = True
         for task in list(self._inflight):
             task.cancel()
-        await runner.cleanup()
-        self._runner = None
-        self._port = None
+        await self._close()
         logger.info("upstream_sim.stopped")
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    @property
-    def port(self) -> int:
-        """The bound TCP port."""
-        if self._port is None:
-            raise RuntimeError("UpstreamSim is not running")
-        return self._port
 
     @property
     def base_url(self) -> str:
@@ -546,7 +233,9 @@ class UpstreamSim:
     def answer_for(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """The full text the sim answers to `messages` (before any ``max_tokens`` cut)."""
         config = self.config
-        return "".join(compose_answer(messages, config.answer_tokens, config.quote_tokens))
+        return "".join(
+            compose_answer(messages, config.answer_tokens, config.quote_tokens, config.persona)
+        )
 
     def _notify(self) -> None:
         self._changed.set()
@@ -645,10 +334,26 @@ class UpstreamSim:
             return await self._send_error(request, fault, recorded, headers)
 
         messages: list[Any] = body["messages"]
-        tokens = compose_answer(messages, config.answer_tokens, config.quote_tokens)
-        finish_reason = "stop"
+        offered = body.get("tools")
+        calls = plan_tool_calls(messages, offered) if isinstance(offered, list) else []
+        tool_calls: list[dict[str, Any]] = [
+            {
+                "id": f"call_sim{recorded.id}_{index}",
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(arguments)},
+            }
+            for index, (name, arguments) in enumerate(calls)
+        ]
+        if tool_calls:
+            # One "token" per streamed piece of the calls (see `_encode_tool_calls`).
+            tokens = [c["function"]["arguments"] for c in tool_calls for _ in range(3)]
+        else:
+            tokens = compose_answer(
+                messages, config.answer_tokens, config.quote_tokens, config.persona
+            )
+        finish_reason = "tool_calls" if tool_calls else "stop"
         limit = _max_tokens(body)
-        if limit is not None and limit < len(tokens):
+        if limit is not None and limit < len(tokens) and not tool_calls:
             tokens = tokens[:limit]
             finish_reason = "length"
         model = body.get("model")
@@ -666,28 +371,12 @@ class UpstreamSim:
         if body.get("stream"):
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            return await self._stream(
-                request,
-                config,
-                fault,
-                recorded,
-                headers,
-                tokens=tokens,
-                model=model,
-                finish_reason=finish_reason,
-                usage=usage if include_usage else None,
+            reply = _Reply(
+                tokens, model, finish_reason, usage if include_usage else None, tool_calls
             )
-        return await self._complete(
-            request,
-            config,
-            fault,
-            recorded,
-            headers,
-            tokens=tokens,
-            model=model,
-            finish_reason=finish_reason,
-            usage=usage,
-        )
+            return await self._stream(_Call(request, config, fault, recorded, headers), reply)
+        reply = _Reply(tokens, model, finish_reason, usage, tool_calls)
+        return await self._complete(_Call(request, config, fault, recorded, headers), reply)
 
     async def _send_error(
         self,
@@ -707,28 +396,25 @@ class UpstreamSim:
             status = fault.status
             message = f"Simulated HTTP {status}."
         resp = web.json_response(_error_body(status, message), status=status, headers=headers)
+        if await self._send_whole(request, resp, recorded):
+            self._mark_finished(recorded)
+        return resp
+
+    async def _send_whole(
+        self, request: web.Request, resp: web.StreamResponse, recorded: RecordedRequest
+    ) -> bool:
+        """Send a whole (non-streamed) response; False, recorded, when the client left."""
         try:
             await resp.prepare(request)
             await resp.write_eof()
         except ConnectionError:
             self._mark_disconnected(recorded)
-            return resp
-        self._mark_finished(recorded)
-        return resp
+            return False
+        return True
 
-    async def _complete(
-        self,
-        request: web.Request,
-        config: SimConfig,
-        fault: Fault | None,
-        recorded: RecordedRequest,
-        headers: dict[str, str],
-        *,
-        tokens: list[str],
-        model: str,
-        finish_reason: str,
-        usage: dict[str, int] | None,
-    ) -> web.StreamResponse:
+    async def _complete(self, call: _Call, reply: _Reply) -> web.StreamResponse:
+        request, config, fault, recorded, headers = call
+        tokens, model, finish_reason, usage, tool_calls = reply
         if fault is not None and fault.kind == "cut":
             return self._cut(request, recorded)
         if fault is not None and fault.kind == "stall":
@@ -743,7 +429,12 @@ class UpstreamSim:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(tokens), "refusal": None},
+                    "message": {
+                        "role": "assistant",
+                        "content": None if tool_calls else "".join(tokens),
+                        "refusal": None,
+                        **({"tool_calls": tool_calls} if tool_calls else {}),
+                    },
                     "logprobs": None,
                     "finish_reason": finish_reason,
                 }
@@ -752,35 +443,27 @@ class UpstreamSim:
         if usage is not None:
             payload["usage"] = usage
         resp = web.json_response(payload, headers=headers)
-        try:
-            await resp.prepare(request)
-            await resp.write_eof()
-        except ConnectionError:
-            self._mark_disconnected(recorded)
-            return resp
-        recorded.first_token_at = time.monotonic()
-        recorded.tokens_sent = len(tokens)
-        self._mark_finished(recorded)
+        if await self._send_whole(request, resp, recorded):
+            recorded.first_token_at = time.monotonic()
+            recorded.tokens_sent = len(tokens)
+            self._mark_finished(recorded)
         return resp
 
-    async def _stream(
-        self,
-        request: web.Request,
-        config: SimConfig,
-        fault: Fault | None,
-        recorded: RecordedRequest,
-        headers: dict[str, str],
-        *,
-        tokens: list[str],
-        model: str,
-        finish_reason: str,
-        usage: dict[str, int] | None,
+    async def _stream(  # noqa: PLR0912 -- faults strike at any point of the stream
+        self, call: _Call, reply: _Reply
     ) -> web.StreamResponse:
+        request, config, fault, recorded, headers = call
+        tokens, model, finish_reason, usage, tool_calls = reply
         # Every chunk is encoded before the first write so the per-token work
         # is one sleep (when rate limited) and one write.
-        role_chunk, token_chunks, tail = _encode_stream(
-            f"chatcmpl-sim{recorded.id}", model, tokens, finish_reason, usage
-        )
+        if tool_calls:
+            role_chunk, token_chunks, tail = _encode_tool_calls(
+                f"chatcmpl-sim{recorded.id}", model, tool_calls, usage
+            )
+        else:
+            role_chunk, token_chunks, tail = _encode_stream(
+                f"chatcmpl-sim{recorded.id}", model, tokens, finish_reason, usage
+            )
         interrupt_at: int | None = None
         if fault is not None and fault.kind in ("cut", "stall"):
             interrupt_at = min(fault.after_tokens, len(tokens))

@@ -60,6 +60,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"tokens in a full answer (default {DEFAULT_ANSWER_TOKENS})",
     )
     parser.add_argument(
+        "--persona",
+        choices=("assistant", "echo"),
+        default="assistant",
+        help="assistant: a short relevant reply per intent (default); echo: the question "
+        "echoed plus filler of exactly --answer-tokens tokens (for load tests)",
+    )
+    parser.add_argument(
         "--no-usage",
         action="store_true",
         help="never report token usage, even when the request asks for it",
@@ -74,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         tokens_per_second=args.tokens_per_second,
         answer_tokens=args.answer_tokens,
         send_usage=not args.no_usage,
+        persona=args.persona,
     )
     return asyncio.run(_serve(config, args.host, args.port))
 

@@ -101,7 +101,17 @@ async def _turn(conversation: Conversation, text: str) -> None:
                 sys.stdout.flush()
             elif kind == "citation":
                 c = event.citation
-                sources.append(f"  source: {c.document_title}, section {c.section}")
+                where = c.section if c.document_id.startswith("tool:") else f"section {c.section}"
+                sources.append(f"  source: {c.document_title}, {where}")
+            elif kind == "tool_call_started":
+                call = event.tool_call_started
+                shown = f" {call.arguments}" if call.arguments else ""
+                print(f"[looking up: {call.source or call.name}{shown}]")
+            elif kind == "tool_call_finished":
+                done = event.tool_call_finished
+                status = pb.ToolCallStatus.Name(done.status).removeprefix("TOOL_CALL_STATUS_")
+                ms = done.duration.ToMilliseconds()
+                print(f"[{done.name}: {status.lower()} in {ms} ms]")
             elif kind == "done":
                 print()
                 for line in sources:

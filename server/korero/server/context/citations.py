@@ -3,6 +3,7 @@
 One format, written and read only here:
 
     [Source: <document title>, Section <section id>]
+    [Source: <data source>, <subject>, <as of>]      live data from a tool
 
 The knowledge base labels each retrieved chunk with it (`label`), context
 assembly shows the model an example of it (`EXAMPLE`), the engine finds the
@@ -15,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["EXAMPLE", "EXCERPT", "cited", "label"]
+__all__ = ["EXAMPLE", "EXCERPT", "cited", "data_label", "label", "label_text"]
 
 _PREFIX: Final = "[Source: "
 
@@ -23,6 +24,19 @@ _PREFIX: Final = "[Source: "
 def label(document_title: str, section: str) -> str:
     """The label of one section of a document."""
     return f"{_PREFIX}{document_title}, Section {section}]"
+
+
+def data_label(source: str, *details: str) -> str:
+    """The label of live data from a tool.
+
+    E.g. ``[Source: Flight status service, NZ101, 2026-11-30 14:05]``.
+    """
+    return _PREFIX + ", ".join(p for p in (source, *details) if p) + "]"
+
+
+def label_text(citation_label: str) -> str:
+    """What is inside a label's brackets (``Flight status service, NZ101, …``)."""
+    return citation_label.removeprefix(_PREFIX).removesuffix("]")
 
 
 EXAMPLE: Final = label("Baggage Policy", "2.1")

@@ -10,8 +10,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any, Protocol
 
-__all__ = ["DeltaCoalescer"]
+__all__ = ["DeltaCoalescer", "Scheduler"]
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Scheduler(Protocol):
+    """A clock with timers: the running asyncio loop, or a test's fake."""
+
+    def time(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[[], Any]) -> Timer: ...
 
 
 class DeltaCoalescer:
@@ -22,15 +35,17 @@ class DeltaCoalescer:
         emit: Callable[[str], None],
         window: float,
         max_bytes: int,
+        *,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self._emit = emit
         self._window = window
         self._max_bytes = max(1, max_bytes)
-        self._loop = asyncio.get_running_loop()
+        self._loop: Scheduler = scheduler or asyncio.get_running_loop()
         self._buffer: list[str] = []
         self._size = 0
         self._last_flush: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
 
     @property
     def pending(self) -> str:

@@ -13,11 +13,14 @@ the outcome before publishing it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
@@ -28,14 +31,20 @@ from korero.server.context.knowledge import KnowledgeStore
 from korero.server.context.router import IntentRouter, RouteDecision, RuleRouter
 from korero.server.conversation.generation import AnswerGenerator
 from korero.server.conversation.runner import REPLAY_EVENTS, TurnRunner
+from korero.server.conversation.tools_loop import ToolLoop
 from korero.server.conversation.turn import EventSink, StageTimings, Turn, TurnPlan
 from korero.server.conversation.validation import (
     validate_message,
     validate_metadata,
     validate_session_id,
 )
-from korero.server.conversation.wire import message_to_pb, session_to_pb
-from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
+from korero.server.conversation.wire import error_event_body, message_to_pb, session_to_pb
+from korero.server.errors import (
+    InvalidArgumentError,
+    KoreroError,
+    ShuttingDownError,
+    StoreUnavailableError,
+)
 from korero.server.llm.provider import LLMProvider, estimate_tokens
 from korero.server.policy.ratelimit import RateLimiter
 from korero.server.settings import EngineSettings, LLMSettings
@@ -50,6 +59,12 @@ log = logging.getLogger(__name__)
 
 _MAX_PAGE_SIZE = 500
 _DEFAULT_PAGE_SIZE = 50
+
+
+def _turn_in_flight(turn_id: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        "TURN_IN_FLIGHT", f"turn {turn_id} is still in flight; wait for it to end or cancel it"
+    )
 
 
 class ConversationEngine:
@@ -71,6 +86,7 @@ class ConversationEngine:
         limiter: RateLimiter | None = None,
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
+        tool_loop: ToolLoop | None = None,
     ) -> None:
         self._store = store
         self._assembler = assembler
@@ -90,7 +106,11 @@ class ConversationEngine:
             store=store,
             assembler=assembler,
             generator=AnswerGenerator(
-                llm=llm, settings=llm_settings, tracer=self._tracer, clock=clock
+                llm=llm,
+                settings=llm_settings,
+                tracer=self._tracer,
+                clock=clock,
+                tool_loop=tool_loop,
             ),
             settings=settings,
             model=llm_settings.model,
@@ -100,6 +120,7 @@ class ConversationEngine:
             limiter=limiter,
             record_cache_request=self._count_cache_request,
             clock=clock,
+            tool_loop=tool_loop,
         )
 
     @property
@@ -156,6 +177,10 @@ class ConversationEngine:
 
     # Turns --------------------------------------------------------------------
 
+    def check_message(self, message: pb.UserMessage) -> None:
+        """Raise `InvalidArgumentError` if `start_turn` would refuse `message` as input."""
+        validate_message(message, self._settings.max_message_bytes)
+
     async def start_turn(
         self,
         tenant: str,
@@ -195,12 +220,11 @@ class ConversationEngine:
         )
         scope = otel_context.attach(trace.set_span_in_context(turn_span))
         try:
-            begin, probe, lookup, kb_version = await self._begin(tenant, session_id, message, route)
+            begin, probe, lookup, kb_version = await self._begin(
+                tenant, session_id, message, route, deadline
+            )
             if begin.status == "busy":
-                raise InvalidArgumentError(
-                    "TURN_IN_FLIGHT",
-                    f"turn {begin.turn_id} is still in flight; wait for it to end or cancel it",
-                )
+                raise _turn_in_flight(begin.turn_id)
         except KoreroError as error:
             turn_span.set_status(trace.StatusCode.ERROR, error.reason)
             turn_span.end()
@@ -221,15 +245,7 @@ class ConversationEngine:
         )
         turn_span.set_attribute("korero.turn_id", turn.turn_id)
         turn.subscribe(sink)
-        body: Coroutine[Any, Any, None]
-        if begin.status == "started":
-            assert begin.session is not None
-            body = self._runner.run(turn, begin.session, begin.history, message.text, deadline)
-        elif begin.status == "replay":
-            assert begin.record is not None
-            body = self._runner.replay(turn, begin.record)
-        else:  # running elsewhere: follow it through the store
-            body = self._runner.follow(turn, deadline)
+        body = self._body(turn, begin, message, deadline)
         self._turns[key] = turn
         try:  # the task copies the context now: its spans are children of the turn
             turn.task = asyncio.create_task(
@@ -239,10 +255,64 @@ class ConversationEngine:
             otel_context.detach(scope)
         return turn
 
+    def _body(
+        self, turn: Turn, begin: TurnBegin, message: pb.UserMessage, deadline: float | None
+    ) -> Coroutine[Any, Any, None]:
+        """What the turn's task does after `begin`: run it, replay it, or follow it."""
+        if begin.status == "started":
+            assert begin.session is not None
+            return self._runner.run(turn, begin.session, begin.history, message.text, deadline)
+        if begin.status == "replay":
+            assert begin.record is not None
+            return self._runner.replay(turn, begin.record)
+        return self._follow(turn, message, deadline)
+
+    async def _follow(self, turn: Turn, message: pb.UserMessage, deadline: float | None) -> None:
+        """A retried message whose turn runs elsewhere: wait for it while its lease lives.
+
+        Once it ends (or its holder stops renewing the lease), begin again: the
+        store replays the answer, or declares the orphaned turn failed and runs
+        the message here.
+        """
+        limit = self._clock() + self._settings.turn_timeout
+        deadline_ = limit if deadline is None else min(deadline, limit)
+        route = turn.plan.route
+        assert route is not None
+        try:
+            while await self._runner.await_settled(turn, deadline_):
+                begin, probe, lookup, kb_version = await self._begin(
+                    turn.tenant, turn.session_id, message, route, deadline
+                )
+                if begin.status == "running":
+                    turn.turn_id = begin.turn_id  # taken over by another instance: follow it
+                    continue
+                if begin.status == "busy":
+                    await self._runner.not_completed(turn, _turn_in_flight(begin.turn_id))
+                    return
+                turn.turn_id, turn.seq, turn.lookup = begin.turn_id, begin.seq_base, lookup
+                turn.plan = dataclasses.replace(turn.plan, cache_probe=probe, kb_version=kb_version)
+                turn.span.set_attribute("korero.turn_id", turn.turn_id)
+                await self._body(turn, begin, message, deadline)
+                return
+        except KoreroError as error:
+            await self._runner.not_completed(turn, error)
+            return
+        await self._runner.not_completed(turn)
+
     async def _begin(
-        self, tenant: str, session_id: str, message: pb.UserMessage, route: RouteDecision
+        self,
+        tenant: str,
+        session_id: str,
+        message: pb.UserMessage,
+        route: RouteDecision,
+        deadline: float | None,
     ) -> tuple[TurnBegin, CacheProbe | None, CacheLookup | None, int]:
-        """`begin_turn` with the KB version and the cache lookup in the same round trip."""
+        """`begin_turn` with the KB version and the cache lookup in the same round trip.
+
+        A begin that Redis may or may not have run (a timeout) is given up
+        (`abort_begin`) before the caller hears of the failure, so no lease or
+        running record is left behind for a message the client was told failed.
+        """
         also: list[ScriptCall] = []
         if self._knowledge is not None:
             also.append(self._knowledge.version_call(tenant))
@@ -252,16 +322,24 @@ class ConversationEngine:
                 tenant, message.text, route, self._assembler.prompt_version, self._model
             )
             also.append(probe.call)
+        attempt = uuid.uuid4().hex
         with self._tracer.start_as_current_span("korero.session_load"):
-            begin = await self._store.begin_turn(
-                tenant,
-                session_id,
-                message.client_message_id,
-                message.text,
-                REPLAY_EVENTS,
-                intent=route.intent,
-                also=also,
-            )
+            try:
+                begin = await self._store.begin_turn(
+                    tenant,
+                    session_id,
+                    message.client_message_id,
+                    message.text,
+                    REPLAY_EVENTS,
+                    attempt=attempt,
+                    intent=route.intent,
+                    also=also,
+                )
+            except StoreUnavailableError:
+                await self._abort_begin(
+                    tenant, session_id, message.client_message_id, attempt, deadline
+                )
+                raise
         replies = list(begin.replies)
         kb_version = int(replies.pop(0)) if self._knowledge is not None else 0
         lookup = probe.parse(replies.pop(0)) if probe is not None else None
@@ -276,6 +354,29 @@ class ConversationEngine:
         ):  # no answer will be generated here: free identical misses at once
             await self._cache.release(probe, lookup.kb_version)
         return begin, probe, lookup, kb_version
+
+    async def _abort_begin(
+        self, tenant: str, session_id: str, cmid: str, attempt: str, deadline: float | None
+    ) -> None:
+        """Give up a begin of unknown outcome, retrying while Redis does not answer."""
+        give_up = self._clock() + self._settings.store_resolve_seconds
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        tries = 0
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, give_up - self._clock())):
+                    found = await self._store.abort_begin(tenant, session_id, cmid, attempt)
+                log.info("event=begin_aborted found=%s tries=%d", found, tries + 1)
+                return
+            except (StoreUnavailableError, TimeoutError):
+                tries += 1
+                pause = min(0.1 * tries, 0.5)
+                if self._clock() + pause >= give_up:
+                    # Unknown still: the lease (no one renews it) frees the session soon.
+                    log.warning("event=begin_unresolved tries=%d", tries)
+                    return
+                await asyncio.sleep(pause)
 
     async def drain(self, grace: float) -> None:
         """Let turns in flight finish for up to `grace` seconds, then end them."""
@@ -293,6 +394,16 @@ class ConversationEngine:
     ) -> None:
         try:
             await body
+        except Exception:  # a bug: the turn still ends with one terminal event
+            log.exception("event=turn_crashed turn_id=%s", turn.turn_id)
+            if not turn.ended:
+                turn.result.reason = "INTERNAL"
+                turn.publish(
+                    error=error_event_body(
+                        KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error"),
+                        turn.client_message_id,
+                    )
+                )
         finally:
             self._turns.pop(key, None)
             turn.sinks.clear()

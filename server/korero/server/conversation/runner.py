@@ -3,9 +3,19 @@
 `TurnRunner.run` drives a new turn: the response cache (a hit is replayed),
 context assembly (a fallback answer skips the model), generation, then the
 outcome is persisted (`finish`) before the terminal event is published.
-`replay` answers a retried message whose answer is stored; `follow` waits for
-a retried message whose turn runs on another instance. Whatever fails, the
-turn ends with exactly one `done` or `error` event (`fail`).
+`replay` answers a retried message whose answer is stored; `await_settled`
+waits while a retried message's turn runs on another instance. Whatever
+fails, the turn ends with exactly one `done` or `error` event (`fail`).
+
+While a turn runs it renews its lease on the session (`KORERO_TURN_LEASE`),
+so a crashed instance's turn is declared failed within seconds. A finish whose
+outcome a Redis timeout left unknown is sent again (it applies once) until it
+is known or `KORERO_STORE_RESOLVE_SECONDS` (or the client's deadline) runs
+out; the terminal event follows what is stored, never the other way round.
+
+Longer than 400 lines on purpose: it is one lifecycle read top to bottom, and
+every path out of it (done, replay, fail) shares the same persistence step;
+splitting them would pass the same half-dozen collaborators around.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from korero.server.context.assembly import AssembledContext, ContextAssembler, C
 from korero.server.context.cache import CachedAnswer, CacheLookup, ResponseCache
 from korero.server.conversation.coalesce import DeltaCoalescer
 from korero.server.conversation.generation import AnswerGenerator
+from korero.server.conversation.tools_loop import ToolLoop, ToolTurn
 from korero.server.conversation.turn import Turn
 from korero.server.conversation.wire import (
     FINISH_REASONS,
@@ -36,11 +47,16 @@ from korero.server.conversation.wire import (
     rate_limit_status,
     usage_to_pb,
 )
-from korero.server.errors import KoreroError
+from korero.server.errors import KoreroError, StoreUnavailableError
 from korero.server.llm.provider import TokenUsage, display_model, estimate_tokens
 from korero.server.policy.ratelimit import Admission, RateLimiter
 from korero.server.settings import EngineSettings
-from korero.server.storage.records import SessionRecord, StoredMessage, TurnRecord
+from korero.server.storage.records import (
+    FinishOutcome,
+    SessionRecord,
+    StoredMessage,
+    TurnRecord,
+)
 from korero.server.storage.scripts import ScriptCall
 from korero.server.storage.sessions import SessionStore
 
@@ -52,6 +68,8 @@ MAX_CITATIONS = 3
 REPLAY_EVENTS = 4 + MAX_CITATIONS  # turn started, one text delta, citations, usage, done
 _CACHED_DELTA_CHARS = 160  # a cached answer is replayed in pieces of about this size
 _JOIN_POLL = 0.05
+_RESOLVE_BACKOFF = 0.1  # seconds; grows per attempt, at most 0.5
+_FINISH_FLOOR = 0.15  # seconds a finish may take even at the deadline (see deadline_margin)
 
 
 def _snippet(text: str, limit: int) -> str:
@@ -90,6 +108,8 @@ class _Answer:
     finish: str | None = None
     context: AssembledContext | None = None
     cached: CacheLookup | None = None
+    tools: ToolTurn | None = None
+    """The turn's tools, when the model was offered any."""
 
     @property
     def text(self) -> str:
@@ -113,7 +133,9 @@ class TurnRunner:
         limiter: RateLimiter | None = None,
         record_cache_request: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tool_loop: ToolLoop | None = None,
     ) -> None:
+        self._tool_loop = tool_loop
         self._store = store
         self._assembler = assembler
         self._generator = generator
@@ -150,6 +172,7 @@ class TurnRunner:
         coalescer = DeltaCoalescer(
             emit_text, self._settings.coalesce_window_ms / 1000, self._settings.coalesce_max_bytes
         )
+        lease = asyncio.create_task(self._keep_lease(turn), name=f"lease-{turn.turn_id}")
         try:
             try:
                 request = ContextRequest(
@@ -161,18 +184,38 @@ class TurnRunner:
                 coalescer.flush()
                 self._absorb_cancel(turn)
                 answer.finish = "cancelled"
-            await self._complete(turn, answer, seq_base)
+            await self._complete(turn, answer, seq_base, deadline)
         except KoreroError as error:
             coalescer.close()
-            await self.fail(turn, error, seq_base)
-        except Exception as exc:
+            await self.fail(turn, error, seq_base, deadline)
+        except Exception:
             coalescer.close()
             log.exception("event=turn_failed turn_id=%s", turn.turn_id)
             await self.fail(
                 turn,
-                KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error ({exc!r})"),
+                KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error"),
                 seq_base,
+                deadline,
             )
+        finally:
+            lease.cancel()
+
+    async def _keep_lease(self, turn: Turn) -> None:
+        """Renew the turn's lease while it runs; a lease taken over ends the turn."""
+        every = self._settings.turn_lease / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                held = await self._store.renew_turn(turn.tenant, turn.session_id, turn.turn_id)
+            except KoreroError as error:  # Redis slow or down: the turn goes on
+                log.warning(
+                    "event=lease_renew_failed turn_id=%s reason=%s", turn.turn_id, error.reason
+                )
+                continue
+            if not held:
+                log.warning("event=lease_lost turn_id=%s", turn.turn_id)
+                turn.cancel(error=_lease_lost())
+                return
 
     def _announce(self, turn: Turn) -> None:
         """The first events of a turn: turn started, then the caller's rate-limit budget."""
@@ -229,11 +272,23 @@ class TurnRunner:
             _replay_pieces(answer.context.fallback, emit_text, answer.pieces)
             answer.usage, answer.finish = TokenUsage(0, 0), "stop"
         elif answer.context is not None:
+            if self._tool_loop is not None:  # live data: the tenant's tools for this intent
+                answer.tools = await self._tool_loop.turn(
+                    turn.tenant, turn.intent, request.session.metadata, turn.publish, deadline
+                )
             answer.usage, answer.finish = await self._generator.generate(
-                answer.context.messages, answer.model, deadline, coalescer, answer.pieces, timings
+                answer.context.messages,
+                answer.model,
+                deadline,
+                coalescer,
+                answer.pieces,
+                timings,
+                answer.tools,
             )
 
-    async def _complete(self, turn: Turn, answer: _Answer, seq_base: int) -> None:
+    async def _complete(
+        self, turn: Turn, answer: _Answer, seq_base: int, deadline: float | None
+    ) -> None:
         """Citations and usage, the outcome persisted, then `done`."""
         assert turn.timings is not None
         text = answer.text
@@ -246,6 +301,9 @@ class TurnRunner:
                 estimated=True,
             )
         sources = self._citations(text, answer.context, answer.cached)
+        if answer.tools is not None:  # the live data the answer drew on comes first
+            sources = [*answer.tools.citations(text, self._snippet_chars), *sources]
+            sources = sources[:MAX_CITATIONS]
         for citation in sources:
             turn.publish(citation=pb.Citation(**citation))
         turn.publish(usage=usage_to_pb(usage))
@@ -262,13 +320,22 @@ class TurnRunner:
             citations=tuple(sources),
         )
         summary = answer.context.summary if answer.context is not None else None
-        await self.finish(
+        outcome = await self.finish(
             turn,
             record,
             seq_base,
+            deadline,
             summary=json.dumps(summary, ensure_ascii=False) if summary else "",
-            also=self._cache_store_call(turn, answer.context, record, sources),
+            also=self._cache_store_call(
+                turn,
+                answer.context,
+                record,
+                sources,
+                used_tools=answer.tools is not None and answer.tools.used_tools,
+            ),
         )
+        if not _stored_as(outcome, record):
+            raise _lease_lost()  # another instance declared this turn failed
         done = pb.TurnDone(
             finish_reason=FINISH_REASONS.get(finish, pb.FINISH_REASON_STOP),
             usage=usage_to_pb(usage),
@@ -323,8 +390,13 @@ class TurnRunner:
         context: AssembledContext | None,
         record: TurnRecord,
         citations: list[dict[str, Any]],
+        *,
+        used_tools: bool = False,
     ) -> ScriptCall | None:
-        """Store a shareable answer (or free the single-flight lock) with the turn's outcome."""
+        """Store a shareable answer (or free the single-flight lock) with the turn's outcome.
+
+        A turn that called tools is never stored: its answer rests on live (maybe personal) data.
+        """
         lookup, probe = turn.lookup, turn.plan.cache_probe
         if self._cache is None or probe is None or lookup is None or lookup.status != "leader":
             return None
@@ -332,6 +404,7 @@ class TurnRunner:
         if (
             context is not None
             and context.shareable
+            and not used_tools
             and record.status == "done"
             and record.finish_reason == "stop"
             and record.answer
@@ -371,37 +444,42 @@ class TurnRunner:
         )
         assert turn.seq <= seq_base + REPLAY_EVENTS
 
-    async def follow(self, turn: Turn, deadline: float | None) -> None:
-        """A retried message whose turn runs on another instance: wait for its outcome."""
-        limit = self._clock() + self._settings.turn_timeout
-        deadline = limit if deadline is None else min(deadline, limit)
+    async def await_settled(self, turn: Turn, deadline: float) -> bool:
+        """Wait while a retried message's turn runs elsewhere with a live lease.
+
+        True once it is no longer running there (answered, failed, or its lease
+        ran out): begin again to find out. False when `deadline` passed first.
+        """
         key = (turn.tenant, turn.session_id, turn.client_message_id)
         while self._clock() < deadline:
-            record = await self._store.turn_record(*key)
-            if record is not None and record.status == "done":
-                turn.seq = await self._store.reserve_seqs(
-                    turn.tenant, turn.session_id, REPLAY_EVENTS
-                )
-                await self.replay(turn, record)
-                return
-            if record is None or record.status != "running":
-                break
+            state = await self._store.turn_state(*key)
+            if not state.running_elsewhere(turn.turn_id):
+                return True
             await asyncio.sleep(_JOIN_POLL)
-        turn.seq = await self._store.reserve_seqs(turn.tenant, turn.session_id, 1)
-        if turn.plan.admission is not None:
-            await self.refund(turn.plan.admission)  # no tokens were spent on this attempt
-        turn.result.reason = "TURN_NOT_COMPLETED"
-        turn.publish(
-            error=error_event_body(
-                KoreroError(
-                    grpc.StatusCode.ABORTED,
-                    "TURN_NOT_COMPLETED",
-                    "the earlier attempt of this message did not complete; send it again",
-                    retryable=True,
-                ),
-                turn.client_message_id,
+        return False
+
+    async def not_completed(self, turn: Turn, error: KoreroError | None = None) -> None:
+        """End a turn that never ran here with `error` (default: TURN_NOT_COMPLETED).
+
+        Its event takes a seq reserved now; if Redis cannot give one, it repeats
+        the turn's (outside the resumable log, like a rejected frame).
+        """
+        if error is None:
+            error = KoreroError(
+                grpc.StatusCode.ABORTED,
+                "TURN_NOT_COMPLETED",
+                "the earlier attempt of this message did not complete; send it again",
+                retryable=True,
             )
-        )
+        advance = True
+        try:
+            turn.seq = await self._store.reserve_seqs(turn.tenant, turn.session_id, 1)
+        except KoreroError:
+            advance = False
+        if turn.plan.admission is not None:
+            await self.refund(turn.plan.admission)  # no tokens were spent on it here
+        turn.result.reason = error.reason
+        turn.publish(error=error_event_body(error, turn.client_message_id), advance=advance)
 
     # Endings ------------------------------------------------------------------------
 
@@ -418,13 +496,17 @@ class TurnRunner:
         turn: Turn,
         record: TurnRecord,
         seq_base: int,
+        deadline: float | None,
         *,
         summary: str = "",
         also: ScriptCall | None = None,
-    ) -> None:
+    ) -> FinishOutcome:
         """Persist the outcome before the terminal event; that event's seq counts as issued.
 
-        A cache store and the token settlement ride in the same pipeline.
+        A cache store and the token settlement ride in the same pipeline. When
+        Redis does not answer, the outcome is unknown: the finish is sent again
+        (alone: it applies once, the others must not run twice) until Redis
+        answers, `store_resolve_seconds` pass or the client's deadline comes.
         """
         turn.finishing = True
         calls = [] if also is None else [also]
@@ -434,20 +516,44 @@ class TurnRunner:
             settle = self._limiter.settlement(admission, used)
             if settle is not None:
                 calls.append(settle)
+        now = self._clock()
+        give_up = now + self._settings.store_resolve_seconds
+        if deadline is not None:  # the margin before the client's deadline includes the floor
+            give_up = max(min(give_up, deadline), now + _FINISH_FLOOR)
+        attempt = 0
         with self._tracer.start_as_current_span("korero.persist"):
-            await self._store.finish_turn(
-                turn.tenant,
-                turn.session_id,
-                turn.client_message_id,
-                record,
-                seq_base,
-                turn.seq + 1,
-                summary=summary,
-                also=calls,
-            )
+            while True:
+                try:
+                    async with asyncio.timeout(max(0.0, give_up - self._clock())):
+                        return await self._store.finish_turn(
+                            turn.tenant,
+                            turn.session_id,
+                            turn.client_message_id,
+                            record,
+                            seq_base,
+                            turn.seq + 1,
+                            summary=summary,
+                            also=calls if attempt == 0 else (),
+                        )
+                except (StoreUnavailableError, TimeoutError) as error:
+                    attempt += 1
+                    pause = min(_RESOLVE_BACKOFF * attempt, 0.5)
+                    if self._clock() + pause >= give_up:
+                        turn.unresolved = True
+                        log.warning(
+                            "event=finish_unresolved turn_id=%s attempts=%d", turn.turn_id, attempt
+                        )
+                        raise StoreUnavailableError() from error
+                    await asyncio.sleep(pause)
 
-    async def fail(self, turn: Turn, error: KoreroError, seq_base: int) -> None:
-        """End the turn with `error` (persisted as failed, if the store can be reached)."""
+    async def fail(
+        self, turn: Turn, error: KoreroError, seq_base: int, deadline: float | None = None
+    ) -> None:
+        """End the turn with `error` (persisted as failed, if the store can be reached).
+
+        If the store says the turn was answered after all (an earlier finish
+        whose reply was lost), the turn ends with that answer's `done` instead.
+        """
         log.info(
             "event=turn_error turn_id=%s code=%s reason=%s",
             turn.turn_id,
@@ -457,12 +563,54 @@ class TurnRunner:
         turn.result.outcome = "error"
         turn.result.reason = error.reason
         record = TurnRecord(turn.turn_id, "failed", finish_reason=error.reason)
-        try:
-            # Frees the response cache's single-flight lock too, if this turn held it.
-            await self.finish(
-                turn, record, seq_base, also=self._cache_store_call(turn, None, record, [])
-            )
-        except KoreroError as store_error:
-            # The turn still ends with one terminal event; its lock expires on its own.
-            log.warning("event=finish_turn_failed reason=%s", store_error.reason)
+        if not turn.unresolved:  # else Redis just had its chance: say so within the deadline
+            try:
+                # Frees the response cache's single-flight lock too, if this turn held it.
+                outcome = await self.finish(
+                    turn,
+                    record,
+                    seq_base,
+                    deadline,
+                    also=self._cache_store_call(turn, None, record, []),
+                )
+            except KoreroError as store_error:
+                # The turn still ends with one terminal event; its lease runs out on its own.
+                log.warning("event=finish_turn_failed reason=%s", store_error.reason)
+            else:
+                stored = outcome.stored
+                if stored is not None and stored.status == "done":
+                    self._done_from_record(turn, stored)
+                    return
         turn.publish(error=error_event_body(error, turn.client_message_id))
+
+    def _done_from_record(self, turn: Turn, record: TurnRecord) -> None:
+        """`done` for a turn whose stored outcome is an answer."""
+        assert turn.timings is not None
+        usage = TokenUsage(record.usage.get("input", 0), record.usage.get("output", 0))
+        turn.result.outcome = record.finish_reason or "stop"
+        turn.result.reason = ""
+        turn.result.usage = usage
+        turn.publish(
+            done=pb.TurnDone(
+                finish_reason=FINISH_REASONS.get(record.finish_reason, pb.FINISH_REASON_STOP),
+                usage=usage_to_pb(usage),
+                timings=turn.timings.to_pb(self._clock()),
+            )
+        )
+
+
+def _lease_lost() -> KoreroError:
+    return KoreroError(
+        grpc.StatusCode.ABORTED,
+        "TURN_LEASE_LOST",
+        "this turn lost its hold on the session and was not saved; send the message again",
+        retryable=True,
+    )
+
+
+def _stored_as(outcome: FinishOutcome, record: TurnRecord) -> bool:
+    """Whether the store holds `record`'s outcome (written now or by an earlier send)."""
+    if outcome.status == "applied":
+        return True
+    stored = outcome.stored
+    return stored is not None and stored.status == record.status

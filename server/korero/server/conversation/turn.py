@@ -95,12 +95,19 @@ class Turn:
     cancel_reason: KoreroError | None = None
     cancelled_by_client: bool = False
     finishing: bool = False
+    unresolved: bool = False
+    """Persisting the outcome failed without an answer from Redis (outcome unknown)."""
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def intent(self) -> str:
         route = self.plan.route
         return route.intent if route is not None else ""
+
+    @property
+    def ended(self) -> bool:
+        """Whether the terminal event (`done` or `error`) was published."""
+        return bool(self.events) and self.events[-1].WhichOneof("kind") in ("done", "error")
 
     @property
     def done(self) -> bool:
@@ -116,8 +123,10 @@ class Turn:
         with contextlib.suppress(ValueError):
             self.sinks.remove(sink)
 
-    def publish(self, **kind: Any) -> pb.Event:
-        self.seq += 1
+    def publish(self, *, advance: bool = True, **kind: Any) -> pb.Event:
+        """Send an event to every sink; `advance=False` repeats the last seq (outside the log)."""
+        if advance:
+            self.seq += 1
         event = pb.Event(session_id=self.session_id, turn_id=self.turn_id, seq=self.seq, **kind)
         self.events.append(event)
         for sink in tuple(self.sinks):

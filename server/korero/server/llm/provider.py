@@ -1,7 +1,7 @@
 """The LLM provider: any OpenAI-compatible endpoint through the `openai` package.
 
-`openai` exceptions are translated to `UpstreamError` here, in one table,
-and nowhere else. Retrying and deadlines are the engine's business: the
+`openai` exceptions are translated to `UpstreamError` by `errors.py`, in one
+table, and nowhere else. Retrying and deadlines are the engine's business: the
 provider makes one attempt per call.
 """
 
@@ -20,11 +20,11 @@ import httpx2 as httpx  # the HTTP library of openai>=3; its errors can escape a
 import openai
 
 from korero.server.errors import UpstreamError
+from korero.server.llm.errors import translate_openai_error
 from korero.server.llm.transport import AiohttpTransport
 from korero.server.settings import LLMSettings
 
 __all__ = [
-    "OPENAI_ERROR_TABLE",
     "SIMULATED_MODEL",
     "SSE_DONE",
     "LLMChunk",
@@ -32,10 +32,10 @@ __all__ = [
     "LLMRequest",
     "OpenAIProvider",
     "TokenUsage",
+    "ToolCallDelta",
     "display_model",
     "estimate_tokens",
     "parse_sse_line",
-    "translate_openai_error",
 ]
 
 
@@ -56,19 +56,33 @@ class TokenUsage:
 class LLMRequest:
     """One chat completion request."""
 
-    messages: Sequence[dict[str, str]]
+    messages: Sequence[dict[str, Any]]
     model: str
     max_tokens: int
     temperature: float
+    tools: Sequence[dict[str, Any]] = ()
+    """OpenAI ``tools`` entries the model may call (empty: none offered)."""
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call; pieces with the same `index` make one call."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+    """A fragment of the arguments' JSON text, to be concatenated in order."""
 
 
 @dataclass(frozen=True)
 class LLMChunk:
-    """A piece of a streamed answer: text, a finish reason, or usage."""
+    """A piece of a streamed answer: text, tool-call pieces, a finish reason, or usage."""
 
     text: str = ""
     finish_reason: str | None = None
     usage: TokenUsage | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 class LLMProvider(Protocol):
@@ -95,100 +109,6 @@ def display_model(model: str) -> str:
 def estimate_tokens(text: str) -> int:
     """A rough token count (about 4 characters per token) for upstreams that send no usage."""
     return max(1, math.ceil(len(text) / 4)) if text else 0
-
-
-# (code, reason, retryable) by exception class; the most specific class wins.
-OPENAI_ERROR_TABLE: dict[type[BaseException], tuple[grpc.StatusCode, str, bool]] = {
-    openai.OpenAIError: (grpc.StatusCode.INTERNAL, "UPSTREAM_ERROR", False),
-    openai.APIError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_ERROR", True),
-    openai.APIConnectionError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE", True),
-    openai.APITimeoutError: (grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT", True),
-    openai.APIResponseValidationError: (
-        grpc.StatusCode.INTERNAL,
-        "UPSTREAM_BAD_RESPONSE",
-        False,
-    ),
-    openai.APIStatusError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_STATUS_ERROR", True),
-    openai.BadRequestError: (grpc.StatusCode.INTERNAL, "UPSTREAM_REJECTED_REQUEST", False),
-    openai.AuthenticationError: (grpc.StatusCode.INTERNAL, "UPSTREAM_AUTH_FAILED", False),
-    openai.OAuthError: (grpc.StatusCode.INTERNAL, "UPSTREAM_AUTH_FAILED", False),
-    openai.PermissionDeniedError: (grpc.StatusCode.INTERNAL, "UPSTREAM_PERMISSION_DENIED", False),
-    openai.NotFoundError: (grpc.StatusCode.INTERNAL, "UPSTREAM_MODEL_NOT_FOUND", False),
-    openai.ConflictError: (grpc.StatusCode.ABORTED, "UPSTREAM_CONFLICT", True),
-    openai.UnprocessableEntityError: (
-        grpc.StatusCode.INTERNAL,
-        "UPSTREAM_REJECTED_REQUEST",
-        False,
-    ),
-    openai.RateLimitError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", True),
-    openai.InternalServerError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_SERVER_ERROR", True),
-    openai.LengthFinishReasonError: (grpc.StatusCode.INTERNAL, "UPSTREAM_LENGTH_LIMIT", False),
-    openai.ContentFilterFinishReasonError: (
-        grpc.StatusCode.INTERNAL,
-        "UPSTREAM_CONTENT_FILTERED",
-        False,
-    ),
-    openai.InvalidWebhookSignatureError: (grpc.StatusCode.INTERNAL, "UPSTREAM_ERROR", False),
-    openai.WebSocketConnectionClosedError: (
-        grpc.StatusCode.UNAVAILABLE,
-        "UPSTREAM_UNREACHABLE",
-        True,
-    ),
-    openai.WebSocketQueueFullError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_OVERLOADED", True),
-}
-
-_USER_MESSAGES = {
-    "UPSTREAM_RATE_LIMITED": "the assistant is busy right now; please try again shortly",
-    "UPSTREAM_TIMEOUT": "the assistant took too long to answer; please try again",
-    "UPSTREAM_UNREACHABLE": "the assistant is unreachable right now; please try again",
-}
-
-
-def translate_openai_error(exc: BaseException, *, mid_stream: bool = False) -> UpstreamError:
-    """The one mapping from an `openai` (or HTTP transport) exception to our error.
-
-    `mid_stream`: the response had started, so a lost connection means the
-    answer was cut (openai raises APIConnectionError for that).
-    """
-    lost = (openai.APIConnectionError, httpx.TransportError, httpx.StreamError)
-    if isinstance(exc, httpx.TransportError | httpx.StreamError) or (
-        mid_stream and isinstance(exc, lost)
-    ):
-        return UpstreamError(
-            grpc.StatusCode.UNAVAILABLE,
-            "UPSTREAM_STREAM_INTERRUPTED",
-            "the assistant's answer was interrupted; please try again",
-            retryable=True,
-        )
-    for cls in type(exc).__mro__:
-        if cls in OPENAI_ERROR_TABLE:
-            code, reason, retryable = OPENAI_ERROR_TABLE[cls]
-            break
-    else:
-        code, reason, retryable = OPENAI_ERROR_TABLE[openai.OpenAIError]
-    message = _USER_MESSAGES.get(reason, "the assistant could not answer; please try again later")
-    retry_after = _retry_after(exc)
-    status = getattr(exc, "status_code", None)
-    detail = f" (upstream HTTP {status})" if status else ""
-    return UpstreamError(
-        code, reason, message + detail, retryable=retryable, retry_after=retry_after
-    )
-
-
-def _retry_after(exc: BaseException) -> float | None:
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is None:
-        return None
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        raw = headers.get(name)
-        if raw is None:
-            continue
-        try:
-            return max(0.0, float(raw) * scale)
-        except ValueError:
-            continue
-    return None
 
 
 _UPSTREAM_CONNECTIONS = 2000
@@ -226,6 +146,8 @@ class OpenAIProvider:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if request.tools:
+            kwargs["tools"] = list(request.tools)
         # The request goes through the openai client (auth, base URL, timeouts,
         # status errors as openai exceptions) via its documented generic `post`,
         # and the SSE lines are parsed here with `json`. The typed
@@ -320,12 +242,36 @@ def parse_sse_line(line: str | bytes) -> LLMChunk | None:
             int(raw_usage.get("prompt_tokens") or 0), int(raw_usage.get("completion_tokens") or 0)
         )
     text, finish = "", None
+    calls: tuple[ToolCallDelta, ...] = ()
     choices = data.get("choices")
     if choices:
         choice = choices[0]
         delta = choice.get("delta") or {}
         text = delta.get("content") or ""
         finish = choice.get("finish_reason")
-    if text or finish or usage:
-        return LLMChunk(text, finish, usage)
+        if delta.get("tool_calls"):
+            calls = _tool_call_deltas(delta["tool_calls"])
+    if text or finish or usage or calls:
+        return LLMChunk(text, finish, usage, calls)
     return None
+
+
+def _tool_call_deltas(raw: object) -> tuple[ToolCallDelta, ...]:
+    if not isinstance(raw, list):
+        return ()
+    deltas = []
+    for position, item in enumerate(raw):
+        if not isinstance(item, dict):
+            continue
+        raw_function = item.get("function")
+        function: dict[str, Any] = raw_function if isinstance(raw_function, dict) else {}
+        index = item.get("index")
+        deltas.append(
+            ToolCallDelta(
+                index=index if isinstance(index, int) else position,
+                id=str(item.get("id") or ""),
+                name=str(function.get("name") or ""),
+                arguments=str(function.get("arguments") or ""),
+            )
+        )
+    return tuple(deltas)

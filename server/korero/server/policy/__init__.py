@@ -1,7 +1,8 @@
 """Call policy: who is calling and how much they may do.
 
 `identity` (the `Identity` every transport works with), `tokens` (API keys and
-JWTs), `api_keys` (the key store), `ratelimit` (token buckets in Redis) and
-`gate` — the one `CallGate` (authenticate → scope → tenant call limit) that
-the gRPC interceptor and the WebSocket adapter both call.
+JWTs), `api_keys` (the key store), `ratelimit` (token buckets in Redis),
+`throttle` (failed authentications per address and tenant, in process) and
+`gate` — the one `CallGate` (throttle → authenticate → scope → tenant call
+limit) that the gRPC interceptor and the WebSocket adapter both call.
 """

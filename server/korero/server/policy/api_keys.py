@@ -21,7 +21,14 @@ import redis.asyncio as aioredis
 from korero.server.storage.boundary import redis_boundary
 from korero.server.storage.keys import api_keys_key
 
-__all__ = ["ApiKeyRecord", "ApiKeyStore", "key_digest", "looks_like_api_key", "valid_tenant"]
+__all__ = [
+    "ApiKeyRecord",
+    "ApiKeyStore",
+    "api_key_tenant",
+    "key_digest",
+    "looks_like_api_key",
+    "valid_tenant",
+]
 
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _KEY = re.compile(r"^kr_([a-z0-9][a-z0-9-]{0,62})_([A-Za-z0-9_-]{20,})$")
@@ -34,6 +41,12 @@ def valid_tenant(tenant: str) -> bool:
 
 def looks_like_api_key(token: str) -> bool:
     return token.startswith("kr_")
+
+
+def api_key_tenant(key: str) -> str | None:
+    """The tenant a well-formed key names (None: not a well-formed key)."""
+    match = _KEY.match(key)
+    return match.group(1) if match else None
 
 
 def key_digest(key: str) -> str:

@@ -25,6 +25,7 @@ import jwt
 from korero.server.errors import KoreroError
 from korero.server.policy.api_keys import (
     ApiKeyStore,
+    api_key_tenant,
     key_digest,
     looks_like_api_key,
     valid_tenant,
@@ -37,6 +38,17 @@ __all__ = ["JwksCache", "TokenAuthenticator"]
 log = logging.getLogger(__name__)
 
 
+_KNOWN_GOOD_SECONDS = 3600.0
+_KNOWN_GOOD_MAX = 10_000
+
+
+def _bearer(authorization: str | None) -> str | None:
+    """The token of `Bearer <token>`, else None."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def _unauthenticated(reason: str, message: str) -> KoreroError:
     return KoreroError(grpc.StatusCode.UNAUTHENTICATED, reason, message)
 
@@ -44,7 +56,14 @@ def _unauthenticated(reason: str, message: str) -> KoreroError:
 class JwksCache:
     """Signing keys from a JWKS URL, refetched at a bounded rate."""
 
-    def __init__(self, url: str, refetch_interval: float, ttl: float = 600.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        refetch_interval: float,
+        ttl: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
         self._url = url
         self._refetch_interval = refetch_interval
         self._ttl = ttl
@@ -54,16 +73,16 @@ class JwksCache:
         self.fetches = 0
 
     async def get(self, kid: str) -> jwt.PyJWK | None:
-        now = time.monotonic()
+        now = self._clock()
         stale = now - self._fetched_at > self._ttl
         if (kid not in self._keys or stale) and now - self._fetched_at >= self._refetch_interval:
             async with self._lock:
-                if time.monotonic() - self._fetched_at >= self._refetch_interval:
+                if self._clock() - self._fetched_at >= self._refetch_interval:
                     await self._fetch()
         return self._keys.get(kid)
 
     async def _fetch(self) -> None:
-        self._fetched_at = time.monotonic()
+        self._fetched_at = self._clock()
         self.fetches += 1
         try:
             timeout = aiohttp.ClientTimeout(total=5)
@@ -96,6 +115,8 @@ class TokenAuthenticator:
         self._keys = keys
         self._clock = clock
         self._cache: dict[str, tuple[float, Identity]] = {}
+        # Digests of keys that verified here lately: never throttled (see throttle.py).
+        self._known_good: dict[str, float] = {}
         if jwks is None and settings.jwks_url:
             jwks = JwksCache(settings.jwks_url, settings.jwks_refetch_interval)
         self._jwks = jwks
@@ -104,12 +125,24 @@ class TokenAuthenticator:
         if any(a.lower() == "none" for a in self._algorithms):
             raise ValueError("KORERO_JWT_ALGORITHMS must not include 'none'")
 
+    def throttle_key(self, authorization: str | None) -> str | None:
+        """The tenant to throttle failures under, for credentials whose check would
+        look up an unknown API key in Redis; None for everything else (keys that
+        verified here lately, JWTs and malformed values cost no lookup)."""
+        token = _bearer(authorization)
+        if token is None or not looks_like_api_key(token):
+            return None
+        digest = key_digest(token)
+        seen = self._known_good.get(digest)
+        if seen is not None and self._clock() - seen < _KNOWN_GOOD_SECONDS:
+            return None
+        return api_key_tenant(token)
+
     async def authenticate(self, authorization: str | None) -> Identity:
         if not authorization:
             raise _unauthenticated("CREDENTIALS_MISSING", "send `authorization: Bearer <token>`")
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = _bearer(authorization)
+        if token is None:
             raise _unauthenticated("CREDENTIALS_MALFORMED", "expected `Bearer <token>`")
         if looks_like_api_key(token):
             return await self._api_key(token)
@@ -127,8 +160,12 @@ class TokenAuthenticator:
         if record is None:
             raise _unauthenticated("API_KEY_INVALID", "unknown API key")
         if record.revoked_at is not None:
+            self._known_good.pop(digest, None)
             raise _unauthenticated("API_KEY_REVOKED", "this API key has been revoked")
         identity = Identity(record.tenant, f"key:{record.key_id}", frozenset(record.scopes))
+        if len(self._known_good) >= _KNOWN_GOOD_MAX:
+            self._known_good.clear()
+        self._known_good[digest] = now
         if self._settings.key_cache_seconds > 0:
             self._cache[digest] = (now + self._settings.key_cache_seconds, identity)
             if len(self._cache) > 10_000:

@@ -8,12 +8,13 @@ that one Lua script touches share a Redis Cluster slot:
     kr:{t:kb}:meta | chunks:<v> | cache:<v>:…   a tenant's knowledge base
                                         and response cache (see context/)
     kr:{t:auth}:apikeys                 a tenant's API keys (see policy/)
+    kr:{t:tools}                        a tenant's tools (see tools/)
     kr:{t}:rl:…                         a tenant's rate-limit buckets
 """
 
 from __future__ import annotations
 
-__all__ = ["api_keys_key", "kb_key", "rate_limit_key", "session_key"]
+__all__ = ["api_keys_key", "kb_key", "rate_limit_key", "session_key", "tools_key"]
 
 
 def session_key(tenant: str, session_id: str, part: str) -> str:
@@ -34,3 +35,8 @@ def api_keys_key(tenant: str) -> str:
 def rate_limit_key(tenant: str, part: str) -> str:
     """A tenant's token bucket: `requests`, `tokens` or `session:<id>`."""
     return f"kr:{{{tenant}}}:rl:{part}"
+
+
+def tools_key(tenant: str) -> str:
+    """The hash of a tenant's tools (name -> JSON form)."""
+    return f"kr:{{{tenant}:tools}}"

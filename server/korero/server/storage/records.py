@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["SessionRecord", "StoredMessage", "TurnBegin", "TurnRecord"]
+__all__ = [
+    "FinishOutcome",
+    "SessionRecord",
+    "StoredMessage",
+    "TurnBegin",
+    "TurnRecord",
+    "TurnState",
+]
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,8 @@ class TurnBegin:
     - `started`: a new turn holds the lock; number events from `seq_base + 1`.
     - `replay`: the message was answered before; `record` holds the answer and
       `seq_base + 1 .. seq_base + replay_events` are reserved for the replay.
-    - `running`: the message's turn is in flight (maybe on another instance).
+    - `running`: the message's turn is in flight (maybe on another instance),
+      holding a live lease.
     - `busy`: another turn of this session is in flight.
     """
 
@@ -137,3 +145,41 @@ class TurnBegin:
     history: tuple[StoredMessage, ...] = ()
     replies: tuple[Any, ...] = ()
     """The replies of the `ScriptCall`s sent along with `begin_turn`, in order."""
+
+
+@dataclass(frozen=True)
+class FinishOutcome:
+    """Outcome of `SessionStore.finish_turn`.
+
+    - `applied`: this call stored the outcome.
+    - `settled`: the turn's record was settled already (`stored`): an earlier
+      send of the same finish, or the turn was declared failed when its lease
+      ran out. Nothing was changed.
+    - `lost`: the message's record belongs to a later turn (this one was
+      declared failed and the message ran again). Nothing was changed.
+    """
+
+    status: Literal["applied", "settled", "lost"]
+    stored: TurnRecord | None = None
+
+
+@dataclass(frozen=True)
+class TurnState:
+    """A message's turn record and the session's lease, read together."""
+
+    record: TurnRecord | None
+    holder: str
+    """The turn holding the session's lease ("" if none)."""
+    live: bool
+    """Whether that lease has not run out."""
+
+    def running_elsewhere(self, turn_id: str) -> bool:
+        """Whether turn `turn_id` still runs under a live lease."""
+        record = self.record
+        return (
+            record is not None
+            and record.turn_id == turn_id
+            and record.status == "running"
+            and self.holder == turn_id
+            and self.live
+        )

@@ -5,18 +5,27 @@ in one Redis Cluster slot, and the tenant prefix keeps tenants apart):
 
     kr:{t:s}:meta     hash   created_at, updated_at (ms), metadata (JSON),
                              seq (last sequence number issued), turns (count),
-                             inflight / inflight_until (the turn lock),
+                             inflight / inflight_until / inflight_cmid (the turn
+                             lease: holder, expiry, its message),
                              summary (JSON: older turns, see context/assembly.py)
     kr:{t:s}:history  list   JSON messages (user ones with the router's intent),
                              oldest first, trimmed to a bound
     kr:{t:s}:turns    hash   client_message_id -> JSON turn record (idempotency)
 
 A turn costs two round trips: `begin_turn` (one Lua script: idempotency check,
-turn lock, user message persisted, history and metadata read back, a block of
+turn lease, user message persisted, history and metadata read back, a block of
 sequence numbers reserved) and `finish_turn` (one Lua script: answer and turn
-record persisted, lock released, unused sequence numbers handed back). Another
+record persisted, lease released, unused sequence numbers handed back). Another
 store's script (the response cache's lookup and store) can ride in the same
 pipeline as either (`ScriptCall`), so it adds no round trip.
+
+Turn ownership is a lease (`KORERO_TURN_LEASE` seconds) that the running turn
+renews (`renew_turn`); a begin that finds the lease expired declares the
+holder's turn failed (`TURN_ORPHANED`), so a crashed instance locks its
+sessions for seconds, not minutes. Writes whose outcome a timeout left unknown
+converge when sent again: a begin carries an attempt id (sent twice, it
+answers the same; `abort_begin` gives it up, even if it lands later), and a
+finish applies once and never overwrites a settled record (`FinishOutcome`).
 
 Keys come from `keys.py`, records from `records.py`, the Lua from
 `session_scripts.py`; every call runs inside the one Redis error boundary.
@@ -34,12 +43,24 @@ import grpc
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from korero.server.errors import InvalidArgumentError, KoreroError, NotFoundError
+from korero.server.errors import (
+    InvalidArgumentError,
+    KoreroError,
+    NotFoundError,
+    StoreUnavailableError,
+)
 from korero.server.settings import EngineSettings, RedisSettings
 from korero.server.storage import session_scripts as lua
 from korero.server.storage.boundary import redis_boundary
 from korero.server.storage.keys import session_key
-from korero.server.storage.records import SessionRecord, StoredMessage, TurnBegin, TurnRecord
+from korero.server.storage.records import (
+    FinishOutcome,
+    SessionRecord,
+    StoredMessage,
+    TurnBegin,
+    TurnRecord,
+    TurnState,
+)
 from korero.server.storage.scripts import ScriptCall, run_scripts
 
 __all__ = ["SEQ_BLOCK", "SessionStore"]
@@ -59,11 +80,14 @@ class SessionStore:
         self._redis = client
         self._settings = engine
         self._ttl_ms = engine.session_ttl * 1000
-        self._lock_ms = int((engine.turn_timeout + 30) * 1000)
+        self._lease_ms = int(engine.turn_lease * 1000)
         self._create: AsyncScript = client.register_script(lua.CREATE)
         self._resume: AsyncScript = client.register_script(lua.RESUME)
         self._begin: AsyncScript = client.register_script(lua.BEGIN_TURN)
+        self._renew: AsyncScript = client.register_script(lua.RENEW_TURN)
+        self._abort: AsyncScript = client.register_script(lua.ABORT_BEGIN)
         self._finish: AsyncScript = client.register_script(lua.FINISH_TURN)
+        self._state: AsyncScript = client.register_script(lua.TURN_STATE)
 
     @classmethod
     def connect(cls, redis_settings: RedisSettings, engine: EngineSettings) -> SessionStore:
@@ -138,7 +162,7 @@ class SessionStore:
         self, tenant: str, session_id: str, page_size: int, page_token: str
     ) -> tuple[list[StoredMessage], str]:
         """A page of history, oldest first, and the token of the next page."""
-        start = _decode_page_token(page_token)
+        start = _decode_page_token(page_token, self._settings.history_max_messages)
         meta, history, _ = self._keys(tenant, session_id)
         async with redis_boundary(), self._redis.pipeline(transaction=False) as pipe:
             pipe.exists(meta)
@@ -158,14 +182,17 @@ class SessionStore:
         text: str,
         replay_events: int,
         *,
+        attempt: str,
         intent: str = "",
         also: Sequence[ScriptCall] = (),
     ) -> TurnBegin:
-        """Record the user message and lock the session for a turn, in one round trip.
+        """Record the user message and take the session's turn lease, in one round trip.
 
-        `intent` is stored with the user message; `also` (calls on other key
-        spaces: the KB version, the response cache) travel in the same pipeline
-        and their replies come back, in order, as `TurnBegin.replies`.
+        `attempt` names this begin: sent again it gives the same answer, and
+        `abort_begin` with it gives it up. `intent` is stored with the user
+        message; `also` (calls on other key spaces: the KB version, the
+        response cache) travel in the same pipeline and their replies come
+        back, in order, as `TurnBegin.replies`.
         """
         s = self._settings
         call = ScriptCall(
@@ -177,10 +204,11 @@ class SessionStore:
                 s.history_max_messages,
                 s.prompt_history_messages,  # counting the new message, read back and dropped
                 self._ttl_ms,
-                self._lock_ms,
+                self._lease_ms,
                 SEQ_BLOCK,
                 replay_events,
                 intent,
+                attempt,
             ),
         )
         async with redis_boundary():
@@ -196,10 +224,16 @@ class SessionStore:
             return TurnBegin("running", record.turn_id, record=record, replies=tuple(replies))
         if status == "busy":
             return TurnBegin("busy", out[1].decode(), replies=tuple(replies))
+        if status == "aborted":
+            raise StoreUnavailableError("this attempt to begin the turn was given up; try again")
         session = SessionRecord.from_hash(tenant, session_id, _pairs(out[3]), int(out[5]))
-        history = tuple(StoredMessage.from_json(m) for m in out[4])
-        if history and history[-1].client_message_id == client_message_id:
-            history = history[:-1]  # the prompt takes the message from the engine, not Redis
+        # The prompt takes the message from the engine, not Redis (a retry of a
+        # failed turn finds its message earlier in the history).
+        history = tuple(
+            m
+            for m in map(StoredMessage.from_json, out[4])
+            if not (m.role == "user" and m.client_message_id == client_message_id)
+        )
         return TurnBegin(
             "started",
             out[1].decode(),
@@ -220,11 +254,14 @@ class SessionStore:
         *,
         summary: str = "",
         also: Sequence[ScriptCall] = (),
-    ) -> None:
-        """Persist the outcome, release the lock and hand back unused seqs, in one round trip.
+    ) -> FinishOutcome:
+        """Persist the outcome, release the lease and hand back unused seqs, in one round trip.
 
-        `summary` (JSON) replaces the session's summary of older turns; `also`
-        (e.g. storing the answer in the response cache) rides in the same pipeline.
+        Applied once: sent again (its outcome unknown after a timeout), or for a
+        turn already settled (declared failed when its lease ran out), it changes
+        nothing and says what is stored. `summary` (JSON) replaces the session's
+        summary of older turns; `also` (e.g. storing the answer in the response
+        cache) rides in the same pipeline.
         """
         assistant = ""
         if record.status == "done" and record.answer:
@@ -248,22 +285,47 @@ class SessionStore:
             ),
         )
         async with redis_boundary():
-            await run_scripts(self._redis, [call, *also])
+            out, *_ = await run_scripts(self._redis, [call, *also])
+        status = out[0].decode()
+        stored = TurnRecord.from_json(out[1]) if status == "settled" else None
+        return FinishOutcome(status, stored)
+
+    async def renew_turn(self, tenant: str, session_id: str, turn_id: str) -> bool:
+        """Extend the lease of a running turn; False when it is no longer the holder."""
+        async with redis_boundary():
+            held = await self._renew(
+                keys=[session_key(tenant, session_id, "meta")], args=[turn_id, self._lease_ms]
+            )
+        return bool(held)
+
+    async def abort_begin(
+        self, tenant: str, session_id: str, client_message_id: str, attempt: str
+    ) -> str:
+        """Give up a begin whose outcome is unknown: if it ran, its turn failed and
+        its lease is released; if it has not, it will refuse to run. Idempotent.
+
+        Returns what was found: `aborted`, `tombstone`, `settled`, `other` or `missing`.
+        """
+        meta, _, turns = self._keys(tenant, session_id)
+        async with redis_boundary():
+            out = await self._abort(
+                keys=[meta, turns], args=[client_message_id, attempt, self._ttl_ms]
+            )
+        return str(out.decode() if isinstance(out, bytes) else out)
 
     async def run(self, call: ScriptCall) -> None:
         """Run one script call (errors translated like every store call)."""
         async with redis_boundary():
             await run_scripts(self._redis, [call])
 
-    async def turn_record(
-        self, tenant: str, session_id: str, client_message_id: str
-    ) -> TurnRecord | None:
-        """The stored record of a message's turn, if any."""
+    async def turn_state(self, tenant: str, session_id: str, client_message_id: str) -> TurnState:
+        """The stored record of a message's turn and who holds the session's lease."""
+        meta, _, turns = self._keys(tenant, session_id)
         async with redis_boundary():
-            raw = await self._redis.hget(
-                session_key(tenant, session_id, "turns"), client_message_id
-            )
-        return TurnRecord.from_json(raw) if raw else None
+            raw, holder, live = await self._state(keys=[meta, turns], args=[client_message_id])
+        return TurnState(
+            TurnRecord.from_json(raw) if raw else None, holder.decode(), bool(int(live))
+        )
 
     async def reserve_seqs(self, tenant: str, session_id: str, count: int) -> int:
         """Reserve `count` sequence numbers; returns the base (first is base + 1)."""
@@ -284,7 +346,9 @@ def _encode_page_token(offset: int) -> str:
     return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
 
 
-def _decode_page_token(token: str) -> int:
+def _decode_page_token(token: str, most: int) -> int:
+    """The offset a page token carries; tokens this server issues never pass `most`
+    (the history bound), and Redis refuses offsets past 64 bits."""
     if not token:
         return 0
     try:
@@ -293,6 +357,6 @@ def _decode_page_token(token: str) -> int:
     except (ValueError, UnicodeDecodeError):
         offset = -1
         kind = ""
-    if kind != "o" or offset < 0:
+    if kind != "o" or not 0 <= offset <= most:
         raise InvalidArgumentError("INVALID_PAGE_TOKEN", "page_token was not issued by this server")
     return offset

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -22,6 +23,7 @@ from korero.server.conversation.engine import ConversationEngine, Turn
 from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError
 from korero.server.settings import ServerSettings
+from korero.server.transport.outbound import OutboundQueue, queue_full
 
 __all__ = ["ChatSession", "StreamRules", "read_first_frame"]
 
@@ -32,13 +34,23 @@ class StreamRules:
 
     heartbeat_interval: float
     first_frame_timeout: float
+    queue_events: int = 64
+    """Most events waiting for a client that does not read (see outbound.py)."""
+    queue_bytes: int = 65536
+    """Most bytes of events waiting for a client that does not read."""
 
     @classmethod
     def from_settings(cls, server: ServerSettings) -> StreamRules:
         return cls(
             heartbeat_interval=server.heartbeat_interval,
             first_frame_timeout=server.first_frame_timeout,
+            queue_events=server.stream_queue_events,
+            queue_bytes=server.stream_queue_bytes,
         )
+
+    def outbound_queue(self) -> OutboundQueue[Any]:
+        """A bounded queue for one stream's events."""
+        return OutboundQueue(self.queue_events, self.queue_bytes)
 
 
 async def read_first_frame(
@@ -93,7 +105,7 @@ class ChatSession:
         engine: ConversationEngine,
         tenant: str,
         started: pb.Event,
-        heartbeat_interval: float,
+        rules: StreamRules,
         deadline: Callable[[], float | None] = lambda: None,
     ) -> None:
         self._engine = engine
@@ -103,12 +115,24 @@ class ChatSession:
         self.turn: Turn | None = None
         self.draining = False
         """Set once the server started draining; the transport then says goodbye."""
+        self.failure: KoreroError | None = None
+        """Set when the reader failed (e.g. an undecodable frame): the transport ends
+        the stream with it after the events already queued."""
+        self.on_overflow: Callable[[], None] = lambda: None
+        """Called when the client stopped reading and the queue overflowed: the
+        transport interrupts its blocked write and ends the stream."""
         self._deadline = deadline
-        self._out: asyncio.Queue[pb.Event | _Signal] = asyncio.Queue()
+        self._out: OutboundQueue[_Signal] = rules.outbound_queue()
+        self._out.on_overflow = self._overflowed
         self._active = True  # something was sent since the last heartbeat check
-        self._interval = heartbeat_interval
+        self._interval = rules.heartbeat_interval
         self._loop = asyncio.get_running_loop()
-        self._heartbeat = self._loop.call_later(heartbeat_interval, self._tick)
+        self._heartbeat = self._loop.call_later(self._interval, self._tick)
+
+    @property
+    def overflowed(self) -> bool:
+        """The client stopped reading and its queue overflowed."""
+        return self._out.overflowed
 
     @property
     def turn_in_flight(self) -> bool:
@@ -123,11 +147,20 @@ class ChatSession:
         )
 
     def _sink(self, event: pb.Event) -> None:
-        self._out.put_nowait(event)
+        self._out.put(event)
+
+    def _overflowed(self) -> None:
+        """The client stopped reading: stop the turn now (its outcome is stored as
+        failed), and let the transport end the stream."""
+        self.fail(queue_full())
+        if self.turn is not None and not self.turn.done:
+            self.turn.unsubscribe(self._sink)
+            self.turn.cancel(error=queue_full())
+        self.on_overflow()
 
     def _tick(self) -> None:
-        if not self._active:
-            self._out.put_nowait(_HEARTBEAT)
+        if not self._active and not len(self._out):  # a client that is not reading: no pile
+            self._out.put(_HEARTBEAT)
         self._active = False
         self._heartbeat = self._loop.call_later(self._interval, self._tick)
 
@@ -144,7 +177,7 @@ class ChatSession:
             if turn is not None and (not wanted or wanted == turn.turn_id):
                 turn.cancel()
         elif kind == "start":
-            self._out.put_nowait(
+            self._out.put(
                 self.rejection(
                     InvalidArgumentError(
                         "SESSION_ALREADY_STARTED", "`start` is only valid as the first frame"
@@ -152,7 +185,7 @@ class ChatSession:
                 )
             )
         else:
-            self._out.put_nowait(
+            self._out.put(
                 self.rejection(InvalidArgumentError("REQUEST_EMPTY", "the request sets no kind"))
             )
 
@@ -161,7 +194,7 @@ class ChatSession:
         if current is not None and not current.done:
             if current.client_message_id == message.client_message_id:
                 return  # a resend of the message being answered on this very stream
-            self._out.put_nowait(
+            self._out.put(
                 self.rejection(
                     InvalidArgumentError(
                         "TURN_IN_FLIGHT",
@@ -179,21 +212,27 @@ class ChatSession:
                 self.tenant, self.session_id, message, self._sink, self._deadline()
             )
         except KoreroError as error:
-            self._out.put_nowait(self.rejection(error, message.client_message_id))
+            self._out.put(self.rejection(error, message.client_message_id))
 
     async def finish(self) -> None:
         """The client sent its last frame: end once the turn in flight has ended."""
         if self.turn is not None:
             await self.turn.wait()
-        self._out.put_nowait(_END)
+        self._out.put(_END)
 
     def end(self) -> None:
         """The client is gone: end the outbound stream now."""
-        self._out.put_nowait(_END)
+        self._out.put(_END)
+
+    def fail(self, error: KoreroError) -> None:
+        """The stream cannot go on (its reader failed): end it with `error`."""
+        if self.failure is None:
+            self.failure = error
+        self._out.put(_END)
 
     def drain(self) -> None:
         """The server is draining: end now if idle, else after the turn's terminal event."""
-        self._out.put_nowait(_DRAIN)
+        self._out.put(_DRAIN)
 
     # Outbound -----------------------------------------------------------------
 
@@ -201,6 +240,8 @@ class ChatSession:
         """Events to send, until the client is done or the server drains."""
         while True:
             item = await self._out.get()
+            if item is None:  # overflowed: `failure` says so
+                return
             if isinstance(item, _Signal):
                 if item is _END:
                     return

@@ -8,6 +8,10 @@ policy is handed from one interceptor to another. When the gate admits the
 call, the method's own handler is returned untouched: nothing is added per
 streamed message. When it refuses, a handler of the same kind is returned
 that ends the call with that error's status and details.
+
+One exception: credentials whose check the gate throttles by client address
+(an API key not seen before, see policy/throttle.py) are checked inside the
+handler, where `context.peer()` is known (`admitting`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,12 @@ class GateInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
                 authorization = value if isinstance(value, str) else value.decode()
+        if self._gate.needs_peer(method, authorization):
+            # The client's address is only known to the handler's context.
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            return admitting(handler, self._gate, method, authorization)
         refused: KoreroError | None = None
         try:
             _identity.set(await self._gate.admit(method, authorization))
@@ -78,6 +88,61 @@ async def _refuse(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(anext(aiter(requests)), _DRAIN_FIRST_FRAME)
     await abort_with_error(context, error)
+
+
+def admitting(
+    handler: grpc.RpcMethodHandler, gate: CallGate, method: str, authorization: str | None
+) -> grpc.RpcMethodHandler:
+    """`handler`, asking the gate first with the client's address (`context.peer()`).
+
+    Only for calls whose credentials cost a lookup the gate throttles by
+    address; the wrapper is one call deep (streaming responses here are
+    written through the context, so nothing is added per message).
+    """
+
+    async def admit(context: Any, requests: Any = None) -> None:
+        try:
+            _identity.set(await gate.admit(method, authorization, peer=context.peer()))
+        except KoreroError as error:
+            await _refuse(context, error, requests)  # ends the call
+
+    common = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Any) -> Any:
+            await admit(context)
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **common)
+    if handler.unary_stream:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            await admit(context)
+            async for response in inner_us(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **common)
+    if handler.stream_unary:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: Any) -> Any:
+            await admit(context, requests)
+            return await inner_su(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **common)
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+        await admit(context, requests)
+        async for response in inner_ss(requests, context):
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **common)
 
 
 def refusal(handler: grpc.RpcMethodHandler, error: KoreroError) -> grpc.RpcMethodHandler:

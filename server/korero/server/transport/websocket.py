@@ -17,9 +17,14 @@ calls, engine events out become frames. It mirrors `ChatService.Chat`:
   clients), from a `korero.bearer.<base64url token>` subprotocol (browsers
   cannot set headers), or from a text frame `{"authorization": "Bearer …"}`
   sent before `start`.
-* Errors that end the socket are sent in-band first (an `error` event with
-  the canonical code, reason and retryable flag), then the socket closes
-  with a code and a reason `<CODE_NAME> <REASON>`; see `close_code_for`.
+* Errors that end the socket — frames it cannot read too — are sent in-band
+  first (an `error` event with the canonical code, reason and retryable
+  flag), then the socket closes with a code and a reason
+  `<CODE_NAME> <REASON>`; see `close_code_for`. A reader that fails for any
+  other reason ends the socket the same way (INTERNAL, 1011).
+* Events wait for a client that reads slowly in a bounded queue (see
+  `outbound.py`); a client that stops reading altogether has its socket
+  closed with 1013 `RESOURCE_EXHAUSTED STREAM_QUEUE_FULL`.
 * Closing the socket (or losing it) cancels the turn in flight, which closes
   the upstream LLM request. On SIGTERM, new sockets are refused, turns in
   flight finish (or end when the grace period does), then sockets close
@@ -35,6 +40,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Final
 
@@ -46,9 +52,10 @@ from google.protobuf.message import DecodeError
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.conversation.engine import ConversationEngine
 from korero.server.conversation.wire import error_event_body
-from korero.server.errors import KoreroError, ShuttingDownError
+from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
 from korero.server.policy.gate import CallGate
 from korero.server.transport.chat_session import ChatSession, StreamRules, read_first_frame
+from korero.server.transport.outbound import StreamWriter, queue_full
 
 __all__ = [
     "BEARER_PREFIX",
@@ -74,25 +81,29 @@ BEARER_PREFIX: Final = "korero.bearer."
 _MAX_FRAME_BYTES: Final = 256 * 1024
 _CLOSE_REASON_BYTES: Final = 123  # RFC 6455: a close frame's reason fits in 125 bytes
 _CLOSE_WAIT: Final = 5.0
+_ABANDON_WAIT: Final = 1.0  # seconds a close may wait on a client that is not reading
 
 
-class _FrameError(Exception):
-    """A frame the adapter cannot read: ends the socket with `code`."""
+class _FrameError(InvalidArgumentError):
+    """A frame the adapter cannot read: said in-band, then the socket closes with `close_code`."""
 
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+    def __init__(self, close_code: int, reason: str, message: str) -> None:
+        super().__init__(reason, message)
+        self.close_code = close_code
 
 
 def close_code_for(error: KoreroError) -> int:
     """The WebSocket close code for an error that ends a socket.
 
-    1012 (service restart) when the server drains, 1013 (try again later)
-    for other retryable unavailability, 1011 for internal errors, and 1008
-    (policy violation) for everything the client must change: credentials,
-    the first frame, an unknown session.
+    1003 (unsupported data) for a frame of the wrong type and 1007 (invalid
+    payload) for one that is not a `ChatRequest`; 1012 (service restart) when
+    the server drains, 1013 (try again later) for other retryable
+    unavailability or exhaustion, 1011 for internal errors, and 1008 (policy
+    violation) for everything else the client must change: credentials, the
+    first frame, an unknown session.
     """
+    if isinstance(error, _FrameError):
+        return error.close_code
     if isinstance(error, ShuttingDownError):
         return int(WSCloseCode.SERVICE_RESTART)
     if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
@@ -117,24 +128,30 @@ class _Codec:
             if msg.type != WSMsgType.TEXT:
                 raise _FrameError(
                     int(WSCloseCode.UNSUPPORTED_DATA),
-                    f"FRAME_TYPE_INVALID {JSON_PROTOCOL} takes text frames",
+                    "FRAME_TYPE_INVALID",
+                    f"{JSON_PROTOCOL} takes text frames",
                 )
             try:
                 return json_format.Parse(str(msg.data), pb.ChatRequest())
-            except json_format.ParseError as exc:
+            except json_format.ParseError:
                 raise _FrameError(
-                    int(WSCloseCode.INVALID_TEXT), f"FRAME_INVALID not a ChatRequest: {exc}"
+                    int(WSCloseCode.INVALID_TEXT),
+                    "FRAME_INVALID",
+                    "the frame is not a korero.chat.v1.ChatRequest in JSON",
                 ) from None
         if msg.type != WSMsgType.BINARY:
             raise _FrameError(
                 int(WSCloseCode.UNSUPPORTED_DATA),
-                f"FRAME_TYPE_INVALID {PROTO_PROTOCOL} takes binary frames",
+                "FRAME_TYPE_INVALID",
+                f"{PROTO_PROTOCOL} takes binary frames",
             )
         try:
             return pb.ChatRequest.FromString(bytes(msg.data))
         except DecodeError:
             raise _FrameError(
-                int(WSCloseCode.INVALID_TEXT), "FRAME_INVALID not a ChatRequest message"
+                int(WSCloseCode.INVALID_TEXT),
+                "FRAME_INVALID",
+                "the frame is not a korero.chat.v1.ChatRequest message",
             ) from None
 
     async def send(self, ws: web.WebSocketResponse, event: pb.Event) -> None:
@@ -181,6 +198,7 @@ class _Connection:
 
     ws: web.WebSocketResponse
     codec: _Codec
+    transport: asyncio.Transport | None = None
     session: ChatSession | None = None
     ended: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -193,6 +211,15 @@ class _Connection:
     async def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.ws.close(code=code, message=_close_reason(reason))
+
+    async def abandon(self, error: KoreroError) -> None:
+        """Close for `error` a socket whose client stopped reading (its buffers are full)."""
+        try:
+            async with asyncio.timeout(_ABANDON_WAIT):
+                await self.close(close_code_for(error), f"{error.code.name} {error.reason}")
+        except TimeoutError:
+            if self.transport is not None:
+                self.transport.abort()
 
     async def fail(self, error: KoreroError) -> None:
         """End the socket for `error`: say it in-band, then close with its code."""
@@ -216,8 +243,10 @@ class _ChatSocket:
         rules: StreamRules,
         gate: CallGate,
         authorization: str | None,
+        peer: str | None = None,
     ) -> None:
         self._conn = conn
+        self._peer = peer
         self._engine = engine
         self._rules = rules
         self._gate = gate
@@ -228,25 +257,29 @@ class _ChatSocket:
         try:
             first = await self._first_frame()
             # The same gate as every gRPC call: authenticate, scope, tenant call limit.
-            tenant = (await self._gate.admit(CHAT_METHOD, self._authorization)).tenant
+            identity = await self._gate.admit(CHAT_METHOD, self._authorization, peer=self._peer)
+            tenant = identity.tenant
             started = await self._engine.open_session(
                 tenant, first.start.session_id, first.start.metadata
             )
-        except _FrameError as exc:
-            await conn.close(exc.code, exc.reason)
-            return
         except KoreroError as error:
             await conn.fail(error)
             return
-        session = ChatSession(self._engine, tenant, started, self._rules.heartbeat_interval)
+        session = ChatSession(self._engine, tenant, started, self._rules)
         conn.session = session
-        await conn.codec.send(conn.ws, started)
+        writer: StreamWriter[pb.Event] = StreamWriter(lambda event: conn.codec.send(conn.ws, event))
+        session.on_overflow = writer.interrupt
+        await writer.write(started)
         reader = asyncio.create_task(self._read(session))
         try:
             async for event in session.outbound():
-                await conn.codec.send(conn.ws, event)
-            if session.draining:
-                await conn.fail(ShuttingDownError())
+                if not await writer.write(event):
+                    break
+            ending = session.failure or (ShuttingDownError() if session.draining else None)
+            if session.overflowed:
+                await conn.abandon(queue_full())  # the client is not reading: no in-band event
+            elif ending is not None:
+                await conn.fail(ending)
         except (ConnectionError, RuntimeError):
             pass  # the socket went away while we wrote to it
         finally:
@@ -271,14 +304,44 @@ class _ChatSocket:
         return await read_first_frame(receive, self._rules.first_frame_timeout, "chat socket")
 
     async def _read(self, session: ChatSession) -> None:
+        """Hand each frame to the session; any failure ends the socket (in-band, then a code)."""
         conn = self._conn
         try:
             while (msg := await self._receive()) is not None:
                 await session.handle(conn.codec.decode(msg))
-        except _FrameError as exc:
-            await conn.close(exc.code, exc.reason)
+        except KoreroError as error:  # a frame it cannot read
+            session.fail(error)
+            return
+        except Exception:
+            log.exception("event=ws_reader_failed session_id=%s", session.session_id)
+            session.fail(KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error"))
+            return
         # Closed (by either side): the outbound stream ends, and the turn in flight with it.
         session.end()
+
+
+class _QuietRequestHandler(web.RequestHandler):
+    """aiohttp's HTTP protocol, but a request it cannot parse gets a bare status line.
+
+    aiohttp answers one with the parser's message, which quotes the offending
+    bytes (a 4 KB garbage request line came back as an 11.6 KB 400), and logs
+    them with a traceback. Here the answer is a few bytes and the log one line
+    without the client's input.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not 400 <= status < 500:
+            return super().handle_error(request, status, exc, message)
+        log.debug("event=ws_bad_request status=%d error=%s", status, type(exc).__name__)
+        response = web.Response(status=status, text=f"{status} {HTTPStatus(status).phrase}\n")
+        response.force_close()
+        return response
 
 
 class WebSocketServer:
@@ -300,6 +363,7 @@ class WebSocketServer:
         self._connections: set[_Connection] = set()
         self._draining = False
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._web_root = web_root.resolve() if web_root is not None else None
         self.port = 0
 
@@ -325,14 +389,23 @@ class WebSocketServer:
         host, _, port = self._listen.rpartition(":")
         runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, host or "127.0.0.1", int(port), reuse_port=True)
+        server = runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
         try:
-            await site.start()
+            # Not web.TCPSite: connections get `_QuietRequestHandler` (see there).
+            listener = await loop.create_server(
+                # access_log=None turns access logs off, as AppRunner(access_log=None) does
+                lambda: _QuietRequestHandler(server, loop=loop, access_log=None),  # type: ignore[arg-type]
+                host or "127.0.0.1",
+                int(port),
+                reuse_port=True,
+            )
         except OSError:
             await runner.cleanup()
             raise
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self._runner, self._listener = runner, listener
+        self.port = int(listener.sockets[0].getsockname()[1])
 
     def begin_drain(self) -> None:
         """Refuse new sockets; idle sockets close now, busy ones after their turn."""
@@ -347,8 +420,11 @@ class WebSocketServer:
             await asyncio.wait([c.ended for c in self._connections], timeout=_CLOSE_WAIT)
         for conn in list(self._connections):
             await conn.fail(ShuttingDownError())
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # closes the connections it still holds
             self._runner = None
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -356,20 +432,29 @@ class WebSocketServer:
             protocols=(PROTO_PROTOCOL, JSON_PROTOCOL), max_msg_size=_MAX_FRAME_BYTES
         )
         await ws.prepare(request)
-        conn = _Connection(ws, _Codec(json_mode=ws.ws_protocol == JSON_PROTOCOL))
+        conn = _Connection(
+            ws,
+            _Codec(json_mode=ws.ws_protocol == JSON_PROTOCOL),
+            transport=request.transport
+            if isinstance(request.transport, asyncio.Transport)
+            else None,
+        )
         if self._draining:
             await conn.fail(ShuttingDownError())
             return ws
         self._connections.add(conn)
         try:
             await _ChatSocket(
-                conn, self._engine, self._rules, self._gate, _authorization_from_handshake(request)
+                conn,
+                self._engine,
+                self._rules,
+                self._gate,
+                _authorization_from_handshake(request),
+                peer=request.remote,
             ).run()
-        except Exception as exc:
+        except Exception:
             log.exception("event=ws_failed")
-            await conn.fail(
-                KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error ({exc!r})")
-            )
+            await conn.fail(KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error"))
         finally:
             self._connections.discard(conn)
             conn.ended.set_result(None)

@@ -77,6 +77,62 @@ ROLE_ASSISTANT: Role.ValueType  # 2
 """The assistant (the model)."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _ToolCallStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolCallStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolCallStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_CALL_STATUS_UNSPECIFIED: _ToolCallStatus.ValueType  # 0
+    """Not set."""
+    TOOL_CALL_STATUS_OK: _ToolCallStatus.ValueType  # 1
+    """The data came back."""
+    TOOL_CALL_STATUS_NOT_FOUND: _ToolCallStatus.ValueType  # 2
+    """The data service has no such record (an unknown flight or booking)."""
+    TOOL_CALL_STATUS_FAILED: _ToolCallStatus.ValueType  # 3
+    """The data service answered with an error."""
+    TOOL_CALL_STATUS_TIMEOUT: _ToolCallStatus.ValueType  # 4
+    """The call took longer than its timeout or the turn's deadline allowed."""
+    TOOL_CALL_STATUS_UNAVAILABLE: _ToolCallStatus.ValueType  # 5
+    """The data service could not be reached."""
+    TOOL_CALL_STATUS_TOO_LARGE: _ToolCallStatus.ValueType  # 6
+    """The result was larger than the tool's size cap."""
+    TOOL_CALL_STATUS_INVALID_ARGUMENTS: _ToolCallStatus.ValueType  # 7
+    """The model's arguments did not match the tool's schema."""
+    TOOL_CALL_STATUS_NOT_ALLOWED: _ToolCallStatus.ValueType  # 8
+    """The tool may not be used for this message's intent, or the tenant has no such tool."""
+    TOOL_CALL_STATUS_MISSING_SESSION_FACT: _ToolCallStatus.ValueType  # 9
+    """The session lacks a fact the tool needs (e.g. a booking reference)."""
+    TOOL_CALL_STATUS_CANCELLED: _ToolCallStatus.ValueType  # 10
+    """The turn was cancelled (or its client went away) during the call."""
+
+class ToolCallStatus(_ToolCallStatus, metaclass=_ToolCallStatusEnumTypeWrapper):
+    """ToolCallStatus is how a tool call ended."""
+
+TOOL_CALL_STATUS_UNSPECIFIED: ToolCallStatus.ValueType  # 0
+"""Not set."""
+TOOL_CALL_STATUS_OK: ToolCallStatus.ValueType  # 1
+"""The data came back."""
+TOOL_CALL_STATUS_NOT_FOUND: ToolCallStatus.ValueType  # 2
+"""The data service has no such record (an unknown flight or booking)."""
+TOOL_CALL_STATUS_FAILED: ToolCallStatus.ValueType  # 3
+"""The data service answered with an error."""
+TOOL_CALL_STATUS_TIMEOUT: ToolCallStatus.ValueType  # 4
+"""The call took longer than its timeout or the turn's deadline allowed."""
+TOOL_CALL_STATUS_UNAVAILABLE: ToolCallStatus.ValueType  # 5
+"""The data service could not be reached."""
+TOOL_CALL_STATUS_TOO_LARGE: ToolCallStatus.ValueType  # 6
+"""The result was larger than the tool's size cap."""
+TOOL_CALL_STATUS_INVALID_ARGUMENTS: ToolCallStatus.ValueType  # 7
+"""The model's arguments did not match the tool's schema."""
+TOOL_CALL_STATUS_NOT_ALLOWED: ToolCallStatus.ValueType  # 8
+"""The tool may not be used for this message's intent, or the tenant has no such tool."""
+TOOL_CALL_STATUS_MISSING_SESSION_FACT: ToolCallStatus.ValueType  # 9
+"""The session lacks a fact the tool needs (e.g. a booking reference)."""
+TOOL_CALL_STATUS_CANCELLED: ToolCallStatus.ValueType  # 10
+"""The turn was cancelled (or its client went away) during the call."""
+Global___ToolCallStatus: _TypeAlias = ToolCallStatus  # noqa: Y015
+
 @_typing.final
 class ChatRequest(_message.Message):
     """ChatRequest is one frame sent by the client on a `Chat` stream."""
@@ -402,6 +458,8 @@ class Event(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     CITATION_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_STARTED_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FINISHED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session this event belongs to."""
     turn_id: _builtins.str
@@ -446,6 +504,14 @@ class Event(_message.Message):
     def rate_limit(self) -> Global___RateLimitStatus:
         """The caller's remaining rate-limit budget."""
 
+    @_builtins.property
+    def tool_call_started(self) -> Global___ToolCallStarted:
+        """The assistant started a tool call for live data (flight status, a booking)."""
+
+    @_builtins.property
+    def tool_call_finished(self) -> Global___ToolCallFinished:
+        """A tool call ended, with its status and duration."""
+
     def __init__(
         self,
         *,
@@ -461,12 +527,14 @@ class Event(_message.Message):
         error: Global___TurnError | None = ...,
         citation: Global___Citation | None = ...,
         rate_limit: Global___RateLimitStatus | None = ...,
+        tool_call_started: Global___ToolCallStarted | None = ...,
+        tool_call_finished: Global___ToolCallFinished | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["citation", b"citation", "done", b"done", "error", b"error", "heartbeat", b"heartbeat", "kind", b"kind", "rate_limit", b"rate_limit", "session_started", b"session_started", "text_delta", b"text_delta", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["citation", b"citation", "done", b"done", "error", b"error", "heartbeat", b"heartbeat", "kind", b"kind", "rate_limit", b"rate_limit", "session_started", b"session_started", "text_delta", b"text_delta", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["citation", b"citation", "done", b"done", "error", b"error", "heartbeat", b"heartbeat", "kind", b"kind", "rate_limit", b"rate_limit", "seq", b"seq", "session_id", b"session_id", "session_started", b"session_started", "text_delta", b"text_delta", "turn_id", b"turn_id", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["citation", b"citation", "done", b"done", "error", b"error", "heartbeat", b"heartbeat", "kind", b"kind", "rate_limit", b"rate_limit", "seq", b"seq", "session_id", b"session_id", "session_started", b"session_started", "text_delta", b"text_delta", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started", "turn_id", b"turn_id", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["session_started", "turn_started", "text_delta", "usage", "heartbeat", "done", "error", "citation", "rate_limit"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["session_started", "turn_started", "text_delta", "usage", "heartbeat", "done", "error", "citation", "rate_limit", "tool_call_started", "tool_call_finished"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -686,6 +754,94 @@ class RateLimitStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RateLimitStatus: _TypeAlias = RateLimitStatus  # noqa: Y015
+
+@_typing.final
+class ToolCallStarted(_message.Message):
+    """ToolCallStarted says the assistant asked for a tool call: Kōrero is
+    fetching live data (a flight's status, the customer's booking).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    """Identifies the call within the turn; ToolCallFinished repeats it."""
+    name: _builtins.str
+    """The tool's name, e.g. `get_flight_status`."""
+    arguments: _builtins.str
+    """The call's arguments as JSON; empty unless the tenant shows arguments."""
+    source: _builtins.str
+    """The data source's name, e.g. `Flight status service`."""
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments: _builtins.str = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "call_id", b"call_id", "name", b"name", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallStarted: _TypeAlias = ToolCallStarted  # noqa: Y015
+
+@_typing.final
+class ToolCallFinished(_message.Message):
+    """ToolCallFinished says a tool call ended; a failed call still ends the
+    turn normally (the answer explains the failure).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    """The call's id, as in ToolCallStarted."""
+    name: _builtins.str
+    """The tool's name."""
+    status: Global___ToolCallStatus.ValueType
+    """How the call ended."""
+    result: _builtins.str
+    """The result as JSON; empty unless the tenant shows results."""
+    source: _builtins.str
+    """The citation label of the data, e.g.
+    `Flight status service, NZ101, 2026-11-30 14:05`; empty without data.
+    """
+    error: _builtins.str
+    """Why the call failed, in a sentence; empty on success."""
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Time from the start of the call to its result."""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        status: Global___ToolCallStatus.ValueType = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        result: _builtins.str = ...,
+        source: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "duration", b"duration", "error", b"error", "name", b"name", "result", b"result", "source", b"source", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallFinished: _TypeAlias = ToolCallFinished  # noqa: Y015
 
 @_typing.final
 class TurnDone(_message.Message):
