@@ -62,7 +62,11 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, what: s
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before listening")
+            tail = ""
+            log = getattr(proc, "log_path", None)
+            if log is not None and Path(log).exists():
+                tail = "\n" + "\n".join(Path(log).read_text(errors="replace").splitlines()[-5:])
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening{tail}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -147,7 +151,8 @@ class ProcessGroup:
     def _spawn(
         self, args: list[str], env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"proc-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        log_path = self.workdir / f"proc-{len(self.procs)}.log"
+        log = open(log_path, "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             args,
             stdout=log,
@@ -156,6 +161,7 @@ class ProcessGroup:
             cwd=ROOT,
         )
         log.close()
+        proc.log_path = log_path  # type: ignore[attr-defined]  # for start-up failures
         self.procs.append(proc)
         return proc
 
@@ -232,6 +238,9 @@ class ProcessGroup:
             "KORERO_LLM_API_KEY": "bench",
             "KORERO_LOG_LEVEL": "WARNING",
             "KORERO_REDIS_MAX_CONNECTIONS": "256",
+            # On, as in production, but on free ports: a shared machine may hold the defaults.
+            "KORERO_WS_LISTEN": "127.0.0.1:0",
+            "KORERO_METRICS_LISTEN": "127.0.0.1:0",
             # The limiter stays on (its Redis round trip is part of every measured turn), with
             # budgets no scenario reaches: the defaults (600 requests/min per tenant, all load
             # is one tenant) would throttle every load scenario to 10 turns/s.
