@@ -16,8 +16,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
 from korero.chat.v1 import chat_pb2
@@ -33,7 +31,6 @@ from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
 from korero.server.policy.ratelimit import RateLimiter
 from korero.server.policy.throttle import AuthFailureThrottle
-from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.settings import Settings
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
@@ -102,6 +99,11 @@ class KoreroServer:
         tracer = (provider or trace.get_tracer_provider()).get_tracer("korero.server")
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if provider is not None:
+            # Imported only when tracing is on, like the token verifier below: what a
+            # server does not use should not sit in its memory (bench/README.md, "Memory").
+            from opentelemetry.instrumentation.grpc import aio_server_interceptor  # noqa: PLC0415
+            from opentelemetry.instrumentation.redis import RedisInstrumentor  # noqa: PLC0415
+
             RedisInstrumentor.instrument_client(store.redis, tracer_provider=provider)
             interceptors.append(aio_server_interceptor(tracer_provider=provider))  # type: ignore[no-untyped-call]
         gate, limiter, authenticator = _build_gate(settings, store, metrics)
@@ -188,6 +190,8 @@ def _build_gate(
     authenticator: Authenticator = AnonymousAuthenticator(settings.engine.tenant)
     throttle = throttle_key = None
     if settings.auth.mode == "on":
+        from korero.server.policy.tokens import TokenAuthenticator  # noqa: PLC0415 - PyJWT + crypto
+
         tokens = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
         authenticator, throttle_key = tokens, tokens.throttle_key
         throttle = AuthFailureThrottle(
