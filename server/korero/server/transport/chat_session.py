@@ -97,8 +97,17 @@ _HEARTBEAT = _Signal("heartbeat")
 _END = _Signal("end")
 
 
+def _nothing() -> None:
+    return None
+
+
 class ChatSession:
     """One session being talked to over a full-duplex transport."""
+
+    # One per open stream (10,000s of them): slots, and no closures of its own.
+    __slots__ = ("__weakref__", "_active", "_deadline", "_engine", "_heartbeat", "_interval",
+                 "_loop", "_out", "draining", "failure", "last_seq", "on_overflow",
+                 "session_id", "tenant", "turn")  # fmt: skip
 
     def __init__(
         self,
@@ -118,7 +127,7 @@ class ChatSession:
         self.failure: KoreroError | None = None
         """Set when the reader failed (e.g. an undecodable frame): the transport ends
         the stream with it after the events already queued."""
-        self.on_overflow: Callable[[], None] = lambda: None
+        self.on_overflow: Callable[[], None] = _nothing
         """Called when the client stopped reading and the queue overflowed: the
         transport interrupts its blocked write and ends the stream."""
         self._deadline = deadline

@@ -200,6 +200,7 @@ class ChatServicer:
         writer = StreamWriter(context.write)
         session.on_overflow = writer.interrupt
         await writer.write(pb.ChatResponse(event=started))
+        del first, started  # not held (with their protobuf arenas) for the stream's lifetime
         self._lifecycle.register(session)
         self._metrics.active_streams.inc()
         reader = asyncio.create_task(self._read(request_iterator, session))
