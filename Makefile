@@ -7,7 +7,7 @@ WEB_STAMP := $(WEB)/node_modules/.installed
 WEB_SRC   := $(shell find $(WEB)/src $(WEB)/static protos -type f -not -path '*/gen/*' 2>/dev/null) \
              $(WEB)/build.mjs $(WEB)/buf.gen.yaml $(WEB)/tsconfig.json scripts/build-web.sh
 
-.PHONY: setup web generate check-generate lint test test-fast validate-deploy run bench bench-quick bench-smoke clean
+.PHONY: setup web generate check-generate lint test test-fast test-redis-cluster validate-deploy run run-cluster bench bench-quick bench-smoke clean
 
 setup: $(STAMP) $(WEB_STAMP)    ## venv + every dependency (Debian redis-server, chromium too)
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt scripts/setup.sh
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt scripts/s
 $(WEB_STAMP): $(WEB)/package.json $(WEB)/package-lock.json scripts/setup-web.sh
 	scripts/setup-web.sh
 
-web: $(WEB)/dist/app.js         ## build the chat page into clients/web/dist
+web: $(WEB)/dist/app.js         ## build the chat page and the ops page into clients/web/dist
 $(WEB)/dist/app.js: $(STAMP) $(WEB_STAMP) $(WEB_SRC)
 	scripts/build-web.sh
 
@@ -31,8 +31,12 @@ lint: $(STAMP)                  ## buf lint + format, ruff, mypy --strict, envoy
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/mypy server clients/python/korero/client
 
-test: lint check-generate web   ## everything CI runs (browser tests included)
+test: lint check-generate web   ## everything CI runs (browser tests and the Redis Cluster run included)
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory test-redis-cluster
+
+test-redis-cluster: $(STAMP)    ## tests/server's fast tests again, on a private 3-primary Redis Cluster
+	KORERO_TEST_REDIS=cluster $(BIN)/pytest -m "not slow" -q tests/server
 
 test-fast: $(STAMP)             ## the suite without the process-spawning `slow` tests (< 60 s)
 	$(BIN)/pytest -m "not slow" -q
@@ -42,6 +46,9 @@ validate-deploy: $(STAMP)       ## Dockerfile, compose, k8s overlays, alert rule
 
 run: $(STAMP) web               ## Redis (if none), simulated upstream, server, Envoy + chat page
 	scripts/run.sh
+
+run-cluster: $(STAMP) web       ## the same with 3 instances behind one Envoy (RUN_TLS=1: TLS + mTLS)
+	scripts/run-cluster.sh
 
 bench: $(STAMP)                 ## benchmarks (see bench/README.md); never run by CI
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]' && $(BIN)/python -m bench

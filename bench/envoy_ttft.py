@@ -222,6 +222,8 @@ async def main(args: argparse.Namespace) -> int:
             stack,
             str(BIN / "korero"),
             "serve",
+            "--workers",
+            "1",
             "--listen",
             f"127.0.0.1:{grpc_port}",
             env={

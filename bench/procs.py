@@ -237,6 +237,7 @@ class ProcessGroup:
             "KORERO_LLM_BASE_URL": llm_url,
             "KORERO_LLM_API_KEY": "bench",
             "KORERO_LOG_LEVEL": "WARNING",
+            "KORERO_WORKERS": "1",  # one process each: these scenarios count processes themselves
             "KORERO_REDIS_MAX_CONNECTIONS": "256",
             # On, as in production, but on free ports: a shared machine may hold the defaults.
             "KORERO_WS_LISTEN": "127.0.0.1:0",

@@ -918,7 +918,22 @@ SCENARIOS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "scaleout": scenario_scaleout,
     "cpu": scenario_cpu,
     "capacity": scenario_capacity,
+    "workers": lambda ctx: _scenario_workers(ctx),  # noqa: PLW0108 - defined below
+    "failover": lambda ctx: _scenario_failover(ctx),  # noqa: PLW0108 - defined below
 }
+
+
+# Scenarios with modules of their own (which import this one).
+def _scenario_workers(ctx: Ctx) -> dict[str, Any]:
+    from bench.workers import scenario_workers  # noqa: PLC0415
+
+    return scenario_workers(ctx)
+
+
+def _scenario_failover(ctx: Ctx) -> dict[str, Any]:
+    from bench.failover import scenario_failover  # noqa: PLC0415
+
+    return scenario_failover(ctx)
 
 
 def run_scenarios(

@@ -95,6 +95,8 @@ async def _soak(rounds: int, streams: int) -> None:
             [
                 os.path.join(os.path.dirname(sys.executable), "korero"),
                 "serve",
+                "--workers",
+                "1",
                 "--listen",
                 f"127.0.0.1:{grpc_port}",
             ],

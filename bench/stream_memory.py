@@ -101,7 +101,10 @@ async def _main(n: int, baseline: str | None) -> None:
         "KORERO_RATE_LIMITS": "false",
     }
     korero = await _measure(
-        [f"{bin_dir}/korero", "serve", "--listen", f"127.0.0.1:{_free_port()}"], env, True, n
+        [f"{bin_dir}/korero", "serve", "--workers", "1", "--listen", f"127.0.0.1:{_free_port()}"],
+        env,
+        True,
+        n,
     )
     print(f"grpcio {grpc.__version__}, {n} streams held")
     print(f"raw grpcio echo server: {echo:.1f} KiB per held stream")

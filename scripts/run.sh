@@ -69,8 +69,22 @@ echo "run: sample airline data service at http://127.0.0.1:$AIRLINE_PORT (Aotea 
   --endpoint-base "http://127.0.0.1:$AIRLINE_PORT" | sed 's/^/run: /'
 
 # The sample knowledge base (kb/sample), for the default tenant: a new KB version each start.
+# PostgreSQL, the system of record: create the database if missing, apply migrations.
+if [ "${KORERO_POSTGRES_URL:-${POSTGRES_URL:-}}" = "off" ]; then
+  echo "run: PostgreSQL off (KORERO_POSTGRES_URL=off): history lives in Redis only"
+elif ! "$VENV/bin/korero" db migrate | sed 's/^/run: postgres: /'; then
+  echo "run: PostgreSQL does not answer; start it, or run with KORERO_POSTGRES_URL=off" >&2
+  exit 1
+fi
+
 "$VENV/bin/korero" kb ingest "${KORERO_KB_DIR:-kb/sample}" --tenant "${KORERO_TENANT:-default}" \
   | sed 's/^/run: /'
+
+# Handoff records and `korero report` live in PostgreSQL (KORERO_POSTGRES_URL=off: none).
+if [ "${KORERO_POSTGRES_URL:-${POSTGRES_URL:-}}" != "off" ]; then
+  "$VENV/bin/korero" db migrate | sed 's/^/run: /' \
+    || echo "run: PostgreSQL not reachable: handoffs are not recorded (korero report is empty)" >&2
+fi
 
 "$VENV/bin/korero" serve --listen "$LISTEN" &
 pids+=($!)
@@ -98,6 +112,7 @@ ENVOY="127.0.0.1:$ENVOY_LISTEN_PORT"
 cat <<MSG
 run: Kōrero gRPC on $LISTEN, WebSocket adapter on $WS_LISTEN, Envoy on $ENVOY.
      Chat in a browser:  http://$ENVOY/   (gRPC-Web or WebSocket, switch at the top)
+     Agent desk:         http://$ENVOY/agent.html   (or: $VENV/bin/korero agent --name Mere)
      In a second terminal:
        $VENV/bin/korero chat --target $LISTEN --name Aroha --booking KR7Q2X
        $VENV/bin/korero health --target $LISTEN

@@ -14,6 +14,8 @@ import redis.asyncio as aioredis
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import Conversation
 from korero.server.context.knowledge import KnowledgeStore, load_documents
+from korero.server.settings import RedisSettings
+from korero.server.storage.connection import connect
 
 
 async def run_turn(
@@ -38,9 +40,14 @@ def terminals(events: list[pb.Event]) -> list[pb.Event]:
 SAMPLE_KB = Path(__file__).resolve().parent.parent / "kb" / "sample"
 
 
+def redis_client(redis_url: str) -> aioredis.Redis:
+    """An asyncio client for `redis_url`: one server or a `redis+cluster://` cluster."""
+    return connect(RedisSettings(url=redis_url, timeout=5.0))
+
+
 async def ingest_sample(redis_url: str, tenant: str = "default") -> int:
     """Ingest the sample knowledge base for `tenant`; returns the KB version."""
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         return await KnowledgeStore(client).ingest(tenant, load_documents(SAMPLE_KB))
     finally:

@@ -13,11 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from korero.server.context.knowledge import KnowledgeStore, load_documents
 from korero.sim import UpstreamSim
 from tests.browser.envoy import ROOT, EnvoyProcess
+from tests.helpers import redis_client
 
 CHROMIUM = next(
     (p for p in ("/usr/lib/chromium/chromium", "/usr/bin/chromium") if Path(p).exists()),
@@ -43,7 +43,7 @@ async def test_chat_page_streams_and_cancels_on_both_routes(
     assert NODE is not None, "node is missing: run `make setup`"
     assert (ROOT / "clients" / "web" / "dist" / "app.js").exists(), "run `make web` first"
     # The sample knowledge base, so a policy answer comes as a list with citations.
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         await KnowledgeStore(client).ingest("default", load_documents(ROOT / "kb" / "sample"))
     finally:

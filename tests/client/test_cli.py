@@ -186,3 +186,87 @@ async def test_chat_shows_the_sources_of_a_grounded_answer(
     assert code == 0, err
     assert "[Source: " in out  # the answer cites inline
     assert "  source: Baggage Policy, section " in out  # and the citation events are listed
+
+
+@pytest.mark.slow
+async def test_chat_and_agent_commands_hand_a_complaint_over_and_back(
+    server: KoreroServer,
+) -> None:
+    """`korero chat` escalates a complaint; `korero agent` accepts, replies, hands back."""
+    target = f"127.0.0.1:{server.port}"
+    agent = await asyncio.create_subprocess_exec(
+        KORERO,
+        "agent",
+        "--target",
+        target,
+        "--name",
+        "Mere",
+        "--skills",
+        "complaints",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    chat = await asyncio.create_subprocess_exec(
+        KORERO,
+        "chat",
+        "--target",
+        target,
+        "--name",
+        "Aroha",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert agent.stdin is not None
+    assert agent.stdout is not None
+    assert chat.stdin is not None
+    assert chat.stdout is not None
+    seen: dict[str, list[str]] = {"agent": [], "chat": []}
+
+    async def read(name: str, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            seen[name].append(line.decode())
+
+    readers = [
+        asyncio.create_task(read("agent", agent.stdout)),
+        asyncio.create_task(read("chat", chat.stdout)),
+    ]
+
+    async def until(name: str, text: str) -> None:
+        async with asyncio.timeout(15):
+            while not any(text in line for line in seen[name]):
+                await asyncio.sleep(0.05)
+
+    try:
+        await until("agent", "waiting for conversations")
+        chat.stdin.write(b"This is the third time my bag was lost, I am furious!!\n")
+        await until("agent", "[offer ")
+        await until("chat", "[queued for a person: number 1 in complaints")
+        agent.stdin.write(b"/accept\n")
+        await until("chat", "[Mere joined the chat]")
+        agent.stdin.write(b"Kia ora Aroha, I'm Mere. Let me find your bag.\n")
+        await until("chat", "Mere> Kia ora Aroha")
+        chat.stdin.write(b"It is a blue suitcase\n")
+        await until("agent", "> It is a blue suitcase")
+        agent.stdin.write(b"/back\n")
+        await until("chat", "back with our virtual assistant")
+        chat.stdin.write(b"Where is my bag?\n")
+        await until("chat", 'You asked: "Where is my bag?"')
+    finally:
+        for proc in (chat, agent):
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for reader in readers:
+            reader.cancel()
+    transcript = "".join(seen["chat"])
+    assert "[handing over to a person: complaint" in transcript
+    assert transcript.index("[Mere joined the chat]") < transcript.index("back with our virtual")
+    assert "customer" in "".join(seen["agent"])

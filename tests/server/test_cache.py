@@ -211,6 +211,7 @@ async def test_the_cache_can_be_switched_off(redis_url: str, sim: UpstreamSim) -
     assert all("Knowledge base excerpts" in r.body["messages"][0]["content"] for r in sim.requests)
 
 
+@pytest.mark.standalone_redis  # counts or delays one server's socket
 async def test_cached_and_uncached_turns_cost_three_round_trips(
     redis_proc: RedisProcess, redis_url: str, sim: UpstreamSim
 ) -> None:

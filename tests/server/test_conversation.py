@@ -70,11 +70,14 @@ async def test_seq_is_strictly_increasing_across_turns_and_resume(
 
     resumed = await client.conversation(session_id=conversation.session_id)
     assert resumed.started.session_started.resumed
-    seqs.append(resumed.started.seq)
+    # session_started is not an event of the log: it repeats the last seq (the cursor).
+    assert resumed.started.seq == seqs[-1]
     seqs += [e.seq for e in await run_turn(resumed, "after resume", "q9")]
     assert seqs == sorted(seqs)
     assert len(set(seqs)) == len(seqs), "seq must never repeat"
+    assert seqs == list(range(len(seqs))), "no gaps: numbering a person can read"
     assert resumed.started.session_started.session.last_seq == resumed.started.seq
+    assert (await client.get_session(conversation.session_id)).last_seq == seqs[-1]
     await resumed.close()
 
 

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from korero.server.context.knowledge import (
     KnowledgeBase,
@@ -18,7 +17,7 @@ from korero.server.context.knowledge import (
 from korero.server.context.retrieval import K1, B, BM25Index, tokenize
 from korero.server.settings import KnowledgeSettings
 from tests.conftest import RedisProcess
-from tests.helpers import SAMPLE_KB
+from tests.helpers import SAMPLE_KB, redis_client
 
 
 def test_markdown_is_chunked_by_numbered_sections() -> None:
@@ -94,7 +93,7 @@ def test_tokenizer_folds_case_accents_plurals_and_stopwords() -> None:
 
 
 async def test_ingest_versions_and_retrieval(redis_proc: RedisProcess, redis_url: str) -> None:
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         store = KnowledgeStore(client)
         docs = load_documents(SAMPLE_KB)

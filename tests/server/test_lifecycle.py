@@ -37,7 +37,8 @@ async def start_server_process(env: dict[str, str]) -> ServerProcess:
         "serve",
         "--listen",
         "127.0.0.1:0",
-        env={"KORERO_WS_LISTEN": "127.0.0.1:0", **os.environ, **env},
+        # PostgreSQL off unless a test asks for it: these tests are about the process.
+        env={"KORERO_WS_LISTEN": "127.0.0.1:0", "KORERO_POSTGRES_URL": "off", **os.environ, **env},
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None

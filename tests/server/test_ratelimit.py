@@ -24,7 +24,7 @@ from korero.server.settings import RateLimitSettings, RateTiers
 from korero.sim import SimConfig, UpstreamSim
 from korero.testing import free_port
 from tests.conftest import RedisProcess, make_settings
-from tests.helpers import kinds, run_turn
+from tests.helpers import kinds, redis_client, run_turn
 from tests.server.test_lifecycle import start_server_process
 
 CODE = {c.value[0]: c for c in grpc.StatusCode}
@@ -98,7 +98,7 @@ async def test_turn_publishes_rate_limit_status(redis_url: str, sim: UpstreamSim
 
 
 async def _bucket(redis_url: str, tenant: str = "default") -> float:
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         raw = await client.hget(f"kr:{{{tenant}}}:rl:tokens", "tokens")
     finally:
@@ -202,7 +202,7 @@ async def test_tiers_give_tenants_different_limits(redis_url: str, sim: Upstream
         {"tiers": {"gold": {"tenant_requests_per_minute": 5}}, "tenants": {"gold-co": "gold"}}
     )
     limiter_settings = RateLimitSettings(tenant_requests_per_minute=2, tiers=RateTiers.parse(tiers))
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     limiter = RateLimiter(client, limiter_settings)
     try:
         allowed = Counter[str]()

@@ -8,6 +8,7 @@ code and reason, and the next message on the same stream must be answered.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -39,7 +40,11 @@ async def test_out_of_memory_is_a_typed_error_event_and_the_stream_lives_on(
             # Fill Redis past a 1 MB cap: every write script now gets "OOM command not allowed".
             admin.set("filler", b"x" * 2_000_000)
             admin.config_set("maxmemory", "1mb")
+            began = time.monotonic()
             refused = await run_turn(conversation, "are you there?", "m2")
+            # An error reply means the script did not run: nothing to resolve, no waiting
+            # out KORERO_STORE_RESOLVE_SECONDS as for a reply that never came.
+            assert time.monotonic() - began < 3
             assert kinds(refused) == ["error"]
             error = refused[0].error
             assert (error.reason, error.retryable) == ("STORE_UNAVAILABLE", True)

@@ -35,6 +35,7 @@ class CountingConnection(Connection):
         await super().send_packed_command(command, check_health)
 
 
+@pytest.mark.standalone_redis  # counts or delays one server's socket
 @pytest.mark.parametrize(
     ("limits", "round_trips", "scripts"),
     [
@@ -85,6 +86,7 @@ async def test_every_key_is_under_the_tenant_and_session_hash_tag(
     sid = conversation.session_id
     assert keys == sorted(
         [
+            f"kr:{{default:{sid}}}:events",
             f"kr:{{default:{sid}}}:history",
             f"kr:{{default:{sid}}}:meta",
             f"kr:{{default:{sid}}}:turns",
@@ -235,6 +237,7 @@ class _DelayingProxy:
             self.server.close()
 
 
+@pytest.mark.standalone_redis  # counts or delays one server's socket
 async def test_cancelled_calls_never_hand_a_stale_reply_to_the_next_caller(
     redis_proc: RedisProcess, redis_url: str
 ) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from korero.airline import AirlineFault, AirlineService
 from korero.server.cli.tools import load_tool_file
@@ -25,6 +24,7 @@ from korero.server.tools import (
     ToolSpecError,
     tools_key,
 )
+from tests.helpers import redis_client
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "tools" / "sample.json"
@@ -90,7 +90,7 @@ def test_unusable_specs_are_refused_with_a_reason(change: dict[str, Any], messag
 
 
 async def test_registry_is_per_tenant_under_a_hash_tagged_key(redis_url: str) -> None:
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         registry = ToolRegistry(client)
         specs = sample_specs("http://127.0.0.1:1")

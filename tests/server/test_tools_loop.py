@@ -12,7 +12,6 @@ from typing import Any
 
 import jwt
 import pytest
-import redis.asyncio as aioredis
 
 from korero.airline import AirlineFault, AirlineService
 from korero.chat.v1 import chat_pb2 as pb
@@ -24,7 +23,7 @@ from korero.server.llm.provider import LLMChunk, LLMRequest, TokenUsage, ToolCal
 from korero.server.tools import DATA_NOTICE, ToolExecutor, ToolRegistry, ToolSpec
 from korero.sim import UpstreamSim
 from tests.conftest import make_settings
-from tests.helpers import ingest_sample, kinds, of_kind, run_turn, terminals, text_of
+from tests.helpers import ingest_sample, kinds, of_kind, redis_client, run_turn, terminals, text_of
 
 SAMPLE = Path(__file__).resolve().parents[2] / "tools" / "sample.json"
 FLIGHT_LABEL = "Flight status service, NZ101, 2026-11-30 14:05"
@@ -37,7 +36,7 @@ def sample_tools(base: str, **changes: Any) -> list[ToolSpec]:
 
 
 async def add_tools(redis_url: str, tenant: str, specs: list[ToolSpec]) -> None:
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         for spec in specs:
             await ToolRegistry(client).put(tenant, spec)
@@ -282,7 +281,7 @@ async def test_a_tool_the_intent_or_tenant_does_not_allow_is_refused(
 ) -> None:
     specs = sample_tools(airline.base_url, get_my_booking={"intents": ["complaint"]})
     await add_tools(redis_url, "acme", specs)
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     executor = ToolExecutor()
     try:
         loop = ToolLoop(ToolRegistry(client), executor, max_rounds=2)

@@ -351,6 +351,7 @@ async def test_sigterm_closes_sockets_with_1012_after_their_turn(
         "127.0.0.1:0",
         env={
             **os.environ,
+            "KORERO_POSTGRES_URL": "off",
             "REDIS_URL": redis_url,
             "KORERO_LLM_BASE_URL": sim.base_url,
             "KORERO_WS_LISTEN": "127.0.0.1:0",

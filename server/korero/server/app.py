@@ -6,11 +6,15 @@ No conversation logic lives here; it only connects the pieces.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+import redis.asyncio as aioredis
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -18,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
+from korero.agent.v1 import agent_pb2, agent_pb2_grpc
 from korero.chat.v1 import chat_pb2
 from korero.server.context.assembly import KnowledgeAssembler, LLMSummarizer
 from korero.server.context.cache import ResponseCache
@@ -25,20 +30,32 @@ from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore
 from korero.server.context.router import RuleRouter
 from korero.server.conversation.engine import ConversationEngine
 from korero.server.conversation.tools_loop import ToolLoop
+from korero.server.handoff.relay import RelayHub
+from korero.server.handoff.service import HandoffService
+from korero.server.handoff.store import HandoffStore
+from korero.server.handoff.webhooks import WebhookDispatcher, WebhookOutbox
 from korero.server.llm.provider import LLMProvider, OpenAIProvider
+from korero.server.ops import OpsStats
 from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
 from korero.server.policy.ratelimit import RateLimiter
 from korero.server.policy.throttle import AuthFailureThrottle
+from korero.server.report.recorder import Recorder
 from korero.server.settings import Settings
+from korero.server.storage.connection import pubsub_url
+from korero.server.storage.history import HistoryStore
+from korero.server.storage.outbox import OutboxWriter
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
 from korero.server.tools import ToolExecutor, ToolRegistry
+from korero.server.transport.agent_service import AgentDeskServicer
 from korero.server.transport.chat_session import StreamRules
 from korero.server.transport.grpc_service import ChatServicer
 from korero.server.transport.interceptors import GateInterceptor
 from korero.server.transport.lifecycle import Lifecycle
+from korero.server.transport.tls import describe as describe_tls
+from korero.server.transport.tls import grpc_server_credentials, server_ssl_context
 from korero.server.transport.websocket import WebSocketServer
 
 __all__ = ["KoreroServer", "run"]
@@ -46,6 +63,9 @@ __all__ = ["KoreroServer", "run"]
 log = logging.getLogger(__name__)
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentDeskService"].full_name
+HISTORY_HEALTH = "korero.history"
+"""Health service name that is NOT_SERVING while PostgreSQL writes fail (the chat stays SERVING)."""
 
 _SERVER_OPTIONS = [
     ("grpc.so_reuseport", 1),
@@ -77,6 +97,12 @@ class KoreroServer:
     tracer_provider: TracerProvider | None = None
     websocket: WebSocketServer | None = None
     tool_executor: ToolExecutor | None = None
+    history: HistoryStore | None = None
+    outbox: OutboxWriter | None = None
+    ops: OpsStats | None = None
+    handoff: HandoffService | None = None
+    webhooks: WebhookDispatcher | None = None
+    recorder: Recorder | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -90,11 +116,15 @@ class KoreroServer:
         store: SessionStore | None = None,
         llm: LLMProvider | None = None,
         tracer_provider: TracerProvider | None = None,
+        metrics: Metrics | None = None,
     ) -> KoreroServer:
         """Build everything from settings (or injected parts) and start listening."""
-        store = store or SessionStore.connect(settings.redis, settings.engine)
+        durable = settings.postgres.url is not None
+        store = store or SessionStore.connect(settings.redis, settings.engine, outbox=durable)
         llm = llm or OpenAIProvider(settings.llm)
-        metrics = Metrics(settings.observability)
+        metrics = metrics or Metrics(settings.observability)
+        health = health_aio.HealthServicer()
+        history, outbox = await _durability(settings, store, metrics, health)
         provider = tracer_provider or build_tracer_provider(settings.observability)
         tracer = (provider or trace.get_tracer_provider()).get_tracer("korero.server")
         interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -110,12 +140,26 @@ class KoreroServer:
         if gate.checks_anything:
             interceptors.append(GateInterceptor(gate))
         tool_executor = ToolExecutor()
-        engine = _build_engine(settings, store, llm, limiter, metrics, tracer, tool_executor)
-        lifecycle = Lifecycle()
-        health = health_aio.HealthServicer()
-        server, port = _build_grpc_server(
-            settings, engine, lifecycle, health, metrics, interceptors
+        recorder = None
+        if settings.postgres.url is not None:
+            recorder = Recorder(
+                settings.postgres.url,
+                pool_size=max(1, settings.postgres.pool_size // 4),
+                timeout=settings.postgres.timeout,
+            )
+            recorder.start()
+        handoff, webhooks = await _build_handoff(settings, store, metrics, recorder)
+        engine = _build_engine(
+            settings, store, llm, limiter, metrics, tracer, tool_executor, handoff
         )
+        engine.attach_history(history, outbox)
+        lifecycle = Lifecycle()
+        server, port, services = _build_grpc_server(
+            settings, engine, lifecycle, health, metrics, interceptors, handoff
+        )
+        ops = None
+        if settings.observability.ops_token is not None:
+            ops = OpsStats(metrics, settings.observability.ops_token)
         websocket = None
         if settings.server.ws_listen is not None:
             websocket = WebSocketServer(
@@ -124,11 +168,19 @@ class KoreroServer:
                 listen=settings.server.ws_listen,
                 rules=StreamRules.from_settings(settings.server),
                 web_root=settings.server.web_root,
+                ssl_context=server_ssl_context(settings.tls),
+                routes=ops.routes() if ops is not None else (),
+                handoff=handoff,
             )
             await websocket.start()
+            if ops is not None:
+                await ops.start()
         await server.start()
-        for service in ("", CHAT_SERVICE):
+        for service in ("", *services):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if outbox is not None:
+            await health.set(HISTORY_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+            outbox.start()
         try:
             metrics_runner = await serve_metrics(metrics, settings.observability.metrics_listen)
         except OSError as exc:  # metrics are not worth refusing to serve for
@@ -153,6 +205,12 @@ class KoreroServer:
             provider,
             websocket,
             tool_executor,
+            history,
+            outbox,
+            ops if websocket is not None else None,
+            handoff,
+            webhooks,
+            recorder,
         )
 
     @property
@@ -171,7 +229,15 @@ class KoreroServer:
         await self.engine.drain(grace)
         if self.websocket is not None:
             await self.websocket.close()
+        if self.ops is not None:
+            await self.ops.close()
         await self.server.stop(grace=1.0)
+        if self.webhooks is not None:
+            await self.webhooks.close()
+        if self.handoff is not None:
+            await self.handoff.close()
+        if self.recorder is not None:
+            await self.recorder.close()
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
         if self.tracer_provider is not None:
@@ -179,6 +245,10 @@ class KoreroServer:
         await self.llm.aclose()
         if self.tool_executor is not None:
             await self.tool_executor.close()
+        if self.outbox is not None:
+            await self.outbox.stop()  # a last sweep: a clean stop leaves no backlog behind
+        if self.history is not None:
+            await self.history.close()
         await self.store.close()
         log.info("event=stopped")
 
@@ -218,6 +288,32 @@ def _build_gate(
     return gate, limiter, authenticator
 
 
+async def _durability(
+    settings: Settings, store: SessionStore, metrics: Metrics, health: health_aio.HealthServicer
+) -> tuple[HistoryStore | None, OutboxWriter | None]:
+    """PostgreSQL and the outbox writer that feeds it, when KORERO_POSTGRES_URL is set."""
+    if settings.postgres.url is None:
+        return None, None
+    history = await HistoryStore.connect(settings.postgres)
+
+    def on_state(up: bool) -> None:
+        serving = health_pb2.HealthCheckResponse
+        status = serving.SERVING if up else serving.NOT_SERVING
+        asyncio.get_running_loop().create_task(health.set(HISTORY_HEALTH, status))
+
+    outbox = OutboxWriter(
+        store.redis,
+        history,
+        drain_interval=settings.postgres.drain_interval,
+        commit_wait=settings.postgres.commit_wait,
+        on_backlog=metrics.postgres_outbox_backlog.set,
+        on_error=lambda op: metrics.postgres_errors.labels(op).inc(),
+        on_commit_wait=metrics.postgres_commit_wait.observe,
+        on_state=on_state,
+    )
+    return history, outbox
+
+
 def _build_engine(
     settings: Settings,
     store: SessionStore,
@@ -226,6 +322,7 @@ def _build_engine(
     metrics: Metrics,
     tracer: trace.Tracer,
     tool_executor: ToolExecutor,
+    handoff: HandoffService | None,
 ) -> ConversationEngine:
     """The conversation engine with its context assembly, cache, knowledge base and tools."""
     kb_store = KnowledgeStore(store.redis)
@@ -260,6 +357,7 @@ def _build_engine(
             max_rounds=settings.tools.max_rounds,
             cache_seconds=settings.tools.cache_seconds,
         ),
+        handoff=handoff,
     )
 
 
@@ -270,9 +368,20 @@ def _build_grpc_server(
     health: health_aio.HealthServicer,
     metrics: Metrics,
     interceptors: list[grpc.aio.ServerInterceptor],
-) -> tuple[grpc.aio.Server, int]:
-    """ChatService, health and reflection on the configured address (not started yet)."""
-    server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
+    handoff: HandoffService | None,
+) -> tuple[grpc.aio.Server, int, list[str]]:
+    """ChatService (and the agent desk), health and reflection, not started yet.
+
+    Returns the server, its port and the names of the services it serves.
+    """
+    options = list(_SERVER_OPTIONS)
+    if settings.server.max_connection_age is not None:
+        # GOAWAY after this age: new calls reconnect (and may be balanced elsewhere);
+        # open streams are not cut (no max_connection_age_grace).
+        options.append(
+            ("grpc.max_connection_age_ms", int(settings.server.max_connection_age * 1000))
+        )
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     ChatServicer(
         engine=engine,
         lifecycle=lifecycle,
@@ -280,28 +389,95 @@ def _build_grpc_server(
         rules=StreamRules.from_settings(settings.server),
         default_tenant=settings.engine.tenant,
     ).add_to_server(server)
+    services = [CHAT_SERVICE]
+    if handoff is not None:
+        agent_pb2_grpc.add_AgentDeskServiceServicer_to_server(
+            AgentDeskServicer(
+                service=handoff,
+                lifecycle=lifecycle,
+                metrics=metrics,
+                heartbeat_interval=settings.server.heartbeat_interval,
+                first_frame_timeout=settings.server.first_frame_timeout,
+                default_tenant=settings.engine.tenant,
+            ),
+            server,
+        )
+        services.append(AGENT_SERVICE)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
-            CHAT_SERVICE,
+            *services,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
         server,
     )
+    credentials = grpc_server_credentials(settings.tls)
     try:
-        port = server.add_insecure_port(settings.server.listen)
+        if credentials is not None:
+            port = server.add_secure_port(settings.server.listen, credentials)
+        else:
+            port = server.add_insecure_port(settings.server.listen)
     except RuntimeError as exc:  # grpcio's way of saying the bind failed
         raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
-    return server, port
+    return server, port, services
 
 
-async def run(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain."""
-    app = await KoreroServer.start(settings)
+async def _build_handoff(
+    settings: Settings, store: SessionStore, metrics: Metrics, recorder: Recorder | None
+) -> tuple[HandoffService | None, WebhookDispatcher]:
+    """The handoff service (None when off) and the webhook dispatcher, started."""
+    handoff = None
+    if settings.handoff.enabled:
+        handoff = HandoffService(
+            store=HandoffStore(
+                store.redis,
+                ttl_seconds=settings.engine.session_ttl,
+                relay_max=settings.handoff.relay_log_max,
+            ),
+            # Its own connection, without the pool's read timeout: it idles by design.
+            hub=RelayHub(
+                aioredis.Redis.from_url(
+                    pubsub_url(settings.redis.url),
+                    socket_connect_timeout=settings.redis.timeout,
+                    health_check_interval=30,
+                )
+            ),
+            settings=settings.handoff,
+            outbox=WebhookOutbox(settings.webhooks),
+            metrics=metrics,
+            recorder=recorder,
+        )
+        await handoff.start()
+    webhooks = WebhookDispatcher(
+        store.redis,
+        settings.webhooks,
+        on_result=lambda result: metrics.webhook_deliveries.labels(result).inc(),
+    )
+    webhooks.start()
+    if handoff is not None:
+        for tenant in settings.webhooks.targets:
+            handoff.hub.watch(tenant, None, functools.partial(webhooks.wake, tenant))
+    return handoff, webhooks
+
+
+async def run(
+    settings: Settings,
+    *,
+    multiprocess_dir: Path | None = None,
+    on_serving: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain.
+
+    A worker of `korero serve --workers N` passes the supervisor's metrics
+    directory (values summed over workers) and a callback saying it is serving.
+    """
+    metrics = Metrics(settings.observability, multiprocess_dir=multiprocess_dir)
+    app = await KoreroServer.start(settings, metrics=metrics)
     log.info(
-        "event=serving address=%s redis=%s llm=%s model=%s auth=%s metrics_port=%s",
+        "event=serving address=%s tls=%s redis=%s llm=%s model=%s auth=%s metrics_port=%s",
         app.address,
+        describe_tls(settings.tls),
         _redact(settings.redis.url),
         settings.llm.base_url,
         settings.llm.model,
@@ -309,7 +485,11 @@ async def run(settings: Settings) -> None:
         app.metrics_port,
     )
     if app.websocket is not None:
-        log.info("event=ws_serving address=%s path=/ws/chat", app.websocket.address)
+        log.info(
+            "event=ws_serving address=%s paths=/ws/chat,/ws/agent ops=%s",
+            app.websocket.address,
+            "on" if app.ops is not None else "off",
+        )
     host = settings.server.listen.rsplit(":", 1)[0].strip("[]")
     if settings.auth.mode == "off" and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
@@ -324,6 +504,8 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_serving is not None:
+        on_serving()
     await stop.wait()
     await app.shutdown()
 

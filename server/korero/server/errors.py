@@ -5,6 +5,8 @@
      ├── InvalidArgumentError   bad input from the client (INVALID_ARGUMENT)
      ├── NotFoundError          a named resource does not exist (NOT_FOUND)
      ├── StoreUnavailableError  Redis down, slow or failing (UNAVAILABLE)
+     ├── HistoryUnavailableError PostgreSQL down, slow or failing (UNAVAILABLE)
+     ├── SessionLostError       the session vanished from Redis mid-turn (UNAVAILABLE)
      ├── UpstreamError          the LLM upstream failed (code depends on cause)
      ├── RateLimitedError       a limit is exhausted (RESOURCE_EXHAUSTED)
      └── ShuttingDownError      the server is draining (UNAVAILABLE)
@@ -21,10 +23,12 @@ import grpc
 
 __all__ = [
     "ERROR_DOMAIN",
+    "HistoryUnavailableError",
     "InvalidArgumentError",
     "KoreroError",
     "NotFoundError",
     "RateLimitedError",
+    "SessionLostError",
     "ShuttingDownError",
     "StoreUnavailableError",
     "UpstreamError",
@@ -77,13 +81,43 @@ class NotFoundError(KoreroError):
 class StoreUnavailableError(KoreroError):
     """The session store could not be reached in time."""
 
-    def __init__(self, message: str = "session store unavailable") -> None:
+    def __init__(
+        self, message: str = "session store unavailable", *, maybe_applied: bool = True
+    ) -> None:
         super().__init__(
             grpc.StatusCode.UNAVAILABLE,
             "STORE_UNAVAILABLE",
             message,
             retryable=True,
             retry_after=1.0,
+        )
+        self.maybe_applied = maybe_applied
+        """False when Redis answered with an error (the command did not run); True when
+        the reply never came (a timeout or a lost connection: it may have run)."""
+
+
+class HistoryUnavailableError(KoreroError):
+    """PostgreSQL (long-term history) could not be reached or failed."""
+
+    def __init__(self, message: str = "history store unavailable") -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            "HISTORY_UNAVAILABLE",
+            message,
+            retryable=True,
+            retry_after=1.0,
+        )
+
+
+class SessionLostError(KoreroError):
+    """The session disappeared from Redis while a turn ran (Redis restarted empty)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            "SESSION_LOST",
+            "the session was lost while this turn ran; resume the session and send it again",
+            retryable=True,
         )
 
 

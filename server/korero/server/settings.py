@@ -25,9 +25,12 @@ __all__ = [
     "AuthSettings",
     "CacheSettings",
     "EngineSettings",
+    "HandoffSettings",
+    "HandoffTriggerName",
     "KnowledgeSettings",
     "LLMSettings",
     "ObservabilitySettings",
+    "PostgresSettings",
     "PromptSettings",
     "RateLimitSettings",
     "RateTiers",
@@ -35,13 +38,17 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SettingsError",
+    "TLSSettings",
     "ToolSettings",
+    "WebhookSettings",
+    "WebhookTarget",
     "env_reference",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_WS_LISTEN = "127.0.0.1:8081"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/korero"
 DEFAULT_LLM_BASE_URL = "http://127.0.0.1:8088/v1"
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, concise customer-support assistant. Answer the "
@@ -57,6 +64,16 @@ class SettingsError(ValueError):
 AuthMode = Literal["on", "off"]
 LimiterRedisDown = Literal["local", "closed"]
 TraceExporter = Literal["none", "otlp", "console"]
+HandoffTriggerName = Literal[
+    "human_request",
+    "sentiment",
+    "fallback",
+    "low_confidence",
+    "complaint",
+    "client_request",
+    "agent_pick",
+]
+ALL_HANDOFF_TRIGGERS: tuple[HandoffTriggerName, ...] = get_args(HandoffTriggerName)
 
 _TIER_FIELDS = (
     "session_messages_per_minute",
@@ -113,6 +130,8 @@ def _env(
     meta = {"env": name, "doc": doc, "aliases": aliases, "parse": parse}
     if isinstance(default, RateTiers):
         return field(default_factory=RateTiers, metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -140,6 +159,135 @@ def _words(raw: str) -> tuple[str, ...]:
 
 def _path(raw: str) -> Path:
     return Path(raw)
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+def _redis_url(raw: str) -> str:
+    scheme, _, rest = raw.strip().partition("://")
+    if scheme.lower() not in _REDIS_SCHEMES:
+        raise ValueError(f"the scheme must be one of {', '.join(_REDIS_SCHEMES)}")
+    if scheme.lower().endswith("+cluster") and rest.partition("/")[2].split("?")[0] not in (
+        "",
+        "0",
+    ):
+        raise ValueError("Redis Cluster has only database 0")
+    return raw.strip()
+
+
+def _seconds_or_off(raw: str) -> float | None:
+    """Seconds (> 0), or None for `off`."""
+    if raw.strip().lower() == "off":
+        return None
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a positive number of seconds, or `off`")
+    return value
+
+
+def _workers(raw: str) -> int | None:
+    """A process count, or None for `auto` (one per available core)."""
+    word = raw.strip().lower()
+    if word == "auto":
+        return None
+    count = int(word)
+    if count < 1:
+        raise ValueError("must be at least 1, or `auto`")
+    return count
+
+
+def _triggers(raw: str) -> tuple[HandoffTriggerName, ...]:
+    """A comma-separated list of trigger names; `none` for no automatic handoff."""
+    if raw.strip().lower() == "none":
+        return ()
+    words = _words(raw.lower())
+    unknown = sorted(set(words) - set(ALL_HANDOFF_TRIGGERS))
+    if unknown:
+        raise ValueError(
+            f"unknown triggers {', '.join(unknown)}; use {', '.join(ALL_HANDOFF_TRIGGERS)}"
+        )
+    return tuple(t for t in ALL_HANDOFF_TRIGGERS if t in words)
+
+
+def _score(raw: str) -> float:
+    """A sentiment score bound, -1 to 1."""
+    value = float(raw)
+    if not -1.0 <= value <= 1.0:
+        raise ValueError("must be between -1 and 1")
+    return value
+
+
+def _skill_map(raw: str) -> dict[str, str]:
+    """`intent=queue,...`: which queue (agent skill) an intent's handoffs wait in."""
+    pairs: dict[str, str] = {}
+    for item in _words(raw):
+        intent, sep, queue = item.partition("=")
+        if not sep or not intent.strip() or not queue.strip():
+            raise ValueError(f"expected intent=queue, got {item!r}")
+        pairs[intent.strip()] = queue.strip()
+    return pairs
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    """One CRM / ticketing endpoint of a tenant."""
+
+    url: str
+    secret: str
+    """Key of the HMAC-SHA256 signature."""
+    events: tuple[str, ...] = ()
+    """Event types it receives (empty: all)."""
+
+    @property
+    def target_id(self) -> str:
+        """A short stable id for the URL (names its queue in Redis)."""
+        import hashlib  # noqa: PLC0415 - only here
+
+        return hashlib.sha256(self.url.encode()).hexdigest()[:12]
+
+
+def _webhook_targets(raw: str) -> dict[str, tuple[WebhookTarget, ...]]:
+    """JSON `{"tenant": [{"url": ..., "secret": ..., "events": [...]}]}`."""
+    if not raw.strip():
+        return {}
+    doc = json.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError("expected a JSON object of tenant -> list of targets")
+    out: dict[str, tuple[WebhookTarget, ...]] = {}
+    for tenant, targets in doc.items():
+        if not isinstance(targets, list):
+            raise ValueError(f"tenant {tenant!r}: expected a list of targets")
+        parsed = []
+        for t in targets:
+            if not isinstance(t, dict) or not t.get("url") or not t.get("secret"):
+                raise ValueError(f"tenant {tenant!r}: every target needs `url` and `secret`")
+            if not str(t["url"]).startswith(("http://", "https://")):
+                raise ValueError(f"tenant {tenant!r}: {t['url']!r} is not an http(s) URL")
+            parsed.append(
+                WebhookTarget(str(t["url"]), str(t["secret"]), tuple(t.get("events") or ()))
+            )
+        out[str(tenant)] = tuple(parsed)
+    return out
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_age(raw: str) -> int | None:
+    """A duration such as `90d`, `12h`, `30m`, `45s` or plain seconds; `off` is None."""
+    word = raw.strip().lower()
+    if word in ("", "off", "none"):
+        return None
+    unit = _UNITS.get(word[-1])
+    number = word[:-1] if unit is not None else word
+    try:
+        value = int(number) * (unit or 1)
+    except ValueError:
+        raise ValueError("expected a duration such as 90d, 12h, 30m or 45s") from None
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
 
 
 @dataclass(frozen=True)
@@ -176,6 +324,24 @@ class ServerSettings:
         parse=_path,
     )
     """The WebSocket listener serves this directory's files (clients/web/dist) at `/`."""
+    workers: int | None = _env(
+        "KORERO_WORKERS",
+        None,
+        "server processes sharing the ports (empty or `auto`: one per core)",
+        parse=_workers,
+    )
+    """`korero serve` runs this many processes on the same ports (SO_REUSEPORT);
+    None counts the cores this process may use (CPU affinity and cgroup quota).
+    `--workers` overrides it."""
+    max_connection_age: float | None = _env(
+        "KORERO_MAX_CONNECTION_AGE",
+        600.0,
+        "seconds before a client connection is asked to reconnect (GOAWAY; `off`: never)",
+        parse=_seconds_or_off,
+    )
+    """gRPC `max_connection_age`: a client's new calls move to a fresh connection (which a
+    load balancer may send elsewhere) while its open streams carry on, so long-lived
+    connections do not pin a client to the instance it met first."""
     stream_queue_events: int = _env(
         "KORERO_STREAM_QUEUE_EVENTS",
         64,
@@ -192,17 +358,105 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    """TLS, and optionally mutual TLS, on the gRPC and WebSocket listeners."""
+
+    cert_file: Path | None = _env(
+        "KORERO_TLS_CERT",
+        None,
+        "PEM certificate (chain) the listeners present; empty: plaintext",
+        parse=_path,
+    )
+    """Set together with KORERO_TLS_KEY to serve TLS (gRPC and the WebSocket/page listener)."""
+    key_file: Path | None = _env(
+        "KORERO_TLS_KEY", None, "PEM private key of KORERO_TLS_CERT", parse=_path
+    )
+    """Read once at start; restart (one instance at a time) to rotate."""
+    client_ca_file: Path | None = _env(
+        "KORERO_TLS_CLIENT_CA",
+        None,
+        "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
+        parse=_path,
+    )
+    """Mutual TLS: a client without a certificate signed by one of these CAs is refused
+    during the handshake (e.g. only Envoy, holding such a certificate, may connect)."""
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise SettingsError("KORERO_TLS_CERT and KORERO_TLS_KEY are set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise SettingsError("KORERO_TLS_CLIENT_CA needs KORERO_TLS_CERT and KORERO_TLS_KEY")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
 class RedisSettings:
     """The Redis holding all session state."""
 
-    url: str = _env("REDIS_URL", DEFAULT_REDIS_URL, "Redis URL for session state")
-    """redis:// or rediss:// URL."""
+    url: str = _env(
+        "REDIS_URL",
+        DEFAULT_REDIS_URL,
+        "Redis URL for session state (`redis+cluster://host:port[,host:port]` for a cluster)",
+        parse=_redis_url,
+    )
+    """redis://, rediss:// or unix:// for one server; redis+cluster:// or
+    rediss+cluster:// with one or more seed nodes for Redis Cluster."""
     max_connections: int = _env(
         "KORERO_REDIS_MAX_CONNECTIONS", 64, "size of the blocking Redis connection pool"
     )
     """Callers wait for a free connection instead of failing when all are in use."""
     timeout: float = _env("KORERO_REDIS_TIMEOUT", 2.0, "seconds per Redis call before UNAVAILABLE")
     """Socket timeout, and the longest wait for a pooled connection."""
+    failover_wait: float = _env(
+        "KORERO_REDIS_FAILOVER_WAIT",
+        5.0,
+        "seconds a Redis Cluster call keeps retrying while a primary fails over",
+    )
+    """Redis Cluster only: a call on a failed primary's slots is retried every 0.25 s
+    until its replica takes over (about cluster-node-timeout + 1 s), or this long."""
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    """PostgreSQL, the system of record for sessions and messages."""
+
+    url: str | None = _env(
+        "KORERO_POSTGRES_URL",
+        DEFAULT_POSTGRES_URL,
+        "PostgreSQL URL for long-term history, or `off` (Redis only)",
+        aliases=("POSTGRES_URL",),
+        parse=_off_or,
+    )
+    """postgresql:// URL; `off` keeps history in Redis only (nothing survives a Redis loss)."""
+    pool_size: int = _env("KORERO_POSTGRES_POOL_SIZE", 8, "connections in the PostgreSQL pool")
+    """The outbox writer and the history reads share this pool."""
+    timeout: float = _env(
+        "KORERO_POSTGRES_TIMEOUT", 2.0, "seconds per PostgreSQL call before UNAVAILABLE"
+    )
+    """Bounds a read (ListMessages, rehydration) and one write batch."""
+    commit_wait: float = _env(
+        "KORERO_POSTGRES_COMMIT_WAIT",
+        1.0,
+        "seconds `done` waits for the turn's PostgreSQL commit",
+    )
+    """While PostgreSQL answers, `done` is sent after the turn is committed there; when it does
+    not within this time (or is known to be down) `done` goes out with the turn held in the Redis
+    outbox, written when PostgreSQL returns."""
+    drain_interval: float = _env(
+        "KORERO_OUTBOX_DRAIN_INTERVAL", 0.25, "seconds between outbox sweeps when idle"
+    )
+    """The writer also wakes at once when a turn begins or ends on this instance."""
+    history_retention: int | None = _env(
+        "KORERO_HISTORY_RETENTION",
+        None,
+        "delete sessions idle longer than this (e.g. 90d; empty: keep)",
+        parse=parse_age,
+    )
+    """Used by `korero sessions purge` when no --older-than is given (run it daily from cron);
+    empty: history is kept until deleted."""
 
 
 @dataclass(frozen=True)
@@ -302,6 +556,20 @@ class EngineSettings:
         "send the upstream request while the turn's Redis round trips run (true/false)",
     )
     """For sessions whose last turn ended on this instance; see conversation/early.py."""
+    detach_grace: float = _env(
+        "KORERO_DETACH_GRACE", 5.0, "seconds a turn keeps generating after its client vanished"
+    )
+    """A client that drops mid-answer may resume (`after_seq`) within this time and get the rest;
+    after it the turn is cancelled and the upstream request closed. An explicit `cancel` is
+    immediate."""
+    event_log_max_events: int = _env(
+        "KORERO_EVENT_LOG_MAX_EVENTS", 2000, "events kept per session for resume"
+    )
+    """The replay log (`kr:{t:s}:events`) keeps at most this many of a session's latest events."""
+    event_log_max_age: int = _env(
+        "KORERO_EVENT_LOG_MAX_AGE", 3600, "seconds an event is kept for resume"
+    )
+    """Older events leave the replay log; a cursor behind them is told replay was truncated."""
 
 
 @dataclass(frozen=True)
@@ -429,6 +697,12 @@ class ObservabilitySettings:
         "KORERO_PRICE_OUTPUT_PER_MTOK", 0.0, "USD per million completion tokens (cost metric)"
     )
     """Feeds the estimated-cost metric."""
+    ops_token: str | None = _env(
+        "KORERO_OPS_TOKEN",
+        None,
+        "admin token for the live ops page and /ops/stats (empty: both off)",
+    )
+    """Bearer token the ops page sends to `/ops/stats` on the WebSocket listener."""
 
 
 @dataclass(frozen=True)
@@ -484,6 +758,100 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
+class HandoffSettings:
+    """Escalation to human agents: triggers, queues, the agent desk."""
+
+    enabled: bool = _env("KORERO_HANDOFF", True, "hand conversations to human agents (true/false)")
+    """Off: no trigger fires and `RequestHandoff` is refused; the bot answers everything."""
+    triggers: tuple[HandoffTriggerName, ...] = _env(
+        "KORERO_HANDOFF_TRIGGERS",
+        ALL_HANDOFF_TRIGGERS,
+        "triggers that hand a conversation to a human (comma-separated, or `none`)",
+        parse=_triggers,
+    )
+    """Any of human_request, sentiment, fallback, low_confidence, complaint,
+    client_request, agent_pick."""
+    sentiment_message: float = _env(
+        "KORERO_HANDOFF_SENTIMENT_MESSAGE",
+        -0.75,
+        "a message scoring at or below this (VADER compound, -1..1) escalates",
+        parse=_score,
+    )
+    """One very negative message is enough."""
+    sentiment_trend: float = _env(
+        "KORERO_HANDOFF_SENTIMENT_TREND",
+        -0.4,
+        "the mean of the last messages at or below this escalates",
+        parse=_score,
+    )
+    """A conversation that keeps going badly escalates before any single message is extreme."""
+    sentiment_window: int = _env(
+        "KORERO_HANDOFF_SENTIMENT_WINDOW", 3, "customer messages the sentiment trend averages"
+    )
+    """The trend needs at least two scored messages."""
+    fallbacks: int = _env("KORERO_HANDOFF_FALLBACKS", 2, "fallback answers in a row that escalate")
+    """A fallback is the bot's "I couldn't find anything" answer."""
+    low_confidence: float = _env(
+        "KORERO_HANDOFF_LOW_CONFIDENCE", 0.4, "router confidence below which a message is unsure"
+    )
+    """See context/router.py for how confidence is computed."""
+    low_confidence_turns: int = _env(
+        "KORERO_HANDOFF_LOW_CONFIDENCE_TURNS", 3, "unsure messages in a row that escalate"
+    )
+    """Counted over consecutive customer messages, this one included."""
+    queues: dict[str, str] = _env(
+        "KORERO_HANDOFF_QUEUES",
+        {"complaint": "complaints", "booking_lookup": "bookings"},
+        "intent=queue pairs routing handoffs to agent skills (others: general)",
+        parse=_skill_map,
+    )
+    """Agents serve `general` plus the queues named in their skills."""
+    offer_timeout: float = _env(
+        "KORERO_HANDOFF_OFFER_TIMEOUT", 30.0, "seconds an agent has to accept an offer"
+    )
+    """Then the conversation is offered to the next agent."""
+    agent_grace: float = _env(
+        "KORERO_HANDOFF_AGENT_GRACE", 30.0, "seconds a disconnected agent keeps conversations"
+    )
+    """After that they go back to the front of their queue."""
+    default_wait: float = _env(
+        "KORERO_HANDOFF_DEFAULT_WAIT", 120.0, "seconds of estimated wait before any is measured"
+    )
+    """Estimates use a moving average of measured waits once there are some."""
+    sweep_interval: float = _env(
+        "KORERO_HANDOFF_SWEEP_INTERVAL", 1.0, "seconds between checks of offers and graces"
+    )
+    """Each instance with agents connected runs the checks; they are idempotent."""
+    relay_log_max: int = _env(
+        "KORERO_HANDOFF_RELAY_LOG_MAX", 1000, "handoff events kept per session for the relay"
+    )
+    """The relay log of a session is trimmed to about this many entries."""
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Signed CRM / ticketing webhooks on handoff events."""
+
+    targets: dict[str, tuple[WebhookTarget, ...]] = _env(
+        "KORERO_WEBHOOKS",
+        {},
+        'JSON: {"tenant": [{"url": "https://…", "secret": "…", "events": [...]}]}',
+        parse=_webhook_targets,
+    )
+    """Per-tenant endpoints; events: handoff.requested, handoff.agent_joined, handoff.closed."""
+    max_attempts: int = _env(
+        "KORERO_WEBHOOK_MAX_ATTEMPTS", 8, "attempts before a delivery is dead-lettered"
+    )
+    """`korero webhooks retry` puts dead letters back in their queue."""
+    backoff: float = _env("KORERO_WEBHOOK_BACKOFF", 1.0, "seconds before the first retry")
+    """Doubles per attempt, with full jitter, up to KORERO_WEBHOOK_BACKOFF_MAX."""
+    backoff_max: float = _env("KORERO_WEBHOOK_BACKOFF_MAX", 300.0, "longest wait between retries")
+    """Cap of the exponential backoff."""
+    timeout: float = _env("KORERO_WEBHOOK_TIMEOUT", 5.0, "seconds per delivery attempt")
+    """A receiver slower than this counts as a failed attempt."""
+
+
+@dataclass(frozen=True)
 class ToolSettings:
     """The tool loop (live data through tenant-configured tools; see docs/tools.md)."""
 
@@ -502,7 +870,9 @@ class Settings:
     """All settings, grouped by concern."""
 
     server: ServerSettings = field(default_factory=ServerSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    postgres: PostgresSettings = field(default_factory=PostgresSettings)
     llm: LLMSettings = field(default_factory=LLMSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -511,6 +881,8 @@ class Settings:
     knowledge: KnowledgeSettings = field(default_factory=KnowledgeSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    handoff: HandoffSettings = field(default_factory=HandoffSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     tools: ToolSettings = field(default_factory=ToolSettings)
 
     @classmethod
@@ -552,7 +924,7 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _convert(name: str, raw: str, kind: type) -> Any:
-    if kind is str:
+    if kind is str or kind is type(None):  # text, or text that is off (None) by default
         return raw
     if kind is bool:
         word = raw.strip().lower()
@@ -576,6 +948,10 @@ def _shown(value: Any) -> str:
         return ""
     if isinstance(value, tuple):
         return ",".join(value)
+    if isinstance(value, dict):
+        if all(isinstance(v, str) for v in value.values()):
+            return ",".join(f"{k}={v}" for k, v in value.items())
+        return json.dumps(value) if value else ""
     return str(value)
 
 

@@ -1,7 +1,11 @@
 """Observability: Prometheus metrics and OpenTelemetry tracing.
 
 Metrics live in a registry owned by the server instance (not the global
-one), served on their own port by aiohttp in the server's event loop.
+one), served on their own port by aiohttp in the server's event loop. When
+`korero serve` runs several worker processes, each one writes its values to
+prometheus-client's multiprocess files (the directory the supervisor
+created) and every worker's `/metrics` — one port shared with SO_REUSEPORT —
+answers with the sum over all of them, so any worker gives the same view.
 Labels carry tenant, model, outcome and reason codes only: message text and
 personal data never appear in labels, span attributes or logs.
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +32,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from korero.server.settings import ObservabilitySettings
 
@@ -56,14 +62,21 @@ _LATENCY_BUCKETS = (
 class Metrics:
     """Every metric the server exports, in its own registry."""
 
-    def __init__(self, settings: ObservabilitySettings | None = None) -> None:
+    def __init__(
+        self, settings: ObservabilitySettings | None = None, *, multiprocess_dir: Path | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = multiprocess_dir
+        """Set in worker processes: values live in files there, summed over workers."""
         settings = settings or ObservabilitySettings()
         self._price_in = settings.price_input_per_mtok / 1e6
         self._price_out = settings.price_output_per_mtok / 1e6
         r = self.registry
         self.active_streams = Gauge(
-            "korero_active_streams", "Open Chat streams and SendMessage calls", registry=r
+            "korero_active_streams",
+            "Open Chat streams and SendMessage calls",
+            registry=r,
+            multiprocess_mode="livesum",  # over the live workers; ignored in one process
         )
         self.turns = Counter(
             "korero_turns", "Turns ended, by outcome and reason", ["outcome", "reason"], registry=r
@@ -121,8 +134,41 @@ class Metrics:
             "Estimated prompt tokens of early upstream requests that were closed unused",
             registry=r,
         )
+        self.handoffs = Counter(
+            "korero_handoffs",
+            "Conversations handed to human agents, by trigger",
+            ["trigger"],
+            registry=r,
+        )
+        self.handoff_wait = Histogram(
+            "korero_handoff_wait_seconds",
+            "From a handoff request to the agent joining",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r,
+        )
+        self.agent_desks = Gauge("korero_agent_desks", "Open agent desk streams", registry=r)
+        self.webhook_deliveries = Counter(
+            "korero_webhook_deliveries",
+            "Webhook delivery attempts by result (delivered, retried, dead_lettered)",
+            ["result"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "korero_upstream_errors", "Failed LLM calls by reason", ["reason"], registry=r
+        )
+        self.postgres_outbox_backlog = Gauge(
+            "korero_postgres_outbox_backlog",
+            "Outbox entries (messages, session changes) not yet written to PostgreSQL",
+            registry=r,
+        )
+        self.postgres_errors = Counter(
+            "korero_postgres_errors", "Failed PostgreSQL calls by operation", ["op"], registry=r
+        )
+        self.postgres_commit_wait = Histogram(
+            "korero_postgres_commit_wait_seconds",
+            "How long `done` waited for the turn's PostgreSQL commit",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
 
     def turn_ended(
@@ -152,12 +198,24 @@ class Metrics:
         elif reason.startswith("STORE_"):
             self.redis_errors.labels(reason).inc()
 
+    def view(self) -> CollectorRegistry:
+        """The registry to read: this process's, or the sum over every worker's files."""
+        if self.multiprocess_dir is None:
+            return self.registry
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        return merged
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.view())
 
 
 async def serve_metrics(metrics: Metrics, listen: str | None) -> web.AppRunner | None:
-    """Serve `/metrics` on `listen` (HOST:PORT; port 0 picks one); None when off (None)."""
+    """Serve `/metrics` on `listen` (HOST:PORT; port 0 picks one); None when off (None).
+
+    Workers share the port (SO_REUSEPORT); a single process does not, so two
+    servers started by mistake on one port fail instead of splitting scrapes.
+    """
     if listen is None:
         return None
     host, _, port = listen.rpartition(":")
@@ -169,7 +227,8 @@ async def serve_metrics(metrics: Metrics, listen: str | None) -> web.AppRunner |
     app.router.add_get("/metrics", handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host or "127.0.0.1", int(port))
+    shared = metrics.multiprocess_dir is not None
+    site = web.TCPSite(runner, host or "127.0.0.1", int(port), reuse_port=shared or None)
     await site.start()
     return runner
 

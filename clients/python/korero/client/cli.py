@@ -1,4 +1,4 @@
-"""The `korero` command: `chat`, `health`, and whatever installed packages add.
+"""The `korero` command: `chat`, `agent`, `health`, and whatever installed packages add.
 
 The server package adds `serve` and `upstream-sim` through the
 `korero.commands` entry-point group, so a client-only install stays small.
@@ -14,11 +14,13 @@ import signal
 import stat
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from korero.chat.v1 import chat_pb2 as pb
+from korero.client import agent_cli
 from korero.client._client import ChatClient, Conversation
 from korero.client._errors import ChatError
 
@@ -83,6 +85,42 @@ class _Terminal:
         return line.rstrip("\n")
 
 
+def _notice(event: pb.Event) -> str:  # noqa: PLR0911 - one line per kind
+    """A handoff event or an agent's message, as a line of the transcript."""
+    kind = event.WhichOneof("kind")
+    if kind == "handoff_requested":
+        return f"bot> {event.handoff_requested.message}"
+    if kind == "handoff_queued":
+        q = event.handoff_queued
+        minutes = max(1, round(q.estimated_wait.ToSeconds() / 60))
+        return f"[queued for a person: number {q.position} in {q.queue}, about {minutes} min]"
+    if kind == "agent_joined":
+        return f"[{event.agent_joined.agent_display_name} joined the chat]"
+    if kind == "agent_message":
+        return f"{event.agent_message.agent_display_name}> {event.agent_message.text}"
+    if kind == "agent_left":
+        left = event.agent_left
+        return f"[{left.agent_display_name} left the chat: {left.reason}]"
+    if kind == "handoff_ended":
+        return f"bot> {event.handoff_ended.message}"
+    return ""
+
+
+async def _print_notifications(conversation: Conversation, state: dict[str, bool]) -> None:
+    """Handoff events and agent messages, as they come (between turns too)."""
+    while True:
+        event = await conversation.notifications.get()
+        kind = event.WhichOneof("kind")
+        if kind in ("handoff_requested", "handoff_queued", "agent_joined"):
+            state["human"] = True
+        elif kind == "handoff_ended":
+            state["human"] = False
+        line = _notice(event)
+        if line:
+            sys.stdout.write(f"\r{line}\nyou> ")
+            sys.stdout.flush()
+
+
 async def _turn(conversation: Conversation, text: str) -> None:
     loop = asyncio.get_running_loop()
     cancelling: list[asyncio.Task[None]] = []
@@ -112,6 +150,10 @@ async def _turn(conversation: Conversation, text: str) -> None:
                 status = pb.ToolCallStatus.Name(done.status).removeprefix("TOOL_CALL_STATUS_")
                 ms = done.duration.ToMilliseconds()
                 print(f"[{done.name}: {status.lower()} in {ms} ms]")
+            elif kind == "handoff_requested":
+                print(f"\n[handing over to a person: {event.handoff_requested.reason}]", end="")
+            elif kind == "message_relayed":
+                pass  # a person owns the conversation: the message went to them
             elif kind == "done":
                 print()
                 for line in sources:
@@ -132,7 +174,14 @@ async def _chat(args: argparse.Namespace) -> int:
     )
     terminal = _Terminal()
     auth = [("authorization", f"Bearer {args.token}")] if args.token else []
-    async with ChatClient(args.target, metadata=auth) as client:
+    try:
+        credentials, options = _transport(args)
+    except OSError as exc:
+        print(f"korero chat: {exc}", file=sys.stderr)
+        return 2
+    async with ChatClient(
+        args.target, metadata=auth, credentials=credentials, options=options
+    ) as client:
         try:
             conversation = await client.conversation(args.session or "", metadata)
         except ChatError as error:
@@ -143,8 +192,10 @@ async def _chat(args: argparse.Namespace) -> int:
         print(
             f"session {conversation.session_id} {verb} "
             f"({started.session.message_count} messages). "
-            "Ctrl-C cancels an answer; Ctrl-D or /quit leaves."
+            "Ctrl-C cancels an answer; /human asks for a person; Ctrl-D or /quit leaves."
         )
+        state = {"human": False}
+        printer = asyncio.create_task(_print_notifications(conversation, state))
         try:
             while True:
                 try:
@@ -155,19 +206,39 @@ async def _chat(args: argparse.Namespace) -> int:
                     break
                 if not line.strip():
                     continue
-                sys.stdout.write("bot> ")
+                if line.strip().split(" ", 1)[0] == "/human":
+                    await conversation.request_handoff(line.strip()[len("/human") :].strip())
+                    continue
+                if not state["human"]:
+                    sys.stdout.write("bot> ")
+                reconnects = conversation.reconnects
                 await _turn(conversation, line)
+                if conversation.reconnects > reconnects:
+                    # The stream broke and was resumed from the last seq: nothing was lost.
+                    print(f"[reconnected {conversation.reconnects - reconnects}x, nothing missed]")
         except ChatError as error:
+            printer.cancel()
             print(f"\nkorero chat: stream ended: {error}", file=sys.stderr)
             print(f"resume with: korero chat --session {conversation.session_id}", file=sys.stderr)
             return 1
+        printer.cancel()
         print(f"\nresume with: korero chat --session {conversation.session_id}")
         await conversation.close()
     return 0
 
 
 async def _health(args: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    try:
+        credentials, options = _transport(args)
+    except OSError as exc:
+        print(f"korero health: {exc}", file=sys.stderr)
+        return 2
+    channel = (
+        grpc.aio.secure_channel(args.target, credentials, options=options)
+        if credentials is not None
+        else grpc.aio.insecure_channel(args.target, options=options)
+    )
+    async with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = await stub.Check(
@@ -179,6 +250,40 @@ async def _health(args: argparse.Namespace) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(f"{args.target}: {status}")
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _transport(
+    args: argparse.Namespace,
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]]:
+    """TLS credentials and channel options from --tls/--ca/--cert/--key/--server-name."""
+    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    if not (args.tls or args.ca or args.cert):
+        return None, options
+    if bool(args.cert) != bool(args.key):
+        raise OSError("--cert and --key go together (a client certificate and its key)")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(args.ca).read_bytes() if args.ca else None,
+        private_key=Path(args.key).read_bytes() if args.key else None,
+        certificate_chain=Path(args.cert).read_bytes() if args.cert else None,
+    )
+    return credentials, options
+
+
+def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TLS (grpcurl: no -plaintext, -cacert, -cert, -key)")
+    group.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
+    )
+    group.add_argument("--ca", metavar="FILE", help="PEM CA to trust instead (implies --tls)")
+    group.add_argument(
+        "--cert", metavar="FILE", help="PEM client certificate for mutual TLS (implies --tls)"
+    )
+    group.add_argument("--key", metavar="FILE", help="PEM private key of --cert")
+    group.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="name to verify in the server's certificate, when it differs from the target host",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("KORERO_TOKEN", ""),
         help="API key or JWT sent as `authorization: Bearer` [$KORERO_TOKEN]",
     )
+    _add_tls_flags(chat)
     chat.set_defaults(func=lambda a: asyncio.run(_chat(a)))
     health = sub.add_parser(
         "health",
@@ -210,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--target", default=DEFAULT_TARGET, help="server HOST:PORT [%(default)s]")
     health.add_argument("--service", default="", help="service name; empty means the whole server")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds [%(default)s]")
+    _add_tls_flags(health)
     health.set_defaults(func=lambda a: asyncio.run(_health(a)))
+    agent_cli.register(sub, DEFAULT_TARGET, _Terminal)
     for entry in entry_points(group="korero.commands"):
         entry.load()(sub)
     return parser

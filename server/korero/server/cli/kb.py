@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from korero.server.context.knowledge import KnowledgeBase, KnowledgeStore, load_documents
 from korero.server.errors import KoreroError
 from korero.server.settings import Settings, SettingsError
+from korero.server.storage.connection import connect
 
 __all__ = ["register"]
 
@@ -54,11 +55,7 @@ def _run(coro: object) -> int:
 
 def _connect() -> tuple[Settings, aioredis.Redis]:
     settings = Settings.from_env(dict(os.environ))
-    client = aioredis.Redis.from_url(
-        settings.redis.url,
-        socket_timeout=max(settings.redis.timeout, 10.0),
-        socket_connect_timeout=settings.redis.timeout,
-    )
+    client = connect(settings.redis, socket_timeout=max(settings.redis.timeout, 10.0))
     return settings, client
 
 

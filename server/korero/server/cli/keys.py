@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import os
 import sys
 
-import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from korero.server.policy.api_keys import ApiKeyStore, valid_tenant
-from korero.server.settings import Settings, SettingsError
+from korero.server.settings import RedisSettings, Settings, SettingsError
+from korero.server.storage.connection import connect
 
 __all__ = ["register"]
 
@@ -56,14 +57,14 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        return asyncio.run(_act(args, settings.redis.url))
+        return asyncio.run(_act(args, settings.redis))
     except (rexc.RedisError, OSError) as exc:
         print(f"korero keys: Redis at {settings.redis.url} failed: {exc}", file=sys.stderr)
         return 1
 
 
-async def _act(args: argparse.Namespace, url: str) -> int:
-    client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+async def _act(args: argparse.Namespace, redis_settings: RedisSettings) -> int:
+    client = connect(dataclasses.replace(redis_settings, timeout=5.0))
     try:
         store = ApiKeyStore(client)
         if args.keys_command == "create":

@@ -1,15 +1,15 @@
-"""`korero serve`: run the gRPC server."""
+"""`korero serve`: run the gRPC server (one process, or N workers on the same ports)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
 import uvloop
 
+from korero.server.cli.workers import Supervisor, available_cores, configure_logging
 from korero.server.settings import Settings, SettingsError, env_reference
 
 __all__ = ["register"]
@@ -29,12 +29,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "serve",
         help="run the Kōrero gRPC server",
         description="Run the Kōrero gRPC server. Settings come from the environment; "
-        "--listen overrides KORERO_LISTEN.",
+        "--listen overrides KORERO_LISTEN, --workers KORERO_WORKERS. With more than one "
+        "worker, the processes share the gRPC, WebSocket and metrics ports (SO_REUSEPORT).",
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--listen", help="HOST:PORT to listen on (overrides KORERO_LISTEN)")
+    parser.add_argument(
+        "--workers",
+        type=_count,
+        help="server processes sharing the ports (overrides KORERO_WORKERS; "
+        "default: one per available core)",
+    )
     parser.set_defaults(func=_serve)
+
+
+def _count(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -46,14 +60,10 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"korero serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # One line per upstream HTTP request is noise next to our own turn events.
-    for noisy in ("httpx", "httpx2", "openai"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure_logging(settings.server.log_level)
+    workers = args.workers or settings.server.workers or available_cores()
+    if workers > 1:
+        return Supervisor(settings, workers).run()
     from korero.server.app import run  # noqa: PLC0415 - keep --help fast
 
     try:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from korero.server.errors import KoreroError
 from korero.server.policy.api_keys import valid_tenant
-from korero.server.settings import Settings, SettingsError
+from korero.server.settings import RedisSettings, Settings, SettingsError
+from korero.server.storage.connection import connect
 from korero.server.tools import ToolRegistry, ToolSpec, ToolSpecError
 
 __all__ = ["load_tool_file", "register"]
@@ -91,14 +92,16 @@ def _run(args: argparse.Namespace) -> int:
             print(f"korero tools: {exc}", file=sys.stderr)
             return 2
     try:
-        return asyncio.run(_act(args, settings.redis.url, specs))
+        return asyncio.run(_act(args, settings.redis, specs))
     except (rexc.RedisError, OSError, KoreroError) as exc:
         print(f"korero tools: Redis at {settings.redis.url} failed: {exc}", file=sys.stderr)
         return 1
 
 
-async def _act(args: argparse.Namespace, url: str, specs: list[ToolSpec]) -> int:
-    client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+async def _act(
+    args: argparse.Namespace, redis_settings: RedisSettings, specs: list[ToolSpec]
+) -> int:
+    client = connect(dataclasses.replace(redis_settings, timeout=5.0))
     try:
         registry = ToolRegistry(client)
         if args.tools_command == "add":

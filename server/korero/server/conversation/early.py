@@ -98,6 +98,8 @@ class EarlyAnswer:
         self.context = context
         self.model = model
         self.outcome = ""
+        self.read = False
+        """The runner's generator read it (a prompt taken but not read is counted stale)."""
         self._inputs = inputs
         self._stream = stream
         # The request goes out when this task first runs: during the Redis round trips.
@@ -118,6 +120,7 @@ class EarlyAnswer:
 
     async def chunks(self) -> AsyncGenerator[LLMChunk, None]:
         """The answer, as `LLMProvider.stream` would give it."""
+        self.read = True
         try:
             first = await self._first
             if first is None:
@@ -154,6 +157,7 @@ class EarlyStarts:
         cache_on: bool,
         offers_tools: Callable[[str, RouteDecision, SessionRecord], Awaitable[object]]
         | None = None,
+        may_hand_off: Callable[[str, RouteDecision], bool] | None = None,
         count: Callable[[str, int], None] = lambda _outcome, _tokens: None,
     ) -> None:
         self._llm = llm
@@ -164,6 +168,7 @@ class EarlyStarts:
         self._window = max(0, prompt_history_messages - 1)  # begin-turn's, minus the new message
         self._cache_on = cache_on
         self._offers_tools = offers_tools
+        self._may_hand_off = may_hand_off
         self._count = count
         self._snapshots: OrderedDict[tuple[str, str], _Snapshot] = OrderedDict()
         self._kb_versions: dict[str, int] = {}
@@ -228,16 +233,19 @@ class EarlyStarts:
     ) -> EarlyAnswer | None:
         """Send the turn's upstream request now, if this instance knows its prompt.
 
-        Not when a refusal is foreseeable: a retry of the last message (replayed
-        from the store), a rate limit the last admission nearly reached, or a
-        turn already in flight here (its snapshot was taken when it started).
+        Not when the model may not be asked: a retry of a message in the known
+        history (replayed from the store), a rate limit the last admission
+        nearly reached, a turn already in flight here (its snapshot was taken
+        when it started), or a message the handoff policy may escalate.
         """
         snapshot = self._snapshots.pop((tenant, session_id), None)  # the turn changes it
         if (
             snapshot is None
             or not snapshot.headroom
             or snapshot.last_message_id == message.client_message_id
+            or any(m.client_message_id == message.client_message_id for m in snapshot.history)
             or (self._cache_on and route.cacheable)
+            or (self._may_hand_off is not None and self._may_hand_off(message.text, route))
         ):
             return None
         text = message.text
@@ -270,7 +278,7 @@ class EarlyStarts:
         if early is None or early.outcome == "counted":
             return
         self._in_use.pop(id(early.context.messages), None)
-        used = early.outcome == "used"
+        used = early.outcome == "used" and early.read
         early.outcome = "counted"
         self._count("used" if used else outcome, 0 if used else early.context.tokens)
         # Closed in its own task (the caller may be a turn being cancelled); a used one

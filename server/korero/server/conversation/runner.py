@@ -39,6 +39,7 @@ from korero.server.context.cache import CachedAnswer, CacheLookup, ResponseCache
 from korero.server.conversation.coalesce import DeltaCoalescer
 from korero.server.conversation.early import EarlyStarts
 from korero.server.conversation.generation import AnswerGenerator
+from korero.server.conversation.hooks import HandoffHook
 from korero.server.conversation.tools_loop import ToolLoop, ToolTurn
 from korero.server.conversation.turn import Turn
 from korero.server.conversation.wire import (
@@ -52,6 +53,7 @@ from korero.server.errors import KoreroError, StoreUnavailableError
 from korero.server.llm.provider import TokenUsage, display_model, estimate_tokens
 from korero.server.policy.ratelimit import Admission, RateLimiter
 from korero.server.settings import EngineSettings
+from korero.server.storage.outbox import OutboxWriter
 from korero.server.storage.records import (
     FinishOutcome,
     SessionRecord,
@@ -66,7 +68,8 @@ __all__ = ["MAX_CITATIONS", "REPLAY_EVENTS", "TurnRunner"]
 log = logging.getLogger(__name__)
 
 MAX_CITATIONS = 3
-REPLAY_EVENTS = 4 + MAX_CITATIONS  # turn started, one text delta, citations, usage, done
+REPLAY_EVENTS = 5 + MAX_CITATIONS  # started, rate limit, one delta, citations, usage, done
+_LOG_BATCH = 500
 _CACHED_DELTA_CHARS = 160  # a cached answer is replayed in pieces of about this size
 _JOIN_POLL = 0.05
 _RESOLVE_BACKOFF = 0.1  # seconds; grows per attempt, at most 0.5
@@ -94,6 +97,24 @@ def _replay_pieces(text: str, emit: Callable[[str], None], answer: list[str]) ->
         start = end
 
 
+def _relay(turn: Turn, logged: list[tuple[int, bytes]]) -> bool:
+    """Deliver the followed turn's logged events; True once its terminal event came."""
+    for seq, raw in logged:
+        if seq <= turn.seq:
+            continue
+        event = pb.Event.FromString(raw)
+        if event.turn_id != turn.turn_id and turn.turn_id:
+            turn.seq = max(turn.seq, seq)  # another turn's event: not ours to send
+            continue
+        turn.turn_id = turn.turn_id or event.turn_id
+        if event.WhichOneof("kind") == "turn_started":
+            turn.client_message_id = event.turn_started.client_message_id
+        turn.deliver(event, logged=True)
+        if event.WhichOneof("kind") in ("done", "error"):
+            return True
+    return False
+
+
 def _trace_id(turn: Turn) -> str:
     ctx = turn.span.get_span_context()
     return trace.format_trace_id(ctx.trace_id) if ctx.is_valid else ""
@@ -109,6 +130,7 @@ class _Answer:
     finish: str | None = None
     context: AssembledContext | None = None
     cached: CacheLookup | None = None
+    handoff: pb.HandoffRequested | None = None
     tools: ToolTurn | None = None
     """The turn's tools, when the model was offered any."""
 
@@ -134,8 +156,10 @@ class TurnRunner:
         limiter: RateLimiter | None = None,
         record_cache_request: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        handoff: HandoffHook | None = None,
         tool_loop: ToolLoop | None = None,
         early: EarlyStarts | None = None,
+        outbox: OutboxWriter | None = None,
     ) -> None:
         self._tool_loop = tool_loop
         self._early = early
@@ -150,6 +174,12 @@ class TurnRunner:
         self._limiter = limiter
         self._record_cache_request = record_cache_request or (lambda _hit: None)
         self._clock = clock
+        self._handoff = handoff
+        self._outbox = outbox
+
+    def attach_outbox(self, outbox: OutboxWriter | None) -> None:
+        """Commit each turn to PostgreSQL through this writer before its terminal event."""
+        self._outbox = outbox
 
     # A new turn -----------------------------------------------------------------
 
@@ -163,14 +193,20 @@ class TurnRunner:
     ) -> None:
         assert turn.timings is not None
         timings = turn.timings
-        seq_base = turn.seq
+        if self._handoff is not None:
+            turn.sentiment = self._handoff.reading(turn.plan.signals, history)
         self._announce(turn)
         answer = _Answer(self._model)
 
         def emit_text(text: str) -> None:
-            if timings.first_token is None:
+            first = timings.first_token is None
+            if first:
                 timings.first_token = self._clock()
             turn.publish(text_delta=pb.TextDelta(text=text))
+            if first and self._outbox is not None:
+                # The user message on its way to PostgreSQL, once the first token is out:
+                # the writer's work never competes with the first token.
+                self._outbox.notify()
 
         coalescer = DeltaCoalescer(
             emit_text, self._settings.coalesce_window_ms / 1000, self._settings.coalesce_max_bytes
@@ -187,25 +223,26 @@ class TurnRunner:
                 coalescer.flush()
                 self._absorb_cancel(turn)
                 answer.finish = "cancelled"
-            await self._complete(turn, answer, seq_base, deadline)
-            if self._early is not None:  # persisted: the next message's prompt inputs (early.py)
+            await self._complete(turn, answer, deadline)
+            if self._early is not None and answer.handoff is None:  # the next prompt (early.py)
                 stored = None if answer.finish == "cancelled" else answer.text
                 summary = answer.context.summary if answer.context is not None else None
                 self._early.answered(turn, request, stored, summary)
         except KoreroError as error:
             coalescer.close()
-            await self.fail(turn, error, seq_base, deadline)
+            await self.fail(turn, error, deadline)
         except Exception:
             coalescer.close()
             log.exception("event=turn_failed turn_id=%s", turn.turn_id)
             await self.fail(
                 turn,
                 KoreroError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error"),
-                seq_base,
                 deadline,
             )
         finally:
             lease.cancel()
+        if answer.handoff is not None and self._handoff is not None and turn.result.reason == "":
+            await self._handoff.escalate(turn, answer.handoff)  # after the terminal event
 
     async def _keep_lease(self, turn: Turn) -> None:
         """Renew the turn's lease while it runs; a lease taken over ends the turn."""
@@ -232,6 +269,7 @@ class TurnRunner:
                 model=display_model(self._model),
                 intent=turn.intent,
                 trace_id=_trace_id(turn),
+                sentiment=turn.sentiment,
             )
         )
         if turn.plan.admission is not None:
@@ -273,7 +311,17 @@ class TurnRunner:
         limit = self._clock() + self._settings.turn_timeout
         deadline = limit if deadline is None else min(deadline, limit)
         cached = answer.cached.entry if answer.cached is not None else None
-        if cached is not None:
+        escalation = None
+        if self._handoff is not None:
+            fallback = answer.context is not None and answer.context.fallback is not None
+            escalation = self._handoff.escalation(turn, request.history, fallback=fallback)
+        if escalation is not None:  # the bot says so in plain words, and nothing else
+            answer.context = answer.cached = None
+            _replay_pieces(escalation[0], emit_text, answer.pieces)
+            answer.usage, answer.finish = TokenUsage(0, 0), "stop"
+            answer.handoff = escalation[1]
+            turn.publish(handoff_requested=escalation[1])
+        elif cached is not None:
             answer.model = cached.model or answer.model
             _replay_pieces(cached.answer, emit_text, answer.pieces)
             answer.usage, answer.finish = TokenUsage(0, 0), "stop"
@@ -295,9 +343,7 @@ class TurnRunner:
                 answer.tools,
             )
 
-    async def _complete(
-        self, turn: Turn, answer: _Answer, seq_base: int, deadline: float | None
-    ) -> None:
+    async def _complete(self, turn: Turn, answer: _Answer, deadline: float | None) -> None:
         """Citations and usage, the outcome persisted, then `done`."""
         assert turn.timings is not None
         text = answer.text
@@ -329,10 +375,19 @@ class TurnRunner:
             citations=tuple(sources),
         )
         summary = answer.context.summary if answer.context is not None else None
+        done = pb.TurnDone(
+            finish_reason=FINISH_REASONS.get(finish, pb.FINISH_REASON_STOP),
+            usage=usage_to_pb(usage),
+            timings=turn.timings.to_pb(self._clock()),
+        )
+        if answer.cached is not None:
+            done.cached = True
+            done.cache_age.CopyFrom(duration(answer.cached.age))
+        terminal = turn.prepare(done=done)
         outcome = await self.finish(
             turn,
             record,
-            seq_base,
+            terminal,
             deadline,
             summary=json.dumps(summary, ensure_ascii=False) if summary else "",
             also=self._cache_store_call(
@@ -342,18 +397,11 @@ class TurnRunner:
                 sources,
                 used_tools=answer.tools is not None and answer.tools.used_tools,
             ),
+            cached=answer.cached is not None,
         )
         if not _stored_as(outcome, record):
             raise _lease_lost()  # another instance declared this turn failed
-        done = pb.TurnDone(
-            finish_reason=FINISH_REASONS.get(finish, pb.FINISH_REASON_STOP),
-            usage=usage_to_pb(usage),
-            timings=turn.timings.to_pb(self._clock()),
-        )
-        if answer.cached is not None:
-            done.cached = True
-            done.cache_age.CopyFrom(duration(answer.cached.age))
-        turn.publish(done=done)
+        turn.deliver(terminal, logged=True)
 
     async def _cached_answer(self, turn: Turn, deadline: float | None) -> CacheLookup | None:
         """The cached answer for this turn, waiting for an identical miss in flight if any."""
@@ -433,6 +481,8 @@ class TurnRunner:
                 client_message_id=turn.client_message_id, model=record.model, replayed=True
             )
         )
+        if turn.plan.admission is not None:  # every turn starts with the caller's budget
+            turn.publish(rate_limit=rate_limit_status(turn.plan.admission))
         if record.answer:
             turn.timings.first_token = self._clock()
             turn.publish(text_delta=pb.TextDelta(text=record.answer))
@@ -452,6 +502,39 @@ class TurnRunner:
             )
         )
         assert turn.seq <= seq_base + REPLAY_EVENTS
+
+    async def follow(self, turn: Turn, deadline: float | None, watch: float) -> bool | None:
+        """A turn running on another instance: relay its events from the session's log.
+
+        Events after `turn.seq` are relayed as logged (same seqs) until the
+        turn's terminal event (True). While following, the owner is told someone
+        watches (`watch` seconds at a time), so its detach grace does not cancel
+        it. False when the owner stopped (its lease ran out without a terminal
+        event, or the session is gone); None when `deadline` passed first.
+        """
+        limit = self._clock() + self._settings.turn_timeout
+        deadline = limit if deadline is None else min(deadline, limit)
+        holding = True
+        while self._clock() < deadline:
+            watching = int(watch * 1000) if turn.sinks else 0
+            exists, holder, logged = await self._store.follow_log(
+                turn.tenant, turn.session_id, turn.seq, watching, _LOG_BATCH
+            )
+            if _relay(turn, logged):
+                turn.result.outcome = "followed"
+                if turn.plan.admission is not None:
+                    await self.refund(turn.plan.admission)
+                return True
+            if not exists:
+                return False
+            if holder != turn.turn_id and not logged:
+                if not holding:
+                    return False  # no lease and nothing new twice in a row: the owner is gone
+                holding = False
+            else:
+                holding = True
+            await asyncio.sleep(_JOIN_POLL)
+        return None
 
     async def await_settled(self, turn: Turn, deadline: float) -> bool:
         """Wait while a retried message's turn runs elsewhere with a live lease.
@@ -488,7 +571,12 @@ class TurnRunner:
         if turn.plan.admission is not None:
             await self.refund(turn.plan.admission)  # no tokens were spent on it here
         turn.result.reason = error.reason
-        turn.publish(error=error_event_body(error, turn.client_message_id), advance=advance)
+        event = turn.publish(error=error_event_body(error, turn.client_message_id), advance=advance)
+        if advance:  # in the log too, so a stream resuming from a cursor sees how it ended
+            with contextlib.suppress(KoreroError):
+                await self._store.append_events(
+                    turn.tenant, turn.session_id, "", [(event.seq, event.SerializeToString())]
+                )
 
     # Endings ------------------------------------------------------------------------
 
@@ -504,13 +592,16 @@ class TurnRunner:
         self,
         turn: Turn,
         record: TurnRecord,
-        seq_base: int,
+        terminal: pb.Event,
         deadline: float | None,
         *,
         summary: str = "",
         also: ScriptCall | None = None,
+        cached: bool = False,
     ) -> FinishOutcome:
-        """Persist the outcome before the terminal event; that event's seq counts as issued.
+        """Persist the outcome and log the terminal event (with any events not yet
+        logged) before it is sent; with PostgreSQL configured, then commit the turn
+        there (bounded by KORERO_POSTGRES_COMMIT_WAIT; else it waits in the outbox).
 
         A cache store and the token settlement ride in the same pipeline. When
         Redis does not answer, the outcome is unknown: the finish is sent again
@@ -530,20 +621,30 @@ class TurnRunner:
         if deadline is not None:  # the margin before the client's deadline includes the floor
             give_up = max(min(give_up, deadline), now + _FINISH_FLOOR)
         attempt = 0
+        events = [
+            *(turn.log.take_unlogged(turn.events) if turn.log is not None else []),
+            (terminal.seq, terminal.SerializeToString()),
+        ]
+        timings = turn.timings.to_dict(self._clock()) if turn.timings is not None else None
         with self._tracer.start_as_current_span("korero.persist"):
             while True:
                 try:
                     async with asyncio.timeout(max(0.0, give_up - self._clock())):
-                        return await self._store.finish_turn(
+                        outcome = await self._store.finish_turn(
                             turn.tenant,
                             turn.session_id,
                             turn.client_message_id,
                             record,
-                            seq_base,
-                            turn.seq + 1,
+                            terminal.seq,
+                            events=events,
                             summary=summary,
                             also=calls if attempt == 0 else (),
+                            cached=cached,
+                            timings=timings,
                         )
+                    if self._outbox is not None and outcome.status == "applied":
+                        await self._outbox.commit(turn.tenant, turn.session_id)
+                    return outcome
                 except (StoreUnavailableError, TimeoutError) as error:
                     attempt += 1
                     pause = min(_RESOLVE_BACKOFF * attempt, 0.5)
@@ -555,9 +656,7 @@ class TurnRunner:
                         raise StoreUnavailableError() from error
                     await asyncio.sleep(pause)
 
-    async def fail(
-        self, turn: Turn, error: KoreroError, seq_base: int, deadline: float | None = None
-    ) -> None:
+    async def fail(self, turn: Turn, error: KoreroError, deadline: float | None = None) -> None:
         """End the turn with `error` (persisted as failed, if the store can be reached).
 
         If the store says the turn was answered after all (an earlier finish
@@ -572,13 +671,14 @@ class TurnRunner:
         turn.result.outcome = "error"
         turn.result.reason = error.reason
         record = TurnRecord(turn.turn_id, "failed", finish_reason=error.reason)
+        terminal = turn.prepare(error=error_event_body(error, turn.client_message_id))
         if not turn.unresolved:  # else Redis just had its chance: say so within the deadline
             try:
                 # Frees the response cache's single-flight lock too, if this turn held it.
                 outcome = await self.finish(
                     turn,
                     record,
-                    seq_base,
+                    terminal,
                     deadline,
                     also=self._cache_store_call(turn, None, record, []),
                 )
@@ -590,7 +690,7 @@ class TurnRunner:
                 if stored is not None and stored.status == "done":
                     self._done_from_record(turn, stored)
                     return
-        turn.publish(error=error_event_body(error, turn.client_message_id))
+        turn.deliver(terminal, logged=True)
 
     def _done_from_record(self, turn: Turn, record: TurnRecord) -> None:
         """`done` for a turn whose stored outcome is an answer."""

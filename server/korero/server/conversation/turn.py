@@ -19,6 +19,7 @@ from opentelemetry import trace
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.context.cache import CacheLookup, CacheProbe
 from korero.server.context.router import RouteDecision
+from korero.server.conversation.eventlog import TurnLog
 from korero.server.conversation.wire import duration
 from korero.server.errors import KoreroError
 from korero.server.llm.provider import TokenUsage
@@ -44,6 +45,17 @@ class StageTimings:
     llm_started: float | None = None
     llm_ended: float | None = None
 
+    def to_dict(self, now: float) -> dict[str, float]:
+        """Stage durations in seconds (stored with the answer)."""
+        out = {
+            "session_load": round(self.session_load, 6),
+            "context_assembly": round(self.context_assembly, 6),
+            "total": round(now - self.started, 6),
+        }
+        if self.first_token is not None:
+            out["time_to_first_token"] = round(self.first_token - self.started, 6)
+        return out
+
     def to_pb(self, now: float) -> pb.StageTimings:
         t = pb.StageTimings(
             session_load=duration(self.session_load),
@@ -66,6 +78,8 @@ class TurnPlan:
     cache_probe: CacheProbe | None = None
     kb_version: int = 0
     """The tenant's knowledge-base version when the turn began (0: none)."""
+    signals: dict[str, float] | None = None
+    """Stored with the message for the handoff policy: sentiment, router confidence."""
     early: EarlyAnswer | None = None
     """The upstream request sent before the turn began (conversation/early.py), if any."""
 
@@ -99,10 +113,20 @@ class Turn:
     task: asyncio.Task[None] | None = None
     cancel_reason: KoreroError | None = None
     cancelled_by_client: bool = False
+    sentiment: pb.Sentiment | None = None
+    """The message's sentiment and trend, sent in `turn_started`."""
+    escalation: Any = None
+    """Set when the turn hands the conversation to a human (handoff/triggers.py)."""
     finishing: bool = False
     unresolved: bool = False
     """Persisting the outcome failed without an answer from Redis (outcome unknown)."""
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    log: TurnLog | None = None
+    """Where published events are logged for replay (None: not logged here)."""
+    grace: asyncio.TimerHandle | None = None
+    """The detach grace running while no client is attached."""
+    following: bool = False
+    """This instance relays a turn that runs elsewhere (from the session's log)."""
 
     @property
     def intent(self) -> str:
@@ -118,9 +142,14 @@ class Turn:
     def done(self) -> bool:
         return self.finished.is_set()
 
-    def subscribe(self, sink: EventSink) -> None:
+    def subscribe(self, sink: EventSink, after_seq: int = 0) -> None:
+        """Send the events so far (those above `after_seq`), then the rest live."""
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
         for event in self.events:
-            sink(event)
+            if event.seq > after_seq:
+                sink(event)
         if not self.done:
             self.sinks.append(sink)
 
@@ -128,15 +157,30 @@ class Turn:
         with contextlib.suppress(ValueError):
             self.sinks.remove(sink)
 
-    def publish(self, *, advance: bool = True, **kind: Any) -> pb.Event:
-        """Send an event to every sink; `advance=False` repeats the last seq (outside the log)."""
-        if advance:
-            self.seq += 1
-        event = pb.Event(session_id=self.session_id, turn_id=self.turn_id, seq=self.seq, **kind)
+    def prepare(self, **kind: Any) -> pb.Event:
+        """The next event, numbered but not yet sent (a terminal event is persisted first).
+
+        The number is taken when it is delivered: a prepared event that is dropped
+        (its persistence failed) leaves no gap.
+        """
+        return pb.Event(session_id=self.session_id, turn_id=self.turn_id, seq=self.seq + 1, **kind)
+
+    def deliver(self, event: pb.Event, *, logged: bool = False) -> pb.Event:
+        """Send a prepared (or relayed) event to every sink; log it unless `logged`."""
+        self.seq = max(self.seq, event.seq)
         self.events.append(event)
         for sink in tuple(self.sinks):
             sink(event)
+        if self.log is not None and not logged:
+            self.log.push(event)
         return event
+
+    def publish(self, *, advance: bool = True, **kind: Any) -> pb.Event:
+        """Send an event to every sink; `advance=False` repeats the last seq (outside the log)."""
+        if advance:
+            return self.deliver(self.prepare(**kind))
+        event = pb.Event(session_id=self.session_id, turn_id=self.turn_id, seq=self.seq, **kind)
+        return self.deliver(event, logged=True)
 
     def cancel(self, *, by_client: bool = True, error: KoreroError | None = None) -> None:
         """Stop the turn: by the client (terminal `done` CANCELLED) or with an error."""

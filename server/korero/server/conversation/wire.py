@@ -71,13 +71,20 @@ def session_to_pb(record: SessionRecord) -> pb.Session:
 
 def message_to_pb(message: StoredMessage) -> pb.Message:
     """A stored message as the API's `Message`."""
-    return pb.Message(
-        role=pb.ROLE_USER if message.role == "user" else pb.ROLE_ASSISTANT,
+    role = pb.ROLE_USER if message.role == "user" else pb.ROLE_ASSISTANT
+    out = pb.Message(
+        role=pb.ROLE_AGENT if message.agent else role,
         text=message.text,
         turn_id=message.turn_id,
         client_message_id=message.client_message_id,
         create_time=timestamp(message.created_at),
+        agent_display_name=message.agent,
     )
+    if message.sentiment is not None:
+        out.sentiment.score = message.sentiment
+        if message.trend is not None:
+            out.sentiment.trend = message.trend
+    return out
 
 
 def usage_to_pb(usage: TokenUsage) -> pb.Usage:

@@ -52,7 +52,14 @@ def translate_redis_error(exc: BaseException) -> KoreroError:
     """Map a Redis (or socket) failure to the error clients see."""
     kind = next((k for cls, k in REDIS_ERROR_MAP if isinstance(exc, cls)), _INTERNAL)
     if kind == _UNAVAILABLE:
-        return StoreUnavailableError(f"session store unavailable ({type(exc).__name__})")
+        # An error reply (OOM, READONLY, LOADING, CLUSTERDOWN, MOVED…) means the command
+        # did not run; only a reply that never came leaves the outcome unknown.
+        refused = isinstance(exc, rexc.ResponseError | rexc.RedisClusterException) or isinstance(
+            exc.__cause__ or exc.__context__, ConnectionRefusedError
+        )  # nothing listening: the command was never sent
+        return StoreUnavailableError(
+            f"session store unavailable ({type(exc).__name__})", maybe_applied=not refused
+        )
     return KoreroError(
         grpc.StatusCode.INTERNAL, "STORE_ERROR", f"session store error ({type(exc).__name__})"
     )

@@ -32,6 +32,14 @@ class StoredMessage:
     created_at: float  # unix seconds
     intent: str = ""
     """The router's decision for a user message (empty for answers)."""
+    sentiment: float | None = None
+    """The user message's sentiment score (-1..1), when scored."""
+    trend: float | None = None
+    """The sentiment trend when the user message arrived, when scored."""
+    confidence: float | None = None
+    """The router's confidence for a user message, when routed."""
+    agent: str = ""
+    """The human agent's display name: an answer written by an agent, not the model."""
 
     @property
     def turn_number(self) -> int:
@@ -48,7 +56,15 @@ class StoredMessage:
             d.get("cmid", ""),
             d["ts"] / 1000,
             d.get("intent", ""),
+            _number(d.get("sentiment")),
+            _number(d.get("trend")),
+            _number(d.get("confidence")),
+            d.get("agent", ""),
         )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,20 @@ class SessionRecord:
     message_count: int
     summary: dict[str, Any] = field(default_factory=dict)
     """Summary of older turns kept by context assembly: `{"through": n, "text": ...}`."""
+    seq_top: int = 0
+    """The highest seq a turn in flight may have handed out (its reservation)."""
+    inflight: str = ""
+    """The turn holding the session, if any."""
+    inflight_cmid: str = ""
+    """The client_message_id of that turn."""
+    turn_base: int = 0
+    """The last seq before the turn in flight began (its events are above it)."""
+    log_floor: int = 0
+    """The highest seq trimmed from the event log (a cursor below it cannot be replayed whole)."""
+    rehydrated: bool = False
+    """The session was brought back from PostgreSQL."""
+    missed: tuple[tuple[int, bytes], ...] = ()
+    """On a resume with a cursor: the logged events after it, (seq, event bytes) in order."""
 
     @classmethod
     def from_hash(
@@ -81,6 +111,12 @@ class SessionRecord:
             turn_count=int(h.get("turns", "0")),
             message_count=message_count,
             summary=json.loads(h["summary"]) if h.get("summary") else {},
+            seq_top=int(h.get("seq_top", "0")),
+            inflight=h.get("inflight", ""),
+            inflight_cmid=h.get("inflight_cmid", ""),
+            turn_base=int(h.get("turn_base", "0")),
+            log_floor=int(h.get("log_floor", "0")),
+            rehydrated=h.get("rehydrated") == "1",
         )
 
 
@@ -135,9 +171,11 @@ class TurnBegin:
     - `running`: the message's turn is in flight (maybe on another instance),
       holding a live lease.
     - `busy`: another turn of this session is in flight.
+    - `human`: a human agent owns the session (`turn_id` is the handoff id);
+      nothing was stored and the bot must not answer.
     """
 
-    status: Literal["started", "replay", "running", "busy"]
+    status: Literal["started", "replay", "running", "busy", "human"]
     turn_id: str = ""
     seq_base: int = 0
     record: TurnRecord | None = None

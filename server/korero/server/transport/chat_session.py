@@ -7,6 +7,17 @@ once: one turn at a time (a resend of the message in flight is ignored, any
 other message is refused with `TURN_IN_FLIGHT`), `cancel`, refusals that
 repeat the last seq, heartbeats on a quiet stream, and draining (an idle
 session ends at once, a busy one after its turn's terminal event).
+
+Resume: a stream opened with a cursor first sends the logged events after it,
+then joins the turn in flight (here or on another instance). Its seq never
+goes backwards: a turn event at or below the last one sent is not sent again.
+A stream that ends with a turn in flight detaches from it; the engine cancels
+the turn only when no stream comes back within the detach grace.
+
+Handoff (handoff/): the session also follows its relay feed, so handoff
+events and the agent's messages arrive on the same stream in seq order,
+never in the middle of a bot turn (and not twice after a replay); `handoff`
+(the client asking for a person) is handled here.
 """
 
 from __future__ import annotations
@@ -19,13 +30,19 @@ from typing import Any
 import grpc
 
 from korero.chat.v1 import chat_pb2 as pb
-from korero.server.conversation.engine import ConversationEngine, Turn
+from korero.server.conversation.engine import ConversationEngine, OpenedSession, Turn
+from korero.server.conversation.hooks import RelayFeed
 from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError
 from korero.server.settings import ServerSettings
 from korero.server.transport.outbound import OutboundQueue, queue_full
 
-__all__ = ["ChatSession", "StreamRules", "read_first_frame"]
+__all__ = ["ChatSession", "StreamRules", "cursor_of", "read_first_frame"]
+
+
+def cursor_of(start: pb.StartSession) -> int | None:
+    """The resume cursor of a `start` frame (None when not set)."""
+    return start.after_seq if start.HasField("after_seq") else None
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,18 @@ async def read_first_frame(
 
 
 _TERMINAL = frozenset({"done", "error"})
+RELAYED = frozenset(
+    {
+        "handoff_requested",
+        "handoff_queued",
+        "agent_joined",
+        "agent_message",
+        "agent_left",
+        "handoff_ended",
+        "message_relayed",
+    }
+)
+"""Events from the session's relay feed (handoff/), numbered like every event."""
 
 
 class _Signal:
@@ -105,22 +134,23 @@ class ChatSession:
     """One session being talked to over a full-duplex transport."""
 
     # One per open stream (10,000s of them): slots, and no closures of its own.
-    __slots__ = ("__weakref__", "_active", "_deadline", "_engine", "_heartbeat", "_interval",
-                 "_loop", "_out", "draining", "failure", "last_seq", "on_overflow",
-                 "session_id", "tenant", "turn")  # fmt: skip
+    # Keep this list in step with the attributes `__init__` and the methods set.
+    __slots__ = ("__weakref__", "_deadline", "_engine", "_feed", "_heartbeat", "_interval",
+                 "_loop", "_out", "_requests", "_resume", "_sent_at", "draining", "failure",
+                 "last_seq", "on_overflow", "session_id", "tenant", "turn")  # fmt: skip
 
     def __init__(
         self,
         engine: ConversationEngine,
         tenant: str,
-        started: pb.Event,
+        opened: OpenedSession,
         rules: StreamRules,
         deadline: Callable[[], float | None] = lambda: None,
     ) -> None:
         self._engine = engine
         self.tenant = tenant
-        self.session_id = started.session_id
-        self.last_seq = started.seq
+        self.session_id = opened.session_id
+        self.last_seq = opened.started.seq
         self.turn: Turn | None = None
         self.draining = False
         """Set once the server started draining; the transport then says goodbye."""
@@ -133,10 +163,27 @@ class ChatSession:
         self._deadline = deadline
         self._out: OutboundQueue[_Signal] = rules.outbound_queue()
         self._out.on_overflow = self._overflowed
-        self._active = True  # something was sent since the last heartbeat check
         self._interval = rules.heartbeat_interval
         self._loop = asyncio.get_running_loop()
+        self._sent_at = self._loop.time()  # the last time anything was sent
         self._heartbeat = self._loop.call_later(self._interval, self._tick)
+        self._resume: OpenedSession | None = None
+        if opened.started.session_started.HasField("replay"):
+            self._resume = opened  # replayed by `outbound()`, outside the bounded queue
+        self._feed: RelayFeed | None = None
+        self._requests: set[asyncio.Task[None]] = set()
+        handoff = engine.handoff
+        if handoff is not None:
+            self._feed = handoff.feed(
+                tenant, self.session_id, opened.started.seq, self._out.put, self._turn_wait
+            )
+
+    def _turn_wait(self) -> asyncio.Future[None] | None:
+        """What relay events wait for: the end of the bot turn in flight, if any."""
+        turn = self.turn
+        if turn is None or turn.done:
+            return None
+        return asyncio.ensure_future(turn.wait())
 
     @property
     def overflowed(self) -> bool:
@@ -156,6 +203,8 @@ class ChatSession:
         )
 
     def _sink(self, event: pb.Event) -> None:
+        if self._feed is not None and event.WhichOneof("kind") == "message_relayed":
+            return  # it comes through the relay feed, in order with the agent's messages
         self._out.put(event)
 
     def _overflowed(self) -> None:
@@ -168,10 +217,15 @@ class ChatSession:
         self.on_overflow()
 
     def _tick(self) -> None:
-        if not self._active and not len(self._out):  # a client that is not reading: no pile
-            self._out.put(_HEARTBEAT)
-        self._active = False
-        self._heartbeat = self._loop.call_later(self._interval, self._tick)
+        """A heartbeat once the stream has been quiet for the interval (not up to twice it);
+        none for a client that is not reading (no pile)."""
+        quiet = self._loop.time() - self._sent_at
+        if quiet >= self._interval * 0.999:
+            if not len(self._out):
+                self._out.put(_HEARTBEAT)
+            self._sent_at = self._loop.time()
+            quiet = 0.0
+        self._heartbeat = self._loop.call_later(self._interval - quiet, self._tick)
 
     # Inbound ------------------------------------------------------------------
 
@@ -185,6 +239,10 @@ class ChatSession:
             wanted = request.cancel.turn_id
             if turn is not None and (not wanted or wanted == turn.turn_id):
                 turn.cancel()
+        elif kind == "handoff":
+            task = asyncio.create_task(self._on_handoff(request.handoff))
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
         elif kind == "start":
             self._out.put(
                 self.rejection(
@@ -197,6 +255,24 @@ class ChatSession:
             self._out.put(
                 self.rejection(InvalidArgumentError("REQUEST_EMPTY", "the request sets no kind"))
             )
+
+    async def _on_handoff(self, request: pb.RequestHandoff) -> None:
+        """The client asks for a person: end the bot's turn in flight, then hand over."""
+        handoff = self._engine.handoff
+        try:
+            if handoff is None:
+                raise KoreroError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "HANDOFF_UNAVAILABLE",
+                    "handing over to a human is not available here",
+                )
+            turn = self.turn
+            if turn is not None and not turn.done:
+                turn.cancel()
+                await turn.wait()
+            await handoff.request(self.tenant, self.session_id, request.reason)
+        except KoreroError as error:
+            self._out.put(self.rejection(error))
 
     async def _on_message(self, message: pb.UserMessage) -> None:
         current = self.turn
@@ -217,7 +293,12 @@ class ChatSession:
         if self.draining:
             return
         try:
-            self.turn = await self._engine.start_turn(
+            if self._feed is not None and self._feed.active:
+                # Relay events not yet delivered go before this message's events.
+                await self._feed.catch_up()
+                # A person may own the session now: no early upstream request (early.py).
+                self._engine.forget_early(self.tenant, self.session_id)
+            self.turn = await self._engine.start_turn_shielded(
                 self.tenant, self.session_id, message, self._sink, self._deadline()
             )
         except KoreroError as error:
@@ -245,8 +326,38 @@ class ChatSession:
 
     # Outbound -----------------------------------------------------------------
 
+    def _join(self, opened: OpenedSession) -> None:
+        self.turn = self._engine.join_live(
+            self.tenant,
+            self.session_id,
+            opened.inflight,
+            opened.cursor,
+            self._sink,
+            self._deadline(),
+            opened.inflight_cmid,
+        )
+
+    async def _replayed(self) -> AsyncIterator[pb.Event]:
+        """On a resume from a cursor: the missed events, as logged (never merged or
+        dropped), then the turn in flight joined live (before the last one goes out,
+        so a client that has caught up finds the turn already followed)."""
+        opened, self._resume = self._resume, None
+        if opened is None:
+            return
+        missed = [e for e in opened.missed if e.seq > self.last_seq]
+        for index, event in enumerate(missed):
+            if index == len(missed) - 1:
+                self._join(opened)
+            self._sent_at = self._loop.time()
+            self.last_seq = event.seq
+            yield event
+        if not missed:
+            self._join(opened)
+
     async def outbound(self) -> AsyncIterator[pb.Event]:
         """Events to send, until the client is done or the server drains."""
+        async for event in self._replayed():
+            yield event
         while True:
             item = await self._out.get()
             if item is None:  # overflowed: `failure` says so
@@ -263,15 +374,21 @@ class ChatSession:
                 if not self.turn_in_flight:
                     return
                 continue
-            self._active = True
+            if (item.turn_id or item.WhichOneof("kind") in RELAYED) and item.seq <= self.last_seq:
+                continue  # already sent (a replay overlapping the live turn): never backwards
+            self._sent_at = self._loop.time()
             self.last_seq = max(self.last_seq, item.seq)
             yield item
             if self.draining and item.WhichOneof("kind") in _TERMINAL:
                 return
 
     def close(self) -> None:
-        """Stop the heartbeat; a turn still in flight is cancelled (stops the upstream call)."""
+        """Stop the heartbeat; detach from a turn still in flight (cancelled after the grace,
+        which stops the upstream call, unless a stream resumes it)."""
         self._heartbeat.cancel()
+        if self._feed is not None:
+            self._feed.close()
+        for task in self._requests:
+            task.cancel()
         if self.turn is not None and not self.turn.done:
-            self.turn.unsubscribe(self._sink)
-            self.turn.cancel()
+            self._engine.detach(self.turn, self._sink)

@@ -33,7 +33,12 @@ from korero.server.errors import (
     ShuttingDownError,
 )
 from korero.server.telemetry import Metrics
-from korero.server.transport.chat_session import ChatSession, StreamRules, read_first_frame
+from korero.server.transport.chat_session import (
+    ChatSession,
+    StreamRules,
+    cursor_of,
+    read_first_frame,
+)
 from korero.server.transport.interceptors import current_identity
 from korero.server.transport.lifecycle import Lifecycle
 from korero.server.transport.outbound import OutboundQueue, StreamWriter, queue_full
@@ -143,6 +148,12 @@ class ChatServicer:
                 pb.ListMessagesRequest,
                 pb.ListMessagesResponse,
             ),
+            "DeleteSession": handler(
+                self.DeleteSession,
+                grpc.stream_unary_rpc_method_handler,
+                pb.DeleteSessionRequest,
+                pb.DeleteSessionResponse,
+            ),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         server.add_registered_method_handlers(SERVICE, handlers)
@@ -189,18 +200,16 @@ class ChatServicer:
             )
             self._lifecycle.check_open()
             tenant = self._tenant()
-            started = await self._engine.open_session(
-                tenant, first.start.session_id, first.start.metadata
+            opened = await self._engine.open_session(
+                tenant, first.start.session_id, first.start.metadata, cursor_of(first.start)
             )
         except KoreroError as error:
             await abort_with_error(context, error)
-        session = ChatSession(
-            self._engine, tenant, started, self._rules, lambda: _deadline(context)
-        )
+        session = ChatSession(self._engine, tenant, opened, self._rules, lambda: _deadline(context))
         writer = StreamWriter(context.write)
         session.on_overflow = writer.interrupt
-        await writer.write(pb.ChatResponse(event=started))
-        del first, started  # not held (with their protobuf arenas) for the stream's lifetime
+        await writer.write(pb.ChatResponse(event=opened.started))
+        del first, opened  # not held (protobuf arenas, replayed events) for the stream's life
         self._lifecycle.register(session)
         self._metrics.active_streams.inc()
         reader = asyncio.create_task(self._read(request_iterator, session))
@@ -219,7 +228,7 @@ class ChatServicer:
             reader.cancel()
             self._lifecycle.unregister(session)
             self._metrics.active_streams.dec()
-            session.close()  # a turn still in flight: the client went away, stop it
+            session.close()  # a turn still in flight: cancelled unless resumed within the grace
         return
         yield  # pragma: no cover - an async generator, see above
 
@@ -268,14 +277,17 @@ class ChatServicer:
                 self._engine.check_message(request.message)  # before a session is created
                 session_id = request.session_id
                 if not session_id:
-                    started = await self._engine.open_session(tenant, "", request.metadata)
-                    session_id = started.session_id
-                    out.put(started)
-                turn = await self._engine.start_turn(
-                    tenant, session_id, request.message, out.put, _deadline(context)
-                )
+                    opened = await self._engine.open_session(tenant, "", request.metadata)
+                    session_id = opened.session_id
+                    out.put(opened.started)
+                replay, turn = await self._send_turn(tenant, session_id, request, out, context)
             except KoreroError as error:
                 await abort_with_error(context, error)
+            for logged in replay:  # a retried call's logged events, outside the bounded queue
+                if not await writer.write(pb.SendMessageResponse(event=logged)):
+                    return
+                if logged.WhichOneof("kind") in _TERMINAL:
+                    return
             while (event := await out.get()) is not None:
                 if not await writer.write(pb.SendMessageResponse(event=event)):
                     break
@@ -285,9 +297,35 @@ class ChatServicer:
         finally:
             self._metrics.active_streams.dec()
             if turn is not None and not turn.done:
-                turn.unsubscribe(out.put)
-                turn.cancel()
+                # The client went away: cancelled unless it comes back within the grace.
+                self._engine.detach(turn, out.put)
         yield  # pragma: no cover - an async generator, see Chat
+
+    async def _send_turn(
+        self,
+        tenant: str,
+        session_id: str,
+        request: pb.SendMessageRequest,
+        out: OutboundQueue[None],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tuple[list[pb.Event], Turn | None]:
+        """The turn of a SendMessage call; with `after_seq`, a retry of a call that broke
+        off gets the rest of that same turn (logged events first, then live), not a replay."""
+        if request.HasField("after_seq") and request.session_id:
+            resumed = await self._engine.resume_turn(
+                tenant,
+                session_id,
+                request.message.client_message_id,
+                request.after_seq,
+                out.put,
+                _deadline(context),
+            )
+            if resumed is not None:
+                return resumed
+        turn = await self._engine.start_turn_shielded(
+            tenant, session_id, request.message, out.put, _deadline(context)
+        )
+        return [], turn
 
     # Unary reads -----------------------------------------------------------------------
 
@@ -318,3 +356,17 @@ class ChatServicer:
             )
         except KoreroError as error:
             await abort_with_error(context, error)
+
+    async def DeleteSession(  # noqa: N802 - the gRPC method name
+        self,
+        requests: AsyncIterator[pb.DeleteSessionRequest],
+        context: grpc.aio.ServicerContext[pb.DeleteSessionRequest, pb.DeleteSessionResponse],
+    ) -> pb.DeleteSessionResponse:
+        try:
+            request = await self._request(requests)
+            await self._engine.delete_session(
+                self._tenant(), request.session_id, request.allow_missing
+            )
+        except KoreroError as error:
+            await abort_with_error(context, error)
+        return pb.DeleteSessionResponse()

@@ -6,9 +6,11 @@ them. A client that stops reading must not make the server hold events
 without bound, so a queue holds at most `max_events` events and `max_bytes`
 bytes of them (`KORERO_STREAM_QUEUE_EVENTS`, `KORERO_STREAM_QUEUE_BYTES`):
 
-1. a text delta is merged into a text delta of the same turn still waiting
-   at the tail — no text is lost, there are just fewer, larger deltas (and
-   the seqs of the merged ones are skipped; seq still only increases);
+1. once the queue is half full, a text delta is merged into a text delta of
+   the same turn still waiting at the tail — no text is lost, there are just
+   fewer, larger deltas (and the seqs of the merged ones are skipped; seq
+   still only increases). Below half, nothing is merged: a client that keeps
+   up sees every seq, 1, 2, 3, … (the resume cursor's "no gap");
 2. past either bound anyway, the queue drops everything it holds, takes
    nothing more and calls `on_overflow`: the transport ends the stream with
    RESOURCE_EXHAUSTED `STREAM_QUEUE_FULL` (WebSocket: close 1013).
@@ -95,8 +97,11 @@ class OutboundQueue(Generic[_S]):
         self._wake()
 
     def _merge(self, event: pb.Event) -> bool:
-        """Fold a text delta into a text delta of the same turn waiting at the tail."""
+        """Fold a text delta into a text delta of the same turn waiting at the tail,
+        once the queue is half full."""
         if not self._items or event.WhichOneof("kind") != "text_delta":  # None or empty
+            return False
+        if self._events < self._max_events // 2 and self._bytes < self._max_bytes // 2:
             return False
         tail, size = self._items[-1]
         if (

@@ -1,7 +1,8 @@
 """The WebSocket transport: one session per socket, over the conversation engine.
 
 Browsers cannot open a gRPC bidirectional stream, so Envoy routes `/ws/`
-here. The adapter is as thin as the gRPC servicer: frames in become engine
+here (`/ws/chat` for customers; `/ws/agent`, the agent desk, is in
+agent_socket.py). The adapter is as thin as the gRPC servicer: frames in become engine
 calls, engine events out become frames. It mirrors `ChatService.Chat`:
 
 * Framing. Every WebSocket message is one whole protobuf message: client to
@@ -39,6 +40,8 @@ import binascii
 import contextlib
 import json
 import logging
+import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -53,8 +56,15 @@ from korero.chat.v1 import chat_pb2 as pb
 from korero.server.conversation.engine import ConversationEngine
 from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
+from korero.server.handoff.service import HandoffService
 from korero.server.policy.gate import CallGate
-from korero.server.transport.chat_session import ChatSession, StreamRules, read_first_frame
+from korero.server.transport.agent_socket import AGENT_PATH, PROTOCOLS, AgentSocket
+from korero.server.transport.chat_session import (
+    ChatSession,
+    StreamRules,
+    cursor_of,
+    read_first_frame,
+)
 from korero.server.transport.outbound import StreamWriter, queue_full
 
 __all__ = [
@@ -259,17 +269,17 @@ class _ChatSocket:
             # The same gate as every gRPC call: authenticate, scope, tenant call limit.
             identity = await self._gate.admit(CHAT_METHOD, self._authorization, peer=self._peer)
             tenant = identity.tenant
-            started = await self._engine.open_session(
-                tenant, first.start.session_id, first.start.metadata
+            opened = await self._engine.open_session(
+                tenant, first.start.session_id, first.start.metadata, cursor_of(first.start)
             )
         except KoreroError as error:
             await conn.fail(error)
             return
-        session = ChatSession(self._engine, tenant, started, self._rules)
+        session = ChatSession(self._engine, tenant, opened, self._rules)
         conn.session = session
         writer: StreamWriter[pb.Event] = StreamWriter(lambda event: conn.codec.send(conn.ws, event))
         session.on_overflow = writer.interrupt
-        await writer.write(started)
+        await writer.write(opened.started)
         reader = asyncio.create_task(self._read(session))
         try:
             async for event in session.outbound():
@@ -284,7 +294,7 @@ class _ChatSocket:
             pass  # the socket went away while we wrote to it
         finally:
             reader.cancel()
-            session.close()  # a turn still in flight: the client went away, stop it
+            session.close()  # a turn still in flight: cancelled unless resumed within the grace
 
     async def _receive(self) -> WSMessage | None:
         """The next data message, or None when the socket closed."""
@@ -355,11 +365,17 @@ class WebSocketServer:
         listen: str,
         rules: StreamRules,
         web_root: Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        routes: Sequence[web.RouteDef] = (),
+        handoff: HandoffService | None = None,
     ) -> None:
         self._engine = engine
+        self._handoff = handoff
         self._gate = gate
         self._listen = listen
         self._rules = rules
+        self._ssl_context = ssl_context
+        self._routes = tuple(routes)
         self._connections: set[_Connection] = set()
         self._draining = False
         self._runner: web.AppRunner | None = None
@@ -379,7 +395,10 @@ class WebSocketServer:
     def build_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get(CHAT_PATH, self._chat)
+        if self._handoff is not None:
+            app.router.add_get(AGENT_PATH, self._agent)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_routes(self._routes)
         if self._web_root is not None:
             app.router.add_get("/", self._page)
             app.router.add_get("/{name}", self._page)
@@ -400,6 +419,7 @@ class WebSocketServer:
                 host or "127.0.0.1",
                 int(port),
                 reuse_port=True,
+                ssl=self._ssl_context,
             )
         except OSError:
             await runner.cleanup()
@@ -460,6 +480,30 @@ class WebSocketServer:
             conn.ended.set_result(None)
             if not ws.closed:
                 await conn.close(int(WSCloseCode.OK), "")
+        return ws
+
+    async def _agent(self, request: web.Request) -> web.StreamResponse:
+        """An agent desk (agent_socket.py)."""
+        assert self._handoff is not None
+        ws = web.WebSocketResponse(protocols=PROTOCOLS, max_msg_size=_MAX_FRAME_BYTES)
+        await ws.prepare(request)
+        if self._draining:
+            await ws.close(code=int(WSCloseCode.SERVICE_RESTART), message=b"UNAVAILABLE draining")
+            return ws
+        try:  # desks are not drained: an agent reconnects within the grace period
+            await AgentSocket(
+                ws,
+                service=self._handoff,
+                gate=self._gate,
+                authorization=_authorization_from_handshake(request),
+                heartbeat_interval=self._rules.heartbeat_interval,
+                first_frame_timeout=self._rules.first_frame_timeout,
+            ).run()
+        except Exception:
+            log.exception("event=ws_agent_failed")
+        finally:
+            if not ws.closed:
+                await ws.close()
         return ws
 
     async def _healthz(self, request: web.Request) -> web.StreamResponse:

@@ -65,6 +65,8 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
     """The end user."""
     ROLE_ASSISTANT: _Role.ValueType  # 2
     """The assistant (the model)."""
+    ROLE_AGENT: _Role.ValueType  # 3
+    """A human agent."""
 
 class Role(_Role, metaclass=_RoleEnumTypeWrapper):
     """Role is the author of a message."""
@@ -75,7 +77,81 @@ ROLE_USER: Role.ValueType  # 1
 """The end user."""
 ROLE_ASSISTANT: Role.ValueType  # 2
 """The assistant (the model)."""
+ROLE_AGENT: Role.ValueType  # 3
+"""A human agent."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
+
+class _HandoffTrigger:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HandoffTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HandoffTrigger.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HANDOFF_TRIGGER_UNSPECIFIED: _HandoffTrigger.ValueType  # 0
+    """Not set."""
+    HANDOFF_TRIGGER_HUMAN_REQUEST: _HandoffTrigger.ValueType  # 1
+    """The router classified a message as a request for a person."""
+    HANDOFF_TRIGGER_NEGATIVE_SENTIMENT: _HandoffTrigger.ValueType  # 2
+    """A message, or the trend of the last messages, was too negative."""
+    HANDOFF_TRIGGER_REPEATED_FALLBACK: _HandoffTrigger.ValueType  # 3
+    """The bot could not answer (fallback) several times in a row."""
+    HANDOFF_TRIGGER_LOW_CONFIDENCE: _HandoffTrigger.ValueType  # 4
+    """The router was unsure of several messages in a row."""
+    HANDOFF_TRIGGER_COMPLAINT: _HandoffTrigger.ValueType  # 5
+    """The router classified a message as a complaint."""
+    HANDOFF_TRIGGER_CLIENT_REQUEST: _HandoffTrigger.ValueType  # 6
+    """The client sent `RequestHandoff`."""
+    HANDOFF_TRIGGER_AGENT_PICK: _HandoffTrigger.ValueType  # 7
+    """An agent picked the conversation from the desk."""
+
+class HandoffTrigger(_HandoffTrigger, metaclass=_HandoffTriggerEnumTypeWrapper):
+    """HandoffTrigger is what handed a conversation to a human."""
+
+HANDOFF_TRIGGER_UNSPECIFIED: HandoffTrigger.ValueType  # 0
+"""Not set."""
+HANDOFF_TRIGGER_HUMAN_REQUEST: HandoffTrigger.ValueType  # 1
+"""The router classified a message as a request for a person."""
+HANDOFF_TRIGGER_NEGATIVE_SENTIMENT: HandoffTrigger.ValueType  # 2
+"""A message, or the trend of the last messages, was too negative."""
+HANDOFF_TRIGGER_REPEATED_FALLBACK: HandoffTrigger.ValueType  # 3
+"""The bot could not answer (fallback) several times in a row."""
+HANDOFF_TRIGGER_LOW_CONFIDENCE: HandoffTrigger.ValueType  # 4
+"""The router was unsure of several messages in a row."""
+HANDOFF_TRIGGER_COMPLAINT: HandoffTrigger.ValueType  # 5
+"""The router classified a message as a complaint."""
+HANDOFF_TRIGGER_CLIENT_REQUEST: HandoffTrigger.ValueType  # 6
+"""The client sent `RequestHandoff`."""
+HANDOFF_TRIGGER_AGENT_PICK: HandoffTrigger.ValueType  # 7
+"""An agent picked the conversation from the desk."""
+Global___HandoffTrigger: _TypeAlias = HandoffTrigger  # noqa: Y015
+
+class _HandoffOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HandoffOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HandoffOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HANDOFF_OUTCOME_UNSPECIFIED: _HandoffOutcome.ValueType  # 0
+    """Not set."""
+    HANDOFF_OUTCOME_RETURNED_TO_BOT: _HandoffOutcome.ValueType  # 1
+    """The agent handed the conversation back: the bot answers again."""
+    HANDOFF_OUTCOME_CLOSED: _HandoffOutcome.ValueType  # 2
+    """The agent closed the conversation with a disposition."""
+    HANDOFF_OUTCOME_ABANDONED: _HandoffOutcome.ValueType  # 3
+    """The customer left before an agent joined."""
+
+class HandoffOutcome(_HandoffOutcome, metaclass=_HandoffOutcomeEnumTypeWrapper):
+    """HandoffOutcome is how a handoff ended."""
+
+HANDOFF_OUTCOME_UNSPECIFIED: HandoffOutcome.ValueType  # 0
+"""Not set."""
+HANDOFF_OUTCOME_RETURNED_TO_BOT: HandoffOutcome.ValueType  # 1
+"""The agent handed the conversation back: the bot answers again."""
+HANDOFF_OUTCOME_CLOSED: HandoffOutcome.ValueType  # 2
+"""The agent closed the conversation with a disposition."""
+HANDOFF_OUTCOME_ABANDONED: HandoffOutcome.ValueType  # 3
+"""The customer left before an agent joined."""
+Global___HandoffOutcome: _TypeAlias = HandoffOutcome  # noqa: Y015
 
 class _ToolCallStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -142,6 +218,7 @@ class ChatRequest(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    HANDOFF_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___StartSession:
         """Start a new session, or resume one when `session_id` is set.
@@ -156,18 +233,25 @@ class ChatRequest(_message.Message):
     def cancel(self) -> Global___CancelTurn:
         """Cancel the turn in flight."""
 
+    @_builtins.property
+    def handoff(self) -> Global___RequestHandoff:
+        """Ask for a human agent: the bot stops answering and the session is
+        queued for the tenant's agent desk.
+        """
+
     def __init__(
         self,
         *,
         start: Global___StartSession | None = ...,
         message: Global___UserMessage | None = ...,
         cancel: Global___CancelTurn | None = ...,
+        handoff: Global___RequestHandoff | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "kind", b"kind", "message", b"message", "start", b"start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "handoff", b"handoff", "kind", b"kind", "message", b"message", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "kind", b"kind", "message", b"message", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "handoff", b"handoff", "kind", b"kind", "message", b"message", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start", "message", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start", "message", "cancel", "handoff"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -205,8 +289,15 @@ class StartSession(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session to resume. Empty starts a new session."""
+    after_seq: _builtins.int
+    """The resume cursor: the last `seq` the client received on this session.
+    When set, the server first replays every event with a higher seq, in
+    order, then continues live (joining a turn still in flight). Unset: no
+    replay. `SessionStarted.replay` says what was replayed.
+    """
     @_builtins.property
     def metadata(self) -> Global___SessionMetadata:
         """Facts about the customer, put into the prompt. Stored on a new session;
@@ -218,12 +309,15 @@ class StartSession(_message.Message):
         *,
         session_id: _builtins.str = ...,
         metadata: Global___SessionMetadata | None = ...,
+        after_seq: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "metadata", b"metadata", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__after_seq: _TypeAlias = _typing.Literal["after_seq"]  # noqa: Y015
+    _WhichOneofArgType__after_seq: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_seq) -> _WhichOneofReturnType__after_seq | None: ...
 
 Global___StartSession: _TypeAlias = StartSession  # noqa: Y015
 
@@ -279,6 +373,28 @@ class CancelTurn(_message.Message):
 Global___CancelTurn: _TypeAlias = CancelTurn  # noqa: Y015
 
 @_typing.final
+class RequestHandoff(_message.Message):
+    """RequestHandoff asks for a human agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, in the customer's words (optional); shown to the agent."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestHandoff: _TypeAlias = RequestHandoff  # noqa: Y015
+
+@_typing.final
 class SendMessageRequest(_message.Message):
     """SendMessageRequest runs one turn."""
 
@@ -287,8 +403,14 @@ class SendMessageRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session. Empty starts a new session whose id arrives in the events."""
+    after_seq: _builtins.int
+    """The resume cursor, for a client whose earlier `SendMessage` call with the
+    same `client_message_id` broke off: the turn's events with a higher seq
+    are sent (from the event log, then live) instead of a replayed turn.
+    """
     @_builtins.property
     def metadata(self) -> Global___SessionMetadata:
         """Metadata for a new session (ignored on an existing one)."""
@@ -303,12 +425,15 @@ class SendMessageRequest(_message.Message):
         session_id: _builtins.str = ...,
         metadata: Global___SessionMetadata | None = ...,
         message: Global___UserMessage | None = ...,
+        after_seq: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "message", b"message", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "metadata", b"metadata", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "message", b"message", "metadata", b"metadata", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__after_seq: _TypeAlias = _typing.Literal["after_seq"]  # noqa: Y015
+    _WhichOneofArgType__after_seq: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_seq) -> _WhichOneofReturnType__after_seq | None: ...
 
 Global___SendMessageRequest: _TypeAlias = SendMessageRequest  # noqa: Y015
 
@@ -441,6 +566,49 @@ class ListMessagesResponse(_message.Message):
 Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015
 
 @_typing.final
+class DeleteSessionRequest(_message.Message):
+    """DeleteSessionRequest names the session to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ALLOW_MISSING_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session id."""
+    allow_missing: _builtins.bool
+    """When true, deleting a session that does not exist succeeds (AIP-135)."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        allow_missing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSessionRequest: _TypeAlias = DeleteSessionRequest  # noqa: Y015
+
+@_typing.final
+class DeleteSessionResponse(_message.Message):
+    """DeleteSessionResponse confirms the deletion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSessionResponse: _TypeAlias = DeleteSessionResponse  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
     """Event is one thing that happened in a session, as streamed to the client."""
 
@@ -458,6 +626,13 @@ class Event(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     CITATION_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    HANDOFF_REQUESTED_FIELD_NUMBER: _builtins.int
+    HANDOFF_QUEUED_FIELD_NUMBER: _builtins.int
+    AGENT_JOINED_FIELD_NUMBER: _builtins.int
+    AGENT_MESSAGE_FIELD_NUMBER: _builtins.int
+    AGENT_LEFT_FIELD_NUMBER: _builtins.int
+    HANDOFF_ENDED_FIELD_NUMBER: _builtins.int
+    MESSAGE_RELAYED_FIELD_NUMBER: _builtins.int
     TOOL_CALL_STARTED_FIELD_NUMBER: _builtins.int
     TOOL_CALL_FINISHED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
@@ -466,7 +641,9 @@ class Event(_message.Message):
     """The turn this event belongs to; empty for session-level events."""
     seq: _builtins.int
     """Per-session, strictly increasing sequence number: the resume cursor.
-    Heartbeats repeat the last number issued and do not advance it.
+    Events of the session's log (turn events) each have their own seq;
+    `session_started`, heartbeats and rejections repeat the stream's last
+    seq and do not advance it.
     """
     @_builtins.property
     def session_started(self) -> Global___SessionStarted:
@@ -505,6 +682,36 @@ class Event(_message.Message):
         """The caller's remaining rate-limit budget."""
 
     @_builtins.property
+    def handoff_requested(self) -> Global___HandoffRequested:
+        """A human agent was asked for: the bot stops answering."""
+
+    @_builtins.property
+    def handoff_queued(self) -> Global___HandoffQueued:
+        """The session waits in the agent queue (sent again when its place changes)."""
+
+    @_builtins.property
+    def agent_joined(self) -> Global___AgentJoined:
+        """A human agent joined the conversation."""
+
+    @_builtins.property
+    def agent_message(self) -> Global___AgentMessage:
+        """A message from the human agent."""
+
+    @_builtins.property
+    def agent_left(self) -> Global___AgentLeft:
+        """The human agent left the conversation."""
+
+    @_builtins.property
+    def handoff_ended(self) -> Global___HandoffEnded:
+        """The handoff ended: the bot answers again, or the conversation was closed."""
+
+    @_builtins.property
+    def message_relayed(self) -> Global___MessageRelayed:
+        """A message sent while a human owns the session was delivered to the
+        agent desk (it ends that message's `send`; the bot does not answer).
+        """
+
+    @_builtins.property
     def tool_call_started(self) -> Global___ToolCallStarted:
         """The assistant started a tool call for live data (flight status, a booking)."""
 
@@ -527,14 +734,21 @@ class Event(_message.Message):
         error: Global___TurnError | None = ...,
         citation: Global___Citation | None = ...,
         rate_limit: Global___RateLimitStatus | None = ...,
+        handoff_requested: Global___HandoffRequested | None = ...,
+        handoff_queued: Global___HandoffQueued | None = ...,
+        agent_joined: Global___AgentJoined | None = ...,
+        agent_message: Global___AgentMessage | None = ...,
+        agent_left: Global___AgentLeft | None = ...,
+        handoff_ended: Global___HandoffEnded | None = ...,
+        message_relayed: Global___MessageRelayed | None = ...,
         tool_call_started: Global___ToolCallStarted | None = ...,
         tool_call_finished: Global___ToolCallFinished | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["citation", b"citation", "done", b"done", "error", b"error", "heartbeat", b"heartbeat", "kind", b"kind", "rate_limit", b"rate_limit", "session_started", b"session_started", "text_delta", b"text_delta", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_joined", b"agent_joined", "agent_left", b"agent_left", "agent_message", b"agent_message", "citation", b"citation", "done", b"done", "error", b"error", "handoff_ended", b"handoff_ended", "handoff_queued", b"handoff_queued", "handoff_requested", b"handoff_requested", "heartbeat", b"heartbeat", "kind", b"kind", "message_relayed", b"message_relayed", "rate_limit", b"rate_limit", "session_started", b"session_started", "text_delta", b"text_delta", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["citation", b"citation", "done", b"done", "error", b"error", "heartbeat", b"heartbeat", "kind", b"kind", "rate_limit", b"rate_limit", "seq", b"seq", "session_id", b"session_id", "session_started", b"session_started", "text_delta", b"text_delta", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started", "turn_id", b"turn_id", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_joined", b"agent_joined", "agent_left", b"agent_left", "agent_message", b"agent_message", "citation", b"citation", "done", b"done", "error", b"error", "handoff_ended", b"handoff_ended", "handoff_queued", b"handoff_queued", "handoff_requested", b"handoff_requested", "heartbeat", b"heartbeat", "kind", b"kind", "message_relayed", b"message_relayed", "rate_limit", b"rate_limit", "seq", b"seq", "session_id", b"session_id", "session_started", b"session_started", "text_delta", b"text_delta", "tool_call_finished", b"tool_call_finished", "tool_call_started", b"tool_call_started", "turn_id", b"turn_id", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["session_started", "turn_started", "text_delta", "usage", "heartbeat", "done", "error", "citation", "rate_limit", "tool_call_started", "tool_call_finished"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["session_started", "turn_started", "text_delta", "usage", "heartbeat", "done", "error", "citation", "rate_limit", "handoff_requested", "handoff_queued", "agent_joined", "agent_message", "agent_left", "handoff_ended", "message_relayed", "tool_call_started", "tool_call_finished"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -548,25 +762,70 @@ class SessionStarted(_message.Message):
 
     RESUMED_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     resumed: _builtins.bool
     """True when an existing session was resumed."""
     @_builtins.property
     def session(self) -> Global___Session:
         """The session as stored."""
 
+    @_builtins.property
+    def replay(self) -> Global___Replay:
+        """Set when the client resumed with `after_seq`: what is replayed next."""
+
     def __init__(
         self,
         *,
         resumed: _builtins.bool = ...,
         session: Global___Session | None = ...,
+        replay: Global___Replay | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replay", b"replay", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resumed", b"resumed", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replay", b"replay", "resumed", b"resumed", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionStarted: _TypeAlias = SessionStarted  # noqa: Y015
+
+@_typing.final
+class Replay(_message.Message):
+    """Replay describes the events replayed after a resume from a cursor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    THROUGH_SEQ_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    FIRST_SEQ_FIELD_NUMBER: _builtins.int
+    after_seq: _builtins.int
+    """The client's cursor."""
+    through_seq: _builtins.int
+    """The seq of the last event replayed from the log (equal to `after_seq`
+    when nothing was missed). Live events follow with higher seqs.
+    """
+    truncated: _builtins.bool
+    """True when events after the cursor are no longer kept (the log is bounded
+    by length and age): replay starts at `first_seq`, and the messages in
+    between are in `ListMessages`.
+    """
+    first_seq: _builtins.int
+    """The first seq replayed, when `truncated`."""
+    def __init__(
+        self,
+        *,
+        after_seq: _builtins.int = ...,
+        through_seq: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
+        first_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "first_seq", b"first_seq", "through_seq", b"through_seq", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Replay: _TypeAlias = Replay  # noqa: Y015
 
 @_typing.final
 class TurnStarted(_message.Message):
@@ -579,6 +838,7 @@ class TurnStarted(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     INTENT_FIELD_NUMBER: _builtins.int
+    SENTIMENT_FIELD_NUMBER: _builtins.int
     client_message_id: _builtins.str
     """The client's idempotency key for the message that started the turn."""
     model: _builtins.str
@@ -591,6 +851,10 @@ class TurnStarted(_message.Message):
     """W3C trace id of the turn (32 hex digits), for finding it in traces."""
     intent: _builtins.str
     """How the message was classified (e.g. `policy_question`), when routed."""
+    @_builtins.property
+    def sentiment(self) -> Global___Sentiment:
+        """The message's sentiment and the trend over the last turns."""
+
     def __init__(
         self,
         *,
@@ -599,14 +863,45 @@ class TurnStarted(_message.Message):
         replayed: _builtins.bool = ...,
         trace_id: _builtins.str = ...,
         intent: _builtins.str = ...,
+        sentiment: Global___Sentiment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sentiment", b"sentiment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_message_id", b"client_message_id", "intent", b"intent", "model", b"model", "replayed", b"replayed", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_message_id", b"client_message_id", "intent", b"intent", "model", b"model", "replayed", b"replayed", "sentiment", b"sentiment", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TurnStarted: _TypeAlias = TurnStarted  # noqa: Y015
+
+@_typing.final
+class Sentiment(_message.Message):
+    """Sentiment scores a customer's messages (VADER compound score, -1 to 1)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_FIELD_NUMBER: _builtins.int
+    TREND_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    score: _builtins.float
+    """This message's score: -1 is most negative, 1 most positive."""
+    trend: _builtins.float
+    """Mean score of the customer's last `window` messages, this one included."""
+    window: _builtins.int
+    """How many messages `trend` averages."""
+    def __init__(
+        self,
+        *,
+        score: _builtins.float = ...,
+        trend: _builtins.float = ...,
+        window: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["score", b"score", "trend", b"trend", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Sentiment: _TypeAlias = Sentiment  # noqa: Y015
 
 @_typing.final
 class TextDelta(_message.Message):
@@ -754,6 +1049,228 @@ class RateLimitStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RateLimitStatus: _TypeAlias = RateLimitStatus  # noqa: Y015
+
+@_typing.final
+class HandoffRequested(_message.Message):
+    """HandoffRequested says the bot is handing the conversation to a human."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDOFF_ID_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    handoff_id: _builtins.str
+    """Identifies this handoff; every later handoff event repeats it."""
+    trigger: Global___HandoffTrigger.ValueType
+    """What caused it."""
+    reason: _builtins.str
+    """Why, in plain words (e.g. `the customer asked for a person`)."""
+    message: _builtins.str
+    """What the bot tells the customer, in plain words."""
+    def __init__(
+        self,
+        *,
+        handoff_id: _builtins.str = ...,
+        trigger: Global___HandoffTrigger.ValueType = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handoff_id", b"handoff_id", "message", b"message", "reason", b"reason", "trigger", b"trigger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandoffRequested: _TypeAlias = HandoffRequested  # noqa: Y015
+
+@_typing.final
+class HandoffQueued(_message.Message):
+    """HandoffQueued gives the session's place in the agent queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDOFF_ID_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    ESTIMATED_WAIT_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    handoff_id: _builtins.str
+    """The handoff."""
+    position: _builtins.int
+    """1 is next in line."""
+    queue: _builtins.str
+    """The queue (agent skill) the session waits in, e.g. `general`."""
+    @_builtins.property
+    def estimated_wait(self) -> _duration_pb2.Duration:
+        """Estimated time until an agent joins."""
+
+    def __init__(
+        self,
+        *,
+        handoff_id: _builtins.str = ...,
+        position: _builtins.int = ...,
+        estimated_wait: _duration_pb2.Duration | None = ...,
+        queue: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["estimated_wait", b"estimated_wait"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_wait", b"estimated_wait", "handoff_id", b"handoff_id", "position", b"position", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandoffQueued: _TypeAlias = HandoffQueued  # noqa: Y015
+
+@_typing.final
+class AgentJoined(_message.Message):
+    """AgentJoined says a human agent now owns the conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDOFF_ID_FIELD_NUMBER: _builtins.int
+    AGENT_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    handoff_id: _builtins.str
+    """The handoff."""
+    agent_display_name: _builtins.str
+    """The agent's name as shown to the customer."""
+    def __init__(
+        self,
+        *,
+        handoff_id: _builtins.str = ...,
+        agent_display_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_display_name", b"agent_display_name", "handoff_id", b"handoff_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentJoined: _TypeAlias = AgentJoined  # noqa: Y015
+
+@_typing.final
+class AgentMessage(_message.Message):
+    """AgentMessage is text written by the human agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDOFF_ID_FIELD_NUMBER: _builtins.int
+    AGENT_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    handoff_id: _builtins.str
+    """The handoff."""
+    agent_display_name: _builtins.str
+    """The agent's name as shown to the customer."""
+    text: _builtins.str
+    """The text."""
+    message_id: _builtins.str
+    """The agent's idempotency key for the message."""
+    def __init__(
+        self,
+        *,
+        handoff_id: _builtins.str = ...,
+        agent_display_name: _builtins.str = ...,
+        text: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_display_name", b"agent_display_name", "handoff_id", b"handoff_id", "message_id", b"message_id", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentMessage: _TypeAlias = AgentMessage  # noqa: Y015
+
+@_typing.final
+class AgentLeft(_message.Message):
+    """AgentLeft says the agent left the conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDOFF_ID_FIELD_NUMBER: _builtins.int
+    AGENT_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    handoff_id: _builtins.str
+    """The handoff."""
+    agent_display_name: _builtins.str
+    """The agent's name as shown to the customer."""
+    reason: _builtins.str
+    """Why: `handed back`, `closed`, or `disconnected` (the session goes back to
+    the queue unless the agent returns within the grace period).
+    """
+    def __init__(
+        self,
+        *,
+        handoff_id: _builtins.str = ...,
+        agent_display_name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_display_name", b"agent_display_name", "handoff_id", b"handoff_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentLeft: _TypeAlias = AgentLeft  # noqa: Y015
+
+@_typing.final
+class HandoffEnded(_message.Message):
+    """HandoffEnded closes a handoff."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDOFF_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DISPOSITION_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    handoff_id: _builtins.str
+    """The handoff."""
+    outcome: Global___HandoffOutcome.ValueType
+    """How it ended."""
+    disposition: _builtins.str
+    """The agent's disposition code, e.g. `resolved` (closed handoffs)."""
+    message: _builtins.str
+    """What the customer is told, in plain words."""
+    def __init__(
+        self,
+        *,
+        handoff_id: _builtins.str = ...,
+        outcome: Global___HandoffOutcome.ValueType = ...,
+        disposition: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disposition", b"disposition", "handoff_id", b"handoff_id", "message", b"message", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandoffEnded: _TypeAlias = HandoffEnded  # noqa: Y015
+
+@_typing.final
+class MessageRelayed(_message.Message):
+    """MessageRelayed acknowledges a message that went to the agent desk."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDOFF_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    handoff_id: _builtins.str
+    """The handoff."""
+    client_message_id: _builtins.str
+    """The client's idempotency key of the message."""
+    def __init__(
+        self,
+        *,
+        handoff_id: _builtins.str = ...,
+        client_message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_message_id", b"client_message_id", "handoff_id", b"handoff_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessageRelayed: _TypeAlias = MessageRelayed  # noqa: Y015
 
 @_typing.final
 class ToolCallStarted(_message.Message):
@@ -997,7 +1514,10 @@ class Session(_message.Message):
     session_id: _builtins.str
     """The session id."""
     last_seq: _builtins.int
-    """The last sequence number issued."""
+    """The seq of the last event recorded in the session's log: every event
+    sent so far on any stream has a seq at most this (a turn in flight adds
+    its events within milliseconds).
+    """
     turn_count: _builtins.int
     """Turns started so far."""
     message_count: _builtins.int
@@ -1100,6 +1620,8 @@ class Message(_message.Message):
     TURN_ID_FIELD_NUMBER: _builtins.int
     CLIENT_MESSAGE_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    SENTIMENT_FIELD_NUMBER: _builtins.int
+    AGENT_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Who wrote it."""
     text: _builtins.str
@@ -1108,9 +1630,15 @@ class Message(_message.Message):
     """The turn it belongs to."""
     client_message_id: _builtins.str
     """The client's idempotency key (user messages)."""
+    agent_display_name: _builtins.str
+    """The agent's display name (`ROLE_AGENT` messages)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was stored."""
+
+    @_builtins.property
+    def sentiment(self) -> Global___Sentiment:
+        """The sentiment of a user message when it was scored (unset otherwise)."""
 
     def __init__(
         self,
@@ -1120,10 +1648,12 @@ class Message(_message.Message):
         turn_id: _builtins.str = ...,
         client_message_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        sentiment: Global___Sentiment | None = ...,
+        agent_display_name: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "sentiment", b"sentiment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_message_id", b"client_message_id", "create_time", b"create_time", "role", b"role", "text", b"text", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_display_name", b"agent_display_name", "client_message_id", b"client_message_id", "create_time", b"create_time", "role", b"role", "sentiment", b"sentiment", "text", b"text", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

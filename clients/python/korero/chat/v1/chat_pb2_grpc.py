@@ -59,6 +59,11 @@ class ChatServiceStub:
                 request_serializer=korero_dot_chat_dot_v1_dot_chat__pb2.ListMessagesRequest.SerializeToString,
                 response_deserializer=korero_dot_chat_dot_v1_dot_chat__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/korero.chat.v1.ChatService/DeleteSession',
+                request_serializer=korero_dot_chat_dot_v1_dot_chat__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=korero_dot_chat_dot_v1_dot_chat__pb2.DeleteSessionResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -100,6 +105,13 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteSession(self, request, context):
+        """DeleteSession removes a session and everything derived from it (AIP-135).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +134,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.ListMessages,
                     request_deserializer=korero_dot_chat_dot_v1_dot_chat__pb2.ListMessagesRequest.FromString,
                     response_serializer=korero_dot_chat_dot_v1_dot_chat__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=korero_dot_chat_dot_v1_dot_chat__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=korero_dot_chat_dot_v1_dot_chat__pb2.DeleteSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -237,6 +254,33 @@ class ChatService:
             '/korero.chat.v1.ChatService/ListMessages',
             korero_dot_chat_dot_v1_dot_chat__pb2.ListMessagesRequest.SerializeToString,
             korero_dot_chat_dot_v1_dot_chat__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/korero.chat.v1.ChatService/DeleteSession',
+            korero_dot_chat_dot_v1_dot_chat__pb2.DeleteSessionRequest.SerializeToString,
+            korero_dot_chat_dot_v1_dot_chat__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

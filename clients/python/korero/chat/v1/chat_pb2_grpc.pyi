@@ -51,6 +51,8 @@ class ChatServiceStub:
     """GetSession reads one session's metadata and counters."""
     ListMessages: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListMessagesRequest, _chat_pb2.ListMessagesResponse]
     """ListMessages reads a session's stored history, oldest first."""
+    DeleteSession: _grpc.UnaryUnaryMultiCallable[_chat_pb2.DeleteSessionRequest, _chat_pb2.DeleteSessionResponse]
+    """DeleteSession removes a session and everything derived from it (AIP-135)."""
 
 @_typing.type_check_only
 class ChatServiceAsyncStub(ChatServiceStub):
@@ -75,6 +77,8 @@ class ChatServiceAsyncStub(ChatServiceStub):
     """GetSession reads one session's metadata and counters."""
     ListMessages: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListMessagesRequest, _chat_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """ListMessages reads a session's stored history, oldest first."""
+    DeleteSession: _aio.UnaryUnaryMultiCallable[_chat_pb2.DeleteSessionRequest, _chat_pb2.DeleteSessionResponse]  # type: ignore[assignment]
+    """DeleteSession removes a session and everything derived from it (AIP-135)."""
 
 class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     """ChatService carries customer-support conversations.
@@ -120,5 +124,13 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_chat_pb2.ListMessagesResponse, _abc.Awaitable[_chat_pb2.ListMessagesResponse]]:
         """ListMessages reads a session's stored history, oldest first."""
+
+    @_abc_1.abstractmethod
+    def DeleteSession(
+        self,
+        request: _chat_pb2.DeleteSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.DeleteSessionResponse, _abc.Awaitable[_chat_pb2.DeleteSessionResponse]]:
+        """DeleteSession removes a session and everything derived from it (AIP-135)."""
 
 def add_ChatServiceServicer_to_server(servicer: ChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,109 @@
+"""A full handoff over real servers: escalate, queue, agent joins, relay, back to the bot."""
+
+from __future__ import annotations
+
+from korero.chat.v1 import chat_pb2 as pb
+from korero.client import ChatClient
+from tests.handoff.desk import Agent
+from tests.helpers import kinds, run_turn, text_of
+
+COMPLAINT = "This is the third time my bag was lost, I am furious!!"
+
+
+async def next_kind(conversation, kind: str, timeout: float = 10.0) -> pb.Event:  # type: ignore[no-untyped-def]
+    while True:
+        event = await conversation.next_notification(timeout)
+        if event.WhichOneof("kind") == kind:
+            return event
+
+
+async def test_complaint_escalates_to_an_agent_and_returns_to_the_bot(start_server, sim) -> None:  # type: ignore[no-untyped-def]
+    app = await start_server()
+    target = f"127.0.0.1:{app.port}"
+    agent = Agent(target, "a1", "Mere")
+    await agent.connect()
+    async with ChatClient(target) as client:
+        conversation = await client.conversation(
+            metadata=pb.SessionMetadata(customer_name="Aroha", booking_reference="ABC123")
+        )
+        upstream_before = len(sim.requests)
+        events = await run_turn(conversation, COMPLAINT)
+        assert kinds(events)[0] == "turn_started"
+        started = events[0].turn_started
+        assert started.intent == "complaint"
+        assert started.sentiment.score < -0.5
+        assert "member of our team" in text_of(events)
+        requested = [e for e in events if e.WhichOneof("kind") == "handoff_requested"]
+        assert requested
+        assert requested[0].handoff_requested.trigger == pb.HANDOFF_TRIGGER_COMPLAINT
+        assert kinds(events)[-2:] == ["usage", "done"]
+        assert len(sim.requests) == upstream_before  # the bot did not ask the model
+        handoff_id = requested[0].handoff_requested.handoff_id
+
+        queued = await next_kind(conversation, "handoff_queued")
+        assert queued.handoff_queued.position == 1
+        assert queued.handoff_queued.queue == "complaints"
+        assert queued.seq > events[-1].seq
+
+        # complaints go to the complaints queue: Mere serves only general
+        offered = None
+        skilled = Agent(target, "a2", "Tama", skills=["complaints"])
+        await skilled.connect()
+        offered = await skilled.expect("offered")
+        packet = offered.offered.context
+        assert packet.handoff_id == handoff_id
+        assert packet.customer.customer_name == "Aroha"
+        assert packet.trigger == pb.HANDOFF_TRIGGER_COMPLAINT
+        assert "complaint" in packet.reason
+        assert list(packet.intent_history) == ["complaint"]
+        assert packet.sentiment.score < -0.5
+        assert "Aroha" in packet.summary
+        assert next(m.text for m in packet.transcript) == COMPLAINT
+        assert not agent.of_kind("offered")
+
+        # while waiting, the customer's message goes to the desk, not the bot
+        relayed = await run_turn(conversation, "Hello? Is anyone there?")
+        assert kinds(relayed) == ["message_relayed"]
+        assert len(sim.requests) == upstream_before
+
+        await skilled.accept(handoff_id)
+        assigned = await skilled.expect("assigned")
+        assert [m.text for m in assigned.assigned.context.transcript][
+            -1
+        ] == "Hello? Is anyone there?"
+        joined = await next_kind(conversation, "agent_joined")
+        assert joined.agent_joined.agent_display_name == "Tama"
+
+        await skilled.say(handoff_id, "Kia ora Aroha, I'm Tama. Let me find your bag.")
+        said = await next_kind(conversation, "agent_message")
+        assert said.agent_message.text.startswith("Kia ora Aroha")
+        assert said.seq > joined.seq
+        sent = await skilled.expect("message_sent")
+        assert sent.message_sent.seq == said.seq
+
+        reply = await run_turn(conversation, "Thank you, it is a blue suitcase")
+        assert kinds(reply) == ["message_relayed"]
+        message = await skilled.expect("customer_message")
+        assert message.customer_message.text == "Thank you, it is a blue suitcase"
+        assert message.customer_message.sentiment.score > 0
+        assert len(sim.requests) == upstream_before  # still silent
+
+        await skilled.release(handoff_id)
+        ended_desk = await skilled.expect("ended")
+        assert ended_desk.ended.outcome == pb.HANDOFF_OUTCOME_RETURNED_TO_BOT
+        left = await next_kind(conversation, "agent_left")
+        assert left.agent_left.reason == "handed back"
+        ended = await next_kind(conversation, "handoff_ended")
+        assert ended.handoff_ended.outcome == pb.HANDOFF_OUTCOME_RETURNED_TO_BOT
+
+        back = await run_turn(conversation, "How many bags can I check?")
+        assert kinds(back)[-1] == "done"
+        assert back[0].seq > ended.seq
+        assert len(sim.requests) == upstream_before + 1  # the bot answers again
+
+        history = await client.list_messages(conversation.session_id)
+        roles = [(m.role, m.agent_display_name) for m in history.messages]
+        assert (pb.ROLE_AGENT, "Tama") in roles
+        assert history.messages[0].sentiment.score < -0.5
+    await agent.close()
+    await skilled.close()
