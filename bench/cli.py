@@ -126,6 +126,12 @@ def _add_scenarios(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--results", default="bench/results", help="output directory (default bench/results)"
     )
     p.add_argument("-P", "--processes", type=int, default=2, help="client processes (default 2)")
+    p.add_argument(
+        "--baseline-python",
+        metavar="PYTHON",
+        help="`cpu` and `capacity` also run servers with this interpreter (a baseline "
+        "checkout's venv), alternating with this tree's, for an A/B in one run",
+    )
     p.set_defaults(func=_scenarios)
 
 
@@ -205,7 +211,11 @@ def _scenarios(args: argparse.Namespace) -> int:
     from bench.scenarios import run_scenarios  # noqa: PLC0415
 
     return run_scenarios(
-        args.only, quick=args.quick, results=Path(args.results), processes=args.processes
+        args.only,
+        quick=args.quick,
+        results=Path(args.results),
+        processes=args.processes,
+        baseline=args.baseline_python,
     )
 
 

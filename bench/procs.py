@@ -22,7 +22,7 @@ from typing import Any, Self
 
 from korero.testing import PrivateRedis, free_port
 
-__all__ = ["ProcSampler", "ProcessGroup", "free_port", "proc_cpu", "proc_rss"]
+__all__ = ["ProcSampler", "ProcessGroup", "free_port", "loadavg", "proc_cpu", "proc_rss"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,6 +39,15 @@ def proc_rss(pid: int) -> int:
     return 0
 
 
+def loadavg() -> float:
+    """The 1-minute load average (what every benchmark table records)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return float("nan")
+
+
 def proc_cpu(pid: int) -> float:
     """CPU seconds (user + system) of a process."""
     try:
@@ -53,7 +62,11 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, what: s
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before listening")
+            tail = ""
+            log = getattr(proc, "log_path", None)
+            if log is not None and Path(log).exists():
+                tail = "\n" + "\n".join(Path(log).read_text(errors="replace").splitlines()[-5:])
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening{tail}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -138,7 +151,8 @@ class ProcessGroup:
     def _spawn(
         self, args: list[str], env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"proc-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        log_path = self.workdir / f"proc-{len(self.procs)}.log"
+        log = open(log_path, "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             args,
             stdout=log,
@@ -147,6 +161,7 @@ class ProcessGroup:
             cwd=ROOT,
         )
         log.close()
+        proc.log_path = log_path  # type: ignore[attr-defined]  # for start-up failures
         self.procs.append(proc)
         return proc
 
@@ -209,8 +224,12 @@ class ProcessGroup:
         llm_url: str,
         env: Mapping[str, str] | None = None,
         port: int | None = None,
+        python: str | None = None,
     ) -> tuple[int, list[subprocess.Popen[bytes]]]:
-        """`count` `korero serve` processes sharing one port (SO_REUSEPORT)."""
+        """`count` `korero serve` processes sharing one port (SO_REUSEPORT).
+
+        `python`: another interpreter (e.g. a baseline checkout's venv) to run them with.
+        """
         port = port or free_port()
         base = {
             "KORERO_LISTEN": f"127.0.0.1:{port}",
@@ -220,6 +239,9 @@ class ProcessGroup:
             "KORERO_LOG_LEVEL": "WARNING",
             "KORERO_WORKERS": "1",  # one process each: these scenarios count processes themselves
             "KORERO_REDIS_MAX_CONNECTIONS": "256",
+            # On, as in production, but on free ports: a shared machine may hold the defaults.
+            "KORERO_WS_LISTEN": "127.0.0.1:0",
+            "KORERO_METRICS_LISTEN": "127.0.0.1:0",
             # The limiter stays on (its Redis round trip is part of every measured turn), with
             # budgets no scenario reaches: the defaults (600 requests/min per tenant, all load
             # is one tenant) would throttle every load scenario to 10 turns/s.
@@ -229,7 +251,7 @@ class ProcessGroup:
             **(env or {}),
         }
         procs = [
-            self._spawn([sys.executable, "-m", "korero.client.cli", "serve"], env=base)
+            self._spawn([python or sys.executable, "-m", "korero.client.cli", "serve"], env=base)
             for _ in range(count)
         ]
         for proc in procs:

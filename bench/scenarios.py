@@ -14,6 +14,8 @@ import asyncio
 import dataclasses
 import json
 import signal
+import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -29,7 +31,7 @@ import redis
 
 from bench import load, report
 from bench.config import GhzConfig
-from bench.procs import ProcessGroup, ProcSampler, free_port, proc_cpu, proc_rss
+from bench.procs import ProcessGroup, ProcSampler, free_port, loadavg, proc_cpu, proc_rss
 
 __all__ = ["SCENARIOS", "run_scenarios"]
 
@@ -43,6 +45,8 @@ class Ctx:
     quick: bool
     results: Path
     processes: int
+    baseline: str | None = None
+    """A second interpreter (a baseline checkout's venv): `cpu` and `capacity` run it too."""
 
     def size(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -125,10 +129,22 @@ def _save(ctx: Ctx, name: str, data: dict[str, Any], md: str) -> None:
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "quick": ctx.quick,
         "versions": report.versions(),
+        "commit": _commit(),
         **data,
     }
     report.write_json(ctx.results / f"{name}.json", data)
     (ctx.results / f"{name}.md").write_text(md + "\n")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 - git from PATH
+            capture_output=True, text=True, check=False, cwd=Path(__file__).parent,
+        )  # fmt: skip
+    except OSError:
+        return ""
+    return out.stdout.strip()
 
 
 def _plot(ctx: Ctx, name: str, draw: Callable[[Any], None]) -> None:
@@ -176,55 +192,60 @@ def _pct(values: list[int], p: float) -> float:
 
 def scenario_ttft(ctx: Ctx) -> dict[str, Any]:
     rows, out, samples = [], {}, {}
-    with ProcessGroup() as g:
-        redis_url, _, _ = g.redis()
-        llm, _ = g.sim(ttft_ms=20, tokens_per_second=100, answer_tokens=12)
-        port, servers = g.servers(1, redis_url=redis_url, llm_url=llm)
-        host = f"127.0.0.1:{port}"
-        cases = [
-            ("1 client", 1, 1, 1, ctx.size(300, 40)),
-            ("1,000 active", ctx.size(1000, 200), 8, ctx.processes, ctx.size(6, 3)),
-        ]
-        for label, conc, conns, procs, turns in cases:
-            cfg = chat_config(
-                host, turns=turns, concurrency=conc, connections=conns,
-                interval=0.0 if conc == 1 else 0.2, name=f"ttft {label}",
-            )  # fmt: skip
-            wl = load.Workload(cfg, processes=procs, direct_base_url=llm)
-            result, server = _run(wl, [p.pid for p in servers], f"ttft {label}")
-            _write_run(ctx, f"ttft-{conc}", result, server)
-            k, d = result.streams["korero"], result.streams["direct"]
-            added50 = _pct(k.ttfd, 50) - _pct(d.ttfd, 50)
-            added99 = _pct(k.ttfd, 99) - _pct(d.ttfd, 99)
-            targets = (1 * MS, 3 * MS) if conc == 1 else (None, 25 * MS)
-            ok50 = "-" if targets[0] is None else ("yes" if added50 <= targets[0] else "NO")
-            ok99 = "yes" if added99 <= targets[1] else "NO"
-            rows.append(
-                [
-                    label, k.turns, _ms(_pct(d.ttfd, 50)), _ms(_pct(k.ttfd, 50)), _ms(added50),
-                    _ms(_pct(d.ttfd, 99)), _ms(_pct(k.ttfd, 99)), _ms(added99),
-                    f"{ok50}/{ok99}", "yes" if result.client_bound else "no",
-                    f"{server['cpuUtilization']:.2f}",
-                ]
-            )  # fmt: skip
-            out[label] = {
-                "kororoTurns": k.turns,
-                "directTurns": d.turns,
-                "turnErrors": dict(k.turn_errors)
-                | {f"direct:{e}": n for e, n in d.turn_errors.items()},
-                "directTtftNs": report.stats(d.ttfd),
-                "koreroTtftNs": report.stats(k.ttfd),
-                "addedP50Ns": added50,
-                "addedP99Ns": added99,
-                "clientBound": result.client_bound,
-                "clientUtilization": result.client_process_utilization,
-                "server": server,
-            }
-            samples[label] = (d.ttfd, k.ttfd)
+    load0 = loadavg()
+    for name, python in _variants(ctx):
+        with ProcessGroup() as g:
+            redis_url, _, _ = g.redis()
+            llm, _ = g.sim(ttft_ms=20, tokens_per_second=100, answer_tokens=12)
+            port, servers = g.servers(1, redis_url=redis_url, llm_url=llm, python=python)
+            host = f"127.0.0.1:{port}"
+            cases = [
+                ("1 client", 1, 1, 1, ctx.size(300, 60)),
+                ("50 in flight", 50, 4, ctx.processes, ctx.size(20, 8)),
+                ("1,000 active", ctx.size(1000, 200), 8, ctx.processes, ctx.size(6, 3)),
+            ]
+            for label, conc, conns, procs, turns in cases:
+                cfg = chat_config(
+                    host, turns=turns, concurrency=conc, connections=conns,
+                    interval=0.0 if conc <= 50 else 0.2, name=f"ttft {label}",
+                )  # fmt: skip
+                wl = load.Workload(cfg, processes=procs, direct_base_url=llm)
+                result, server = _run(wl, [p.pid for p in servers], f"ttft {name} {label}")
+                _write_run(ctx, f"ttft-{name.replace(' ', '-')}-{conc}", result, server)
+                k, d = result.streams["korero"], result.streams["direct"]
+                added50 = _pct(k.ttfd, 50) - _pct(d.ttfd, 50)
+                added99 = _pct(k.ttfd, 99) - _pct(d.ttfd, 99)
+                targets = {1: (1 * MS, 3 * MS), 50: (None, 5 * MS)}.get(conc, (None, 25 * MS))
+                ok50 = "-" if targets[0] is None else ("yes" if added50 <= targets[0] else "NO")
+                ok99 = "yes" if added99 <= targets[1] else "NO"
+                rows.append(
+                    [
+                        name, label, k.turns, _ms(_pct(d.ttfd, 50)), _ms(_pct(k.ttfd, 50)),
+                        _ms(added50),
+                        _ms(_pct(d.ttfd, 99)), _ms(_pct(k.ttfd, 99)), _ms(added99),
+                        f"{ok50}/{ok99}", "yes" if result.client_bound else "no",
+                        f"{server['cpuUtilization']:.2f}",
+                    ]
+                )  # fmt: skip
+                out[f"{name}: {label}"] = {
+                    "kororoTurns": k.turns,
+                    "directTurns": d.turns,
+                    "turnErrors": dict(k.turn_errors)
+                    | {f"direct:{e}": n for e, n in d.turn_errors.items()},
+                    "directTtftNs": report.stats(d.ttfd),
+                    "koreroTtftNs": report.stats(k.ttfd),
+                    "addedP50Ns": added50,
+                    "addedP99Ns": added99,
+                    "clientBound": result.client_bound,
+                    "clientUtilization": result.client_process_utilization,
+                    "server": server,
+                }
+                samples[f"{name}, {label}"] = (d.ttfd, k.ttfd)
     md = table(
-        "1. Added time to first token (Kōrero − direct to the upstream; ms; sim TTFT 20 ms)",
-        ["load", "turns", "direct p50", "korero p50", "added p50", "direct p99", "korero p99",
-         "added p99", "target met (p50/p99)", "client-bound", "server CPU"],
+        "1. Added time to first token (Kōrero − direct to the upstream; ms; sim TTFT 20 ms; "
+        f"load average {load0:.2f} → {loadavg():.2f})",
+        ["server", "load", "turns", "direct p50", "korero p50", "added p50", "direct p99",
+         "korero p99", "added p99", "target met (p50/p99)", "client-bound", "server CPU"],
         rows,
     )  # fmt: skip
 
@@ -708,6 +729,186 @@ def scenario_scaleout(ctx: Ctx) -> dict[str, Any]:
     return {**out, "ratio": ratio, "table": md}
 
 
+# -- 7. CPU per streamed turn at a fixed offered load -------------------------------------------
+
+# The issue's upstream: 50 ms to the first token, then 32 tokens 20 ms apart.
+TURN_SIM = {"ttft_ms": 50.0, "tokens_per_second": 50.0, "answer_tokens": 32}
+
+
+def _variants(ctx: Ctx) -> list[tuple[str, str | None]]:
+    out: list[tuple[str, str | None]] = [("this tree", None)]
+    if ctx.baseline:
+        out.append(("baseline", ctx.baseline))
+    return out
+
+
+def _warm(host: str) -> None:
+    warm = chat_config(host, turns=2, concurrency=10, connections=2, total=10)
+    load.run(load.Workload(warm, processes=1, progress=False))
+    time.sleep(0.5)
+
+
+def scenario_cpu(ctx: Ctx) -> dict[str, Any]:
+    """Server CPU seconds (from /proc) per completed turn at a load that leaves headroom.
+
+    40 conversations of 15 turns, 0.25 s between turns (≈ 40 turns/s offered, a
+    fraction of a core), so queueing and machine noise hardly change the figure.
+    With a baseline interpreter the variants alternate round by round.
+    """
+    conc, turns = ctx.size(40, 20), ctx.size(15, 6)
+    rounds = ctx.size(3, 2)
+    per: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in _variants(ctx)}
+    load0 = loadavg()
+    with ProcessGroup() as g:
+        redis_url, _, _ = g.redis()
+        llm, _ = g.sim(**TURN_SIM)
+        for r in range(rounds):
+            order = _variants(ctx) if r % 2 == 0 else list(reversed(_variants(ctx)))
+            for name, python in order:
+                port, servers = g.servers(1, redis_url=redis_url, llm_url=llm, python=python)
+                host, pid = f"127.0.0.1:{port}", servers[0].pid
+                _warm(host)
+                cfg = chat_config(
+                    host, turns=turns, concurrency=conc, connections=4, total=conc,
+                    interval=0.25, name=f"cpu {name}",
+                )  # fmt: skip
+                la = loadavg()
+                cpu0, t0 = proc_cpu(pid), time.monotonic()
+                result = load.run(load.Workload(cfg, processes=ctx.processes, progress=False))
+                cpu, wall = proc_cpu(pid) - cpu0, time.monotonic() - t0
+                g.stop(servers[0])
+                k = result.streams["korero"]
+                ok = k.turns - sum(k.turn_errors.values())
+                per[name].append(
+                    {
+                        "cpuSeconds": cpu,
+                        "turns": ok,
+                        "turnErrors": dict(k.turn_errors),
+                        "cpuMsPerTurn": 1000 * cpu / max(1, ok),
+                        "turnsPerSecond": ok / wall,
+                        "serverUtilization": cpu / wall,
+                        "loadavg": la,
+                        "clientBound": result.client_bound,
+                        "ttftP50Ns": _pct(k.ttfd, 50),
+                    }
+                )
+                print(
+                    f"    cpu {name} round {r + 1}: {per[name][-1]['cpuMsPerTurn']:.2f} ms/turn "
+                    f"({ok} turns, load {la:.2f})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    rows = []
+    out: dict[str, Any] = {"loadavgBefore": load0, "loadavgAfter": loadavg()}
+    for name, runs in per.items():
+        median = statistics.median(x["cpuMsPerTurn"] for x in runs)
+        out[name] = {"runs": runs, "cpuMsPerTurnMedian": median}
+        rows.append(
+            [
+                name, len(runs), sum(x["turns"] for x in runs),
+                sum(sum(x["turnErrors"].values()) for x in runs),
+                " / ".join(f"{x['cpuMsPerTurn']:.2f}" for x in runs), f"{median:.2f}",
+                f"{statistics.median(x['turnsPerSecond'] for x in runs):.0f}",
+                f"{statistics.median(x['serverUtilization'] for x in runs):.2f}",
+                "yes" if median <= 2.0 else "NO",
+                " / ".join(f"{x['loadavg']:.2f}" for x in runs),
+            ]
+        )  # fmt: skip
+    md = table(
+        f"7. Server CPU per streamed turn (32 tokens, sim TTFT 50 ms, 20 ms apart; {conc} "
+        f"conversations × {turns} turns, 0.25 s apart; load average {load0:.2f} → "
+        f"{out['loadavgAfter']:.2f})",
+        ["server", "rounds", "turns", "turn errors", "CPU ms/turn per round", "median",
+         "turns/s", "server CPU", "≤ 2 ms", "load average per round"],
+        rows,
+    )  # fmt: skip
+    return {**out, "table": md}
+
+
+# -- 8. capacity: turns/s one process sustains with added TTFT p99 ≤ 25 ms -----------------
+
+
+def scenario_capacity(ctx: Ctx) -> dict[str, Any]:
+    """Raise the offered load until added TTFT p99 passes 25 ms; report turns/s there.
+
+    Each conversation alternates a Kōrero turn and the same turn straight to the
+    upstream (the reference), back to back, so the offered load grows with the
+    number of conversations. Client, upstream and server share the machine.
+    """
+    levels = [20, 50, 100, 150, 200, 300] if ctx.quick else [
+        20, 50, 100, 150, 200, 250, 300, 400, 500, 600,
+    ]  # fmt: skip
+    duration = ctx.size(15, 8)
+    out: dict[str, Any] = {"loadavgBefore": loadavg()}
+    rows = []
+    for name, python in _variants(ctx):
+        best = 0.0
+        steps = []
+        with ProcessGroup() as g:
+            redis_url, _, _ = g.redis()
+            llm, _ = g.sim(**TURN_SIM)
+            port, servers = g.servers(1, redis_url=redis_url, llm_url=llm, python=python)
+            host = f"127.0.0.1:{port}"
+            _warm(host)
+            for conc in levels:
+                cfg = chat_config(
+                    host, turns=100_000, concurrency=conc, connections=max(4, conc // 50),
+                    duration=duration, name=f"capacity {name} {conc}",
+                )  # fmt: skip
+                # Streams start spread over one turn's time, not all in the same instant.
+                cfg = dataclasses.replace(cfg, rps=conc / 0.7)
+                la = loadavg()
+                result, server = _run(
+                    load.Workload(cfg, processes=ctx.processes, direct_base_url=llm),
+                    [p.pid for p in servers],
+                    f"capacity {name} {conc}",
+                )
+                k, d = result.streams["korero"], result.streams["direct"]
+                ok = k.turns - sum(k.turn_errors.values())
+                rate = ok / result.wall
+                added50 = _pct(k.ttfd, 50) - _pct(d.ttfd, 50)
+                added99 = _pct(k.ttfd, 99) - _pct(d.ttfd, 99)
+                met = added99 <= 25 * MS and not k.turn_errors
+                steps.append(
+                    {
+                        "conversations": conc,
+                        "turnsPerSecond": rate,
+                        "turnErrors": dict(k.turn_errors),
+                        "addedP50Ns": added50,
+                        "addedP99Ns": added99,
+                        "directTtftNs": report.stats(d.ttfd),
+                        "koreroTtftNs": report.stats(k.ttfd),
+                        "server": server,
+                        "clientUtilization": result.client_process_utilization,
+                        "clientBound": result.client_bound,
+                        "loadavg": la,
+                    }
+                )
+                rows.append(
+                    [
+                        name, conc, f"{rate:.0f}", _ms(added50), _ms(added99),
+                        sum(k.turn_errors.values()), f"{server['cpuUtilization']:.2f}",
+                        f"{sum(result.client_process_utilization):.2f}",
+                        "yes" if met else "NO", f"{la:.2f}",
+                    ]
+                )  # fmt: skip
+                if not met:
+                    break
+                best = max(best, rate)
+        out[name] = {"steps": steps, "turnsPerSecondAtTarget": best}
+    out["loadavgAfter"] = loadavg()
+    summary = ", ".join(f"{n}: {out[n]['turnsPerSecondAtTarget']:.0f}" for n, _ in _variants(ctx))
+    md = table(
+        f"8. Capacity: Kōrero turns/s with added TTFT p99 ≤ 25 ms ({summary} turns/s; "
+        f"sim TTFT 50 ms, 32 tokens 20 ms apart; load average {out['loadavgBefore']:.2f} → "
+        f"{out['loadavgAfter']:.2f})",
+        ["server", "conversations", "turns/s", "added p50 ms", "added p99 ms", "turn errors",
+         "server CPU", "client CPU", "p99 ≤ 25 ms", "load average"],
+        rows,
+    )  # fmt: skip
+    return {**out, "table": md}
+
+
 SCENARIOS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "ttft": scenario_ttft,
     "throughput": scenario_throughput,
@@ -715,6 +916,8 @@ SCENARIOS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "latency": scenario_latency,
     "redis": scenario_redis,
     "scaleout": scenario_scaleout,
+    "cpu": scenario_cpu,
+    "capacity": scenario_capacity,
     "workers": lambda ctx: _scenario_workers(ctx),  # noqa: PLW0108 - defined below
     "failover": lambda ctx: _scenario_failover(ctx),  # noqa: PLW0108 - defined below
 }
@@ -733,7 +936,14 @@ def _scenario_failover(ctx: Ctx) -> dict[str, Any]:
     return scenario_failover(ctx)
 
 
-def run_scenarios(only: list[str] | None, *, quick: bool, results: Path, processes: int = 2) -> int:
+def run_scenarios(
+    only: list[str] | None,
+    *,
+    quick: bool,
+    results: Path,
+    processes: int = 2,
+    baseline: str | None = None,
+) -> int:
     """Run the chosen scenarios (all by default); 1 if any failed to run."""
     load.raise_fd_limit()
 
@@ -742,11 +952,15 @@ def run_scenarios(only: list[str] | None, *, quick: bool, results: Path, process
 
     signal.signal(signal.SIGTERM, interrupt)
     results.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(quick=quick, results=results, processes=processes)
+    ctx = Ctx(quick=quick, results=results, processes=processes, baseline=baseline)
     failed = []
     tables = []
     for name in only or list(SCENARIOS):
-        print(f"\n=== {name}{' (quick)' if quick else ''} ===", file=sys.stderr, flush=True)
+        print(
+            f"\n=== {name}{' (quick)' if quick else ''} (load average {loadavg():.2f}) ===",
+            file=sys.stderr,
+            flush=True,
+        )
         t0 = time.monotonic()
         try:
             data = SCENARIOS[name](ctx)

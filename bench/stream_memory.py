@@ -64,8 +64,15 @@ async def _measure(command: list[str], env: dict[str, str], korero: bool, n: int
         command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        target = f"127.0.0.1:{command[-1].rsplit(':', 1)[-1]}"
-        await asyncio.sleep(3)
+        port = int(command[-1].rsplit(":", 1)[-1])
+        target = f"127.0.0.1:{port}"
+        for _ in range(600):  # until it listens (imports take seconds on a busy machine)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1)
         warm = await _hold(target, 200, korero)
         await asyncio.sleep(1)
         before = _rss_kib(proc.pid)
@@ -81,32 +88,39 @@ async def _measure(command: list[str], env: dict[str, str], korero: bool, n: int
         proc.wait()
 
 
-async def _main(n: int) -> None:
+async def _main(n: int, baseline: str | None) -> None:
     bin_dir = os.path.dirname(sys.executable)
     echo_port = _free_port()
     echo = await _measure(
         [sys.executable, "-m", "bench.echo_server", "--port", str(echo_port)], {}, False, n
     )
+    env = {
+        "KORERO_METRICS_LISTEN": "off",
+        "KORERO_WS_LISTEN": "off",
+        "KORERO_LOG_LEVEL": "WARNING",
+        "KORERO_RATE_LIMITS": "false",
+    }
     korero = await _measure(
         [f"{bin_dir}/korero", "serve", "--workers", "1", "--listen", f"127.0.0.1:{_free_port()}"],
-        {
-            "KORERO_METRICS_LISTEN": "off",
-            "KORERO_WS_LISTEN": "off",
-            "KORERO_LOG_LEVEL": "WARNING",
-            "KORERO_RATE_LIMITS": "false",
-        },
+        env,
         True,
         n,
     )
     print(f"grpcio {grpc.__version__}, {n} streams held")
     print(f"raw grpcio echo server: {echo:.1f} KiB per held stream")
-    print(f"Kōrero, idle session:   {korero:.1f} KiB per held stream")
+    print(f"Kōrero, idle session:   {korero:.1f} KiB per held stream (own {korero - echo:.1f})")
+    if baseline:
+        command = [baseline, "-m", "korero.client.cli", "serve", "--listen"]
+        base = await _measure([*command, f"127.0.0.1:{_free_port()}"], env, True, n)
+        print(f"baseline, idle session: {base:.1f} KiB per held stream (own {base - echo:.1f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=2000, help="streams to hold [%(default)s]")
-    asyncio.run(_main(parser.parse_args().streams))
+    parser.add_argument("--baseline-python", help="also measure the server run by this interpreter")
+    args = parser.parse_args()
+    asyncio.run(_main(args.streams, args.baseline_python))
 
 
 if __name__ == "__main__":

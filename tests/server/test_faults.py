@@ -124,6 +124,25 @@ async def test_cancel_message_cancels_the_upstream_request(
     assert kinds(await run_turn(conversation, "Short one", "x2"))[-1] == "done"
 
 
+async def test_answers_read_to_the_end_reuse_the_upstream_connection(
+    client: ChatClient, sim: UpstreamSim
+) -> None:
+    conversation = await client.conversation()
+    for n in range(3):
+        assert kinds(await run_turn(conversation, f"Question {n}", f"k{n}"))[-1] == "done"
+    ports = {r.client_port for r in sim.requests}
+    assert len(ports) == 1, ports  # one kept-alive connection, not one per answer
+    # A cancelled answer closes its connection (the upstream sees it): the next one is new.
+    sim.config = SimConfig(tokens_per_second=20, answer_tokens=200)
+    async for event in conversation.send("Tell me everything", "k3"):
+        if event.WhichOneof("kind") == "text_delta":
+            await conversation.cancel()
+    await sim.wait_for(lambda r: r.disconnected_at is not None, timeout=2)
+    sim.config = SimConfig()
+    assert kinds(await run_turn(conversation, "Short one", "k4"))[-1] == "done"
+    assert sim.requests[-1].client_port not in ports
+
+
 async def test_client_disconnect_cancels_the_upstream_request(
     server: KoreroServer, sim: UpstreamSim
 ) -> None:

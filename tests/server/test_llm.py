@@ -103,3 +103,55 @@ def test_sse_lines_are_parsed_without_the_sdk_models() -> None:
         parse_sse_line('data: {"error": {"message": "overloaded", "type": "server_error"}}')
     assert err.value.reason == "UPSTREAM_ERROR"
     assert err.value.retryable
+
+
+# The aiohttp transport (llm/transport.py) --------------------------------------------
+
+
+def _aiohttp_exception_classes() -> list[type[BaseException]]:
+    import aiohttp  # noqa: PLC0415
+
+    return [
+        obj
+        for _, obj in inspect.getmembers(aiohttp, inspect.isclass)
+        if issubclass(obj, aiohttp.ClientError)
+    ]
+
+
+@pytest.mark.parametrize("cls", _aiohttp_exception_classes(), ids=lambda c: c.__name__)
+def test_every_aiohttp_exception_becomes_an_httpx2_transport_error(
+    cls: type[BaseException],
+) -> None:
+    from korero.server.llm.transport import translate_aiohttp_error  # noqa: PLC0415
+
+    request = httpx2.Request("POST", "http://upstream/v1/chat/completions")
+    mapped = translate_aiohttp_error(cls.__new__(cls), request)
+    assert isinstance(mapped, httpx2.TransportError)
+    # Mid-stream, every one of them is a cut answer, as with the default transport.
+    assert translate_openai_error(mapped).reason == "UPSTREAM_STREAM_INTERRUPTED"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("ClientConnectorError", httpx2.ConnectError),  # refused: unreachable, not a timeout
+        ("ClientConnectorDNSError", httpx2.ConnectError),
+        ("ClientConnectorCertificateError", httpx2.ConnectError),
+        ("ConnectionTimeoutError", httpx2.ConnectTimeout),
+        ("SocketTimeoutError", httpx2.ReadTimeout),
+        ("ServerDisconnectedError", httpx2.RemoteProtocolError),
+        ("ClientPayloadError", httpx2.RemoteProtocolError),
+        ("ClientProxyConnectionError", httpx2.ProxyError),
+        ("ClientOSError", httpx2.ReadError),
+    ],
+)
+def test_aiohttp_errors_map_to_what_the_default_transport_raises(
+    name: str, expected: type[BaseException]
+) -> None:
+    import aiohttp  # noqa: PLC0415
+
+    from korero.server.llm.transport import translate_aiohttp_error  # noqa: PLC0415
+
+    cls = getattr(aiohttp, name)
+    request = httpx2.Request("POST", "http://upstream/v1/chat/completions")
+    assert type(translate_aiohttp_error(cls.__new__(cls), request)) is expected

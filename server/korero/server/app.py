@@ -20,8 +20,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
 from korero.agent.v1 import agent_pb2, agent_pb2_grpc
@@ -43,7 +41,6 @@ from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
 from korero.server.policy.ratelimit import RateLimiter
 from korero.server.policy.throttle import AuthFailureThrottle
-from korero.server.policy.tokens import TokenAuthenticator
 from korero.server.report.recorder import Recorder
 from korero.server.settings import Settings
 from korero.server.storage.connection import pubsub_url
@@ -132,6 +129,11 @@ class KoreroServer:
         tracer = (provider or trace.get_tracer_provider()).get_tracer("korero.server")
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if provider is not None:
+            # Imported only when tracing is on, like the token verifier below: what a
+            # server does not use should not sit in its memory (bench/README.md, "Memory").
+            from opentelemetry.instrumentation.grpc import aio_server_interceptor  # noqa: PLC0415
+            from opentelemetry.instrumentation.redis import RedisInstrumentor  # noqa: PLC0415
+
             RedisInstrumentor.instrument_client(store.redis, tracer_provider=provider)
             interceptors.append(aio_server_interceptor(tracer_provider=provider))  # type: ignore[no-untyped-call]
         gate, limiter, authenticator = _build_gate(settings, store, metrics)
@@ -258,6 +260,8 @@ def _build_gate(
     authenticator: Authenticator = AnonymousAuthenticator(settings.engine.tenant)
     throttle = throttle_key = None
     if settings.auth.mode == "on":
+        from korero.server.policy.tokens import TokenAuthenticator  # noqa: PLC0415 - PyJWT + crypto
+
         tokens = TokenAuthenticator(settings.auth, ApiKeyStore(store.redis))
         authenticator, throttle_key = tokens, tokens.throttle_key
         throttle = AuthFailureThrottle(

@@ -550,6 +550,12 @@ class EngineSettings:
         "KORERO_COALESCE_MAX_BYTES", 2048, "flush merged text at this many bytes"
     )
     """A merged delta is sent early when it reaches this size."""
+    early_upstream: bool = _env(
+        "KORERO_EARLY_UPSTREAM",
+        True,
+        "send the upstream request while the turn's Redis round trips run (true/false)",
+    )
+    """For sessions whose last turn ended on this instance; see conversation/early.py."""
     detach_grace: float = _env(
         "KORERO_DETACH_GRACE", 5.0, "seconds a turn keeps generating after its client vanished"
     )

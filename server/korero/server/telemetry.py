@@ -122,6 +122,18 @@ class Metrics:
         self.redis_errors = Counter(
             "korero_redis_errors", "Failed Redis calls by reason", ["reason"], registry=r
         )
+        self.early_requests = Counter(
+            "korero_early_requests",
+            "Upstream requests sent before the turn began (conversation/early.py), by outcome: "
+            "used, stale (the session changed elsewhere), refused (the turn never started)",
+            ["outcome"],
+            registry=r,
+        )
+        self.early_wasted_tokens = Counter(
+            "korero_early_wasted_prompt_tokens",
+            "Estimated prompt tokens of early upstream requests that were closed unused",
+            registry=r,
+        )
         self.handoffs = Counter(
             "korero_handoffs",
             "Conversations handed to human agents, by trigger",

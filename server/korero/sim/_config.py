@@ -128,6 +128,8 @@ class RecordedRequest:
     """Set when the client went away before the response was finished."""
     tokens_sent: int = 0
     fault: FaultKind | None = None
+    client_port: int = 0
+    """The client's TCP port: requests on one kept-alive connection share it."""
 
     def to_dict(self) -> dict[str, object]:
         """The JSON form served by ``GET /_sim/requests`` (no body text)."""
@@ -141,6 +143,7 @@ class RecordedRequest:
             "disconnected_at": self.disconnected_at,
             "tokens_sent": self.tokens_sent,
             "fault": self.fault,
+            "client_port": self.client_port,
         }
 
 

@@ -241,12 +241,15 @@ class UpstreamSim(HTTPService):
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _record(self, body: dict[str, Any], fault: Fault | None) -> RecordedRequest:
+    def _record(
+        self, body: dict[str, Any], fault: Fault | None, client_port: int = 0
+    ) -> RecordedRequest:
         recorded = RecordedRequest(
             id=self._next_id,
             body=body,
             received_at=time.monotonic(),
             fault=fault.kind if fault else None,
+            client_port=client_port,
         )
         self._next_id += 1
         self.requests.append(recorded)
@@ -294,7 +297,8 @@ class UpstreamSim(HTTPService):
 
         config = self.config
         fault = self._take_fault()
-        recorded = self._record(body, fault)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        recorded = self._record(body, fault, int(peer[1]) if peer else 0)
         logger.debug(
             "upstream_sim.request id=%d stream=%s fault=%s",
             recorded.id,

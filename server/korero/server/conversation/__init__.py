@@ -3,6 +3,7 @@
 `engine` (sessions, starting turns, draining), `turn` (one turn in flight and
 its subscribers), `runner` (a turn's lifecycle: cache, context, generation,
 persistence), `generation` (the upstream call with retries and timeouts),
+`early` (the upstream request sent while the turn's Redis round trips run),
 `validation` (input rules), `wire` (stored records as protobuf),
 `coalesce` (merging text deltas), `eventlog` (a turn's events into the
 session's replay log, for resuming from a cursor) and `records` (a

@@ -30,6 +30,7 @@ from korero.server.context.assembly import ContextAssembler
 from korero.server.context.cache import CacheLookup, CacheProbe, ResponseCache
 from korero.server.context.knowledge import KnowledgeStore
 from korero.server.context.router import IntentRouter, RouteDecision, RuleRouter
+from korero.server.conversation.early import EarlyAnswer, EarlyStarts
 from korero.server.conversation.eventlog import TurnLog
 from korero.server.conversation.generation import AnswerGenerator
 from korero.server.conversation.hooks import HandoffHook
@@ -153,11 +154,15 @@ class ConversationEngine:
         self._handoff = handoff
         # Reserved per message before the history is known; settled to real usage.
         self._base_reservation = estimate_tokens(settings.system_prompt) + llm_settings.max_tokens
+        # Early upstream requests (early.py): the generator asks the model through it.
+        self._early = _early_starts(
+            llm, assembler, settings, llm_settings, cache, tool_loop, metrics, handoff
+        )
         self._runner = TurnRunner(
             store=store,
             assembler=assembler,
             generator=AnswerGenerator(
-                llm=llm,
+                llm=self._early or llm,
                 settings=llm_settings,
                 tracer=self._tracer,
                 clock=clock,
@@ -172,6 +177,7 @@ class ConversationEngine:
             record_cache_request=self._count_cache_request,
             clock=clock,
             tool_loop=tool_loop,
+            early=self._early,
             outbox=outbox,
             handoff=handoff,
         )
@@ -184,6 +190,11 @@ class ConversationEngine:
             else SessionRecords(self._store, history, outbox, self._settings)
         )
         self._runner.attach_outbox(outbox)
+
+    def forget_early(self, tenant: str, session_id: str) -> None:
+        """The session's next prompt is not known here (e.g. a handoff): no early request."""
+        if self._early is not None:
+            self._early.forget(tenant, session_id)
 
     @property
     def cache(self) -> ResponseCache | None:
@@ -234,6 +245,8 @@ class ConversationEngine:
                     "CURSOR_WITHOUT_SESSION", "after_seq needs the session_id it belongs to"
                 )
             record = await self._store.create_session(tenant, meta)
+            if self._early is not None:  # its first prompt is known: no history yet
+                self._early.opened(record, resumed=False)
         started = pb.SessionStarted(resumed=bool(session_id), session=session_to_pb(record))
         if after_seq is None:
             cursor = record.turn_base if record.inflight else record.last_seq
@@ -438,6 +451,36 @@ class ConversationEngine:
             local.subscribe(sink)
             return local
         route = await self._router.route(message.text)
+        # Early upstream request (early.py): sent now, used once begin-turn confirms its prompt;
+        # closed (and counted) if the turn is refused or never starts here.
+        early = None
+        if self._early is not None:
+            early = await self._early.start(tenant, session_id, message, route)
+        try:
+            turn = await self._begin_turn(
+                tenant, session_id, message, sink, deadline, started, key, route, early
+            )
+        except BaseException:
+            if self._early is not None:
+                self._early.discard(early, "refused")
+            raise
+        if self._early is not None and turn.plan.early is not early:  # a person answers it
+            self._early.discard(early, "refused")
+        return turn
+
+    async def _begin_turn(
+        self,
+        tenant: str,
+        session_id: str,
+        message: pb.UserMessage,
+        sink: EventSink,
+        deadline: float | None,
+        started: float,
+        key: tuple[str, str, str],
+        route: RouteDecision,
+        early: EarlyAnswer | None,
+    ) -> Turn:
+        """`start_turn` after routing: admission, begin-turn, the turn's task."""
         signals = self._handoff.signals(message.text, route) if self._handoff else None
         admission = None
         if self._limiter is not None:
@@ -482,13 +525,15 @@ class ConversationEngine:
             begin.turn_id,
             message.client_message_id,
             begin.seq_base,
-            plan=TurnPlan(route, admission, probe, kb_version, signals),
+            plan=TurnPlan(route, admission, probe, kb_version, signals, early),
             lookup=lookup,
             span=turn_span,
             timings=StageTimings(started=started, session_load=self._clock() - started),
         )
         turn_span.set_attribute("korero.turn_id", turn.turn_id)
         turn.subscribe(sink)
+        if begin.status != "started" and self._early is not None:  # answered without the model
+            self._early.discard(early, "refused")
         body = self._body(turn, begin, message, deadline)
         self._turns[key] = turn
         try:  # the task copies the context now: its spans are children of the turn
@@ -724,6 +769,8 @@ class ConversationEngine:
                     )
                 )
         finally:
+            if self._early is not None:  # unused by the runner: the session changed elsewhere
+                self._early.discard(turn.plan.early, "stale")
             if turn.grace is not None:
                 turn.grace.cancel()
             self._turns.pop(key, None)
@@ -764,3 +811,55 @@ class ConversationEngine:
             input_tokens=usage.input_tokens if counted and usage is not None else 0,
             output_tokens=usage.output_tokens if counted and usage is not None else 0,
         )
+
+
+def _early_starts(
+    llm: LLMProvider,
+    assembler: ContextAssembler,
+    settings: EngineSettings,
+    llm_settings: LLMSettings,
+    cache: ResponseCache | None,
+    tool_loop: ToolLoop | None,
+    metrics: Metrics | None,
+    handoff: HandoffHook | None,
+) -> EarlyStarts | None:
+    """Early upstream requests as configured (None: off)."""
+    if not settings.early_upstream:
+        return None
+
+    async def offers_tools(tenant: str, route: RouteDecision, session: SessionRecord) -> bool:
+        if tool_loop is None:
+            return False
+        offered = await tool_loop.turn(tenant, route.intent, session.metadata, _ignore, None)
+        return offered is not None
+
+    def may_hand_off(text: str, route: RouteDecision) -> bool:
+        """A message the handoff policy may escalate (the model would not be asked)."""
+        if handoff is None:
+            return False
+        if route.intent in ("human_request", "complaint"):
+            return True
+        return handoff.signals(text, route).get("sentiment", 0.0) < 0
+
+    def count(outcome: str, wasted_tokens: int) -> None:
+        if metrics is not None:
+            metrics.early_requests.labels(outcome).inc()
+            if wasted_tokens:
+                metrics.early_wasted_tokens.inc(wasted_tokens)
+
+    return EarlyStarts(
+        llm=llm,
+        assembler=assembler,
+        model=llm_settings.model,
+        max_tokens=llm_settings.max_tokens,
+        temperature=llm_settings.temperature,
+        prompt_history_messages=settings.prompt_history_messages,
+        cache_on=cache is not None,
+        offers_tools=offers_tools,
+        may_hand_off=may_hand_off,
+        count=count,
+    )
+
+
+def _ignore(*_args: object, **_kwargs: object) -> None:
+    return None

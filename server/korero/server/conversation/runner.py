@@ -37,6 +37,7 @@ from korero.server.context import citations as cite
 from korero.server.context.assembly import AssembledContext, ContextAssembler, ContextRequest
 from korero.server.context.cache import CachedAnswer, CacheLookup, ResponseCache
 from korero.server.conversation.coalesce import DeltaCoalescer
+from korero.server.conversation.early import EarlyStarts
 from korero.server.conversation.generation import AnswerGenerator
 from korero.server.conversation.hooks import HandoffHook
 from korero.server.conversation.tools_loop import ToolLoop, ToolTurn
@@ -157,9 +158,11 @@ class TurnRunner:
         clock: Callable[[], float] = time.monotonic,
         handoff: HandoffHook | None = None,
         tool_loop: ToolLoop | None = None,
+        early: EarlyStarts | None = None,
         outbox: OutboxWriter | None = None,
     ) -> None:
         self._tool_loop = tool_loop
+        self._early = early
         self._store = store
         self._assembler = assembler
         self._generator = generator
@@ -221,6 +224,10 @@ class TurnRunner:
                 self._absorb_cancel(turn)
                 answer.finish = "cancelled"
             await self._complete(turn, answer, deadline)
+            if self._early is not None and answer.handoff is None:  # the next prompt (early.py)
+                stored = None if answer.finish == "cancelled" else answer.text
+                summary = answer.context.summary if answer.context is not None else None
+                self._early.answered(turn, request, stored, summary)
         except KoreroError as error:
             coalescer.close()
             await self.fail(turn, error, deadline)
@@ -297,7 +304,9 @@ class TurnRunner:
         started = self._clock()
         if answer.cached is None:
             with self._tracer.start_as_current_span("korero.context_assembly"):
-                answer.context = await self._assembler.assemble(request)
+                # The prompt of the early upstream request (early.py), if begin-turn confirmed it.
+                early = self._early.use(turn.plan.early, request) if self._early else None
+                answer.context = early or await self._assembler.assemble(request)
         timings.context_assembly = self._clock() - started
         limit = self._clock() + self._settings.turn_timeout
         deadline = limit if deadline is None else min(deadline, limit)

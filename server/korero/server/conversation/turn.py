@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
@@ -24,6 +24,9 @@ from korero.server.conversation.wire import duration
 from korero.server.errors import KoreroError
 from korero.server.llm.provider import TokenUsage
 from korero.server.policy.ratelimit import Admission
+
+if TYPE_CHECKING:
+    from korero.server.conversation.early import EarlyAnswer
 
 __all__ = ["EventSink", "StageTimings", "Turn", "TurnPlan", "TurnResult"]
 
@@ -77,6 +80,8 @@ class TurnPlan:
     """The tenant's knowledge-base version when the turn began (0: none)."""
     signals: dict[str, float] | None = None
     """Stored with the message for the handoff policy: sentiment, router confidence."""
+    early: EarlyAnswer | None = None
+    """The upstream request sent before the turn began (conversation/early.py), if any."""
 
 
 @dataclass

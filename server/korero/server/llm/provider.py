@@ -7,6 +7,8 @@ provider makes one attempt per call.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 from collections.abc import AsyncGenerator, Sequence
@@ -19,6 +21,7 @@ import openai
 
 from korero.server.errors import UpstreamError
 from korero.server.llm.errors import translate_openai_error
+from korero.server.llm.transport import AiohttpTransport
 from korero.server.settings import LLMSettings
 
 __all__ = [
@@ -121,13 +124,12 @@ class OpenAIProvider:
             api_key=settings.api_key,
             max_retries=0,  # the engine retries, and only before the first token
             timeout=openai.Timeout(connect=5.0, read=None, write=10.0, pool=10.0),
-            # openai's default keeps 100 idle connections; with more turns in
-            # flight every extra turn paid for a new connection (3-4 % of CPU).
+            # aiohttp's C parser under the openai client (see llm/transport.py).
+            # As many idle connections kept as turns may be in flight: with
+            # fewer, every extra turn paid for a new connection.
             http_client=openai.DefaultAsyncHttpxClient(
-                limits=httpx.Limits(
-                    max_connections=_UPSTREAM_CONNECTIONS,
-                    max_keepalive_connections=_UPSTREAM_CONNECTIONS,
-                    keepalive_expiry=30.0,
+                transport=AiohttpTransport(
+                    max_connections=_UPSTREAM_CONNECTIONS, keepalive_expiry=30.0
                 )
             ),
         )
@@ -159,12 +161,8 @@ class OpenAIProvider:
         except (openai.OpenAIError, httpx.TransportError) as exc:
             raise translate_openai_error(exc) from exc
         try:
-            async for line in response.aiter_lines():
-                chunk = parse_sse_line(line)
-                if chunk is SSE_DONE:
-                    break
-                if chunk is not None:
-                    yield chunk
+            async for chunk in _sse_chunks(response):
+                yield chunk
         except (openai.APIConnectionError, httpx.TransportError, httpx.StreamError) as exc:
             # Once the response has started, a lost connection is a cut answer.
             raise translate_openai_error(exc, mid_stream=True) from exc
@@ -172,19 +170,56 @@ class OpenAIProvider:
             raise translate_openai_error(exc) from exc
         finally:
             # Closing the response closes the HTTP stream: the upstream sees the
-            # client go away and stops generating.
+            # client go away and stops generating. A response read to its end
+            # (see `_sse_chunks`) leaves its connection in the pool instead.
             await response.aclose()
+
+
+_DRAIN_AFTER_DONE = 1.0
+"""Seconds to wait for the end of the body after `[DONE]` (the chunked terminator)."""
+
+
+async def _sse_chunks(response: httpx.Response) -> AsyncGenerator[LLMChunk, None]:
+    """The chunks of an SSE body, split into lines here (bytes in, one `json.loads` each).
+
+    After `[DONE]` the rest of the body (normally only the chunked-encoding
+    terminator) is read, so the connection is reused instead of closed: a
+    response closed before its end costs the next turn a new TCP connection.
+    """
+    body = response.aiter_bytes()
+    pending = b""
+    async for data in body:
+        pending = pending + data if pending else data
+        if b"\n" not in data:
+            continue
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            chunk = parse_sse_line(line)
+            if chunk is SSE_DONE:
+                with contextlib.suppress(TimeoutError, httpx.TransportError, httpx.StreamError):
+                    async with asyncio.timeout(_DRAIN_AFTER_DONE):
+                        async for _ in body:
+                            pass
+                return
+            if chunk is not None:
+                yield chunk
+    if pending:
+        chunk = parse_sse_line(pending)
+        if chunk is not None and chunk is not SSE_DONE:
+            yield chunk
 
 
 SSE_DONE = LLMChunk(finish_reason="[DONE]")
 
 
-def parse_sse_line(line: str) -> LLMChunk | None:
+def parse_sse_line(line: str | bytes) -> LLMChunk | None:
     """One `data:` line of a chat.completion.chunk stream (None: nothing in it)."""
-    if not line.startswith("data:"):
+    if isinstance(line, str):
+        line = line.encode()
+    if not line.startswith(b"data:"):
         return None  # blank separators, comments, `event:` lines
     payload = line[5:].strip()
-    if payload == "[DONE]":
+    if payload == b"[DONE]":
         return SSE_DONE
     try:
         data = json.loads(payload)

@@ -126,8 +126,18 @@ _HEARTBEAT = _Signal("heartbeat")
 _END = _Signal("end")
 
 
+def _nothing() -> None:
+    return None
+
+
 class ChatSession:
     """One session being talked to over a full-duplex transport."""
+
+    # One per open stream (10,000s of them): slots, and no closures of its own.
+    # Keep this list in step with the attributes `__init__` and the methods set.
+    __slots__ = ("__weakref__", "_deadline", "_engine", "_feed", "_heartbeat", "_interval",
+                 "_loop", "_out", "_requests", "_resume", "_sent_at", "draining", "failure",
+                 "last_seq", "on_overflow", "session_id", "tenant", "turn")  # fmt: skip
 
     def __init__(
         self,
@@ -147,7 +157,7 @@ class ChatSession:
         self.failure: KoreroError | None = None
         """Set when the reader failed (e.g. an undecodable frame): the transport ends
         the stream with it after the events already queued."""
-        self.on_overflow: Callable[[], None] = lambda: None
+        self.on_overflow: Callable[[], None] = _nothing
         """Called when the client stopped reading and the queue overflowed: the
         transport interrupts its blocked write and ends the stream."""
         self._deadline = deadline
@@ -286,6 +296,8 @@ class ChatSession:
             if self._feed is not None and self._feed.active:
                 # Relay events not yet delivered go before this message's events.
                 await self._feed.catch_up()
+                # A person may own the session now: no early upstream request (early.py).
+                self._engine.forget_early(self.tenant, self.session_id)
             self.turn = await self._engine.start_turn_shielded(
                 self.tenant, self.session_id, message, self._sink, self._deadline()
             )

@@ -209,6 +209,7 @@ class ChatServicer:
         writer = StreamWriter(context.write)
         session.on_overflow = writer.interrupt
         await writer.write(pb.ChatResponse(event=opened.started))
+        del first, opened  # not held (protobuf arenas, replayed events) for the stream's life
         self._lifecycle.register(session)
         self._metrics.active_streams.inc()
         reader = asyncio.create_task(self._read(request_iterator, session))

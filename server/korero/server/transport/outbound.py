@@ -46,7 +46,14 @@ def queue_full() -> KoreroError:
 
 
 class OutboundQueue(Generic[_S]):
-    """A FIFO of events (bounded, deltas merged) and control signals of type `_S`."""
+    """A FIFO of events (bounded, deltas merged) and control signals of type `_S`.
+
+    One per open stream, so it is kept small while idle (slots; no deque while
+    empty: an empty deque already holds a 64-slot block, ~0.7 KiB per stream).
+    """
+
+    __slots__ = ("_bytes", "_events", "_items", "_max_bytes", "_max_events", "_waiter",
+                 "on_overflow", "overflowed")  # fmt: skip
 
     def __init__(
         self,
@@ -56,7 +63,7 @@ class OutboundQueue(Generic[_S]):
     ) -> None:
         self._max_events = max_events
         self._max_bytes = max_bytes
-        self._items: deque[tuple[pb.Event | _S, int]] = deque()
+        self._items: deque[tuple[pb.Event | _S, int]] | None = None
         self._events = 0
         self._bytes = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -64,7 +71,7 @@ class OutboundQueue(Generic[_S]):
         self.overflowed = False
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) if self._items is not None else 0
 
     @property
     def queued_bytes(self) -> int:
@@ -84,13 +91,15 @@ class OutboundQueue(Generic[_S]):
                 return
             self._events += 1
             self._bytes += size
+        if self._items is None:
+            self._items = deque()
         self._items.append((item, size))
         self._wake()
 
     def _merge(self, event: pb.Event) -> bool:
         """Fold a text delta into a text delta of the same turn waiting at the tail,
         once the queue is half full."""
-        if not self._items or event.WhichOneof("kind") != "text_delta":
+        if not self._items or event.WhichOneof("kind") != "text_delta":  # None or empty
             return False
         if self._events < self._max_events // 2 and self._bytes < self._max_bytes // 2:
             return False
@@ -114,7 +123,7 @@ class OutboundQueue(Generic[_S]):
 
     def _overflow(self) -> None:
         self.overflowed = True
-        self._items.clear()
+        self._items = None
         self._events = self._bytes = 0
         self._wake()
         if self.on_overflow is not None:
@@ -135,6 +144,8 @@ class OutboundQueue(Generic[_S]):
             finally:
                 self._waiter = None
         item, size = self._items.popleft()
+        if not self._items:
+            self._items = None  # idle again: give the deque's block back
         if isinstance(item, pb.Event):
             self._events -= 1
             self._bytes -= size
@@ -148,6 +159,8 @@ class StreamWriter(Generic[_T]):
     Interrupting cancels the sending task only while it waits inside `send`,
     where the cancellation then surfaces; `write` absorbs it and says False.
     """
+
+    __slots__ = ("_send", "_sending", "_task", "interrupted")
 
     def __init__(self, send: Callable[[_T], Awaitable[None]]) -> None:
         self._send = send
