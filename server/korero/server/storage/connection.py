@@ -52,7 +52,7 @@ from redis.retry import Retry
 
 from korero.server.settings import RedisSettings
 
-__all__ = ["CLUSTER_SCHEMES", "connect", "is_cluster_url"]
+__all__ = ["CLUSTER_SCHEMES", "connect", "connect_subscriber", "is_cluster_url"]
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 """URL scheme selecting Redis Cluster -> the scheme of each node's connection."""
@@ -149,6 +149,33 @@ def connect(settings: RedisSettings, *, socket_timeout: float | None = None) -> 
     )
     # Same command API for what Kōrero sends (see the module docstring).
     return cast(aioredis.Redis, client)
+
+
+def connect_subscriber(settings: RedisSettings) -> aioredis.Redis:
+    """One connection for pub/sub, without a read timeout (it idles by design).
+
+    On a Redis Cluster, classic PUBLISH/SUBSCRIBE messages reach every node,
+    so the subscriber talks to one node: the first seed of the URL. (If that
+    node is down, the subscriber's own reconnect loop keeps trying it; name
+    several seeds and put a stable one first.)
+    """
+    url = settings.url
+    if is_cluster_url(url):
+        scheme, netloc, _, query, fragment = urlsplit(url)
+        credentials, _, hosts = netloc.rpartition("@")
+        first = hosts.split(",")[0].strip()
+        url = urlunsplit(
+            (
+                CLUSTER_SCHEMES[scheme.lower()],
+                f"{credentials}@{first}" if credentials else first,
+                "",
+                query,
+                fragment,
+            )
+        )
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=settings.timeout, health_check_interval=30
+    )
 
 
 def _node(seed: str) -> ClusterNode:
