@@ -120,13 +120,15 @@ async def test_a_failing_chat_reader_ends_the_stream_with_internal(
         raise RuntimeError("engine exploded")
 
     monkeypatch.setattr(server.engine, "start_turn", explode)
-    conversation = await client.conversation()
-    async with asyncio.timeout(2):
-        events = await run_turn(conversation, "hello?", "x1")
-        assert events[-1].error.reason == "INTERNAL"
-        assert "RuntimeError" not in events[-1].error.message
-        with pytest.raises(ChatError) as info:
-            await run_turn(conversation, "anyone?", "x2")
+    # Without the client's own reconnect, so the ended stream is what the test sees.
+    async with ChatClient(f"127.0.0.1:{server.port}", reconnect=None) as plain:
+        conversation = await plain.conversation()
+        async with asyncio.timeout(5):
+            events = await run_turn(conversation, "hello?", "x1")
+            assert events[-1].error.reason == "INTERNAL"
+            assert "RuntimeError" not in events[-1].error.message
+            with pytest.raises(ChatError) as info:
+                await run_turn(conversation, "anyone?", "x2")
     assert info.value.code == grpc.StatusCode.INTERNAL
 
 
