@@ -7,7 +7,6 @@ import dataclasses
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 
 from korero.agent.v1 import agent_pb2 as apb
 from korero.agent.v1 import agent_pb2_grpc
@@ -16,7 +15,7 @@ from korero.client import ChatClient
 from korero.server.policy.api_keys import ApiKeyStore
 from tests.handoff.conftest import FAST
 from tests.handoff.desk import Agent
-from tests.helpers import kinds, run_turn
+from tests.helpers import kinds, redis_client, run_turn
 
 ASK = "I want to talk to a real person"
 
@@ -198,7 +197,7 @@ async def test_a_taken_conversation_cannot_be_accepted_twice(start_server) -> No
 
 async def test_the_desk_needs_the_agent_scope(start_server, redis_url) -> None:  # type: ignore[no-untyped-def]
     app = await start_server(auth__mode="on")
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     keys = ApiKeyStore(client)
     chat_key, _ = await keys.create("t1", "web", ("chat:write", "chat:read"))
     agent_key, _ = await keys.create("t1", "desk", ("agent:write", "agent:read"))

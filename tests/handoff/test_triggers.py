@@ -10,7 +10,7 @@ from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient
 from korero.server.context.assembly import FALLBACK_ANSWER
 from korero.server.context.router import RouteDecision, RuleRouter
-from korero.server.handoff.sentiment import SentimentReading
+from korero.server.handoff.sentiment import SentimentAnalyzer, SentimentReading
 from korero.server.handoff.triggers import EscalationPolicy
 from korero.server.settings import HandoffSettings, Settings
 from korero.server.storage.records import StoredMessage
@@ -251,3 +251,11 @@ def test_settings_parse_triggers_and_scores() -> None:
         Settings.from_env({"KORERO_HANDOFF_TRIGGERS": "moon_phase"})
     with pytest.raises(ValueError, match="between -1 and 1"):
         Settings.from_env({"KORERO_HANDOFF_SENTIMENT_MESSAGE": "-3"})
+
+
+def test_numbers_carry_no_sentiment() -> None:
+    """VADER reads "187" as slang (-0.62); flight numbers and prices say nothing about mood."""
+    analyzer = SentimentAnalyzer()
+    assert analyzer.score("conversation 187 question 1") == 0.0
+    assert analyzer.score("I paid $187.50 and it was great") > 0.5
+    assert analyzer.score("This is the third time my bag was lost, I am furious!!") < -0.7

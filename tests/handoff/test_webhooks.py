@@ -10,7 +10,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from korero.client import ChatClient
@@ -19,7 +18,7 @@ from korero.server.settings import Settings, WebhookSettings, WebhookTarget
 from korero.testing import free_port
 from tests.handoff.desk import Agent
 from tests.handoff.receiver import Receiver
-from tests.helpers import run_turn
+from tests.helpers import redis_client, run_turn
 
 SCHEMA = json.loads(
     (
@@ -109,7 +108,7 @@ async def test_dead_letters_after_max_attempts_and_retry(start_server, redis_url
     try:
         app = await start_server(webhooks=settings)
         await _full_handoff(f"127.0.0.1:{app.port}", close=False)
-        client = aioredis.Redis.from_url(redis_url)
+        client = redis_client(redis_url)
         try:
             await _until(lambda: sum(receiver.attempts.values()) >= 9)
             letters: list = []

@@ -105,6 +105,10 @@ async def _run(redis_url: str, sim: UpstreamSim, conversations: int) -> None:
         redis_url,
         sim.base_url,
         engine__detach_grace=30.0,  # a loaded machine (CI) may take seconds to reconnect
+        # Counted exactly below: an early upstream request (conversation/early.py) that
+        # a resend makes redundant is cancelled before its first token but still counts
+        # as a request at the simulator (5 in 2,000 turns under load).
+        engine__early_upstream=False,
         limits__enabled=False,
         cache__enabled=False,  # every turn must reach the model exactly once
         server__ws_listen=None,

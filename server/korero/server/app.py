@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import redis.asyncio as aioredis
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -43,7 +42,7 @@ from korero.server.policy.ratelimit import RateLimiter
 from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.report.recorder import Recorder
 from korero.server.settings import Settings
-from korero.server.storage.connection import pubsub_url
+from korero.server.storage.connection import connect_subscriber
 from korero.server.storage.history import HistoryStore
 from korero.server.storage.outbox import OutboxWriter
 from korero.server.storage.sessions import SessionStore
@@ -436,13 +435,7 @@ async def _build_handoff(
                 relay_max=settings.handoff.relay_log_max,
             ),
             # Its own connection, without the pool's read timeout: it idles by design.
-            hub=RelayHub(
-                aioredis.Redis.from_url(
-                    pubsub_url(settings.redis.url),
-                    socket_connect_timeout=settings.redis.timeout,
-                    health_check_interval=30,
-                )
-            ),
+            hub=RelayHub(connect_subscriber(settings.redis)),
             settings=settings.handoff,
             outbox=WebhookOutbox(settings.webhooks),
             metrics=metrics,

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from korero.server.errors import KoreroError
 from korero.server.handoff.webhooks import dead_letters, pending, retry_dead_letters
 from korero.server.settings import Settings, SettingsError
+from korero.server.storage.connection import connect
 
 __all__ = ["register"]
 
@@ -48,11 +49,7 @@ def _run(coro: Any) -> int:
 
 def _connect() -> tuple[Settings, aioredis.Redis]:
     settings = Settings.from_env(dict(os.environ))
-    client = aioredis.Redis.from_url(
-        settings.redis.url,
-        socket_timeout=max(settings.redis.timeout, 10.0),
-        socket_connect_timeout=settings.redis.timeout,
-    )
+    client = connect(settings.redis, socket_timeout=max(settings.redis.timeout, 10.0))
     return settings, client
 
 

@@ -102,14 +102,23 @@ def _worker_main(settings: Settings, index: int, metrics_dir: str, ready: Any, p
 
     configure_logging(settings.server.log_level, index)
     _follow_parent_down(parent)
-    # Until the server installs its own handlers (which drain), a stop request
-    # finds nothing to drain: leave quietly. Ctrl-C reaches the parent too,
-    # which turns it into SIGTERM.
-    signal.signal(signal.SIGTERM, _exit_before_serving)
+    # A stop request that arrives while the worker is still starting is kept
+    # and acted on once the server has installed its own (draining) handlers:
+    # leaving from inside a signal handler mid-start (SystemExit while grpcio
+    # initialises) crashed the process. Ctrl-C reaches the parent too, which
+    # turns it into SIGTERM.
+    stop_requested: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _: stop_requested.append(signum))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def serving() -> None:
+        ready.set()
+        if stop_requested:  # now the server's handler drains (and finds nothing to drain)
+            os.kill(os.getpid(), signal.SIGTERM)
+
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(run(settings, multiprocess_dir=Path(metrics_dir), on_serving=ready.set))
+            runner.run(run(settings, multiprocess_dir=Path(metrics_dir), on_serving=serving))
     except OSError as exc:
         print(f"korero serve: worker {index}: {exc}", file=sys.stderr)
         sys.exit(STARTUP_FAILED if not ready.is_set() else 1)
@@ -123,10 +132,6 @@ def _follow_parent_down(parent: int) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _exit_before_serving(signum: int, _: FrameType | None) -> None:
-    raise SystemExit(0)
 
 
 @dataclass

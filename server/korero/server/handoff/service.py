@@ -28,7 +28,7 @@ from korero.server.conversation.wire import duration, message_to_pb, metadata_to
 from korero.server.errors import InvalidArgumentError, KoreroError, NotFoundError
 from korero.server.handoff.records import DeskSnapshot, HandoffRecord
 from korero.server.handoff.relay import RelayHub, SessionFeed
-from korero.server.handoff.sentiment import SentimentAnalyzer, trend
+from korero.server.handoff.sentiment import SentimentAnalyzer, SentimentReading, trend
 from korero.server.handoff.store import HandoffStore, RelayItem, SessionContext
 from korero.server.handoff.triggers import TRIGGERS, Escalation, EscalationPolicy
 from korero.server.handoff.webhooks import WebhookOutbox
@@ -167,8 +167,6 @@ class HandoffService:
         """(what the bot says, the handoff_requested body) when this turn escalates."""
         reading = None
         if turn.sentiment is not None:
-            from korero.server.handoff.sentiment import SentimentReading  # noqa: PLC0415
-
             reading = SentimentReading(
                 turn.sentiment.score, turn.sentiment.trend, turn.sentiment.window
             )

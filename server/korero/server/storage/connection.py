@@ -52,7 +52,7 @@ from redis.retry import Retry
 
 from korero.server.settings import RedisSettings
 
-__all__ = ["CLUSTER_SCHEMES", "connect", "is_cluster_url", "pubsub_url"]
+__all__ = ["CLUSTER_SCHEMES", "connect", "connect_subscriber", "is_cluster_url"]
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 """URL scheme selecting Redis Cluster -> the scheme of each node's connection."""
@@ -96,18 +96,6 @@ _T = TypeVar("_T")
 def is_cluster_url(url: str) -> bool:
     """Whether `url` names a Redis Cluster (`redis+cluster://`, `rediss+cluster://`)."""
     return url.partition("://")[0].lower() in CLUSTER_SCHEMES
-
-
-def pubsub_url(url: str) -> str:
-    """A plain URL for a pub/sub connection: on a cluster, the first seed node
-    (a classic PUBLISH reaches every node of a cluster, so one node hears all)."""
-    if not is_cluster_url(url):
-        return url
-    scheme, netloc, path, query, fragment = urlsplit(url)
-    credentials, _, hosts = netloc.rpartition("@")
-    first = hosts.split(",")[0].strip()
-    node = f"{credentials}@{first}" if credentials else first
-    return urlunsplit((CLUSTER_SCHEMES[scheme.lower()], node, path, query, fragment))
 
 
 def connect(settings: RedisSettings, *, socket_timeout: float | None = None) -> aioredis.Redis:
@@ -161,6 +149,33 @@ def connect(settings: RedisSettings, *, socket_timeout: float | None = None) -> 
     )
     # Same command API for what Kōrero sends (see the module docstring).
     return cast(aioredis.Redis, client)
+
+
+def connect_subscriber(settings: RedisSettings) -> aioredis.Redis:
+    """One connection for pub/sub, without a read timeout (it idles by design).
+
+    On a Redis Cluster, classic PUBLISH/SUBSCRIBE messages reach every node,
+    so the subscriber talks to one node: the first seed of the URL. (If that
+    node is down, the subscriber's own reconnect loop keeps trying it; name
+    several seeds and put a stable one first.)
+    """
+    url = settings.url
+    if is_cluster_url(url):
+        scheme, netloc, _, query, fragment = urlsplit(url)
+        credentials, _, hosts = netloc.rpartition("@")
+        first = hosts.split(",")[0].strip()
+        url = urlunsplit(
+            (
+                CLUSTER_SCHEMES[scheme.lower()],
+                f"{credentials}@{first}" if credentials else first,
+                "",
+                query,
+                fragment,
+            )
+        )
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=settings.timeout, health_check_interval=30
+    )
 
 
 def _node(seed: str) -> ClusterNode:
