@@ -90,10 +90,12 @@ async def test_a_turn_elsewhere_makes_the_early_request_stale_and_it_is_closed(
         await two.shutdown(grace=0)
 
 
-async def test_off_by_default_every_turn_waits_for_redis_first(
+async def test_turned_off_every_turn_waits_for_redis_first(
     redis_url: str, sim: UpstreamSim
 ) -> None:
-    app = await KoreroServer.start(make_settings(redis_url, sim.base_url))
+    app = await KoreroServer.start(
+        make_settings(redis_url, sim.base_url, engine__early_upstream=False)
+    )
     try:
         async with ChatClient(f"127.0.0.1:{app.port}") as client:
             conversation = await client.conversation()

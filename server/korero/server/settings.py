@@ -552,12 +552,12 @@ class EngineSettings:
     """A merged delta is sent early when it reaches this size."""
     early_upstream: bool = _env(
         "KORERO_EARLY_UPSTREAM",
-        False,
+        True,
         "send the upstream request while the turn's Redis round trips run (true/false)",
     )
-    """For sessions whose last turn ended on this instance; see conversation/early.py. Off by
-    default until tests/server/test_flaky_network.py (exactly one upstream request per turn
-    while clients reconnect) has been run with it on, on a quiet machine."""
+    """For sessions whose last turn ended on this instance; see conversation/early.py. A
+    resend after a reconnect can make an early request redundant: it is closed before its
+    first token, but it reached the upstream (counted as `refused`)."""
     detach_grace: float = _env(
         "KORERO_DETACH_GRACE", 5.0, "seconds a turn keeps generating after its client vanished"
     )
