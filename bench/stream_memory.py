@@ -99,6 +99,7 @@ async def _main(n: int, baseline: str | None) -> None:
         "KORERO_WS_LISTEN": "off",
         "KORERO_LOG_LEVEL": "WARNING",
         "KORERO_RATE_LIMITS": "false",
+        "KORERO_WORKERS": "1",  # one process (a baseline's CLI may not take --workers)
     }
     korero = await _measure(
         [f"{bin_dir}/korero", "serve", "--workers", "1", "--listen", f"127.0.0.1:{_free_port()}"],

@@ -22,7 +22,9 @@ def _count(app: KoreroServer, outcome: str) -> float:
 async def test_the_next_turn_of_a_session_asks_the_model_early_with_the_same_prompt(
     redis_url: str, sim: UpstreamSim
 ) -> None:
-    app = await KoreroServer.start(make_settings(redis_url, sim.base_url))
+    app = await KoreroServer.start(
+        make_settings(redis_url, sim.base_url, engine__early_upstream=True)
+    )
     try:
         async with ChatClient(f"127.0.0.1:{app.port}") as client:
             conversation = await client.conversation(
@@ -55,8 +57,12 @@ async def test_the_next_turn_of_a_session_asks_the_model_early_with_the_same_pro
 async def test_a_turn_elsewhere_makes_the_early_request_stale_and_it_is_closed(
     redis_url: str, sim: UpstreamSim
 ) -> None:
-    one = await KoreroServer.start(make_settings(redis_url, sim.base_url))
-    two = await KoreroServer.start(make_settings(redis_url, sim.base_url))
+    one = await KoreroServer.start(
+        make_settings(redis_url, sim.base_url, engine__early_upstream=True)
+    )
+    two = await KoreroServer.start(
+        make_settings(redis_url, sim.base_url, engine__early_upstream=True)
+    )
     try:
         async with (
             ChatClient(f"127.0.0.1:{one.port}") as c1,
@@ -84,7 +90,7 @@ async def test_a_turn_elsewhere_makes_the_early_request_stale_and_it_is_closed(
         await two.shutdown(grace=0)
 
 
-async def test_without_it_every_turn_waits_for_redis_first(
+async def test_turned_off_every_turn_waits_for_redis_first(
     redis_url: str, sim: UpstreamSim
 ) -> None:
     app = await KoreroServer.start(

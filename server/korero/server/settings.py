@@ -555,7 +555,9 @@ class EngineSettings:
         True,
         "send the upstream request while the turn's Redis round trips run (true/false)",
     )
-    """For sessions whose last turn ended on this instance; see conversation/early.py."""
+    """For sessions whose last turn ended on this instance; see conversation/early.py. A
+    resend after a reconnect can make an early request redundant: it is closed before its
+    first token, but it reached the upstream (counted as `refused`)."""
     detach_grace: float = _env(
         "KORERO_DETACH_GRACE", 5.0, "seconds a turn keeps generating after its client vanished"
     )
