@@ -164,7 +164,14 @@ async def test_a_primary_failover_is_survived(replicated: PrivateRedisCluster) -
     cluster = replicated
     async with UpstreamSim(SimConfig(ttft=0.02, answer_tokens=8)) as sim:
         settings = make_settings(
-            cluster.url, sim.base_url, limits__enabled=False, engine__turn_timeout=2.0
+            cluster.url,
+            sim.base_url,
+            limits__enabled=False,
+            engine__turn_timeout=2.0,
+            # Every turn of the run stays in the stored history (an idle machine
+            # runs over 100 turns per session and the default keeps 200 messages),
+            # so the exactly-once check below sees all of them.
+            engine__history_max_messages=100_000,
         )
         lock_expiry = settings.engine.turn_timeout + 30
         app = await KoreroServer.start(settings)
