@@ -7,6 +7,11 @@ WEB_STAMP := $(WEB)/node_modules/.installed
 WEB_SRC   := $(shell find $(WEB)/src $(WEB)/static protos -type f -not -path '*/gen/*' 2>/dev/null) \
              $(WEB)/build.mjs $(WEB)/buf.gen.yaml $(WEB)/tsconfig.json scripts/build-web.sh
 
+# Tests start Python processes (servers, workers, tools): let them keep bytecode
+# caches (gitignored) even where the environment turns them off — compiling every
+# module afresh costs seconds per process.
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: setup web generate check-generate lint test test-fast test-redis-cluster validate-deploy run run-cluster bench bench-quick bench-smoke clean
 
 setup: $(STAMP) $(WEB_STAMP)    ## venv + every dependency (Debian redis-server, chromium too)
@@ -38,8 +43,8 @@ test: lint check-generate web   ## everything CI runs (browser tests and the Red
 test-redis-cluster: $(STAMP)    ## tests/server's fast tests again, on a private 3-primary Redis Cluster
 	KORERO_TEST_REDIS=cluster $(BIN)/pytest -m "not slow" -q tests/server
 
-test-fast: $(STAMP)             ## the suite without the process-spawning `slow` tests (< 60 s)
-	$(BIN)/pytest -m "not slow" -q
+test-fast: $(STAMP)             ## the suite without the process-spawning `slow` tests, on every core (< 60 s)
+	$(BIN)/pytest -m "not slow" -q -n auto
 
 validate-deploy: $(STAMP)       ## Dockerfile, compose, k8s overlays, alert rules, dashboard (offline; part of test)
 	$(BIN)/pytest -q tests/deploy

@@ -75,6 +75,7 @@ async def health_status(target: str) -> int:
         return int(response.status)
 
 
+@pytest.mark.slow  # spawns `korero serve`
 async def test_sigterm_drains_turns_then_ends_streams_with_unavailable(
     server_proc: ServerProcess, sim: UpstreamSim
 ) -> None:

@@ -14,10 +14,13 @@ from korero.server.llm.errors import OPENAI_ERROR_TABLE, translate_openai_error
 
 
 def _openai_exception_classes() -> list[type[BaseException]]:
+    # `type(obj)`, not `inspect.getmembers`: openai's lazy module proxies answer
+    # `__class__` by importing their module (seconds of imports for nothing).
     return [
         obj
-        for _, obj in inspect.getmembers(openai, inspect.isclass)
-        if issubclass(obj, BaseException)
+        for obj in vars(openai).values()
+        if issubclass(type(obj), type)
+        and issubclass(obj, BaseException)
         and obj.__module__.startswith("openai")
         and not obj.__name__.startswith("_")
     ]

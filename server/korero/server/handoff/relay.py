@@ -47,12 +47,15 @@ class RelayHub:
         self._listeners: dict[tuple[str, str | None], set[Wake]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        self._tried = asyncio.Event()
 
     async def start(self, within: float = 5.0) -> None:
-        """Subscribe; returns once subscribed (or after `within` seconds, retrying behind)."""
+        """Subscribe; returns once the first attempt has succeeded or failed (at most
+        `within` seconds), retrying behind: an instance whose Redis is down starts at once
+        and serves health."""
         self._task = asyncio.create_task(self._run(), name="relay-hub")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.ready.wait(), within)
+            await asyncio.wait_for(self._tried.wait(), within)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -88,6 +91,7 @@ class RelayHub:
                 await pubsub.psubscribe(NOTIFY_PATTERN)
                 attempt = 0
                 self.ready.set()
+                self._tried.set()
                 self._wake_all()  # whatever was announced while we were not listening
                 async for message in pubsub.listen():
                     if message.get("type") != "pmessage":
@@ -99,6 +103,7 @@ class RelayHub:
                     if parsed is not None:
                         self._wake(parsed)
             except (rexc.RedisError, OSError) as exc:
+                self._tried.set()
                 delay = _RECONNECT_DELAY[min(attempt, len(_RECONNECT_DELAY) - 1)]
                 attempt += 1
                 log.warning(

@@ -12,6 +12,7 @@ booking references and prices, which say nothing about mood.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,11 +42,17 @@ def trend(scores: Sequence[float], window: int) -> tuple[float, int]:
     return round(sum(recent) / len(recent), 4), len(recent)
 
 
+@functools.cache
+def _vader() -> SentimentIntensityAnalyzer:
+    """VADER's lexicon, read once per process (~25 ms); scoring only reads it."""
+    return SentimentIntensityAnalyzer()
+
+
 class SentimentAnalyzer:
     """Scores text with VADER's compound score."""
 
     def __init__(self) -> None:
-        self._vader = SentimentIntensityAnalyzer()
+        self._vader = _vader()
 
     def score(self, text: str) -> float:
         return round(float(self._vader.polarity_scores(_NUMBER.sub(" ", text))["compound"]), 4)

@@ -24,6 +24,8 @@ a response read to its end returns the connection to the pool.
 
 from __future__ import annotations
 
+import functools
+import ssl
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -92,15 +94,22 @@ class _Body(httpx.AsyncByteStream):
             self._response.close()  # cut short: the connection is closed, the upstream sees it
 
 
+@functools.cache
+def _default_ssl_context() -> ssl.SSLContext:
+    """httpx2's default context (system CAs, verification on), built once per process."""
+    return httpx.create_ssl_context()
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """An `httpx2` transport that sends requests with one `aiohttp.ClientSession`."""
 
     def __init__(self, *, max_connections: int, keepalive_expiry: float) -> None:
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
-        # Built now, as httpx2 does (loading the CA certificates takes ~0.1 s: not
-        # something the first turn should wait for); the session needs a running loop.
-        self._ssl = httpx.create_ssl_context()
+        # Built now, as httpx2 does (loading the CA certificates takes 40-100 ms: not
+        # something the first turn should wait for), once per process and shared by
+        # every transport; the session needs a running loop.
+        self._ssl = _default_ssl_context()
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[tuple[str, str, int | None], str | None] = {}
 
