@@ -38,6 +38,7 @@ from korero.server.ops import OpsStats
 from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
+from korero.server.policy.pacing import SessionOpenPacer
 from korero.server.policy.ratelimit import RateLimiter
 from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.report.recorder import Recorder
@@ -153,8 +154,14 @@ class KoreroServer:
         )
         engine.attach_history(history, outbox)
         lifecycle = Lifecycle()
+        opens = SessionOpenPacer(  # one per process: every transport opens through it
+            in_flight=settings.server.opens_in_flight,
+            queue=settings.server.opens_queue,
+            max_wait=settings.redis.timeout,  # what an open would have waited on the pool
+            on_refused=lambda why: metrics.session_opens_refused.labels(why).inc(),
+        )
         server, port, services = _build_grpc_server(
-            settings, engine, lifecycle, health, metrics, interceptors, handoff
+            settings, engine, lifecycle, health, metrics, interceptors, handoff, opens
         )
         ops = None
         if settings.observability.ops_token is not None:
@@ -166,6 +173,7 @@ class KoreroServer:
                 gate=gate,
                 listen=settings.server.ws_listen,
                 rules=StreamRules.from_settings(settings.server),
+                opens=opens,
                 web_root=settings.server.web_root,
                 ssl_context=server_ssl_context(settings.tls),
                 routes=ops.routes() if ops is not None else (),
@@ -368,6 +376,7 @@ def _build_grpc_server(
     metrics: Metrics,
     interceptors: list[grpc.aio.ServerInterceptor],
     handoff: HandoffService | None,
+    opens: SessionOpenPacer,
 ) -> tuple[grpc.aio.Server, int, list[str]]:
     """ChatService (and the agent desk), health and reflection, not started yet.
 
@@ -386,6 +395,7 @@ def _build_grpc_server(
         lifecycle=lifecycle,
         metrics=metrics,
         rules=StreamRules.from_settings(settings.server),
+        opens=opens,
         default_tenant=settings.engine.tenant,
     ).add_to_server(server)
     services = [CHAT_SERVICE]
