@@ -92,6 +92,10 @@ class Workload:
     echo_messages: int = 100
     progress: bool = True
     grpc_options: tuple[tuple[str, Any], ...] = ()
+    open_retries: int = 0
+    """Chat: a stream whose open is refused with a `RetryInfo` delay (the server pacing a
+    burst: `SESSION_OPENS_BUSY`) is opened again after that delay, at most this many times.
+    The call counts once (its final status); the retries are counted apart."""
 
 
 @dataclass
@@ -140,6 +144,12 @@ class RunResult:
     stream_wall: float = 0.0
     """Seconds from the first to the last streamed text delta (throughput denominator)."""
     hold_samples: dict[str, Any] = field(default_factory=dict)
+    open_retries: int = 0
+    """Chat opens sent again after a refusal with RetryInfo (`Workload.open_retries`)."""
+    open_retried_calls: int = 0
+    """Calls that needed at least one such retry."""
+    open_retry_reasons: Counter[str] = field(default_factory=Counter)
+    """Refusals retried, by `CODE REASON`."""
 
     @property
     def client_bound(self) -> bool:
@@ -201,6 +211,9 @@ class _Worker:
         self.first_delta_ns = 0
         self.last_delta_ns = 0
         self.open_now = 0
+        self.open_retries = 0
+        self.open_retried_calls = 0
+        self.open_retry_reasons: Counter[str] = Counter()
         self.inflight: set[asyncio.Task[Any]] = set()
         self.direct: Any = None
         self.pb: Any = None
@@ -399,11 +412,8 @@ class _Worker:
     async def _chat(
         self, call: Any, messages: list[Any], metadata: Any, number: int, fields: dict[str, Any]
     ) -> None:
-        stream = call(metadata=metadata, timeout=self.cfg.timeout or None)
-        await stream.write(self._parse(messages[0]))
-        first = await stream.read()
-        if first is self.grpc.aio.EOF:
-            await stream.code()
+        stream = await self._open(call, self._parse(messages[0]), metadata)
+        if stream is None:
             return
         self.open_now += 1
         self.shared.open[self.index] = self.open_now
@@ -436,6 +446,33 @@ class _Worker:
         while await stream.read() is not self.grpc.aio.EOF:
             pass
         await stream.code()
+
+    async def _open(self, call: Any, start: Any, metadata: Any) -> Any:
+        """A Chat stream past its first event; None if the server ended it there.
+
+        A refusal carrying `RetryInfo` is retried after that delay (up to
+        `open_retries` times); any other failure raises, as before.
+        """
+        from korero.client import ChatError  # noqa: PLC0415 - the worker's import
+
+        for attempt in itertools.count():
+            stream = call(metadata=metadata, timeout=self.cfg.timeout or None)
+            try:
+                await stream.write(start)
+                first = await stream.read()
+                if first is self.grpc.aio.EOF:
+                    await stream.code()
+                    return None
+                return stream
+            except self.grpc.aio.AioRpcError as exc:
+                error = ChatError.from_rpc_error(exc)
+                if error.retry_after is None or attempt >= self.workload.open_retries:
+                    raise
+                self.open_retries += 1
+                self.open_retried_calls += attempt == 0
+                self.open_retry_reasons[f"{error.code.name} {error.reason}"] += 1
+                await asyncio.sleep(error.retry_after)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _hold(self) -> None:
         loop = asyncio.get_running_loop()
@@ -571,6 +608,9 @@ class _Worker:
             "cpu": cpu,
             "first_delta_ns": self.first_delta_ns,
             "last_delta_ns": self.last_delta_ns,
+            "open_retries": self.open_retries,
+            "open_retried_calls": self.open_retried_calls,
+            "open_retry_reasons": self.open_retry_reasons,
         }
 
 
@@ -777,6 +817,8 @@ def _merge(
     util: list[float] = []
     cpu_total = 0.0
     first, last = 0, 0
+    retries = retried_calls = 0
+    retry_reasons: Counter[str] = Counter()
     for i, res in enumerate(results):
         if res is None:
             codes["Unknown"] += 0
@@ -784,6 +826,9 @@ def _merge(
             cpu_total += cpu_seen[i]
             continue
         details += res["details"]
+        retries += res["open_retries"]
+        retried_calls += res["open_retried_calls"]
+        retry_reasons.update(res["open_retry_reasons"])
         count += res["count"]
         latency_sum += res["latency_sum"]
         codes.update(res["status_codes"])
@@ -825,4 +870,7 @@ def _merge(
         open_peak=open_peak,
         stream_wall=(last - first) / 1e9 if last > first else 0.0,
         hold_samples=hold_samples,
+        open_retries=retries,
+        open_retried_calls=retried_calls,
+        open_retry_reasons=retry_reasons,
     )

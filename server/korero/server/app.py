@@ -67,6 +67,8 @@ AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentDeskService"].full_n
 HISTORY_HEALTH = "korero.history"
 """Health service name that is NOT_SERVING while PostgreSQL writes fail (the chat stays SERVING)."""
 
+_PENDING_CALLS = 50_000  # calls grpc-core holds for the server before it refuses any
+
 _SERVER_OPTIONS = [
     ("grpc.so_reuseport", 1),
     # Generous: on a saturated machine a late ping ack must not drop every
@@ -76,6 +78,15 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.max_concurrent_streams", 100_000),
+    # Calls that arrive faster than the Python server takes them wait in grpc-core's
+    # pending queue, which by default refuses at random past 1,000 and always past 3,000
+    # ("Too many pending requests", RESOURCE_EXHAUSTED without RetryInfo) — and a client
+    # still writing its `start` sees INTERNAL "Internal error from Core" instead. 10,000
+    # Chat streams opened at once lost 5,176 that way; with these bounds all opened.
+    # Session opens past what Redis takes are paced in Python (policy/pacing.py), where
+    # a refusal carries RetryInfo.
+    ("grpc.server.max_pending_requests", _PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", _PENDING_CALLS),
 ]
 
 
