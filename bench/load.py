@@ -215,6 +215,8 @@ class _Worker:
         self.open_retried_calls = 0
         self.open_retry_reasons: Counter[str] = Counter()
         self.inflight: set[asyncio.Task[Any]] = set()
+        self.released: asyncio.Event | None = None
+        self.release_watch: asyncio.Task[None] | None = None
         self.direct: Any = None
         self.pb: Any = None
         self.recording = True
@@ -300,9 +302,10 @@ class _Worker:
             elif self.cfg.duration_stop == "ignore":
                 self.recording = False
         finally:
-            for task in [*loops, *self.inflight]:
+            watch = [self.release_watch] if self.release_watch is not None else []
+            for task in [*loops, *self.inflight, *watch]:
                 task.cancel()
-            await asyncio.gather(*loops, *self.inflight, return_exceptions=True)
+            await asyncio.gather(*loops, *self.inflight, *watch, return_exceptions=True)
             for ch in channels:
                 await ch.close(grace=None)
             if self.direct is not None:
@@ -475,11 +478,21 @@ class _Worker:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _hold(self) -> None:
+        if self.released is None:
+            self.released = asyncio.Event()
+            self.release_watch = asyncio.create_task(self._watch_release(self.released))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.released.wait(), self.workload.hold)
+
+    async def _watch_release(self, released: asyncio.Event) -> None:
+        """One poll per process of the parent's release (a multiprocessing.Event): one
+        poll per held stream was 10 wake-ups a second each, which at 50,000 streams left
+        a client process too busy to read the server's answers."""
         loop = asyncio.get_running_loop()
         until = loop.time() + self.workload.hold
-        # release is a multiprocessing.Event (set by the parent): it can only be polled here.
         while not self.shared.release.is_set() and loop.time() < until:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
+        released.set()
 
     async def _chat_turn(self, stream: Any, request: Any) -> None:
         samples = self.streams["korero"]
