@@ -146,6 +146,12 @@ def _add_scenarios(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="`open`: streams the client starts per second (default 500; 0: as fast as it can)",
     )
     p.add_argument(
+        "--open-heartbeat",
+        type=float,
+        metavar="SECONDS",
+        help="`open`: the server's heartbeat interval (KORERO_HEARTBEAT_INTERVAL; default 15)",
+    )
+    p.add_argument(
         "--baseline-python",
         metavar="PYTHON",
         help="`cpu` and `capacity` also run servers with this interpreter (a baseline "
@@ -238,6 +244,7 @@ def _scenarios(args: argparse.Namespace) -> int:
         baseline=args.baseline_python,
         open_streams=tuple(args.open_streams or ()),
         open_rate=args.open_rate,
+        open_heartbeat=args.open_heartbeat,
     )
 
 

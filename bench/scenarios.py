@@ -51,6 +51,8 @@ class Ctx:
     """`open`: these stream counts instead of its defaults (e.g. 100,000)."""
     open_rate: float = 500.0
     """`open`: streams the client starts per second (0: as fast as it can)."""
+    open_heartbeat: float | None = None
+    """`open`: the server's KORERO_HEARTBEAT_INTERVAL (None: its default, 15 s)."""
 
     def size(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -382,7 +384,10 @@ def scenario_open(ctx: Ctx) -> dict[str, Any]:
         with ProcessGroup() as g:
             redis_url, _, _ = g.redis()
             llm, _ = g.sim(ttft_ms=10, tokens_per_second=200, answer_tokens=20)
-            port, servers = g.servers(1, redis_url=redis_url, llm_url=llm)
+            env: dict[str, str] = {}
+            if ctx.open_heartbeat is not None:
+                env["KORERO_HEARTBEAT_INTERVAL"] = str(ctx.open_heartbeat)
+            port, servers = g.servers(1, redis_url=redis_url, llm_url=llm, env=env)
             pid = servers[0].pid
             host = f"127.0.0.1:{port}"
             warm = chat_config(host, turns=1, concurrency=20, connections=4, total=40)
@@ -440,6 +445,7 @@ def scenario_open(ctx: Ctx) -> dict[str, Any]:
                 "openRetriedStreams": result.open_retried_calls,
                 "openRetryReasons": dict(result.open_retry_reasons),
                 "openRate": ctx.open_rate,
+                "heartbeatInterval": ctx.open_heartbeat,
                 "loadAverage": [load0, loadavg()],
                 "wallSeconds": result.wall,
                 "statusCodes": dict(result.status_codes),
@@ -978,6 +984,7 @@ def run_scenarios(
     baseline: str | None = None,
     open_streams: tuple[int, ...] = (),
     open_rate: float = 500.0,
+    open_heartbeat: float | None = None,
 ) -> int:
     """Run the chosen scenarios (all by default); 1 if any failed to run."""
     load.raise_fd_limit()
@@ -994,6 +1001,7 @@ def run_scenarios(
         baseline=baseline,
         open_streams=open_streams,
         open_rate=open_rate,
+        open_heartbeat=open_heartbeat,
     )
     failed = []
     tables = []
