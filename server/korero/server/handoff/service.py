@@ -32,7 +32,7 @@ from korero.server.handoff.sentiment import SentimentAnalyzer, SentimentReading,
 from korero.server.handoff.store import HandoffStore, RelayItem, SessionContext
 from korero.server.handoff.triggers import TRIGGERS, Escalation, EscalationPolicy
 from korero.server.handoff.webhooks import WebhookOutbox
-from korero.server.report.recorder import Recorder
+from korero.server.report.recorder import HandoffFacts, Recorder
 from korero.server.settings import HandoffSettings
 from korero.server.storage.records import StoredMessage
 from korero.server.telemetry import Metrics
@@ -399,16 +399,7 @@ class HandoffService:
         if self._metrics is not None:
             self._metrics.handoffs.labels(escalation.trigger.name).inc()
         if self._recorder is not None:
-            self._recorder.handoff_requested(
-                tenant,
-                handoff_id,
-                session_id,
-                escalation.trigger.name,
-                escalation.reason,
-                str(record["queue"]),
-                now,
-                turn_id,
-            )
+            self._recorder.handoff_requested(_facts(tenant, draft), turn_id)
         log.info(
             "event=handoff_requested tenant=%s handoff=%s trigger=%s queue=%s",
             tenant,
@@ -548,15 +539,19 @@ class HandoffService:
         )
         return result.seqs
 
-    async def accept(
-        self, tenant: str, agent: AgentProfile, handoff_id: str, *, pick: bool = False
-    ) -> HandoffRecord:
-        snapshot = await self._store.snapshot(tenant)
-        draft = snapshot.by_id(handoff_id)
+    async def _open_handoff(self, tenant: str, handoff_id: str) -> HandoffRecord:
+        """The tenant's open handoff `handoff_id`, or `NOT_FOUND HANDOFF_NOT_FOUND`."""
+        draft = (await self._store.snapshot(tenant)).by_id(handoff_id)
         if draft is None:
             raise DeskError(
                 grpc.StatusCode.NOT_FOUND, "HANDOFF_NOT_FOUND", f"no open handoff {handoff_id!r}"
             )
+        return draft
+
+    async def accept(
+        self, tenant: str, agent: AgentProfile, handoff_id: str, *, pick: bool = False
+    ) -> HandoffRecord:
+        draft = await self._open_handoff(tenant, handoff_id)
         now = self._now()
         joined = replace(draft, agent=agent.agent_id, agent_name=agent.display_name)
         status, record, first = await self._store.accept(
@@ -599,16 +594,7 @@ class HandoffService:
             self._metrics.handoff_wait.observe(max(0.0, (record.joined - record.requested) / 1000))
         if first and self._recorder is not None:
             self._recorder.handoff_joined(
-                tenant,
-                record.id,
-                record.session,
-                record.trigger,
-                record.reason,
-                record.queue,
-                record.requested,
-                record.joined,
-                agent.agent_id,
-                agent.display_name,
+                _facts(tenant, record), record.joined, agent.agent_id, agent.display_name
             )
         log.info(
             "event=handoff_accepted tenant=%s handoff=%s agent=%s first=%s",
@@ -703,8 +689,14 @@ class HandoffService:
             self._handoff_payload(draft, context, waited_seconds=0.0),
             now,
         )
-        status, made, other = await self._store.pick(
-            tenant, now, handoff_id, session_id, record, agent.agent_id, agent.display_name, outbox
+        status, made, other = await self._store.request(
+            tenant,
+            now,
+            handoff_id,
+            session_id,
+            record,
+            outbox,
+            picked_by=(agent.agent_id, agent.display_name),
         )
         if status != "ok" or made is None:
             await self._store.append(tenant, session_id, "close", handoff_id, [])
@@ -716,26 +708,10 @@ class HandoffService:
         if self._metrics is not None:
             self._metrics.handoffs.labels("agent_pick").inc()
         if self._recorder is not None:
-            self._recorder.handoff_requested(
-                tenant,
-                made.id,
-                made.session,
-                made.trigger,
-                made.reason,
-                made.queue,
-                made.requested,
-            )
+            facts = _facts(tenant, made)
+            self._recorder.handoff_requested(facts)
             self._recorder.handoff_joined(
-                tenant,
-                made.id,
-                made.session,
-                made.trigger,
-                made.reason,
-                made.queue,
-                made.requested,
-                made.joined or made.requested,
-                agent.agent_id,
-                agent.display_name,
+                facts, made.joined or made.requested, agent.agent_id, agent.display_name
             )
         await self._tell(
             tenant,
@@ -818,12 +794,7 @@ class HandoffService:
         """Hand back to the bot, or close: the customer is told, the CRM too."""
         close = mode == apb.RELEASE_MODE_CLOSE
         outcome = "closed" if close else "returned_to_bot"
-        snapshot = await self._store.snapshot(tenant)
-        draft = snapshot.by_id(handoff_id)
-        if draft is None:
-            raise DeskError(
-                grpc.StatusCode.NOT_FOUND, "HANDOFF_NOT_FOUND", f"no open handoff {handoff_id!r}"
-            )
+        draft = await self._open_handoff(tenant, handoff_id)
         now = self._now()
         status, record = await self._store.release(
             tenant,
@@ -855,13 +826,7 @@ class HandoffService:
         self._announced.pop(handoff_id, None)
         if self._recorder is not None:
             self._recorder.handoff_ended(
-                tenant,
-                record.id,
-                record.session,
-                record.trigger,
-                record.reason,
-                record.queue,
-                record.requested,
+                _facts(tenant, record),
                 record.ended or now,
                 outcome,
                 disposition,
@@ -1013,3 +978,16 @@ def _summary(context: SessionContext, handoff: HandoffRecord) -> str:
         parts.append(f'Last message: "{last[:200]}{"…" if len(last) > 200 else ""}"')
     parts.append(f"Escalated: {handoff.reason}.")
     return " ".join(parts)
+
+
+def _facts(tenant: str, record: HandoffRecord) -> HandoffFacts:
+    """The columns every `handoffs` row starts with, from the handoff's record."""
+    return HandoffFacts(
+        tenant,
+        record.id,
+        record.session,
+        record.trigger,
+        record.reason,
+        record.queue,
+        record.requested,
+    )

@@ -298,7 +298,7 @@ class ChatSession:
                 await self._feed.catch_up()
                 # A person may own the session now: no early upstream request (early.py).
                 self._engine.forget_early(self.tenant, self.session_id)
-            self.turn = await self._engine.start_turn_shielded(
+            self.turn = await self._engine.start_turn(
                 self.tenant, self.session_id, message, self._sink, self._deadline()
             )
         except KoreroError as error:
