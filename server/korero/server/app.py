@@ -1,6 +1,8 @@
 """Wiring: build the gRPC server from settings, run it, drain it on SIGTERM.
 
-No conversation logic lives here; it only connects the pieces.
+No conversation logic lives here; it only connects the pieces. (Longer than
+400 lines: one builder per part — gate, engine, gRPC server, handoff, history,
+ops — each short; `start` calls them in order and `shutdown` undoes them.)
 """
 
 from __future__ import annotations

@@ -8,6 +8,13 @@ the store (one round trip that also reads the KB version and probes the
 response cache) and hands the turn to the `TurnRunner`, which publishes
 exactly one terminal event (`done` or `error`) whatever fails, and persists
 the outcome before publishing it.
+
+Longer than 400 lines: it is the one place where a message becomes a turn —
+opening and resuming sessions (one cursor rule), beginning a turn (early
+request, admission, begin script, joining or replaying a retried message,
+handing a message to a person) and detaching it when its client goes away
+share the live-turn tables `_turns`/`_live`; what a turn does once begun is
+in runner.py, the wire format in wire.py, validation in validation.py.
 """
 
 from __future__ import annotations
