@@ -36,6 +36,7 @@ __all__ = [
     "AgentProfile",
     "DeskActions",
     "DeskError",
+    "desk_record",
     "facts",
     "handoff_payload",
     "new_id",
@@ -72,6 +73,17 @@ def relay_event(session_id: str, **kind: Any) -> bytes:
 def trigger_proto(name: str) -> pb.HandoffTrigger.ValueType:
     trigger = TRIGGERS.get(name)  # type: ignore[call-overload]
     return trigger.proto if trigger is not None else pb.HANDOFF_TRIGGER_UNSPECIFIED
+
+
+def desk_record(draft: HandoffRecord, **extra: Any) -> dict[str, Any]:
+    """What a desk script takes to open a handoff (DESK_REQUEST, DESK_PICK)."""
+    return {
+        "trigger": draft.trigger,
+        "reason": draft.reason,
+        "queue": draft.queue,
+        "customer": draft.customer,
+        **extra,
+    }
 
 
 def handoff_payload(
@@ -120,6 +132,34 @@ class DeskActions:
         async def announce_queue(
             self, tenant: str, snapshot: DeskSnapshot | None = None
         ) -> None: ...
+
+    async def _draft(
+        self,
+        tenant: str,
+        handoff_id: str,
+        session_id: str,
+        trigger: str,
+        reason: str,
+        intent: str = "",
+    ) -> tuple[HandoffRecord, SessionContext | None]:
+        """A new handoff's record (queued, requested now) and the session's context.
+
+        Its queue is the one for `intent`, or for the session's last intent.
+        """
+        context = await self._store.session_context(tenant, session_id)
+        if not intent and context is not None:
+            intent = next((m.intent for m in reversed(context.history) if m.intent), "")
+        draft = HandoffRecord(
+            handoff_id,
+            session_id,
+            "queued",
+            trigger,
+            reason,
+            self._settings.queues.get(intent, "general"),
+            self._now(),
+            customer=context.metadata.get("customer_name", "") if context else "",
+        )
+        return draft, context
 
     async def join(
         self, tenant: str, agent: AgentProfile, spec: dict[str, Any], connection: str
@@ -270,29 +310,10 @@ class DeskActions:
                 "HANDOFF_TAKEN",
                 "another handoff owns this conversation",
             )
-        context = await self._store.session_context(tenant, session_id)
-        now = self._now()
-        intent = (
-            next((m.intent for m in reversed(context.history) if m.intent), "") if context else ""
-        )
-        record = {
-            "trigger": "agent_pick",
-            "reason": why,
-            "queue": self._settings.queues.get(intent, "general"),
-            "customer": context.metadata.get("customer_name", "") if context else "",
-        }
-        draft = HandoffRecord(
-            handoff_id,
-            session_id,
-            "active",
-            "agent_pick",
-            why,
-            str(record["queue"]),
-            now,
-            customer=str(record["customer"]),
-            agent=agent.agent_id,
-            agent_name=agent.display_name,
-            joined=now,
+        draft, context = await self._draft(tenant, handoff_id, session_id, "agent_pick", why)
+        now = draft.requested
+        draft = replace(
+            draft, state="active", agent=agent.agent_id, agent_name=agent.display_name, joined=now
         )
         outbox = self._outbox.entries(
             tenant, "handoff.requested", handoff_payload(draft, context), now
@@ -307,7 +328,7 @@ class DeskActions:
             now,
             handoff_id,
             session_id,
-            record,
+            desk_record(draft),
             outbox,
             picked_by=(agent.agent_id, agent.display_name),
         )

@@ -29,6 +29,7 @@ from korero.server.handoff.actions import (
     AgentProfile,
     DeskActions,
     DeskError,
+    desk_record,
     facts,
     handoff_payload,
     new_id,
@@ -321,33 +322,16 @@ class HandoffService(DeskActions):
             return  # a handoff is already open for this session
         if claimed.status == "missing":
             raise NotFoundError("SESSION_NOT_FOUND", f"no session {session_id!r}")
-        context = await self._store.session_context(tenant, session_id)
-        if not intent and context is not None:
-            intent = next((m.intent for m in reversed(context.history) if m.intent), "")
-        now = self._now()
-        record = {
-            "trigger": escalation.trigger.name,
-            "reason": escalation.reason,
-            "queue": self._settings.queues.get(intent, "general"),
-            "customer": (context.metadata.get("customer_name", "") if context else ""),
-            "turn_id": turn_id,
-        }
-        draft = HandoffRecord(
-            handoff_id,
-            session_id,
-            "queued",
-            escalation.trigger.name,
-            escalation.reason,
-            str(record["queue"]),
-            now,
-            customer=str(record["customer"]),
+        draft, context = await self._draft(
+            tenant, handoff_id, session_id, escalation.trigger.name, escalation.reason, intent
         )
+        now = draft.requested
         status, _, existing = await self._store.request(
             tenant,
             now,
             handoff_id,
             session_id,
-            record,
+            desk_record(draft, turn_id=turn_id),
             self._outbox.entries(tenant, "handoff.requested", handoff_payload(draft, context), now),
         )
         if status == "exists":  # the desk already has one: give the session to it
@@ -363,7 +347,7 @@ class HandoffService(DeskActions):
             tenant,
             handoff_id,
             escalation.trigger.name,
-            record["queue"],
+            draft.queue,
         )
         self._keep_ticking(tenant)
         await self.tick(tenant)
