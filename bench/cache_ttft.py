@@ -22,16 +22,11 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -47,15 +42,10 @@ from korero.server.settings import (  # noqa: E402
     Settings,
 )
 from korero.sim import SimConfig, UpstreamSim  # noqa: E402
+from korero.testing import PrivateRedis  # noqa: E402
 from tests.helpers import ingest_sample  # noqa: E402
 
 CACHED_QUESTION = "What's the checked baggage allowance?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _percentiles(samples: list[float]) -> str:
@@ -166,25 +156,8 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=300)
     parser.add_argument("--ttft-ms", type=float, default=150.0)
     args = parser.parse_args()
-    server = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as workdir:
-        proc = subprocess.Popen(
-            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            client = redis.Redis(port=port)
-            for _ in range(100):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            asyncio.run(_run(args, f"redis://127.0.0.1:{port}/0"))
-        finally:
-            proc.terminate()
-            proc.wait()
+    with tempfile.TemporaryDirectory() as workdir, PrivateRedis(Path(workdir)) as redis_server:
+        asyncio.run(_run(args, redis_server.url))
     return 0
 
 

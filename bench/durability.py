@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,13 +48,7 @@ from korero.server.settings import (  # noqa: E402
     Settings,
 )
 from korero.sim import SimConfig, UpstreamSim  # noqa: E402
-from korero.testing import drop_database, fresh_database  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from korero.testing import PrivateRedis, drop_database, fresh_database  # noqa: E402
 
 
 def _settings(redis_url: str, llm_url: str, pg_url: str | None, **engine: object) -> Settings:
@@ -142,26 +134,12 @@ async def _replay(client: ChatClient, session_id: str, last: int, count: int) ->
 
 async def main(turns: int, replay: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="korero-bench-"))
-    port = _free_port()
-    redis_server = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    redis_server = PrivateRedis(workdir)
+    redis_server.start()
     pg_url = await fresh_database()
     servers: list[KoreroServer] = []
     try:
-        await asyncio.sleep(0.3)
-        redis_url = f"redis://127.0.0.1:{port}/0"
+        redis_url = redis_server.url
         async with UpstreamSim(
             SimConfig(ttft=0.0, tokens_per_second=100000, answer_tokens=1)
         ) as sim:
@@ -235,8 +213,7 @@ async def main(turns: int, replay: int) -> None:
         for server in servers:
             await server.shutdown(grace=0)
         await drop_database(pg_url)
-        redis_server.kill()
-        redis_server.wait()
+        redis_server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

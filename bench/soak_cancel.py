@@ -14,18 +14,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import grpc
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.chat.v1 import chat_pb2_grpc
 from korero.sim import SimConfig, UpstreamSim
+from korero.testing import PrivateRedis
 
 
 def _free_port() -> int:
@@ -65,26 +66,13 @@ async def _one(stub: chat_pb2_grpc.ChatServiceStub, i: int) -> None:
 
 
 async def _soak(rounds: int, streams: int) -> None:
-    redis_port, grpc_port = _free_port(), _free_port()
-    workdir = tempfile.mkdtemp()
-    redis = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "/usr/bin/redis-server",
-            "--port",
-            str(redis_port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    grpc_port = _free_port()
+    redis = PrivateRedis(Path(tempfile.mkdtemp()))
+    redis.start()
     async with UpstreamSim(SimConfig(tokens_per_second=20, answer_tokens=200)) as sim:
         env = {
             **os.environ,
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "REDIS_URL": redis.url,
             "KORERO_LLM_BASE_URL": sim.base_url,
             "KORERO_RATE_LIMITS": "false",
             "KORERO_METRICS_LISTEN": "off",
@@ -137,8 +125,7 @@ async def _soak(rounds: int, streams: int) -> None:
         finally:
             server.kill()
             server.wait()
-            redis.kill()
-            redis.wait()
+            redis.stop()
 
 
 def main() -> None:

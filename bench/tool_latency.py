@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import redis
 import redis.asyncio as aioredis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,14 +44,9 @@ from korero.server.settings import (  # noqa: E402
 )
 from korero.server.tools import ToolRegistry  # noqa: E402
 from korero.sim import SimConfig, UpstreamSim  # noqa: E402
+from korero.testing import PrivateRedis  # noqa: E402
 
 QUESTION = "What is the status of flight NZ101?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -143,25 +134,8 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=200)
     parser.add_argument("--ttft-ms", type=float, default=0.0)
     args = parser.parse_args()
-    server = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as workdir:
-        proc = subprocess.Popen(
-            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            client = redis.Redis(port=port)
-            for _ in range(100):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            asyncio.run(_run(args, f"redis://127.0.0.1:{port}/0"))
-        finally:
-            proc.terminate()
-            proc.wait()
+    with tempfile.TemporaryDirectory() as workdir, PrivateRedis(Path(workdir)) as redis_server:
+        asyncio.run(_run(args, redis_server.url))
     return 0
 
 

@@ -57,7 +57,13 @@ def durable_settings(
 async def durable(
     redis_url: str, sim: UpstreamSim, pg_url: str, pg: asyncpg.Connection
 ) -> AsyncIterator[KoreroServer]:
-    app = await KoreroServer.start(durable_settings(redis_url, sim, pg_url))
+    # `done` waits for the PostgreSQL commit up to KORERO_POSTGRES_COMMIT_WAIT (1 s by
+    # default, then it goes out and the turn waits in the outbox): on a loaded machine a
+    # commit can take longer than that, so here the wait is long enough to be the rule.
+    # The fallback has its own tests (PostgreSQL unreachable, killed).
+    app = await KoreroServer.start(
+        durable_settings(redis_url, sim, pg_url, postgres__commit_wait=10.0)
+    )
     yield app
     await app.shutdown(grace=0.5)
 

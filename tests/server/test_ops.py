@@ -30,7 +30,7 @@ def test_window_figures_are_differences_since_the_oldest_sample() -> None:
         metrics.turn_ended(tenant="t", model="m", outcome="stop", reason="", duration=0.5,
                            time_to_first_token=2.0, input_tokens=1, output_tokens=1)  # fmt: skip
     metrics.cache_requests.labels("miss").inc()
-    ops._record()
+    ops.sample()
     now[0] = 110.0
     for _ in range(20):
         metrics.turn_ended(tenant="t", model="m", outcome="stop", reason="", duration=0.5,

@@ -1,6 +1,8 @@
 """Wiring: build the gRPC server from settings, run it, drain it on SIGTERM.
 
-No conversation logic lives here; it only connects the pieces.
+No conversation logic lives here; it only connects the pieces. (Longer than
+400 lines: one builder per part — gate, engine, gRPC server, handoff, history,
+ops — each short; `start` calls them in order and `shutdown` undoes them.)
 """
 
 from __future__ import annotations
@@ -141,99 +143,50 @@ class KoreroServer:
         metrics = metrics or Metrics(settings.observability)
         health = health_aio.HealthServicer()
         history, outbox = await _durability(settings, store, metrics, health)
-        provider = tracer_provider or build_tracer_provider(settings.observability)
-        tracer = (provider or trace.get_tracer_provider()).get_tracer("korero.server")
-        interceptors: list[grpc.aio.ServerInterceptor] = []
-        if provider is not None:
-            # Imported only when tracing is on, like the token verifier below: what a
-            # server does not use should not sit in its memory (bench/README.md, "Memory").
-            from opentelemetry.instrumentation.grpc import aio_server_interceptor  # noqa: PLC0415
-            from opentelemetry.instrumentation.redis import RedisInstrumentor  # noqa: PLC0415
-
-            RedisInstrumentor.instrument_client(store.redis, tracer_provider=provider)
-            interceptors.append(aio_server_interceptor(tracer_provider=provider))  # type: ignore[no-untyped-call]
+        provider, tracer, interceptors = _build_tracing(settings, store, tracer_provider)
         gate, limiter, authenticator = _build_gate(settings, store, metrics)
         if gate.checks_anything:
             interceptors.append(GateInterceptor(gate))
         tool_executor = ToolExecutor()
-        recorder = None
-        if settings.postgres.url is not None:
-            recorder = Recorder(
-                settings.postgres.url,
-                pool_size=max(1, settings.postgres.pool_size // 4),
-                timeout=settings.postgres.timeout,
-            )
-            recorder.start()
+        recorder = _build_recorder(settings)
         handoff, webhooks = await _build_handoff(settings, store, metrics, recorder)
         engine = _build_engine(
             settings, store, llm, limiter, metrics, tracer, tool_executor, handoff
         )
         engine.attach_history(history, outbox)
         lifecycle = Lifecycle()
-        opens = SessionOpenPacer(  # one per process: every transport opens through it
-            in_flight=settings.server.opens_in_flight,
-            queue=settings.server.opens_queue,
-            max_wait=settings.redis.timeout,  # what an open would have waited on the pool
-            on_refused=lambda why: metrics.session_opens_refused.labels(why).inc(),
-        )
+        opens = _build_open_pacer(settings, metrics)
         server, port, services = _build_grpc_server(
             settings, engine, lifecycle, health, metrics, interceptors, handoff, opens
         )
-        ops = None
-        if settings.observability.ops_token is not None:
-            ops = OpsStats(metrics, settings.observability.ops_token)
-        websocket = None
-        if settings.server.ws_listen is not None:
-            websocket = WebSocketServer(
-                engine=engine,
-                gate=gate,
-                listen=settings.server.ws_listen,
-                rules=StreamRules.from_settings(settings.server),
-                opens=opens,
-                web_root=settings.server.web_root,
-                ssl_context=server_ssl_context(settings.tls),
-                routes=ops.routes() if ops is not None else (),
-                handoff=handoff,
-            )
-            await websocket.start()
-            if ops is not None:
-                await ops.start()
+        websocket, ops = await _start_websocket(settings, engine, gate, metrics, handoff, opens)
         await server.start()
         for service in ("", *services):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if outbox is not None:
             await health.set(HISTORY_HEALTH, health_pb2.HealthCheckResponse.SERVING)
             outbox.start()
-        try:
-            metrics_runner = await serve_metrics(metrics, settings.observability.metrics_listen)
-        except OSError as exc:  # metrics are not worth refusing to serve for
-            log.error(
-                "event=metrics_listen_failed listen=%s error=%s",
-                settings.observability.metrics_listen,
-                exc,
-            )
-            metrics_runner = None
         return cls(
-            server,
-            port,
-            engine,
-            lifecycle,
-            health,
-            store,
-            llm,
-            settings,
-            authenticator,
-            metrics,
-            metrics_runner,
-            provider,
-            websocket,
-            tool_executor,
-            history,
-            outbox,
-            ops if websocket is not None else None,
-            handoff,
-            webhooks,
-            recorder,
+            server=server,
+            port=port,
+            engine=engine,
+            lifecycle=lifecycle,
+            health=health,
+            store=store,
+            llm=llm,
+            settings=settings,
+            authenticator=authenticator,
+            metrics=metrics,
+            metrics_runner=await _serve_metrics(settings, metrics),
+            tracer_provider=provider,
+            websocket=websocket,
+            tool_executor=tool_executor,
+            history=history,
+            outbox=outbox,
+            ops=ops,
+            handoff=handoff,
+            webhooks=webhooks,
+            recorder=recorder,
         )
 
     @property
@@ -274,6 +227,91 @@ class KoreroServer:
             await self.history.close()
         await self.store.close()
         log.info("event=stopped")
+
+
+def _build_tracing(
+    settings: Settings, store: SessionStore, injected: TracerProvider | None
+) -> tuple[TracerProvider | None, trace.Tracer, list[grpc.aio.ServerInterceptor]]:
+    """The tracer provider (None: tracing off), the engine's tracer, the tracing interceptor."""
+    provider = injected or build_tracer_provider(settings.observability)
+    tracer = (provider or trace.get_tracer_provider()).get_tracer("korero.server")
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if provider is not None:
+        # Imported only when tracing is on, like the token verifier: what a server
+        # does not use should not sit in its memory (bench/README.md, "Memory").
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor  # noqa: PLC0415
+        from opentelemetry.instrumentation.redis import RedisInstrumentor  # noqa: PLC0415
+
+        RedisInstrumentor.instrument_client(store.redis, tracer_provider=provider)
+        interceptors.append(aio_server_interceptor(tracer_provider=provider))  # type: ignore[no-untyped-call]
+    return provider, tracer, interceptors
+
+
+def _build_recorder(settings: Settings) -> Recorder | None:
+    """The handoff report's PostgreSQL writer (running), when PostgreSQL is on."""
+    if settings.postgres.url is None:
+        return None
+    recorder = Recorder(
+        settings.postgres.url,
+        pool_size=max(1, settings.postgres.pool_size // 4),
+        timeout=settings.postgres.timeout,
+    )
+    recorder.start()
+    return recorder
+
+
+def _build_open_pacer(settings: Settings, metrics: Metrics) -> SessionOpenPacer:
+    """One per process: every transport opens its sessions through it (policy/pacing.py)."""
+    return SessionOpenPacer(
+        in_flight=settings.server.opens_in_flight,
+        queue=settings.server.opens_queue,
+        max_wait=settings.redis.timeout,  # what an open would have waited on the pool
+        on_refused=lambda why: metrics.session_opens_refused.labels(why).inc(),
+    )
+
+
+async def _start_websocket(
+    settings: Settings,
+    engine: ConversationEngine,
+    gate: CallGate,
+    metrics: Metrics,
+    handoff: HandoffService | None,
+    opens: SessionOpenPacer,
+) -> tuple[WebSocketServer | None, OpsStats | None]:
+    """The WebSocket listener (and the ops page it serves), when one is configured."""
+    if settings.server.ws_listen is None:
+        return None, None
+    ops = None
+    if settings.observability.ops_token is not None:
+        ops = OpsStats(metrics, settings.observability.ops_token)
+    websocket = WebSocketServer(
+        engine=engine,
+        gate=gate,
+        listen=settings.server.ws_listen,
+        rules=StreamRules.from_settings(settings.server),
+        opens=opens,
+        web_root=settings.server.web_root,
+        ssl_context=server_ssl_context(settings.tls),
+        routes=ops.routes() if ops is not None else (),
+        handoff=handoff,
+    )
+    await websocket.start()
+    if ops is not None:
+        await ops.start()
+    return websocket, ops
+
+
+async def _serve_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner | None:
+    """The Prometheus endpoint; a server that cannot bind it still serves chats."""
+    try:
+        return await serve_metrics(metrics, settings.observability.metrics_listen)
+    except OSError as exc:  # metrics are not worth refusing to serve for
+        log.error(
+            "event=metrics_listen_failed listen=%s error=%s",
+            settings.observability.metrics_listen,
+            exc,
+        )
+        return None
 
 
 def _build_gate(

@@ -161,7 +161,7 @@ class OpsStats:
         return [web.get(OPS_PATH, self.handle)]
 
     async def start(self) -> None:
-        self._record()
+        self.sample()
         self._task = asyncio.create_task(self._sample_forever())
 
     async def close(self) -> None:
@@ -173,9 +173,10 @@ class OpsStats:
     async def _sample_forever(self) -> None:
         while True:
             await asyncio.sleep(self._sample_seconds)
-            self._record()
+            self.sample()
 
-    def _record(self) -> Snapshot:
+    def sample(self) -> Snapshot:
+        """Take a sample of the counters now (the sampler does every `sample_seconds`)."""
         snapshot = Snapshot.read(self._metrics, self._clock())
         self._samples.append(snapshot)
         while len(self._samples) > 1 and snapshot.at - self._samples[0].at > self._window:

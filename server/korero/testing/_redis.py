@@ -15,7 +15,7 @@ from typing import Self
 
 import redis
 
-__all__ = ["REDIS_SERVER", "PrivateRedis", "free_port"]
+__all__ = ["REDIS_SERVER", "PrivateRedis", "free_port", "spawn_redis", "wait_ping"]
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -27,6 +27,48 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def spawn_redis(port: int, workdir: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`redis-server` on 127.0.0.1:`port` without persistence, files in `workdir`."""
+    return subprocess.Popen(  # noqa: S603 - our own argv, no shell
+        [
+            REDIS_SERVER,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            *args,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_ping(
+    port: int, timeout: float = _START_TIMEOUT, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until the server on `port` answers PING (raises after `timeout` or if `proc` exits)."""
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                exited = proc is not None and proc.poll() is not None
+                if exited or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+    finally:
+        client.close()
 
 
 class PrivateRedis:
@@ -48,37 +90,8 @@ class PrivateRedis:
 
     def start(self) -> None:
         """Start (or restart) and wait until it answers PING."""
-        self.proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                *self.args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + _START_TIMEOUT
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-        finally:
-            client.close()
+        self.proc = spawn_redis(self.port, self.workdir, *self.args)
+        wait_ping(self.port, _START_TIMEOUT, self.proc)
 
     def stop(self) -> None:
         """Kill it (SIGKILL: nothing is saved)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import redis
 from redis.cluster import RedisCluster
 
-from korero.testing._redis import REDIS_SERVER
+from korero.testing._redis import spawn_redis, wait_ping
 
 __all__ = ["PrivateRedisCluster"]
 
@@ -53,38 +53,25 @@ class ClusterNodeProcess:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(  # noqa: S603 - our own argv, no shell
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                f"nodes-{self.port}.conf",
-                "--cluster-node-timeout",
-                str(NODE_TIMEOUT_MS),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--logfile",
-                "redis.log",
-                # A replica's first sync starts at once (the default waits 5 s
-                # for more replicas): until it is done it cannot take over.
-                "--repl-diskless-sync-delay",
-                "0",
-                # While a primary is down, the others keep serving their slots
-                # (as docs/scaling.md recommends for Kōrero).
-                "--cluster-require-full-coverage",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.proc = spawn_redis(
+            self.port,
+            self.workdir,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            f"nodes-{self.port}.conf",
+            "--cluster-node-timeout",
+            str(NODE_TIMEOUT_MS),
+            "--logfile",
+            "redis.log",
+            # A replica's first sync starts at once (the default waits 5 s
+            # for more replicas): until it is done it cannot take over.
+            "--repl-diskless-sync-delay",
+            "0",
+            # While a primary is down, the others keep serving their slots
+            # (as docs/scaling.md recommends for Kōrero).
+            "--cluster-require-full-coverage",
+            "no",
         )
 
     def kill(self) -> None:
@@ -124,7 +111,7 @@ class PrivateRedisCluster:
         for node in self.nodes:
             node.start()
         for node in self.nodes:
-            _wait_ping(node.port)
+            wait_ping(node.port)
         subprocess.run(  # noqa: S603 - our own argv, no shell
             [
                 REDIS_CLI,
@@ -221,19 +208,3 @@ class _WholeCluster(RedisCluster):
         if isinstance(replies, dict):
             return [key for part in replies.values() for key in part]
         return [k if isinstance(k, bytes) else k.encode() for k in replies]
-
-
-def _wait_ping(port: int, timeout: float = 10) -> None:
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-    finally:
-        client.close()

@@ -8,6 +8,13 @@ the store (one round trip that also reads the KB version and probes the
 response cache) and hands the turn to the `TurnRunner`, which publishes
 exactly one terminal event (`done` or `error`) whatever fails, and persists
 the outcome before publishing it.
+
+Longer than 400 lines: it is the one place where a message becomes a turn —
+opening and resuming sessions (one cursor rule), beginning a turn (early
+request, admission, begin script, joining or replaying a retried message,
+handing a message to a person) and detaching it when its client goes away
+share the live-turn tables `_turns`/`_live`; what a turn does once begun is
+in runner.py, the wire format in wire.py, validation in validation.py.
 """
 
 from __future__ import annotations
@@ -400,34 +407,6 @@ class ConversationEngine:
         """Raise `InvalidArgumentError` if `start_turn` would refuse `message` as input."""
         validate_message(message, self._settings.max_message_bytes)
 
-    async def start_turn_shielded(
-        self,
-        tenant: str,
-        session_id: str,
-        message: pb.UserMessage,
-        sink: EventSink,
-        deadline: float | None = None,
-    ) -> Turn:
-        """`start_turn` that a caller going away cannot cut in half.
-
-        Cancelled mid-way (the stream ended while the turn was being begun), the
-        begin still completes — its Redis script may already hold the session —
-        and the new turn is detached at once: it runs through the detach grace
-        like any turn whose client went away, instead of leaving a lock behind
-        with nothing running it.
-        """
-        task = asyncio.ensure_future(self.start_turn(tenant, session_id, message, sink, deadline))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(lambda done: self._orphaned(done, sink))
-            raise
-
-    def _orphaned(self, task: asyncio.Future[Turn], sink: EventSink) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        self.detach(task.result(), sink)
-
     async def start_turn(
         self,
         tenant: str,
@@ -442,7 +421,33 @@ class ConversationEngine:
         session is in flight, and `StoreUnavailableError` when the session
         cannot be loaded; in those cases no turn exists and nothing was stored.
         `deadline` is on the engine's clock (the client's gRPC deadline).
+
+        A caller going away cannot cut it in half: cancelled mid-way (the stream
+        ended while the turn was being begun), the begin still completes — its
+        Redis script may already hold the session — and the new turn is detached
+        at once: it runs through the detach grace like any turn whose client went
+        away, instead of leaving a lock behind with nothing running it.
         """
+        task = asyncio.ensure_future(self._start_turn(tenant, session_id, message, sink, deadline))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._orphaned(done, sink))
+            raise
+
+    def _orphaned(self, task: asyncio.Future[Turn], sink: EventSink) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        self.detach(task.result(), sink)
+
+    async def _start_turn(
+        self,
+        tenant: str,
+        session_id: str,
+        message: pb.UserMessage,
+        sink: EventSink,
+        deadline: float | None,
+    ) -> Turn:
         validate_message(message, self._settings.max_message_bytes)
         started = self._clock()
         key = (tenant, session_id, message.client_message_id)
@@ -457,9 +462,7 @@ class ConversationEngine:
         if self._early is not None:
             early = await self._early.start(tenant, session_id, message, route)
         try:
-            turn = await self._begin_turn(
-                tenant, session_id, message, sink, deadline, started, key, route, early
-            )
+            turn = await self._begin_turn(key, message, sink, deadline, started, route, early)
         except BaseException:
             if self._early is not None:
                 self._early.discard(early, "refused")
@@ -470,17 +473,19 @@ class ConversationEngine:
 
     async def _begin_turn(
         self,
-        tenant: str,
-        session_id: str,
+        key: tuple[str, str, str],
         message: pb.UserMessage,
         sink: EventSink,
         deadline: float | None,
         started: float,
-        key: tuple[str, str, str],
         route: RouteDecision,
         early: EarlyAnswer | None,
     ) -> Turn:
-        """`start_turn` after routing: admission, begin-turn, the turn's task."""
+        """`start_turn` after routing: admission, begin-turn, the turn's task.
+
+        `key` is (tenant, session id, client message id).
+        """
+        tenant, session_id, _ = key
         signals = self._handoff.signals(message.text, route) if self._handoff else None
         admission = None
         if self._limiter is not None:

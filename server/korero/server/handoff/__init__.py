@@ -6,6 +6,7 @@ bot says), `sentiment` (VADER per message, the trend over the last ones),
 Redis, changed by Lua), `records` (handoffs, agents, relay entries),
 `relay` (one pub/sub pattern per instance, and the feed that delivers a
 session's handoff events to its customer stream), `service` (the engine's
-hooks and every agent action), `desk` (one connected agent, whatever carries
+hooks, opening handoffs, the queue's upkeep), `actions` (every agent action,
+mixed into the service), `desk` (one connected agent, whatever carries
 it) and `webhooks` (signed CRM events from a transactional outbox).
 """

@@ -44,7 +44,9 @@ class RelayHub:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
-        self._listeners: dict[tuple[str, str | None], set[Wake]] = defaultdict(set)
+        # Lists, not sets: one listener per key is the rule, and a one-item list is a
+        # quarter of a one-item set (every open customer stream has a key here).
+        self._listeners: dict[tuple[str, str | None], list[Wake]] = defaultdict(list)
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self._tried = asyncio.Event()
@@ -65,13 +67,14 @@ class RelayHub:
 
     def watch(self, tenant: str, session_id: str | None, wake: Wake) -> None:
         """Call `wake` on every announcement for the session (None: the tenant's desk)."""
-        self._listeners[(tenant, session_id)].add(wake)
+        self._listeners[(tenant, session_id)].append(wake)
 
     def unwatch(self, tenant: str, session_id: str | None, wake: Wake) -> None:
         key = (tenant, session_id)
         listeners = self._listeners.get(key)
         if listeners is not None:
-            listeners.discard(wake)
+            with contextlib.suppress(ValueError):
+                listeners.remove(wake)
             if not listeners:
                 del self._listeners[key]
 
@@ -116,7 +119,26 @@ class RelayHub:
 
 
 class SessionFeed:
-    """Forwards a session's relay log to one customer stream, in order."""
+    """Forwards a session's relay log to one customer stream, in order.
+
+    Every open customer stream has one, so an idle feed is kept small (slots; its
+    task, event and lock are made on first use): bench/README.md, "Per idle stream".
+    """
+
+    __slots__ = (
+        "_after_seq",
+        "_busy",
+        "_cursor",
+        "_deliver",
+        "_hub",
+        "_lock",
+        "_session_id",
+        "_store",
+        "_task",
+        "_tenant",
+        "_wanted",
+        "active",
+    )
 
     def __init__(
         self,
@@ -137,22 +159,25 @@ class SessionFeed:
         self._cursor = "0"
         self._deliver = deliver
         self._busy = busy
-        self._wanted = asyncio.Event()
-        self._lock = asyncio.Lock()
+        self._wanted: asyncio.Event | None = None
+        self._lock: asyncio.Lock | None = None
         self._task: asyncio.Task[None] | None = None
         self.active = False
         """The session has had relay traffic since this stream opened."""
         hub.watch(tenant, session_id, self._wake)
 
     def _wake(self) -> None:
+        if self._wanted is None:  # started on first use: idle streams cost no task
+            self._wanted = asyncio.Event()
+            self._task = asyncio.create_task(
+                self._follow(self._wanted), name=f"feed-{self._session_id}"
+            )
         self._wanted.set()
-        if self._task is None:  # started on first use: idle streams cost no task
-            self._task = asyncio.create_task(self._follow(), name=f"feed-{self._session_id}")
 
-    async def _follow(self) -> None:
+    async def _follow(self, wanted: asyncio.Event) -> None:
         while True:
-            await self._wanted.wait()
-            self._wanted.clear()
+            await wanted.wait()
+            wanted.clear()
             wait = self._busy()
             if wait is not None:  # a bot turn is streaming: its events go first
                 await wait
@@ -161,10 +186,12 @@ class SessionFeed:
             except KoreroError as error:
                 log.warning("event=relay_read_failed reason=%s", error.reason)
                 await asyncio.sleep(0.5)
-                self._wanted.set()
+                wanted.set()
 
     async def catch_up(self) -> None:
         """Deliver every customer-facing entry not delivered yet."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
         async with self._lock:
             while True:
                 entries = await self._store.read_relay(self._tenant, self._session_id, self._cursor)

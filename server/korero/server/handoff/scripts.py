@@ -16,7 +16,8 @@ one Redis Cluster slot:
   transactional outbox: a state change and its webhook are never apart).
 
 Records are JSON in hashes; sets of ids are JSON objects (`{"id": 1}`), which
-cjson round-trips whether empty or not.
+cjson round-trips whether empty or not. (Longer than 400 lines: it is Lua
+source, one script per desk action.)
 """
 
 from __future__ import annotations

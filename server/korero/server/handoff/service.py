@@ -1,11 +1,13 @@
-"""The handoff service: the engine's hooks, the desk's actions, the queue's upkeep.
+"""The handoff service: the engine's hooks, opening handoffs, the queue's upkeep.
 
 The conversation engine calls it (through `conversation.hooks.HandoffHook`)
 to score messages, to decide whether a turn escalates, to open the handoff
 once that turn has ended, and to relay a customer's message while a human
 owns the session. The agent desk (desk.py) calls it for everything an agent
-does. Each action changes the tenant's desk first (one script, with its
-webhooks), then tells the customer through the session's relay log.
+does; those actions are the `DeskActions` mixin (actions.py). Each action
+changes the tenant's desk first (one script, with its webhooks), then tells
+the customer through the session's relay log. (A little over 400 lines: the
+hooks, opening and upkeep share the tenant tick state kept here.)
 """
 
 from __future__ import annotations
@@ -13,23 +15,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
 
-from korero.agent.v1 import agent_pb2 as apb
 from korero.chat.v1 import chat_pb2 as pb
 from korero.server.context.router import RouteDecision
 from korero.server.conversation.turn import EventSink, Turn
-from korero.server.conversation.wire import duration, message_to_pb, metadata_to_pb, timestamp
+from korero.server.conversation.wire import duration
 from korero.server.errors import InvalidArgumentError, KoreroError, NotFoundError
+from korero.server.handoff.actions import (
+    AgentProfile,
+    DeskActions,
+    DeskError,
+    desk_record,
+    facts,
+    handoff_payload,
+    new_id,
+    relay_event,
+    trigger_proto,
+)
 from korero.server.handoff.records import DeskSnapshot, HandoffRecord
 from korero.server.handoff.relay import RelayHub, SessionFeed
 from korero.server.handoff.sentiment import SentimentAnalyzer, SentimentReading, trend
-from korero.server.handoff.store import HandoffStore, RelayItem, SessionContext
+from korero.server.handoff.store import HandoffStore, RelayItem
 from korero.server.handoff.triggers import TRIGGERS, Escalation, EscalationPolicy
 from korero.server.handoff.webhooks import WebhookOutbox
 from korero.server.report.recorder import Recorder
@@ -37,43 +47,16 @@ from korero.server.settings import HandoffSettings
 from korero.server.storage.records import StoredMessage
 from korero.server.telemetry import Metrics
 
-__all__ = ["AgentProfile", "DeskError", "HandoffService"]
+__all__ = ["AgentProfile", "DeskError", "HandoffService", "trigger_proto"]
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _STALE_FACTOR = 5  # an agent not seen for this many sweep intervals is taken for gone
 _STALE_MS = 10_000  # ... and never sooner: a busy event loop is not a dead agent
-_MAX_TEXT_BYTES = 8000
 
 
-class DeskError(KoreroError):
-    """An agent action the desk refuses (the desk stream stays open)."""
-
-
-@dataclass(frozen=True)
-class AgentProfile:
-    """Who an agent is, as the desk knows them."""
-
-    agent_id: str
-    display_name: str
-
-
-def _new_id() -> str:
-    return uuid.uuid4().hex
-
-
-def _event(session_id: str, **kind: Any) -> bytes:
-    """A customer-facing event without seq (the relay script numbers it)."""
-    return pb.Event(session_id=session_id, **kind).SerializeToString()
-
-
-def trigger_proto(name: str) -> pb.HandoffTrigger.ValueType:
-    trigger = TRIGGERS.get(name)  # type: ignore[call-overload]
-    return trigger.proto if trigger is not None else pb.HANDOFF_TRIGGER_UNSPECIFIED
-
-
-class HandoffService:
+class HandoffService(DeskActions):
     """Escalation, relay and the agent desk over one `HandoffStore`."""
 
     def __init__(
@@ -175,7 +158,7 @@ class HandoffService:
             return None
         turn.escalation = found
         body = pb.HandoffRequested(
-            handoff_id=_new_id(),
+            handoff_id=new_id(),
             trigger=found.trigger.proto,
             reason=found.reason,
             message=found.message,
@@ -229,7 +212,7 @@ class HandoffService:
             "intent": route.intent,
             **(signals or {}),
         }
-        ack = _event(
+        ack = relay_event(
             session_id,
             message_relayed=pb.MessageRelayed(
                 handoff_id=handoff_id, client_message_id=message.client_message_id
@@ -303,31 +286,9 @@ class HandoffService:
             TRIGGERS["client_request"],
             "the customer asked for a person" + (f": {reason[:200]}" if reason else ""),
         )
-        await self._open(tenant, session_id, _new_id(), escalation, intent="", announce=True)
+        await self._open(tenant, session_id, new_id(), escalation, intent="", announce=True)
 
     # Opening and announcing -----------------------------------------------------------
-
-    def _handoff_payload(
-        self, record: HandoffRecord, context: SessionContext | None = None, **extra: Any
-    ) -> dict[str, Any]:
-        """The `handoff` object of a webhook event (see schemas/)."""
-        meta = context.metadata if context is not None else {}
-        payload: dict[str, Any] = {
-            "id": record.id,
-            "session_id": record.session,
-            "trigger": record.trigger,
-            "reason": record.reason,
-            "queue": record.queue,
-            "requested_at": record.requested,
-            "customer": {
-                "name": meta.get("customer_name", record.customer),
-                "booking_reference": meta.get("booking_reference", ""),
-            },
-        }
-        if record.agent:
-            payload["agent"] = {"id": record.agent, "display_name": record.agent_name}
-        payload.update(extra)
-        return payload
 
     async def _open(
         self,
@@ -345,7 +306,7 @@ class HandoffService:
             items.append(
                 RelayItem(
                     "requested",
-                    _event(
+                    relay_event(
                         session_id,
                         handoff_requested=pb.HandoffRequested(
                             handoff_id=handoff_id,
@@ -361,36 +322,17 @@ class HandoffService:
             return  # a handoff is already open for this session
         if claimed.status == "missing":
             raise NotFoundError("SESSION_NOT_FOUND", f"no session {session_id!r}")
-        context = await self._store.session_context(tenant, session_id)
-        if not intent and context is not None:
-            intent = next((m.intent for m in reversed(context.history) if m.intent), "")
-        now = self._now()
-        record = {
-            "trigger": escalation.trigger.name,
-            "reason": escalation.reason,
-            "queue": self._settings.queues.get(intent, "general"),
-            "customer": (context.metadata.get("customer_name", "") if context else ""),
-            "turn_id": turn_id,
-        }
-        draft = HandoffRecord(
-            handoff_id,
-            session_id,
-            "queued",
-            escalation.trigger.name,
-            escalation.reason,
-            str(record["queue"]),
-            now,
-            customer=str(record["customer"]),
+        draft, context = await self._draft(
+            tenant, handoff_id, session_id, escalation.trigger.name, escalation.reason, intent
         )
+        now = draft.requested
         status, _, existing = await self._store.request(
             tenant,
             now,
             handoff_id,
             session_id,
-            record,
-            self._outbox.entries(
-                tenant, "handoff.requested", self._handoff_payload(draft, context), now
-            ),
+            desk_record(draft, turn_id=turn_id),
+            self._outbox.entries(tenant, "handoff.requested", handoff_payload(draft, context), now),
         )
         if status == "exists":  # the desk already has one: give the session to it
             await self._store.append(tenant, session_id, "close", handoff_id, [])
@@ -399,22 +341,13 @@ class HandoffService:
         if self._metrics is not None:
             self._metrics.handoffs.labels(escalation.trigger.name).inc()
         if self._recorder is not None:
-            self._recorder.handoff_requested(
-                tenant,
-                handoff_id,
-                session_id,
-                escalation.trigger.name,
-                escalation.reason,
-                str(record["queue"]),
-                now,
-                turn_id,
-            )
+            self._recorder.handoff_requested(facts(tenant, draft), turn_id)
         log.info(
             "event=handoff_requested tenant=%s handoff=%s trigger=%s queue=%s",
             tenant,
             handoff_id,
             escalation.trigger.name,
-            record["queue"],
+            draft.queue,
         )
         self._keep_ticking(tenant)
         await self.tick(tenant)
@@ -447,7 +380,7 @@ class HandoffService:
                     handoff.session,
                     "keep",
                     handoff.id,
-                    [RelayItem("queued", _event(handoff.session, handoff_queued=queued))],
+                    [RelayItem("queued", relay_event(handoff.session, handoff_queued=queued))],
                 )
             )
         if jobs:
@@ -512,504 +445,3 @@ class HandoffService:
                     log.warning("event=handoff_sweep_failed reason=%s", error.reason)
                 except Exception:
                     log.exception("event=handoff_sweep_failed")
-
-    # Agent actions ----------------------------------------------------------------------
-
-    async def join(
-        self, tenant: str, agent: AgentProfile, spec: dict[str, Any], connection: str
-    ) -> list[tuple[str, str]]:
-        self.watch_tenant(tenant)
-        conversations = await self._store.agent_join(
-            tenant, self._now(), agent.agent_id, spec, connection
-        )
-        for handoff_id, before in conversations:
-            if before != "grace":
-                continue
-            handoff = (await self._store.snapshot(tenant)).by_id(handoff_id)
-            if handoff is not None:
-                await self._tell(
-                    tenant,
-                    handoff,
-                    agent_joined=pb.AgentJoined(
-                        handoff_id=handoff_id, agent_display_name=agent.display_name
-                    ),
-                )
-        await self.tick(tenant)
-        return conversations
-
-    async def _tell(self, tenant: str, handoff: HandoffRecord, **kind: Any) -> tuple[int, ...]:
-        name = next(iter(kind))
-        result = await self._store.append(
-            tenant,
-            handoff.session,
-            "keep",
-            handoff.id,
-            [RelayItem(name, _event(handoff.session, **kind))],
-        )
-        return result.seqs
-
-    async def accept(
-        self, tenant: str, agent: AgentProfile, handoff_id: str, *, pick: bool = False
-    ) -> HandoffRecord:
-        snapshot = await self._store.snapshot(tenant)
-        draft = snapshot.by_id(handoff_id)
-        if draft is None:
-            raise DeskError(
-                grpc.StatusCode.NOT_FOUND, "HANDOFF_NOT_FOUND", f"no open handoff {handoff_id!r}"
-            )
-        now = self._now()
-        joined = replace(draft, agent=agent.agent_id, agent_name=agent.display_name)
-        status, record, first = await self._store.accept(
-            tenant,
-            now,
-            handoff_id,
-            agent.agent_id,
-            agent.display_name,
-            pick=pick,
-            default_wait_ms=int(self._settings.default_wait * 1000),
-            outbox=self._outbox.entries(
-                tenant,
-                "handoff.agent_joined",
-                self._handoff_payload(
-                    joined, waited_seconds=round((now - draft.requested) / 1000, 3)
-                ),
-                now,
-            ),
-        )
-        if status == "taken":
-            raise DeskError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "HANDOFF_TAKEN",
-                "another agent has this conversation",
-            )
-        if status == "not_offered":
-            raise DeskError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "HANDOFF_NOT_OFFERED",
-                "this conversation is not offered to you; pick it to take it over",
-            )
-        if status in ("missing", "no_agent") or record is None:
-            raise DeskError(
-                grpc.StatusCode.NOT_FOUND, "HANDOFF_NOT_FOUND", f"no open handoff {handoff_id!r}"
-            )
-        if status == "already":
-            return record
-        self._announced.pop(handoff_id, None)
-        if first and self._metrics is not None:
-            self._metrics.handoff_wait.observe(max(0.0, (record.joined - record.requested) / 1000))
-        if first and self._recorder is not None:
-            self._recorder.handoff_joined(
-                tenant,
-                record.id,
-                record.session,
-                record.trigger,
-                record.reason,
-                record.queue,
-                record.requested,
-                record.joined,
-                agent.agent_id,
-                agent.display_name,
-            )
-        log.info(
-            "event=handoff_accepted tenant=%s handoff=%s agent=%s first=%s",
-            tenant,
-            handoff_id,
-            agent.agent_id,
-            first,
-        )
-        await self._tell(
-            tenant,
-            record,
-            agent_joined=pb.AgentJoined(
-                handoff_id=handoff_id, agent_display_name=agent.display_name
-            ),
-        )
-        await self.announce_queue(tenant)
-        return record
-
-    async def decline(self, tenant: str, agent: AgentProfile, handoff_id: str) -> None:
-        if not await self._store.decline(tenant, self._now(), handoff_id, agent.agent_id):
-            raise DeskError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "HANDOFF_NOT_OFFERED",
-                "this conversation is not offered to you",
-            )
-        await self.tick(tenant)
-
-    async def pick(
-        self, tenant: str, agent: AgentProfile, session_id: str, reason: str
-    ) -> HandoffRecord:
-        """Take a conversation over: from the queue if it waits there, else from the bot."""
-        existing = await self._store.open_handoff(tenant, session_id)
-        if existing is not None:
-            return await self.accept(tenant, agent, existing.id, pick=True)
-        if not self._policy.enabled("agent_pick"):
-            raise DeskError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "PICK_DISABLED",
-                "taking over conversations from the bot is switched off",
-            )
-        handoff_id = _new_id()
-        why = f"picked by {agent.display_name}" + (f": {reason[:200]}" if reason else "")
-        requested = pb.HandoffRequested(
-            handoff_id=handoff_id, trigger=pb.HANDOFF_TRIGGER_AGENT_PICK, reason=why
-        )
-        claimed = await self._store.append(
-            tenant,
-            session_id,
-            "open",
-            handoff_id,
-            [RelayItem("requested", _event(session_id, handoff_requested=requested))],
-        )
-        if claimed.status == "missing":
-            raise DeskError(
-                grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND", f"no session {session_id!r}"
-            )
-        if claimed.status == "owned":
-            raise DeskError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "HANDOFF_TAKEN",
-                "another handoff owns this conversation",
-            )
-        context = await self._store.session_context(tenant, session_id)
-        now = self._now()
-        intent = (
-            next((m.intent for m in reversed(context.history) if m.intent), "") if context else ""
-        )
-        record = {
-            "trigger": "agent_pick",
-            "reason": why,
-            "queue": self._settings.queues.get(intent, "general"),
-            "customer": context.metadata.get("customer_name", "") if context else "",
-        }
-        draft = HandoffRecord(
-            handoff_id,
-            session_id,
-            "active",
-            "agent_pick",
-            why,
-            str(record["queue"]),
-            now,
-            customer=str(record["customer"]),
-            agent=agent.agent_id,
-            agent_name=agent.display_name,
-            joined=now,
-        )
-        outbox = self._outbox.entries(
-            tenant, "handoff.requested", self._handoff_payload(draft, context), now
-        ) + self._outbox.entries(
-            tenant,
-            "handoff.agent_joined",
-            self._handoff_payload(draft, context, waited_seconds=0.0),
-            now,
-        )
-        status, made, other = await self._store.pick(
-            tenant, now, handoff_id, session_id, record, agent.agent_id, agent.display_name, outbox
-        )
-        if status != "ok" or made is None:
-            await self._store.append(tenant, session_id, "close", handoff_id, [])
-            if status == "exists":
-                return await self.accept(tenant, agent, other, pick=True)
-            raise DeskError(
-                grpc.StatusCode.FAILED_PRECONDITION, "AGENT_NOT_JOINED", "join the desk first"
-            )
-        if self._metrics is not None:
-            self._metrics.handoffs.labels("agent_pick").inc()
-        if self._recorder is not None:
-            self._recorder.handoff_requested(
-                tenant,
-                made.id,
-                made.session,
-                made.trigger,
-                made.reason,
-                made.queue,
-                made.requested,
-            )
-            self._recorder.handoff_joined(
-                tenant,
-                made.id,
-                made.session,
-                made.trigger,
-                made.reason,
-                made.queue,
-                made.requested,
-                made.joined or made.requested,
-                agent.agent_id,
-                agent.display_name,
-            )
-        await self._tell(
-            tenant,
-            made,
-            agent_joined=pb.AgentJoined(
-                handoff_id=handoff_id, agent_display_name=agent.display_name
-            ),
-        )
-        return made
-
-    async def send(
-        self, tenant: str, agent: AgentProfile, handoff: HandoffRecord, message_id: str, text: str
-    ) -> int:
-        """The agent's message to the customer; returns its seq on the customer's stream."""
-        if not text.strip() or len(text.encode()) > _MAX_TEXT_BYTES:
-            raise DeskError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "MESSAGE_INVALID",
-                f"a message is 1 to {_MAX_TEXT_BYTES} bytes of text",
-            )
-        message_id = message_id or _new_id()
-        result = await self._store.append(
-            tenant,
-            handoff.session,
-            "keep",
-            handoff.id,
-            [
-                RelayItem(
-                    "agent_message",
-                    _event(
-                        handoff.session,
-                        agent_message=pb.AgentMessage(
-                            handoff_id=handoff.id,
-                            agent_display_name=agent.display_name,
-                            text=text,
-                            message_id=message_id,
-                        ),
-                    ),
-                    body={"text": text, "message_id": message_id, "agent": agent.agent_id},
-                    history={
-                        "role": "assistant",
-                        "text": text,
-                        "cmid": message_id,
-                        "agent": agent.display_name,
-                    },
-                )
-            ],
-            client_message_id=f"agent:{message_id}",
-        )
-        if result.status not in ("ok", "duplicate"):
-            raise DeskError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "HANDOFF_NOT_YOURS",
-                "this conversation is no longer yours",
-            )
-        if self._recorder is not None and result.status == "ok":
-            self._recorder.handoff_message(
-                tenant,
-                handoff.session,
-                result.seqs[0],
-                handoff.id,
-                "agent",
-                agent.display_name,
-                message_id,
-                text,
-                None,
-                self._now(),
-            )
-        return result.seqs[0]
-
-    async def release(
-        self,
-        tenant: str,
-        agent: AgentProfile,
-        handoff_id: str,
-        mode: int,
-        disposition: str,
-        note: str,
-    ) -> HandoffRecord:
-        """Hand back to the bot, or close: the customer is told, the CRM too."""
-        close = mode == apb.RELEASE_MODE_CLOSE
-        outcome = "closed" if close else "returned_to_bot"
-        snapshot = await self._store.snapshot(tenant)
-        draft = snapshot.by_id(handoff_id)
-        if draft is None:
-            raise DeskError(
-                grpc.StatusCode.NOT_FOUND, "HANDOFF_NOT_FOUND", f"no open handoff {handoff_id!r}"
-            )
-        now = self._now()
-        status, record = await self._store.release(
-            tenant,
-            now,
-            handoff_id,
-            agent.agent_id,
-            outcome,
-            disposition,
-            self._outbox.entries(
-                tenant,
-                "handoff.closed",
-                self._handoff_payload(
-                    draft,
-                    outcome=outcome,
-                    disposition=disposition,
-                    note=note,
-                    closed_at=now,
-                    handled_seconds=round((now - (draft.joined or now)) / 1000, 3),
-                ),
-                now,
-            ),
-        )
-        if status != "ok" or record is None:
-            raise DeskError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "HANDOFF_NOT_YOURS",
-                "this conversation is not yours to release",
-            )
-        self._announced.pop(handoff_id, None)
-        if self._recorder is not None:
-            self._recorder.handoff_ended(
-                tenant,
-                record.id,
-                record.session,
-                record.trigger,
-                record.reason,
-                record.queue,
-                record.requested,
-                record.ended or now,
-                outcome,
-                disposition,
-                agent.agent_id,
-                agent.display_name,
-            )
-        words = (
-            "This conversation has been closed. Thank you for contacting us."
-            if close
-            else "You're back with our virtual assistant. Ask me anything."
-        )
-        await self._store.append(
-            tenant,
-            record.session,
-            "close",
-            handoff_id,
-            [
-                RelayItem(
-                    "agent_left",
-                    _event(
-                        record.session,
-                        agent_left=pb.AgentLeft(
-                            handoff_id=handoff_id,
-                            agent_display_name=agent.display_name,
-                            reason="closed" if close else "handed back",
-                        ),
-                    ),
-                ),
-                RelayItem(
-                    "ended",
-                    _event(
-                        record.session,
-                        handoff_ended=pb.HandoffEnded(
-                            handoff_id=handoff_id,
-                            outcome=pb.HANDOFF_OUTCOME_CLOSED
-                            if close
-                            else pb.HANDOFF_OUTCOME_RETURNED_TO_BOT,
-                            disposition=disposition,
-                            message=words,
-                        ),
-                    ),
-                ),
-            ],
-        )
-        log.info(
-            "event=handoff_released tenant=%s handoff=%s outcome=%s", tenant, handoff_id, outcome
-        )
-        await self.tick(tenant)
-        return record
-
-    async def leave(self, tenant: str, agent: AgentProfile, connection: str) -> None:
-        """The agent's desk stream ended: their conversations wait out the grace period."""
-        graced = await self._store.agent_leave(
-            tenant, self._now(), agent.agent_id, connection, int(self._settings.agent_grace * 1000)
-        )
-        for handoff in graced:
-            await self._tell(
-                tenant,
-                handoff,
-                agent_left=pb.AgentLeft(
-                    handoff_id=handoff.id,
-                    agent_display_name=agent.display_name,
-                    reason="disconnected",
-                ),
-            )
-        self._keep_ticking(tenant)
-        await self.tick(tenant)
-
-    async def heartbeat(
-        self,
-        tenant: str,
-        agent: AgentProfile,
-        connection: str,
-        *,
-        status: str = "",
-        skills: dict[str, int] | None = None,
-    ) -> bool:
-        """Availability, skills, or "still here"; False when this connection was replaced."""
-        restored = await self._store.agent_update(
-            tenant, self._now(), agent.agent_id, connection, status=status, skills=skills
-        )
-        for handoff in restored or ():
-            await self._tell(
-                tenant,
-                handoff,
-                agent_joined=pb.AgentJoined(
-                    handoff_id=handoff.id, agent_display_name=agent.display_name
-                ),
-            )
-        return restored is not None
-
-    # The context packet -----------------------------------------------------------------
-
-    async def context_packet(
-        self, tenant: str, handoff: HandoffRecord
-    ) -> tuple[apb.ContextPacket, str]:
-        """Everything an agent needs, and the relay cursor it is current to."""
-        context = await self._store.session_context(tenant, handoff.session)
-        packet = apb.ContextPacket(
-            handoff_id=handoff.id,
-            session_id=handoff.session,
-            trigger=trigger_proto(handoff.trigger),
-            reason=handoff.reason,
-            queue=handoff.queue,
-            request_time=timestamp(handoff.requested / 1000),
-            waited=duration(((handoff.joined or self._now()) - handoff.requested) / 1000),
-        )
-        if context is None:
-            return packet, "0"
-        users = [m for m in context.history if m.role == "user"]
-        scores = [m.sentiment for m in users if m.sentiment is not None]
-        packet.customer.CopyFrom(metadata_to_pb(context.metadata))
-        packet.intent_history.extend(m.intent for m in users if m.intent)
-        packet.sentiment_history.extend(scores)
-        if scores:
-            mean, window = trend(scores, self._settings.sentiment_window)
-            packet.sentiment.CopyFrom(pb.Sentiment(score=scores[-1], trend=mean, window=window))
-        packet.summary = _summary(context, handoff)
-        packet.transcript.extend(message_to_pb(m) for m in context.history)
-        seen: set[tuple[str, str]] = set()
-        for record in context.turns:
-            for citation in record.citations:
-                key = (str(citation.get("document_title")), str(citation.get("section")))
-                if key not in seen:
-                    seen.add(key)
-                    packet.citations.append(pb.Citation(**citation))
-        return packet, context.relay_tail
-
-
-def _summary(context: SessionContext, handoff: HandoffRecord) -> str:
-    """A few plain sentences an agent can read at a glance."""
-    meta = context.metadata
-    who = meta.get("customer_name") or "The customer"
-    booking = f" (booking {meta['booking_reference']})" if meta.get("booking_reference") else ""
-    users = [m for m in context.history if m.role == "user"]
-    topics: list[str] = []
-    for m in users:
-        if m.intent and m.intent not in topics:
-            topics.append(m.intent)
-    parts = [
-        f"{who}{booking} sent {len(users)} message{'s' if len(users) != 1 else ''}"
-        + (f" ({', '.join(t.replace('_', ' ') for t in topics)})" if topics else "")
-        + "."
-    ]
-    if context.summary.get("text"):
-        parts.append(f"Earlier: {context.summary['text']}")
-    if users:
-        last = " ".join(users[-1].text.split())
-        parts.append(f'Last message: "{last[:200]}{"…" if len(last) > 200 else ""}"')
-    parts.append(f"Escalated: {handoff.reason}.")
-    return " ".join(parts)

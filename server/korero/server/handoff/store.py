@@ -239,20 +239,28 @@ class HandoffStore:
         session_id: str,
         record: dict[str, Any],
         outbox: Sequence[tuple[str, str]],
+        *,
+        picked_by: tuple[str, str] | None = None,
     ) -> tuple[str, HandoffRecord | None, str]:
-        """Queue a handoff: (`queued`, record, '') or (`exists`, None, open handoff id)."""
-        out = await self._desk(
-            "DESK_REQUEST",
-            tenant,
-            now_ms,
-            handoff_id,
-            session_id,
-            json.dumps(record),
-            outbox=outbox,
-        )
-        if _text(out[0]) == "exists":
-            return "exists", None, _text(out[1])
-        return "queued", HandoffRecord.from_json(out[1]), ""
+        """Queue a handoff: (`queued`, record, '') or (`exists`, None, open handoff id).
+
+        With `picked_by` (agent id, display name) that agent takes the session over at
+        once instead: (`ok`, record, ''), (`exists`, None, open handoff id), or
+        (another status of DESK_PICK, None, '').
+        """
+        head = (tenant, now_ms, handoff_id, session_id, json.dumps(record))
+        if picked_by is None:
+            out = await self._desk("DESK_REQUEST", *head, outbox=outbox)
+        else:
+            out = await self._desk("DESK_PICK", *head, *picked_by, outbox=outbox)
+        status = _text(out[0])
+        if status == "exists":
+            return status, None, _text(out[1])
+        if picked_by is None:
+            return "queued", HandoffRecord.from_json(out[1]), ""
+        if status == "ok":
+            return status, HandoffRecord.from_json(out[1]), ""
+        return status, None, ""
 
     async def tick(
         self, tenant: str, now_ms: int, *, offer_ms: int, stale_ms: int, grace_ms: int
@@ -303,36 +311,6 @@ class HandoffStore:
     async def decline(self, tenant: str, now_ms: int, handoff_id: str, agent_id: str) -> bool:
         out = await self._desk("DESK_DECLINE", tenant, now_ms, handoff_id, agent_id)
         return _text(out[0]) == "ok"
-
-    async def pick(
-        self,
-        tenant: str,
-        now_ms: int,
-        handoff_id: str,
-        session_id: str,
-        record: dict[str, Any],
-        agent_id: str,
-        agent_name: str,
-        outbox: Sequence[tuple[str, str]],
-    ) -> tuple[str, HandoffRecord | None, str]:
-        """Take over a session without an open handoff: (ok, record, '') or (exists, None, id)."""
-        out = await self._desk(
-            "DESK_PICK",
-            tenant,
-            now_ms,
-            handoff_id,
-            session_id,
-            json.dumps(record),
-            agent_id,
-            agent_name,
-            outbox=outbox,
-        )
-        status = _text(out[0])
-        if status == "exists":
-            return status, None, _text(out[1])
-        if status == "ok":
-            return status, HandoffRecord.from_json(out[1]), ""
-        return status, None, ""
 
     async def release(
         self,

@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-__all__ = ["Recorder"]
+__all__ = ["HandoffFacts", "Recorder"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,31 @@ SET ended_at = EXCLUDED.ended_at, outcome = EXCLUDED.outcome,
 
 def _at(ms: float) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffFacts:
+    """What every row of the `handoffs` table starts with: the handoff as requested."""
+
+    tenant: str
+    handoff_id: str
+    session_id: str
+    trigger: str
+    reason: str
+    queue: str
+    requested_ms: int
+
+    def args(self) -> tuple[Any, ...]:
+        """The first seven columns of `_REQUESTED`, `_JOINED` and `_ENDED`, in order."""
+        return (
+            self.tenant,
+            self.handoff_id,
+            self.session_id,
+            self.trigger,
+            self.reason,
+            self.queue,
+            _at(self.requested_ms),
+        )
 
 
 @dataclass(frozen=True)
@@ -106,28 +131,8 @@ class Recorder:
             self.dropped += 1
         self._pending.append(_Row(sql, args))
 
-    def handoff_requested(
-        self,
-        tenant: str,
-        handoff_id: str,
-        session_id: str,
-        trigger: str,
-        reason: str,
-        queue: str,
-        requested_ms: int,
-        turn_id: str = "",
-    ) -> None:
-        self._add(
-            _REQUESTED,
-            tenant,
-            handoff_id,
-            session_id,
-            trigger,
-            reason,
-            queue,
-            _at(requested_ms),
-            turn_id,
-        )
+    def handoff_requested(self, handoff: HandoffFacts, turn_id: str = "") -> None:
+        self._add(_REQUESTED, *handoff.args(), turn_id)
 
     def handoff_message(
         self,
@@ -158,41 +163,13 @@ class Recorder:
         )
 
     def handoff_joined(
-        self,
-        tenant: str,
-        handoff_id: str,
-        session_id: str,
-        trigger: str,
-        reason: str,
-        queue: str,
-        requested_ms: int,
-        joined_ms: int,
-        agent_id: str,
-        agent_name: str,
+        self, handoff: HandoffFacts, joined_ms: int, agent_id: str, agent_name: str
     ) -> None:
-        self._add(
-            _JOINED,
-            tenant,
-            handoff_id,
-            session_id,
-            trigger,
-            reason,
-            queue,
-            _at(requested_ms),
-            _at(joined_ms),
-            agent_id,
-            agent_name,
-        )
+        self._add(_JOINED, *handoff.args(), _at(joined_ms), agent_id, agent_name)
 
     def handoff_ended(
         self,
-        tenant: str,
-        handoff_id: str,
-        session_id: str,
-        trigger: str,
-        reason: str,
-        queue: str,
-        requested_ms: int,
+        handoff: HandoffFacts,
         ended_ms: int,
         outcome: str,
         disposition: str,
@@ -200,19 +177,7 @@ class Recorder:
         agent_name: str,
     ) -> None:
         self._add(
-            _ENDED,
-            tenant,
-            handoff_id,
-            session_id,
-            trigger,
-            reason,
-            queue,
-            _at(requested_ms),
-            _at(ended_ms),
-            outcome,
-            disposition,
-            agent_id,
-            agent_name,
+            _ENDED, *handoff.args(), _at(ended_ms), outcome, disposition, agent_id, agent_name
         )
 
     # Writing ----------------------------------------------------------------------------

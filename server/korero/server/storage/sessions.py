@@ -1,5 +1,10 @@
 """Session state in Redis.
 
+(Longer than 400 lines: the layout below, and one method per Lua script with
+the decoding of its reply — begin, renew, finish, abort, resume — kept next to
+each other so the outcome rules of a turn read in one place; the scripts
+themselves are in session_scripts.py.)
+
 Layout, for tenant `t` and session `s` (the hash tag keeps one session's keys
 in one Redis Cluster slot, and the tenant prefix keeps tenants apart):
 

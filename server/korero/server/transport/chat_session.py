@@ -171,7 +171,7 @@ class ChatSession:
         if opened.started.session_started.HasField("replay"):
             self._resume = opened  # replayed by `outbound()`, outside the bounded queue
         self._feed: RelayFeed | None = None
-        self._requests: set[asyncio.Task[None]] = set()
+        self._requests: set[asyncio.Task[None]] | None = None  # made on first use
         handoff = engine.handoff
         if handoff is not None:
             self._feed = handoff.feed(
@@ -241,6 +241,8 @@ class ChatSession:
                 turn.cancel()
         elif kind == "handoff":
             task = asyncio.create_task(self._on_handoff(request.handoff))
+            if self._requests is None:
+                self._requests = set()
             self._requests.add(task)
             task.add_done_callback(self._requests.discard)
         elif kind == "start":
@@ -298,7 +300,7 @@ class ChatSession:
                 await self._feed.catch_up()
                 # A person may own the session now: no early upstream request (early.py).
                 self._engine.forget_early(self.tenant, self.session_id)
-            self.turn = await self._engine.start_turn_shielded(
+            self.turn = await self._engine.start_turn(
                 self.tenant, self.session_id, message, self._sink, self._deadline()
             )
         except KoreroError as error:
@@ -388,7 +390,7 @@ class ChatSession:
         self._heartbeat.cancel()
         if self._feed is not None:
             self._feed.close()
-        for task in self._requests:
+        for task in self._requests or ():
             task.cancel()
         if self.turn is not None and not self.turn.done:
             self._engine.detach(self.turn, self._sink)

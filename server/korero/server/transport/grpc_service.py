@@ -327,7 +327,7 @@ class ChatServicer:
             )
             if resumed is not None:
                 return resumed
-        turn = await self._engine.start_turn_shielded(
+        turn = await self._engine.start_turn(
             tenant, session_id, request.message, out.put, _deadline(context)
         )
         return [], turn

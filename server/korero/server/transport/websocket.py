@@ -1,5 +1,9 @@
 """The WebSocket transport: one session per socket, over the conversation engine.
 
+(Longer than 400 lines: about a third is this description of the protocol a
+browser client is written against; the rest is the handshake, the frame codec
+for both subprotocols and the close-code mapping.)
+
 Browsers cannot open a gRPC bidirectional stream, so Envoy routes `/ws/`
 here (`/ws/chat` for customers; `/ws/agent`, the agent desk, is in
 agent_socket.py). The adapter is as thin as the gRPC servicer: frames in become engine
