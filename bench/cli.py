@@ -98,6 +98,12 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--active-every", type=int, default=1, help="Chat: only every n-th stream sends messages"
     )
     t.add_argument(
+        "--open-retries",
+        type=int,
+        default=0,
+        help="Chat: open a stream again after a refusal with RetryInfo, at most N times",
+    )
+    t.add_argument(
         "--no-details", action="store_true", help="leave the per-call details out of the report"
     )
     t.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -126,6 +132,25 @@ def _add_scenarios(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--results", default="bench/results", help="output directory (default bench/results)"
     )
     p.add_argument("-P", "--processes", type=int, default=2, help="client processes (default 2)")
+    p.add_argument(
+        "--open-streams",
+        type=int,
+        action="append",
+        metavar="N",
+        help="`open`: hold N streams instead of the default sizes (repeatable; e.g. 100000)",
+    )
+    p.add_argument(
+        "--open-rate",
+        type=float,
+        default=500.0,
+        help="`open`: streams the client starts per second (default 500; 0: as fast as it can)",
+    )
+    p.add_argument(
+        "--open-heartbeat",
+        type=float,
+        metavar="SECONDS",
+        help="`open`: the server's heartbeat interval (KORERO_HEARTBEAT_INTERVAL; default 15)",
+    )
     p.add_argument(
         "--baseline-python",
         metavar="PYTHON",
@@ -172,6 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         hold=hold,
         active_every=args.active_every,
         progress=not args.quiet,
+        open_retries=args.open_retries,
     )
     if not args.quiet:
         print(
@@ -216,6 +242,9 @@ def _scenarios(args: argparse.Namespace) -> int:
         results=Path(args.results),
         processes=args.processes,
         baseline=args.baseline_python,
+        open_streams=tuple(args.open_streams or ()),
+        open_rate=args.open_rate,
+        open_heartbeat=args.open_heartbeat,
     )
 
 

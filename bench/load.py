@@ -92,6 +92,10 @@ class Workload:
     echo_messages: int = 100
     progress: bool = True
     grpc_options: tuple[tuple[str, Any], ...] = ()
+    open_retries: int = 0
+    """Chat: a stream whose open is refused with a `RetryInfo` delay (the server pacing a
+    burst: `SESSION_OPENS_BUSY`) is opened again after that delay, at most this many times.
+    The call counts once (its final status); the retries are counted apart."""
 
 
 @dataclass
@@ -140,6 +144,12 @@ class RunResult:
     stream_wall: float = 0.0
     """Seconds from the first to the last streamed text delta (throughput denominator)."""
     hold_samples: dict[str, Any] = field(default_factory=dict)
+    open_retries: int = 0
+    """Chat opens sent again after a refusal with RetryInfo (`Workload.open_retries`)."""
+    open_retried_calls: int = 0
+    """Calls that needed at least one such retry."""
+    open_retry_reasons: Counter[str] = field(default_factory=Counter)
+    """Refusals retried, by `CODE REASON`."""
 
     @property
     def client_bound(self) -> bool:
@@ -201,7 +211,12 @@ class _Worker:
         self.first_delta_ns = 0
         self.last_delta_ns = 0
         self.open_now = 0
+        self.open_retries = 0
+        self.open_retried_calls = 0
+        self.open_retry_reasons: Counter[str] = Counter()
         self.inflight: set[asyncio.Task[Any]] = set()
+        self.released: asyncio.Event | None = None
+        self.release_watch: asyncio.Task[None] | None = None
         self.direct: Any = None
         self.pb: Any = None
         self.recording = True
@@ -287,9 +302,10 @@ class _Worker:
             elif self.cfg.duration_stop == "ignore":
                 self.recording = False
         finally:
-            for task in [*loops, *self.inflight]:
+            watch = [self.release_watch] if self.release_watch is not None else []
+            for task in [*loops, *self.inflight, *watch]:
                 task.cancel()
-            await asyncio.gather(*loops, *self.inflight, return_exceptions=True)
+            await asyncio.gather(*loops, *self.inflight, *watch, return_exceptions=True)
             for ch in channels:
                 await ch.close(grace=None)
             if self.direct is not None:
@@ -399,11 +415,8 @@ class _Worker:
     async def _chat(
         self, call: Any, messages: list[Any], metadata: Any, number: int, fields: dict[str, Any]
     ) -> None:
-        stream = call(metadata=metadata, timeout=self.cfg.timeout or None)
-        await stream.write(self._parse(messages[0]))
-        first = await stream.read()
-        if first is self.grpc.aio.EOF:
-            await stream.code()
+        stream = await self._open(call, self._parse(messages[0]), metadata)
+        if stream is None:
             return
         self.open_now += 1
         self.shared.open[self.index] = self.open_now
@@ -437,12 +450,49 @@ class _Worker:
             pass
         await stream.code()
 
+    async def _open(self, call: Any, start: Any, metadata: Any) -> Any:
+        """A Chat stream past its first event; None if the server ended it there.
+
+        A refusal carrying `RetryInfo` is retried after that delay (up to
+        `open_retries` times); any other failure raises, as before.
+        """
+        from korero.client import ChatError  # noqa: PLC0415 - the worker's import
+
+        for attempt in itertools.count():
+            stream = call(metadata=metadata, timeout=self.cfg.timeout or None)
+            try:
+                await stream.write(start)
+                first = await stream.read()
+                if first is self.grpc.aio.EOF:
+                    await stream.code()
+                    return None
+                return stream
+            except self.grpc.aio.AioRpcError as exc:
+                error = ChatError.from_rpc_error(exc)
+                if error.retry_after is None or attempt >= self.workload.open_retries:
+                    raise
+                self.open_retries += 1
+                self.open_retried_calls += attempt == 0
+                self.open_retry_reasons[f"{error.code.name} {error.reason}"] += 1
+                await asyncio.sleep(error.retry_after)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def _hold(self) -> None:
+        if self.released is None:
+            self.released = asyncio.Event()
+            self.release_watch = asyncio.create_task(self._watch_release(self.released))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.released.wait(), self.workload.hold)
+
+    async def _watch_release(self, released: asyncio.Event) -> None:
+        """One poll per process of the parent's release (a multiprocessing.Event): one
+        poll per held stream was 10 wake-ups a second each, which at 50,000 streams left
+        a client process too busy to read the server's answers."""
         loop = asyncio.get_running_loop()
         until = loop.time() + self.workload.hold
-        # release is a multiprocessing.Event (set by the parent): it can only be polled here.
         while not self.shared.release.is_set() and loop.time() < until:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
+        released.set()
 
     async def _chat_turn(self, stream: Any, request: Any) -> None:
         samples = self.streams["korero"]
@@ -571,6 +621,9 @@ class _Worker:
             "cpu": cpu,
             "first_delta_ns": self.first_delta_ns,
             "last_delta_ns": self.last_delta_ns,
+            "open_retries": self.open_retries,
+            "open_retried_calls": self.open_retried_calls,
+            "open_retry_reasons": self.open_retry_reasons,
         }
 
 
@@ -777,6 +830,8 @@ def _merge(
     util: list[float] = []
     cpu_total = 0.0
     first, last = 0, 0
+    retries = retried_calls = 0
+    retry_reasons: Counter[str] = Counter()
     for i, res in enumerate(results):
         if res is None:
             codes["Unknown"] += 0
@@ -784,6 +839,9 @@ def _merge(
             cpu_total += cpu_seen[i]
             continue
         details += res["details"]
+        retries += res["open_retries"]
+        retried_calls += res["open_retried_calls"]
+        retry_reasons.update(res["open_retry_reasons"])
         count += res["count"]
         latency_sum += res["latency_sum"]
         codes.update(res["status_codes"])
@@ -825,4 +883,7 @@ def _merge(
         open_peak=open_peak,
         stream_wall=(last - first) / 1e9 if last > first else 0.0,
         hold_samples=hold_samples,
+        open_retries=retries,
+        open_retried_calls=retried_calls,
+        open_retry_reasons=retry_reasons,
     )

@@ -176,6 +176,9 @@ def streaming_report(
         "wallSeconds": result.wall,
         "streamingSeconds": result.stream_wall,
         "openStreamsPeak": result.open_peak,
+        "openRetries": result.open_retries,
+        "openRetriedStreams": result.open_retried_calls,
+        "openRetryReasons": dict(result.open_retry_reasons),
         "paths": paths,
         "client": {
             "processes": len(util),

@@ -47,6 +47,12 @@ class Ctx:
     processes: int
     baseline: str | None = None
     """A second interpreter (a baseline checkout's venv): `cpu` and `capacity` run it too."""
+    open_streams: tuple[int, ...] = ()
+    """`open`: these stream counts instead of its defaults (e.g. 100,000)."""
+    open_rate: float = 500.0
+    """`open`: streams the client starts per second (0: as fast as it can)."""
+    open_heartbeat: float | None = None
+    """`open`: the server's KORERO_HEARTBEAT_INTERVAL (None: its default, 15 s)."""
 
     def size(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -363,15 +369,25 @@ def scenario_throughput(ctx: Ctx) -> dict[str, Any]:
 # -- 3. open conversations ------------------------------------------------------------------
 
 
+OPEN_RETRIES = 1000  # per stream: a refused open (RetryInfo) is sent again at most this often
+
+
 def scenario_open(ctx: Ctx) -> dict[str, Any]:
-    levels = [200, 1000] if ctx.quick else [1000, 5000, 10000]
+    levels = list(ctx.open_streams) or ([200, 1000] if ctx.quick else [1000, 5000, 10000])
     rows, out = [], {}
     points: list[tuple[int, float]] = []
+    load0 = loadavg()
     for n in levels:
+        # Long enough to open every stream at the client's rate (or ~300/s unpaced), then hold.
+        opening = n / (ctx.open_rate or 300.0)
+        hold = max(120.0, 2 * opening + 60)
         with ProcessGroup() as g:
             redis_url, _, _ = g.redis()
             llm, _ = g.sim(ttft_ms=10, tokens_per_second=200, answer_tokens=20)
-            port, servers = g.servers(1, redis_url=redis_url, llm_url=llm)
+            env: dict[str, str] = {}
+            if ctx.open_heartbeat is not None:
+                env["KORERO_HEARTBEAT_INTERVAL"] = str(ctx.open_heartbeat)
+            port, servers = g.servers(1, redis_url=redis_url, llm_url=llm, env=env)
             pid = servers[0].pid
             host = f"127.0.0.1:{port}"
             warm = chat_config(host, turns=1, concurrency=20, connections=4, total=40)
@@ -380,12 +396,15 @@ def scenario_open(ctx: Ctx) -> dict[str, Any]:
             rss_before = proc_rss(pid)
             cfg = chat_config(
                 host, turns=1, concurrency=n, connections=max(4, n // 500), total=n,
-                timeout=300, name=f"open {n}",
+                timeout=hold + 120, max_duration=hold + 180, name=f"open {n}",
             )  # fmt: skip
-            # Opens are paced (ghz --rps): 5,000 `start`s at once queue on the Redis pool
-            # longer than KORERO_REDIS_TIMEOUT and fail with UNAVAILABLE (seen in a first run).
-            cfg = dataclasses.replace(cfg, rps=500.0)
-            wl = load.Workload(cfg, processes=ctx.processes, hold=120.0, active_every=20)
+            # The client starts streams at `open_rate` (ghz --rps); the server paces what it
+            # cannot open at once (SESSION_OPENS_BUSY with RetryInfo), which the client honours.
+            cfg = dataclasses.replace(cfg, rps=ctx.open_rate)
+            wl = load.Workload(
+                cfg, processes=ctx.processes, hold=hold, active_every=20,
+                open_retries=OPEN_RETRIES,
+            )  # fmt: skip
 
             def at_peak(open_now: int, pid: int = pid) -> dict[str, Any]:
                 time.sleep(2.0)  # let the last turns finish and the allocator settle
@@ -397,18 +416,38 @@ def scenario_open(ctx: Ctx) -> dict[str, Any]:
             ok = result.status_codes.get("OK", 0)
             per_stream = (held["rssBytes"] - rss_before) / max(1, held["openStreams"])
             points.append((n, per_stream / KIB))
+            failed = {k: v for k, v in result.status_codes.items() if k != "OK"}
             rows.append(
                 [
                     n, held["openStreams"], f"{100 * ok / n:.2f} %",
+                    f"{result.open_retries} ({result.open_retried_calls} streams)",
+                    ", ".join(f"{k} {v}" for k, v in sorted(failed.items())) or "none",
                     f"{rss_before / KIB / KIB:.0f}", f"{held['rssBytes'] / KIB / KIB:.0f}",
                     f"{per_stream / KIB:.1f}",
                     "yes" if per_stream <= 20 * KIB and ok == n else "NO",
                     "yes" if result.client_bound else "no",
                 ]
             )  # fmt: skip
+            print(
+                f"  open {n}: held {held['openStreams']} at peak, OK {ok}, retried "
+                f"{result.open_retries} times ({result.open_retried_calls} streams; "
+                f"{dict(result.open_retry_reasons)}), failed {failed or 'none'}, "
+                f"server RSS {rss_before / KIB / KIB:.0f} -> "
+                f"{held['rssBytes'] / KIB / KIB:.0f} MiB "
+                f"({per_stream / KIB:.1f} KiB/stream), wall {result.wall:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
             out[str(n)] = {
                 "openAtPeak": held["openStreams"],
                 "ok": ok,
+                "openRetries": result.open_retries,
+                "openRetriedStreams": result.open_retried_calls,
+                "openRetryReasons": dict(result.open_retry_reasons),
+                "openRate": ctx.open_rate,
+                "heartbeatInterval": ctx.open_heartbeat,
+                "loadAverage": [load0, loadavg()],
+                "wallSeconds": result.wall,
                 "statusCodes": dict(result.status_codes),
                 "errors": dict(result.errors),
                 "rssBefore": rss_before,
@@ -420,9 +459,9 @@ def scenario_open(ctx: Ctx) -> dict[str, Any]:
             }
     md = table(
         "3. Open conversations (5 % send a turn; RSS of the server process; target 100 % and "
-        "≤ 20 KiB per stream at 10,000)",
-        ["streams", "open at peak", "success", "RSS before MiB", "RSS open MiB", "KiB/stream",
-         "target met", "client-bound"],
+        "≤ 20 KiB per stream at 10,000; refused opens retried after RetryInfo's delay)",
+        ["streams", "open at peak", "success", "retries", "failed", "RSS before MiB",
+         "RSS open MiB", "KiB/stream", "target met", "client-bound"],
         rows,
     )  # fmt: skip
 
@@ -943,6 +982,9 @@ def run_scenarios(
     results: Path,
     processes: int = 2,
     baseline: str | None = None,
+    open_streams: tuple[int, ...] = (),
+    open_rate: float = 500.0,
+    open_heartbeat: float | None = None,
 ) -> int:
     """Run the chosen scenarios (all by default); 1 if any failed to run."""
     load.raise_fd_limit()
@@ -952,7 +994,15 @@ def run_scenarios(
 
     signal.signal(signal.SIGTERM, interrupt)
     results.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(quick=quick, results=results, processes=processes, baseline=baseline)
+    ctx = Ctx(
+        quick=quick,
+        results=results,
+        processes=processes,
+        baseline=baseline,
+        open_streams=open_streams,
+        open_rate=open_rate,
+        open_heartbeat=open_heartbeat,
+    )
     failed = []
     tables = []
     for name in only or list(SCENARIOS):

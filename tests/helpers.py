@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +176,41 @@ class RawChat:
 
     def close(self) -> None:
         self.call.cancel()
+
+
+class DelayingProxy:
+    """A TCP proxy (to Redis) that delays every reply chunk: by `delay()` seconds,
+    a random few ms unless told otherwise."""
+
+    def __init__(
+        self, upstream_port: int, delay: Callable[[], float] = lambda: random.uniform(0, 0.01)
+    ) -> None:
+        self.upstream_port = upstream_port
+        self.delay = delay
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if delay:
+                        await asyncio.sleep(self.delay())
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()

@@ -22,7 +22,7 @@ from korero.server.storage.sessions import SessionStore
 from korero.sim import UpstreamSim
 from korero.testing import free_port
 from tests.conftest import RedisProcess, make_settings
-from tests.helpers import kinds, run_turn
+from tests.helpers import DelayingProxy, kinds, run_turn
 
 
 class CountingConnection(Connection):
@@ -203,47 +203,13 @@ def test_engine_settings_defaults_bound_history() -> None:
     assert EngineSettings().prompt_history_messages <= EngineSettings().history_max_messages
 
 
-class _DelayingProxy:
-    """A TCP proxy to Redis that delays every reply chunk by a random few ms."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: bool) -> None:
-            try:
-                while data := await src.read(65536):
-                    if delay:
-                        await asyncio.sleep(random.uniform(0, 0.01))
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
 @pytest.mark.standalone_redis  # counts or delays one server's socket
 async def test_cancelled_calls_never_hand_a_stale_reply_to_the_next_caller(
     redis_proc: RedisProcess, redis_url: str
 ) -> None:
     # The 2023 incident: a request cancelled between send and reply left its
     # reply on the connection, and the next user of that connection read it.
-    proxy = _DelayingProxy(redis_proc.port)
+    proxy = DelayingProxy(redis_proc.port)
     await proxy.start()
     pool = aioredis.BlockingConnectionPool(port=proxy.port, max_connections=8, timeout=5)
     client = aioredis.Redis(connection_pool=pool)

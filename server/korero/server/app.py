@@ -40,6 +40,7 @@ from korero.server.ops import OpsStats
 from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import AnonymousAuthenticator, Authenticator
+from korero.server.policy.pacing import SessionOpenPacer
 from korero.server.policy.ratelimit import RateLimiter
 from korero.server.policy.throttle import AuthFailureThrottle
 from korero.server.report.recorder import Recorder
@@ -68,6 +69,9 @@ AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentDeskService"].full_n
 HISTORY_HEALTH = "korero.history"
 """Health service name that is NOT_SERVING while PostgreSQL writes fail (the chat stays SERVING)."""
 
+_PENDING_CALLS = 50_000  # calls grpc-core holds for the server before it refuses any
+_PENDING_SECONDS = 120  # how long one of them may wait there
+
 _SERVER_OPTIONS = [
     ("grpc.so_reuseport", 1),
     # Generous: on a saturated machine a late ping ack must not drop every
@@ -77,6 +81,19 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.max_concurrent_streams", 100_000),
+    # Calls that arrive faster than the Python server takes them wait in grpc-core's
+    # pending queue, which by default refuses at random past 1,000 and always past 3,000
+    # ("Too many pending requests", RESOURCE_EXHAUSTED without RetryInfo) — and a client
+    # still writing its `start` sees INTERNAL "Internal error from Core" instead. 10,000
+    # Chat streams opened at once lost 5,176 that way; with these bounds all opened.
+    # Session opens past what Redis takes are paced in Python (policy/pacing.py), where
+    # a refusal carries RetryInfo.
+    ("grpc.server.max_pending_requests", _PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", _PENDING_CALLS),
+    # A call still waiting there after this long is cancelled (CANCELLED, no RetryInfo):
+    # 30 s by default, which a burst of 10,000 opens at once outlasted on 2 busy cores
+    # (2,716 CANCELLED after 33-35 s in the `open` scenario).
+    ("grpc.server_max_unrequested_time_in_server", _PENDING_SECONDS),
 ]
 
 
@@ -138,10 +155,11 @@ class KoreroServer:
         )
         engine.attach_history(history, outbox)
         lifecycle = Lifecycle()
+        opens = _build_open_pacer(settings, metrics)
         server, port, services = _build_grpc_server(
-            settings, engine, lifecycle, health, metrics, interceptors, handoff
+            settings, engine, lifecycle, health, metrics, interceptors, handoff, opens
         )
-        websocket, ops = await _start_websocket(settings, engine, gate, metrics, handoff)
+        websocket, ops = await _start_websocket(settings, engine, gate, metrics, handoff, opens)
         await server.start()
         for service in ("", *services):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -242,12 +260,23 @@ def _build_recorder(settings: Settings) -> Recorder | None:
     return recorder
 
 
+def _build_open_pacer(settings: Settings, metrics: Metrics) -> SessionOpenPacer:
+    """One per process: every transport opens its sessions through it (policy/pacing.py)."""
+    return SessionOpenPacer(
+        in_flight=settings.server.opens_in_flight,
+        queue=settings.server.opens_queue,
+        max_wait=settings.redis.timeout,  # what an open would have waited on the pool
+        on_refused=lambda why: metrics.session_opens_refused.labels(why).inc(),
+    )
+
+
 async def _start_websocket(
     settings: Settings,
     engine: ConversationEngine,
     gate: CallGate,
     metrics: Metrics,
     handoff: HandoffService | None,
+    opens: SessionOpenPacer,
 ) -> tuple[WebSocketServer | None, OpsStats | None]:
     """The WebSocket listener (and the ops page it serves), when one is configured."""
     if settings.server.ws_listen is None:
@@ -260,6 +289,7 @@ async def _start_websocket(
         gate=gate,
         listen=settings.server.ws_listen,
         rules=StreamRules.from_settings(settings.server),
+        opens=opens,
         web_root=settings.server.web_root,
         ssl_context=server_ssl_context(settings.tls),
         routes=ops.routes() if ops is not None else (),
@@ -400,6 +430,7 @@ def _build_grpc_server(
     metrics: Metrics,
     interceptors: list[grpc.aio.ServerInterceptor],
     handoff: HandoffService | None,
+    opens: SessionOpenPacer,
 ) -> tuple[grpc.aio.Server, int, list[str]]:
     """ChatService (and the agent desk), health and reflection, not started yet.
 
@@ -418,6 +449,7 @@ def _build_grpc_server(
         lifecycle=lifecycle,
         metrics=metrics,
         rules=StreamRules.from_settings(settings.server),
+        opens=opens,
         default_tenant=settings.engine.tenant,
     ).add_to_server(server)
     services = [CHAT_SERVICE]

@@ -9,6 +9,7 @@
      ├── SessionLostError       the session vanished from Redis mid-turn (UNAVAILABLE)
      ├── UpstreamError          the LLM upstream failed (code depends on cause)
      ├── RateLimitedError       a limit is exhausted (RESOURCE_EXHAUSTED)
+     ├── SessionOpensBusyError  too many sessions opening at once (RESOURCE_EXHAUSTED)
      └── ShuttingDownError      the server is draining (UNAVAILABLE)
 
 Lower-layer exceptions (`redis`, `openai`) are translated into these exactly
@@ -29,6 +30,7 @@ __all__ = [
     "NotFoundError",
     "RateLimitedError",
     "SessionLostError",
+    "SessionOpensBusyError",
     "ShuttingDownError",
     "StoreUnavailableError",
     "UpstreamError",
@@ -138,6 +140,29 @@ class RateLimitedError(KoreroError):
             metadata={"limit": limit},
         )
         self.limit = limit
+
+
+_OPENS_BUSY_WHY = {
+    "queue_full": "its queue of opens is full",
+    "waited_too_long": "this open waited too long for its turn",
+}
+
+
+class SessionOpensBusyError(KoreroError):
+    """Too many session opens at once on this instance; `retry_after` says when to retry."""
+
+    def __init__(self, retry_after: float, why: str) -> None:
+        super().__init__(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "SESSION_OPENS_BUSY",
+            f"this server is opening too many sessions at once ({_OPENS_BUSY_WHY.get(why, why)}); "
+            f"retry in {retry_after:.2f}s",
+            retryable=True,
+            retry_after=retry_after,
+            metadata={"why": why},
+        )
+        self.why = why
+        """`queue_full` or `waited_too_long`."""
 
 
 class ShuttingDownError(KoreroError):

@@ -355,6 +355,26 @@ class ServerSettings:
         "bytes of events queued for a stream whose client is not reading",
     )
     """Per stream; beyond it the stream ends with RESOURCE_EXHAUSTED `STREAM_QUEUE_FULL`."""
+    opens_in_flight: int = _env(
+        "KORERO_OPENS_IN_FLIGHT",
+        32,
+        "session opens (create or resume) one process runs at once",
+    )
+    """Keep it below KORERO_REDIS_MAX_CONNECTIONS: each open holds a Redis connection
+    for one round trip, and turns in flight need theirs (policy/pacing.py)."""
+    opens_queue: int = _env(
+        "KORERO_OPENS_QUEUE",
+        1024,
+        "session opens waiting for a place; beyond it RESOURCE_EXHAUSTED with RetryInfo",
+    )
+    """Each waits at most KORERO_REDIS_TIMEOUT; a full queue or a longer wait refuses the
+    open with RESOURCE_EXHAUSTED `SESSION_OPENS_BUSY` and a RetryInfo delay."""
+
+    def __post_init__(self) -> None:
+        if self.opens_in_flight < 1:
+            raise SettingsError("KORERO_OPENS_IN_FLIGHT must be at least 1")
+        if self.opens_queue < 0:
+            raise SettingsError("KORERO_OPENS_QUEUE must be 0 or more")
 
 
 @dataclass(frozen=True)

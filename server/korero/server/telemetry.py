@@ -114,6 +114,13 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.session_opens_refused = Counter(
+            "korero_session_opens_refused",
+            "Session opens refused with SESSION_OPENS_BUSY (policy/pacing.py), by why: "
+            "queue_full, waited_too_long",
+            ["why"],
+            registry=r,
+        )
         self.rate_limit_fallbacks = Counter(
             "korero_rate_limit_fallbacks",
             "Limit checks decided by the local limiter because Redis was unreachable",
