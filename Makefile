@@ -7,11 +7,6 @@ WEB_STAMP := $(WEB)/node_modules/.installed
 WEB_SRC   := $(shell find $(WEB)/src $(WEB)/static protos -type f -not -path '*/gen/*' 2>/dev/null) \
              $(WEB)/build.mjs $(WEB)/buf.gen.yaml $(WEB)/tsconfig.json scripts/build-web.sh
 
-# Tests start Python processes (servers, workers, tools): let them keep bytecode
-# caches (gitignored) even where the environment turns them off — compiling every
-# module afresh costs seconds per process.
-unexport PYTHONDONTWRITEBYTECODE
-
 .PHONY: setup web generate check-generate lint test test-fast test-redis-cluster validate-deploy run run-cluster bench bench-quick bench-smoke clean
 
 setup: $(STAMP) $(WEB_STAMP)    ## venv + every dependency (Debian redis-server, chromium too)
