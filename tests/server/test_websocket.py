@@ -22,7 +22,6 @@ from korero.server.app import KoreroServer
 from korero.server.errors import KoreroError
 from korero.server.policy.gate import CallGate
 from korero.server.policy.identity import Authenticator, Identity
-from korero.server.policy.pacing import SessionOpenPacer
 from korero.server.settings import Settings
 from korero.server.transport.chat_session import StreamRules
 from korero.server.transport.websocket import (
@@ -245,7 +244,6 @@ def adapter_with(
         ),
         listen="127.0.0.1:0",
         rules=StreamRules.from_settings(settings.server),
-        opens=SessionOpenPacer(in_flight=8, queue=64, max_wait=settings.redis.timeout),
     )
 
 

@@ -155,11 +155,10 @@ class KoreroServer:
         )
         engine.attach_history(history, outbox)
         lifecycle = Lifecycle()
-        opens = _build_open_pacer(settings, metrics)
         server, port, services = _build_grpc_server(
-            settings, engine, lifecycle, health, metrics, interceptors, handoff, opens
+            settings, engine, lifecycle, health, metrics, interceptors, handoff
         )
-        websocket, ops = await _start_websocket(settings, engine, gate, metrics, handoff, opens)
+        websocket, ops = await _start_websocket(settings, engine, gate, metrics, handoff)
         await server.start()
         for service in ("", *services):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -261,7 +260,8 @@ def _build_recorder(settings: Settings) -> Recorder | None:
 
 
 def _build_open_pacer(settings: Settings, metrics: Metrics) -> SessionOpenPacer:
-    """One per process: every transport opens its sessions through it (policy/pacing.py)."""
+    """One per engine, so one per process: every transport opens its sessions through the
+    engine (policy/pacing.py)."""
     return SessionOpenPacer(
         in_flight=settings.server.opens_in_flight,
         queue=settings.server.opens_queue,
@@ -276,7 +276,6 @@ async def _start_websocket(
     gate: CallGate,
     metrics: Metrics,
     handoff: HandoffService | None,
-    opens: SessionOpenPacer,
 ) -> tuple[WebSocketServer | None, OpsStats | None]:
     """The WebSocket listener (and the ops page it serves), when one is configured."""
     if settings.server.ws_listen is None:
@@ -289,7 +288,6 @@ async def _start_websocket(
         gate=gate,
         listen=settings.server.ws_listen,
         rules=StreamRules.from_settings(settings.server),
-        opens=opens,
         web_root=settings.server.web_root,
         ssl_context=server_ssl_context(settings.tls),
         routes=ops.routes() if ops is not None else (),
@@ -419,6 +417,7 @@ def _build_engine(
             cache_seconds=settings.tools.cache_seconds,
         ),
         handoff=handoff,
+        opens=_build_open_pacer(settings, metrics),
     )
 
 
@@ -430,7 +429,6 @@ def _build_grpc_server(
     metrics: Metrics,
     interceptors: list[grpc.aio.ServerInterceptor],
     handoff: HandoffService | None,
-    opens: SessionOpenPacer,
 ) -> tuple[grpc.aio.Server, int, list[str]]:
     """ChatService (and the agent desk), health and reflection, not started yet.
 
@@ -449,7 +447,6 @@ def _build_grpc_server(
         lifecycle=lifecycle,
         metrics=metrics,
         rules=StreamRules.from_settings(settings.server),
-        opens=opens,
         default_tenant=settings.engine.tenant,
     ).add_to_server(server)
     services = [CHAT_SERVICE]

@@ -60,6 +60,7 @@ from korero.server.errors import (
     StoreUnavailableError,
 )
 from korero.server.llm.provider import LLMProvider, estimate_tokens
+from korero.server.policy.pacing import SessionOpenPacer
 from korero.server.policy.ratelimit import RateLimiter
 from korero.server.settings import EngineSettings, LLMSettings
 from korero.server.storage.history import HistoryStore
@@ -139,8 +140,10 @@ class ConversationEngine:
         handoff: HandoffHook | None = None,
         history: HistoryStore | None = None,
         outbox: OutboxWriter | None = None,
+        opens: SessionOpenPacer | None = None,
     ) -> None:
         self._store = store
+        self._opens = opens
         self._outbox = outbox
         self._records = (
             None if history is None else SessionRecords(store, history, outbox, settings)
@@ -242,15 +245,24 @@ class ConversationEngine:
         meta = validate_metadata(metadata)
         if session_id:
             validate_session_id(session_id)
+        elif after_seq:
+            raise InvalidArgumentError(
+                "CURSOR_WITHOUT_SESSION", "after_seq needs the session_id it belongs to"
+            )
+        if self._opens is None:
+            return await self._open_session(tenant, session_id, meta, after_seq)
+        async with self._opens.slot():  # a burst of opens is paced, not failed
+            return await self._open_session(tenant, session_id, meta, after_seq)
+
+    async def _open_session(
+        self, tenant: str, session_id: str, meta: dict[str, Any], after_seq: int | None
+    ) -> OpenedSession:
+        if session_id:
             try:
                 record = await self._store.resume_session(tenant, session_id, meta, after_seq)
             except InvalidArgumentError as missing:
                 record = await self._resume_lost(tenant, session_id, meta, missing, after_seq)
         else:
-            if after_seq:
-                raise InvalidArgumentError(
-                    "CURSOR_WITHOUT_SESSION", "after_seq needs the session_id it belongs to"
-                )
             record = await self._store.create_session(tenant, meta)
             if self._early is not None:  # its first prompt is known: no history yet
                 self._early.opened(record, resumed=False)

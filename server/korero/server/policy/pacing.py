@@ -18,8 +18,10 @@ long the opens ahead of it take to clear (measured, not guessed), spread over
 up to twice that so refused clients do not all come back in the same instant.
 
 In process, like the authentication throttle: it bounds this process's own
-Redis traffic, costs no round trip, and every transport (the gRPC `Chat` and
-`SendMessage` calls, the WebSocket route) opens through the same instance.
+Redis traffic and costs no round trip. The conversation engine holds the one
+instance and takes a place in `open_session`, after the input is validated, so
+every transport (the gRPC `Chat` and `SendMessage` calls, the WebSocket route)
+is paced without knowing of it.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ from korero.server.errors import (
     KoreroError,
     ShuttingDownError,
 )
-from korero.server.policy.pacing import SessionOpenPacer
 from korero.server.telemetry import Metrics
 from korero.server.transport.chat_session import (
     ChatSession,
@@ -109,12 +108,10 @@ class ChatServicer:
         lifecycle: Lifecycle,
         metrics: Metrics,
         rules: StreamRules,
-        opens: SessionOpenPacer,
         default_tenant: str,
     ) -> None:
         self._engine = engine
         self._rules = rules
-        self._opens = opens
         self._default_tenant = default_tenant
         self._lifecycle = lifecycle
         self._metrics = metrics
@@ -203,10 +200,9 @@ class ChatServicer:
             )
             self._lifecycle.check_open()
             tenant = self._tenant()
-            async with self._opens.slot():  # a burst of opens is paced, not failed
-                opened = await self._engine.open_session(
-                    tenant, first.start.session_id, first.start.metadata, cursor_of(first.start)
-                )
+            opened = await self._engine.open_session(
+                tenant, first.start.session_id, first.start.metadata, cursor_of(first.start)
+            )
         except KoreroError as error:
             await abort_with_error(context, error)
         session = ChatSession(self._engine, tenant, opened, self._rules, lambda: _deadline(context))
@@ -281,8 +277,7 @@ class ChatServicer:
                 self._engine.check_message(request.message)  # before a session is created
                 session_id = request.session_id
                 if not session_id:
-                    async with self._opens.slot():
-                        opened = await self._engine.open_session(tenant, "", request.metadata)
+                    opened = await self._engine.open_session(tenant, "", request.metadata)
                     session_id = opened.session_id
                     out.put(opened.started)
                 replay, turn = await self._send_turn(tenant, session_id, request, out, context)

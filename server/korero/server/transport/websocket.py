@@ -62,7 +62,6 @@ from korero.server.conversation.wire import error_event_body
 from korero.server.errors import InvalidArgumentError, KoreroError, ShuttingDownError
 from korero.server.handoff.service import HandoffService
 from korero.server.policy.gate import CallGate
-from korero.server.policy.pacing import SessionOpenPacer
 from korero.server.transport.agent_socket import AGENT_PATH, PROTOCOLS, AgentSocket
 from korero.server.transport.chat_session import (
     ChatSession,
@@ -257,7 +256,6 @@ class _ChatSocket:
         engine: ConversationEngine,
         rules: StreamRules,
         gate: CallGate,
-        opens: SessionOpenPacer,
         authorization: str | None,
         peer: str | None = None,
     ) -> None:
@@ -266,7 +264,6 @@ class _ChatSocket:
         self._engine = engine
         self._rules = rules
         self._gate = gate
-        self._opens = opens
         self._authorization = authorization
 
     async def run(self) -> None:
@@ -276,10 +273,9 @@ class _ChatSocket:
             # The same gate as every gRPC call: authenticate, scope, tenant call limit.
             identity = await self._gate.admit(CHAT_METHOD, self._authorization, peer=self._peer)
             tenant = identity.tenant
-            async with self._opens.slot():  # paced like the gRPC Chat stream's open
-                opened = await self._engine.open_session(
-                    tenant, first.start.session_id, first.start.metadata, cursor_of(first.start)
-                )
+            opened = await self._engine.open_session(
+                tenant, first.start.session_id, first.start.metadata, cursor_of(first.start)
+            )
         except KoreroError as error:
             await conn.fail(error)
             return
@@ -372,7 +368,6 @@ class WebSocketServer:
         gate: CallGate,
         listen: str,
         rules: StreamRules,
-        opens: SessionOpenPacer,
         web_root: Path | None = None,
         ssl_context: ssl.SSLContext | None = None,
         routes: Sequence[web.RouteDef] = (),
@@ -383,7 +378,6 @@ class WebSocketServer:
         self._gate = gate
         self._listen = listen
         self._rules = rules
-        self._opens = opens
         self._ssl_context = ssl_context
         self._routes = tuple(routes)
         self._connections: set[_Connection] = set()
@@ -479,7 +473,6 @@ class WebSocketServer:
                 self._engine,
                 self._rules,
                 self._gate,
-                self._opens,
                 _authorization_from_handshake(request),
                 peer=request.remote,
             ).run()
