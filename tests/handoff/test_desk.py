@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 import grpc
 import pytest
@@ -12,7 +13,9 @@ from korero.agent.v1 import agent_pb2 as apb
 from korero.agent.v1 import agent_pb2_grpc
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient
+from korero.server.handoff.actions import AgentProfile
 from korero.server.policy.api_keys import ApiKeyStore
+from korero.server.storage.keys import desk_key
 from tests.handoff.conftest import FAST
 from tests.handoff.desk import Agent
 from tests.helpers import kinds, redis_client, run_turn
@@ -116,6 +119,37 @@ async def test_agent_gone_past_grace_returns_the_conversation_to_the_queue(start
         joined = await notification(conversation, "agent_joined")
         assert joined.agent_joined.agent_display_name == "Tama"
     await second.close()
+
+
+async def test_a_heartbeat_that_lands_after_the_agent_left_does_not_cancel_the_grace(
+    start_server, redis_url
+) -> None:  # type: ignore[no-untyped-def]
+    # The desk's heartbeat task can have a frame on its way when the stream ends; it
+    # used to reach Redis after the leave and take the conversation back to `active`
+    # for an agent who was gone, so the customer was never put back in the queue.
+    app = await start_server(handoff=dataclasses.replace(FAST, agent_grace=1.0))
+    target = f"127.0.0.1:{app.port}"
+    first = Agent(target, "a1", "Mere")
+    await first.connect()
+    async with ChatClient(target) as client:
+        conversation = await client.conversation()
+        await run_turn(conversation, ASK)
+        handoff_id = (await first.expect("offered")).offered.context.handoff_id
+        await first.accept(handoff_id)
+        await first.expect("assigned")
+        redis = redis_client(redis_url)
+        raw = await redis.hget(desk_key("default", "agents"), "a1")
+        connection = json.loads(raw)["conn"]
+        await first.drop()
+        await notification(conversation, "agent_left")
+        assert app.handoff is not None
+        late = await app.handoff.heartbeat("default", AgentProfile("a1", "Mere"), connection)
+        assert late is False  # refused: that connection has left
+        record = json.loads(await redis.hget(desk_key("default", "handoffs"), handoff_id))
+        assert record["state"] == "grace"
+        queued = await notification(conversation, "handoff_queued")  # after the grace
+        assert queued.handoff_queued.handoff_id == handoff_id
+        await redis.aclose()
 
 
 async def test_offers_are_fair_across_agents(start_server) -> None:  # type: ignore[no-untyped-def]

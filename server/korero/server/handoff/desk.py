@@ -261,7 +261,8 @@ class AgentDesk:
         while True:
             await asyncio.sleep(self._service.settings.sweep_interval)
             with contextlib.suppress(KoreroError):
-                await self._service.heartbeat(self.tenant, self.agent, self._connection)
+                if not await self._service.heartbeat(self.tenant, self.agent, self._connection):
+                    return  # this connection was replaced or has left
 
     async def _reconcile(self) -> None:
         assert self.agent is not None
@@ -378,6 +379,9 @@ class AgentDesk:
         """The stream is gone: stop, and let the agent's conversations wait out the grace."""
         for task in self._tasks:
             task.cancel()
+        if self._tasks:  # let them stop before the leave (the leave script refuses them after)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait(self._tasks, timeout=1.0)
         self._service.hub.unwatch(self.tenant, None, self._desk_changed)
         for handoff_id in list(self._assigned):
             self._drop(handoff_id)

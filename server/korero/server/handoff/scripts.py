@@ -469,6 +469,10 @@ DESK_AGENT_LEAVE = (
 local a = agent(ARGV[3])
 if not a or a.conn ~= ARGV[4] then return {} end
 a.status = 'offline'
+-- This connection is over: a late heartbeat or availability frame of it (one
+-- already on its way when the stream ended) is refused as stale instead of
+-- taking the conversations back out of their grace period.
+a.conn = ''
 local out = {}
 for hid in pairs(a.offers) do
   local rec = get(hid)
