@@ -362,7 +362,7 @@ async def test_sigterm_closes_sockets_with_1012_after_their_turn(
     try:
         assert proc.stderr is not None
         port = 0
-        async with asyncio.timeout(15):
+        async with asyncio.timeout(45):
             while not port:
                 line = await proc.stderr.readline()
                 assert line, "server exited before serving"

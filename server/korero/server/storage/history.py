@@ -19,7 +19,9 @@ lines: one SQL statement per read and write, each next to its row decoding.)
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ from korero.server.errors import HistoryUnavailableError, KoreroError
 from korero.server.settings import PostgresSettings
 from korero.server.storage.paging import MessageKey
 from korero.server.storage.records import StoredMessage, TurnRecord
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "HistorySession",
@@ -187,7 +191,13 @@ class HistoryStore:
         return cls(pool, settings.timeout)
 
     async def close(self) -> None:
-        await self._pool.close()
+        """Close the pool; a connection not released in time (a write stuck on a lock, a
+        server that stopped answering) is cut instead of holding the shutdown."""
+        try:
+            await asyncio.wait_for(self._pool.close(), max(1.0, 2 * self._timeout))
+        except TimeoutError:
+            log.warning("event=postgres_pool_close_timeout action=terminated")
+            self._pool.terminate()
 
     async def ping(self) -> None:
         async with postgres_boundary(), self._pool.acquire(timeout=self._timeout) as conn:

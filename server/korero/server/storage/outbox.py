@@ -209,8 +209,8 @@ class OutboxWriter:
         if self._task is None:
             return
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        # Bounded: a sweep stuck past its own timeouts is left behind, not waited for.
+        await asyncio.wait({self._task}, timeout=5.0)
         self._task = None
         with contextlib.suppress(KoreroError, asyncio.TimeoutError):
             async with asyncio.timeout(2.0):
