@@ -166,6 +166,19 @@ def test_every_container_has_requests_limits_and_a_locked_down_context(
 
 
 @pytest.mark.needs_binary("kubectl")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_pod_runs_one_worker(rendered: dict[str, Manifests], overlay: str) -> None:
+    # `serve` defaults to one worker per core it may use, which a CPU limit
+    # above the request rounds up; the pod is sized for exactly one.
+    server = _container(_one(rendered[overlay], "Deployment", "korero"), "korero")
+    assert server["args"] == ["serve", "--workers", "1"]
+    assert (
+        "KORERO_WORKERS"
+        not in _generated(rendered[overlay], "ConfigMap", "korero-settings")["data"]
+    )
+
+
+@pytest.mark.needs_binary("kubectl")
 def test_production_server_resources_follow_the_bench(rendered: dict[str, Manifests]) -> None:
     server = _container(_one(rendered["prod"], "Deployment", "korero"), "korero")
     requests = server["resources"]["requests"]
