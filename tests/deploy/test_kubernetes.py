@@ -6,6 +6,7 @@ numbers. No cluster runs here."""
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -154,7 +155,7 @@ def test_every_container_has_requests_limits_and_a_locked_down_context(
         pod = _pod_spec(deployment)
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["automountServiceAccountToken"] is False
-        for container in pod["containers"]:
+        for container in pod.get("initContainers", []) + pod["containers"]:
             where = f"{deployment['metadata']['name']}/{container['name']}"
             resources = container["resources"]
             assert {"cpu", "memory"} <= set(resources["requests"]), where
@@ -176,6 +177,30 @@ def test_each_pod_runs_one_worker(rendered: dict[str, Manifests], overlay: str) 
         "KORERO_WORKERS"
         not in _generated(rendered[overlay], "ConfigMap", "korero-settings")["data"]
     )
+
+
+@pytest.mark.needs_binary("kubectl")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_schema_is_migrated_before_the_server_starts(
+    rendered: dict[str, Manifests], overlay: str
+) -> None:
+    deployment = _one(rendered[overlay], "Deployment", "korero")
+    server = _container(deployment, "korero")
+    (migrate,) = _pod_spec(deployment)["initContainers"]
+    # The same image (the overlay's tag applies to both), the same settings
+    # and Secret, and `korero db migrate` (the image's entrypoint is `korero`).
+    assert migrate["image"] == server["image"]
+    assert migrate["args"] == ["db", "migrate"]
+    assert "command" not in migrate
+    assert migrate["envFrom"] == server["envFrom"]
+    manifests = rendered[overlay]
+    if overlay == "dev":
+        # Dev brings its own PostgreSQL; the URL in the Secret names its Service.
+        _one(manifests, "Deployment", "postgres")
+        _one(manifests, "Service", "postgres")
+        (secret,) = [m for m in manifests if m["kind"] == "Secret"]
+        url = base64.b64decode(secret["data"]["POSTGRES_URL"]).decode()
+        assert "@postgres:5432/" in url
 
 
 @pytest.mark.needs_binary("kubectl")
