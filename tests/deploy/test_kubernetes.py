@@ -204,6 +204,32 @@ def test_the_schema_is_migrated_before_the_server_starts(
 
 
 @pytest.mark.needs_binary("kubectl")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_deployment_has_a_disruption_budget(
+    rendered: dict[str, Manifests], overlay: str
+) -> None:
+    manifests = rendered[overlay]
+    budgets = [m for m in manifests if m["kind"] == "PodDisruptionBudget"]
+    deployments = [m for m in manifests if m["kind"] == "Deployment"]
+    assert deployments
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        covering = [
+            b
+            for b in budgets
+            if b["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+            and b["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        ]
+        assert len(covering) == 1, f"{name}: {len(covering)} PodDisruptionBudgets select its pods"
+        (budget,) = covering
+        assert set(budget["spec"]["selector"]) == {"matchLabels"}, name
+        # A budget that never allows an eviction would block node drains.
+        assert budget["spec"].get("maxUnavailable", 1) >= 1, name
+        assert "minAvailable" not in budget["spec"], name
+
+
+@pytest.mark.needs_binary("kubectl")
 def test_production_server_resources_follow_the_bench(rendered: dict[str, Manifests]) -> None:
     server = _container(_one(rendered["prod"], "Deployment", "korero"), "korero")
     requests = server["resources"]["requests"]
