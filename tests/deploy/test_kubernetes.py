@@ -234,7 +234,8 @@ def test_production_server_resources_follow_the_bench(rendered: dict[str, Manife
     server = _container(_one(rendered["prod"], "Deployment", "korero"), "korero")
     requests = server["resources"]["requests"]
     limits = server["resources"]["limits"]
-    # One process saturates one core (~190 turns/s): request the whole core.
+    # One worker per pod, ~230 turns/s per core (bench/README.md section 7):
+    # request the whole core it runs on.
     assert requests["cpu"] == "1"
     # Idle RSS ~112 MiB + 35.6 KiB per stream: 256 Mi for ~2,000 streams,
     # 768 Mi so 10,000 (460 MiB measured) still fit.
