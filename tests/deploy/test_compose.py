@@ -15,8 +15,6 @@ from tests.deploy.tools import REPO, run
 
 COMPOSE = REPO / "deploy" / "compose.yaml"
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
-# Settings the server will read once the PostgreSQL store lands.
-SETTINGS_COMING = {"POSTGRES_URL"}
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +124,35 @@ def test_depends_on_uses_conditions_on_existing_services(
     assert set(services["korero"]["depends_on"]) >= {
         "redis",
         "postgres",
+        "migrate",
         "upstream-sim",
         "kb-ingest",
         "tools-add",
     }
     assert "korero" in services["envoy"]["depends_on"]
+
+
+def test_the_schema_is_migrated_before_any_instance_starts(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    migrate = services["migrate"]
+    korero = services["korero"]
+    # The server's own image and the `korero db migrate` command (the image's
+    # entrypoint is `korero`), against the PostgreSQL the instances use.
+    assert migrate["image"] == korero["image"]
+    assert migrate["build"] == korero["build"]
+    assert migrate["command"] == ["db", "migrate"]
+    assert migrate["restart"] == "no"
+    assert (
+        migrate["environment"]["KORERO_POSTGRES_URL"]
+        == (korero["environment"]["KORERO_POSTGRES_URL"])
+    )
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name, svc in services.items():
+        if svc.get("image") == korero["image"] and svc.get("command", [None])[0] == "serve":
+            assert svc["depends_on"]["migrate"] == {
+                "condition": "service_completed_successfully"
+            }, name
 
 
 def test_start_order_has_no_cycle(services: dict[str, dict[str, Any]]) -> None:
@@ -148,13 +170,13 @@ def test_start_order_has_no_cycle(services: dict[str, dict[str, Any]]) -> None:
 def test_korero_settings_are_real_setting_names(services: dict[str, dict[str, Any]]) -> None:
     known = {name.split(" / ")[0] for name, _, _ in env_reference()}
     known |= {alias for name, _, _ in env_reference() for alias in name.split(" / ")}
-    for name in ("korero", "kb-ingest", "tools-add"):
+    for name in ("korero", "migrate", "kb-ingest", "tools-add"):
         env = services[name]["environment"]
-        unknown = set(env) - known - SETTINGS_COMING
+        unknown = set(env) - known
         assert not unknown, f"{name}: {unknown}"
     env = services["korero"]["environment"]
     assert env["REDIS_URL"].startswith("redis://redis:")
-    assert "@postgres:5432/" in env["POSTGRES_URL"]
+    assert "@postgres:5432/" in env["KORERO_POSTGRES_URL"]
     assert "upstream-sim:8088" in env["KORERO_LLM_BASE_URL"]
     tools = services["tools-add"]["command"]
     assert tools[tools.index("--endpoint-base") + 1] == "http://airline-api:8090"

@@ -6,6 +6,7 @@ numbers. No cluster runs here."""
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -154,7 +155,7 @@ def test_every_container_has_requests_limits_and_a_locked_down_context(
         pod = _pod_spec(deployment)
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["automountServiceAccountToken"] is False
-        for container in pod["containers"]:
+        for container in pod.get("initContainers", []) + pod["containers"]:
             where = f"{deployment['metadata']['name']}/{container['name']}"
             resources = container["resources"]
             assert {"cpu", "memory"} <= set(resources["requests"]), where
@@ -166,11 +167,75 @@ def test_every_container_has_requests_limits_and_a_locked_down_context(
 
 
 @pytest.mark.needs_binary("kubectl")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_pod_runs_one_worker(rendered: dict[str, Manifests], overlay: str) -> None:
+    # `serve` defaults to one worker per core it may use, which a CPU limit
+    # above the request rounds up; the pod is sized for exactly one.
+    server = _container(_one(rendered[overlay], "Deployment", "korero"), "korero")
+    assert server["args"] == ["serve", "--workers", "1"]
+    assert (
+        "KORERO_WORKERS"
+        not in _generated(rendered[overlay], "ConfigMap", "korero-settings")["data"]
+    )
+
+
+@pytest.mark.needs_binary("kubectl")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_schema_is_migrated_before_the_server_starts(
+    rendered: dict[str, Manifests], overlay: str
+) -> None:
+    deployment = _one(rendered[overlay], "Deployment", "korero")
+    server = _container(deployment, "korero")
+    (migrate,) = _pod_spec(deployment)["initContainers"]
+    # The same image (the overlay's tag applies to both), the same settings
+    # and Secret, and `korero db migrate` (the image's entrypoint is `korero`).
+    assert migrate["image"] == server["image"]
+    assert migrate["args"] == ["db", "migrate"]
+    assert "command" not in migrate
+    assert migrate["envFrom"] == server["envFrom"]
+    manifests = rendered[overlay]
+    if overlay == "dev":
+        # Dev brings its own PostgreSQL; the URL in the Secret names its Service.
+        _one(manifests, "Deployment", "postgres")
+        _one(manifests, "Service", "postgres")
+        (secret,) = [m for m in manifests if m["kind"] == "Secret"]
+        url = base64.b64decode(secret["data"]["POSTGRES_URL"]).decode()
+        assert "@postgres:5432/" in url
+
+
+@pytest.mark.needs_binary("kubectl")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_deployment_has_a_disruption_budget(
+    rendered: dict[str, Manifests], overlay: str
+) -> None:
+    manifests = rendered[overlay]
+    budgets = [m for m in manifests if m["kind"] == "PodDisruptionBudget"]
+    deployments = [m for m in manifests if m["kind"] == "Deployment"]
+    assert deployments
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        covering = [
+            b
+            for b in budgets
+            if b["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+            and b["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        ]
+        assert len(covering) == 1, f"{name}: {len(covering)} PodDisruptionBudgets select its pods"
+        (budget,) = covering
+        assert set(budget["spec"]["selector"]) == {"matchLabels"}, name
+        # A budget that never allows an eviction would block node drains.
+        assert budget["spec"].get("maxUnavailable", 1) >= 1, name
+        assert "minAvailable" not in budget["spec"], name
+
+
+@pytest.mark.needs_binary("kubectl")
 def test_production_server_resources_follow_the_bench(rendered: dict[str, Manifests]) -> None:
     server = _container(_one(rendered["prod"], "Deployment", "korero"), "korero")
     requests = server["resources"]["requests"]
     limits = server["resources"]["limits"]
-    # One process saturates one core (~190 turns/s): request the whole core.
+    # One worker per pod, ~230 turns/s per core (bench/README.md section 7):
+    # request the whole core it runs on.
     assert requests["cpu"] == "1"
     # Idle RSS ~112 MiB + 35.6 KiB per stream: 256 Mi for ~2,000 streams,
     # 768 Mi so 10,000 (460 MiB measured) still fit.

@@ -5,6 +5,7 @@ queries that parse and read metrics the server really exports."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,11 @@ import pytest
 import yaml
 
 from tests.deploy.tools import (
-    METRICS_COMING,
     REPO,
-    exported_metric_names,
+    TARGET_LABELS,
+    exported_metric_labels,
+    grouping_labels_in,
+    label_problems,
     metric_names_in,
     run,
 )
@@ -30,7 +33,7 @@ SIGNALS = {
     "rate-limit rejections": "korero_rate_limit_rejections_total",
     "Redis errors": "korero_redis_errors_total",
     "PostgreSQL errors": "korero_postgres_errors_total",
-    "handoff queue wait": "korero_handoff_queue_wait_seconds_bucket",
+    "handoff queue wait": "korero_handoff_wait_seconds_bucket",
 }
 # Grafana's variables, replaced by what they stand for when promtool parses a query.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$instance": ".*"}
@@ -99,11 +102,47 @@ def test_promtool_accepts_the_scrape_config(tool: Callable[[str], Path]) -> None
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_rules_read_only_metrics_that_exist_or_are_announced() -> None:
-    known = exported_metric_names() | METRICS_COMING
+def test_exported_names_come_from_the_server() -> None:
+    exported = exported_metric_labels()
+    # Read from telemetry.Metrics, not a list kept here: a renamed metric moves with it.
+    assert exported["korero_handoff_wait_seconds_bucket"] == {"le"}
+    assert exported["korero_postgres_errors_total"] == {"op"}
+    assert exported["korero_turns_total"] == {"outcome", "reason"}
+    assert "korero_handoff_queue_wait_seconds_bucket" not in exported
+    # The checks below do catch a wrong name or label.
+    wrong = "sum by (reason) (rate(korero_postgres_errors_total{reason='x'}[5m]))"
+    assert label_problems(wrong, exported) == [
+        "korero_postgres_errors_total has no label reason",
+        "by (reason) over ['korero_postgres_errors_total']",
+    ]
+    assert metric_names_in("rate(korero_handoff_queue_wait_seconds_bucket[5m])") - set(
+        exported
+    ) == {"korero_handoff_queue_wait_seconds_bucket"}
+
+
+def test_rules_read_only_metrics_and_labels_the_server_exports() -> None:
+    exported = exported_metric_labels()
     for rule in _rules():
-        unknown = metric_names_in(rule["expr"]) - known
-        assert not unknown, f"{rule.get('alert') or rule.get('record')}: {unknown}"
+        name = rule.get("alert") or rule.get("record")
+        expr = rule["expr"]
+        unknown = metric_names_in(expr) - set(exported)
+        assert not unknown, f"{name}: {unknown}"
+        problems = label_problems(expr, exported)
+        assert not problems, f"{name}: {problems}"
+        if "alert" not in rule:
+            continue
+        # Annotations may only print labels the alert's series carry.
+        carried = grouping_labels_in(expr)
+        if carried is None:
+            carried = set(TARGET_LABELS).union(
+                *(exported[m] for m in metric_names_in(expr) if m in exported)
+            )
+        printed = {
+            label
+            for text in rule["annotations"].values()
+            for label in re.findall(r"\$labels\.(\w+)", text)
+        }
+        assert printed <= carried, f"{name} prints {printed - carried}"
 
 
 def test_every_signal_of_the_issue_has_an_alert() -> None:
@@ -161,13 +200,23 @@ def test_panels_do_not_overlap() -> None:
 
 
 def test_dashboard_queries_read_real_metrics_and_cover_the_alerts() -> None:
-    known = exported_metric_names() | METRICS_COMING
+    exported = exported_metric_labels()
     read: set[str] = set()
-    for query in _queries():
-        names = metric_names_in(query)
-        read |= names
-        unknown = {n for n in names - known if not n.startswith("envoy_")}
-        assert not unknown, f"{query}: {unknown}"
+    for panel in _dashboard()["panels"]:
+        for target in panel.get("targets", []):
+            query = target["expr"]
+            names = metric_names_in(query)
+            read |= names
+            unknown = {n for n in names - set(exported) if not n.startswith("envoy_")}
+            assert not unknown, f"{query}: {unknown}"
+            problems = label_problems(query, exported)
+            assert not problems, f"{query}: {problems}"
+            # A legend can only name labels the query keeps.
+            legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+            if legend:
+                kept = grouping_labels_in(query)
+                assert kept is not None, panel["title"]
+                assert legend <= kept, f"{panel['title']}: {legend}"
     assert set(SIGNALS.values()) <= read
     assert "korero_active_streams" in read
 

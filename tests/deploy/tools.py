@@ -15,16 +15,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
 from korero.server.telemetry import Metrics
 
 __all__ = [
     "INSTALL_HINTS",
-    "METRICS_COMING",
     "REPO",
+    "TARGET_LABELS",
+    "exported_metric_labels",
     "exported_metric_names",
     "find_tool",
+    "grouping_labels_in",
+    "label_problems",
     "metric_names_in",
     "run",
 ]
@@ -38,16 +42,8 @@ INSTALL_HINTS = {
     "promtool": "Debian prometheus (`scripts/setup.sh` installs it when promtool is missing)",
 }
 
-METRICS_COMING = frozenset(
-    {
-        # PostgreSQL store and human handoff, being built: rules and panels
-        # are ready for them and stay empty until they are exported.
-        "korero_postgres_errors_total",
-        "korero_handoff_queue_wait_seconds_bucket",
-        "korero_handoff_queue_wait_seconds_count",
-        "korero_handoff_queue_wait_seconds_sum",
-    }
-)
+# Labels Prometheus adds to every scraped series (the scrape job and target).
+TARGET_LABELS = frozenset({"instance", "job"})
 
 _SUFFIXES = {
     "counter": ("_total",),
@@ -79,13 +75,30 @@ def run(*args: str | Path, timeout: float = 120.0) -> subprocess.CompletedProces
     )
 
 
+def exported_metric_labels() -> dict[str, frozenset[str]]:
+    """Every sample name the server exports and its label names, read from a fresh
+    telemetry.Metrics (its own registry: the collectors the server really has)."""
+    metrics = Metrics()
+    labels: dict[str, frozenset[str]] = {}
+    collectors = [c for c in vars(metrics).values() if isinstance(c, MetricWrapperBase)]
+    registered = {family.name for family in metrics.registry.collect()}
+    for collector in collectors:
+        # prometheus-client has no public accessor for a metric's label names.
+        names = frozenset(collector._labelnames)
+        family: Metric
+        for family in collector.describe():
+            assert family.name in registered, family.name
+            for suffix in _SUFFIXES[family.type]:
+                extra = {"le"} if suffix == "_bucket" else set()
+                labels[family.name + suffix] = names | extra
+    covered = {name for name in registered if any(n.startswith(name) for n in labels)}
+    assert covered == registered, f"metrics not held by Metrics: {registered - covered}"
+    return labels
+
+
 def exported_metric_names() -> frozenset[str]:
     """Sample names the server exports, from its own registry (telemetry.Metrics)."""
-    names: set[str] = set()
-    family: Metric
-    for family in Metrics().registry.collect():
-        names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
-    return frozenset(names)
+    return frozenset(exported_metric_labels())
 
 
 _METRIC = re.compile(r"(?<![\w:])((?:korero|envoy)_[a-z0-9_]+)")
@@ -96,3 +109,69 @@ def metric_names_in(expr: str) -> set[str]:
     """Kōrero and Envoy metric names a PromQL expression reads (not recording-rule
     names, nor label values such as the cluster name `korero_grpc`)."""
     return set(_METRIC.findall(_STRING.sub('""', expr)))
+
+
+_SELECTOR = re.compile(r"(?<![\w:])((?:korero)_[a-z0-9_]+)\s*\{([^}]*)\}")
+_MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
+_GROUPING = re.compile(r"\b(by|without)\s*\(([^)]*)\)")
+
+
+def _group_after(expr: str, start: int) -> str:
+    """The balanced parenthesised text starting at expr[start] == '('."""
+    depth = 0
+    for i in range(start, len(expr)):
+        depth += {"(": 1, ")": -1}.get(expr[i], 0)
+        if depth == 0:
+            return expr[start : i + 1]
+    raise ValueError(f"unbalanced parentheses: {expr}")
+
+
+def _group_before(expr: str, end: int) -> str:
+    """The balanced parenthesised text ending at expr[end] == ')'."""
+    depth = 0
+    for i in range(end, -1, -1):
+        depth += {")": 1, "(": -1}.get(expr[i], 0)
+        if depth == 0:
+            return expr[i : end + 1]
+    raise ValueError(f"unbalanced parentheses: {expr}")
+
+
+def _aggregations(expr: str) -> list[tuple[str, set[str], str]]:
+    """(by|without, its labels, the expression it aggregates) for each grouping clause,
+    in either PromQL order: `sum by (x) (e)` or `sum (e) by (x)`."""
+    found = []
+    for match in _GROUPING.finditer(expr):
+        names = {n.strip() for n in match.group(2).split(",") if n.strip()}
+        after = expr[match.end() :].lstrip()
+        if after.startswith("("):
+            scope = _group_after(expr, len(expr) - len(after))
+        else:
+            before = expr[: match.start()].rstrip()
+            scope = _group_before(expr, len(before) - 1) if before.endswith(")") else ""
+        found.append((match.group(1), names, scope))
+    return found
+
+
+def grouping_labels_in(expr: str) -> set[str] | None:
+    """The labels the outermost `by` clause keeps, or None when the expression
+    has no `by` (then a result carries its series' own labels)."""
+    clauses = [names for kind, names, _ in _aggregations(_STRING.sub('""', expr)) if kind == "by"]
+    return clauses[0] if clauses else None
+
+
+def label_problems(expr: str, exported: dict[str, frozenset[str]]) -> list[str]:
+    """Labels an expression selects or groups by that the Kōrero metrics it reads
+    do not have (the scrape's `instance` and `job` are always there)."""
+    problems = []
+    bare = _STRING.sub('""', expr)
+    for name, matchers in _SELECTOR.findall(bare):
+        if name in exported:
+            unknown = set(_MATCHER.findall(matchers)) - exported[name] - TARGET_LABELS
+            problems += [f"{name} has no label {label}" for label in sorted(unknown)]
+    for kind, names, scope in _aggregations(bare):
+        read = [n for n in metric_names_in(scope) if n in exported]
+        if kind != "by" or not read or len(read) != len(metric_names_in(scope)):
+            continue  # recording rules and Envoy's metrics: their labels are not ours to know
+        available = set().union(*(exported[n] for n in read)) | TARGET_LABELS
+        problems += [f"by ({label}) over {sorted(read)}" for label in sorted(names - available)]
+    return problems
