@@ -55,7 +55,10 @@ async def app(
     redis_url: str, sim: UpstreamSim, airline: AirlineService
 ) -> AsyncIterator[KoreroServer]:
     await add_tools(redis_url, "default", sample_tools(airline.base_url))
-    server = await KoreroServer.start(make_settings(redis_url, sim.base_url))
+    # These tests count every request at the airline service, so the tool result
+    # cache is off here; test_tools_cache.py tests it.
+    settings = make_settings(redis_url, sim.base_url, tools__result_cache_seconds=0.0)
+    server = await KoreroServer.start(settings)
     yield server
     await server.shutdown(grace=0.5)
 

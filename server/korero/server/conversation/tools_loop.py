@@ -20,6 +20,8 @@ only the session tenant's tools can run; a tool the intent does not allow is
 refused; personal tools take session facts (the booking reference) from the
 session, never from the model. Cancellation (cancel, deadline, disconnect)
 cancels the HTTP calls in flight; each reports ``TOOL_CALL_STATUS_CANCELLED``.
+A non-personal tool's successful result may come from the tool result cache
+(``cached`` on its ``tool_call_finished``; see `ToolResultCache`).
 A failing tool is a result the model explains, never a failed turn.
 """
 
@@ -270,6 +272,7 @@ class ToolLoop:
                     intent=turn.intent,
                     session_facts=turn.session_facts,
                     time_left=time_left,
+                    tenant=turn.tenant,
                 )
             except asyncio.CancelledError:
                 turn.publish(
@@ -292,6 +295,7 @@ class ToolLoop:
                     result=json.dumps(result.data, ensure_ascii=False) if shown else "",
                     source=citations.label_text(result.source),
                     error=result.error,
+                    cached=result.cached,
                 )
             )
             return result

@@ -1323,6 +1323,7 @@ class ToolCallFinished(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The call's id, as in ToolCallStarted."""
     name: _builtins.str
@@ -1337,6 +1338,12 @@ class ToolCallFinished(_message.Message):
     """
     error: _builtins.str
     """Why the call failed, in a sentence; empty on success."""
+    cached: _builtins.bool
+    """True when the result came from the tool result cache (a non-personal
+    tool asked the same thing recently): the tool itself was not called,
+    `duration` is the cache lookup's, and `source` keeps the time the data
+    was fetched.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """Time from the start of the call to its result."""
@@ -1351,10 +1358,11 @@ class ToolCallFinished(_message.Message):
         result: _builtins.str = ...,
         source: _builtins.str = ...,
         error: _builtins.str = ...,
+        cached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "duration", b"duration", "error", b"error", "name", b"name", "result", b"result", "source", b"source", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "call_id", b"call_id", "duration", b"duration", "error", b"error", "name", b"name", "result", b"result", "source", b"source", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
