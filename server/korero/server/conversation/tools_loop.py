@@ -52,7 +52,7 @@ from korero.server.llm.provider import (
 )
 from korero.server.tools import ToolCall, ToolExecutor, ToolRegistry, ToolResult, ToolSpec
 
-__all__ = ["TOOLS_NOTE", "ToolLoop", "ToolTurn"]
+__all__ = ["TOOLS_NOTE", "TOOL_CALL_STATUS", "ToolLoop", "ToolTurn", "tool_call_record_to_pb"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ TOOLS_NOTE = (
 
 _MAX_CACHED_TENANTS = 10_000
 
-_STATUS = {
+TOOL_CALL_STATUS: dict[str, pb.ToolCallStatus.ValueType] = {
     "ok": pb.TOOL_CALL_STATUS_OK,
     "not_found": pb.TOOL_CALL_STATUS_NOT_FOUND,
     "error": pb.TOOL_CALL_STATUS_FAILED,
@@ -118,6 +118,19 @@ class ToolTurn:
     def used_personal(self) -> bool:
         """A personal tool ran: the answer is about this customer and must not be cached."""
         return any(r.personal for r in self.results)
+
+    def records(self) -> list[dict[str, Any]]:
+        """What the stored history keeps of each call: never arguments or results."""
+        return [
+            {
+                "name": r.name,
+                "status": r.status,
+                "duration_ms": round(r.duration * 1000, 1),
+                "source": citations.label_text(r.source),
+                "cached": r.cached,
+            }
+            for r in self.results
+        ]
 
     def citations(self, text: str, limit: int = 240) -> list[dict[str, Any]]:
         """Citation dicts (the engine's shape) for the data the answer cites.
@@ -321,7 +334,7 @@ class ToolLoop:
                 tool_call_finished=pb.ToolCallFinished(
                     call_id=call.call_id,
                     name=call.name,
-                    status=_STATUS[result.status],
+                    status=TOOL_CALL_STATUS[result.status],
                     duration=_duration(result.duration),
                     result=json.dumps(result.data, ensure_ascii=False) if shown else "",
                     source=citations.label_text(result.source),
@@ -332,6 +345,18 @@ class ToolLoop:
             return result
 
         return list(await asyncio.gather(*(one(c) for c in calls)))
+
+
+def tool_call_record_to_pb(record: Mapping[str, Any]) -> pb.ToolCallRecord:
+    """A stored call (`ToolTurn.records`) as the API's `ToolCallRecord`."""
+    ms = record.get("duration_ms")
+    return pb.ToolCallRecord(
+        name=str(record.get("name", "")),
+        status=TOOL_CALL_STATUS.get(str(record.get("status")), pb.TOOL_CALL_STATUS_UNSPECIFIED),
+        duration=_duration(float(ms) / 1000 if isinstance(ms, int | float) else 0.0),
+        source=str(record.get("source", "")),
+        cached=bool(record.get("cached")),
+    )
 
 
 def _with_note(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
