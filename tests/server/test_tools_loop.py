@@ -4,6 +4,7 @@ sample airline service over real HTTP, tools in a private Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -18,10 +19,10 @@ from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient
 from korero.server.app import KoreroServer
 from korero.server.cli.tools import load_tool_file
-from korero.server.conversation.tools_loop import TOOLS_NOTE, ToolLoop, ToolTurn
+from korero.server.conversation.tools_loop import TOOLS_NOTE, ToolLoop
 from korero.server.llm.provider import LLMChunk, LLMRequest, TokenUsage, ToolCallDelta
 from korero.server.tools import DATA_NOTICE, ToolExecutor, ToolRegistry, ToolSpec
-from korero.sim import UpstreamSim
+from korero.sim import Fault, SimConfig, UpstreamSim
 from tests.conftest import make_settings
 from tests.helpers import ingest_sample, kinds, of_kind, redis_client, run_turn, terminals, text_of
 
@@ -55,7 +56,10 @@ async def app(
     redis_url: str, sim: UpstreamSim, airline: AirlineService
 ) -> AsyncIterator[KoreroServer]:
     await add_tools(redis_url, "default", sample_tools(airline.base_url))
-    server = await KoreroServer.start(make_settings(redis_url, sim.base_url))
+    # These tests count every request at the airline service, so the tool result
+    # cache is off here; test_tools_cache.py tests it.
+    settings = make_settings(redis_url, sim.base_url, tools__result_cache_seconds=0.0)
+    server = await KoreroServer.start(settings)
     yield server
     await server.shutdown(grace=0.5)
 
@@ -313,18 +317,79 @@ async def test_a_tool_the_intent_or_tenant_does_not_allow_is_refused(
         assert "may not be used for a booking_lookup question" in tool_messages[0]["content"]
 
         # Another tenant's turn cannot reach acme's tools at all.
-        assert await loop.turn("globex", "booking_lookup", {}, lambda **e: None, None) is None
-        other = ToolTurn(
-            "globex", "booking_lookup", await loop.tools_of("globex"), {}, lambda **e: None
-        )
+        other = await loop.turn("globex", "booking_lookup", {}, lambda **e: None, None)
+        assert other is not None
+        assert other.tools == []
+        assert other.offered == []
         llm = ScriptedLLM([("get_flight_status", '{"flight_number": "NZ101"}')])
-        _ = [c async for c in loop.stream(llm, LLMRequest([], "m", 50, 0), other)]
-        # No tools offered: a call the model makes anyway is never executed.
-        assert other.results == []
+        chunks = [c async for c in loop.stream(llm, LLMRequest([], "m", 50, 0), other)]
+        # No tools offered: a call the model makes anyway is refused, never executed,
+        # and the model is asked again (without tools) for its answer.
+        assert [r.status for r in other.results] == ["not_allowed"]
+        assert "".join(c.text for c in chunks) == "ok"
+        assert all(not r.tools for r in llm.requests)
         assert airline.requests == []
     finally:
         await executor.close()
         await client.aclose()
+
+
+async def test_a_tool_the_intent_does_not_allow_is_never_called_over_http(
+    redis_url: str, airline: AirlineService
+) -> None:
+    specs = sample_tools(airline.base_url, get_my_booking={"intents": ["complaint"]})
+    await add_tools(redis_url, "default", specs)
+    async with contextlib.AsyncExitStack() as stack:
+        # The persona `korero upstream-sim` serves: a sensible reply for every intent.
+        sim = await stack.enter_async_context(UpstreamSim(SimConfig(persona="assistant")))
+        server = await KoreroServer.start(make_settings(redis_url, sim.base_url))
+        stack.push_async_callback(server.shutdown, 0)
+        # A flight question offers only the flight tool; the model asks for the booking anyway.
+        sim.inject(Fault("tool_call", tool="get_my_booking", arguments='{"reference": "B4T9LM"}'))
+        refused = await ask(server, "What is the status of flight NZ101?")
+        offered = [t["function"]["name"] for t in sim.requests[0].body["tools"]]
+        fed_back = sim.requests[1].body["messages"][-1]
+        # Small talk offers no tools at all; the model asks for one anyway.
+        sim.inject(
+            Fault("tool_call", tool="get_flight_status", arguments='{"flight_number": "NZ5"}')
+        )
+        chat = await ask(server, "hi there")
+        chat_requests = [r.body for r in sim.requests[3:]]
+
+    # The booking endpoint was never called; the model went on with the tool it may use.
+    assert airline.requests == ["/v1/flights/NZ101"]
+    assert offered == ["get_flight_status"]
+    assert [c.name for c in started(refused)] == ["get_my_booking", "get_flight_status"]
+    refusal, fetched = finished(refused)
+    assert refusal.status == pb.TOOL_CALL_STATUS_NOT_ALLOWED
+    assert "may not be used for a booking_lookup question" in refusal.error
+    assert refusal.source == ""
+    assert fetched.status == pb.TOOL_CALL_STATUS_OK
+    assert fed_back["role"] == "tool"
+    assert fed_back["content"].startswith(DATA_NOTICE + "\n")
+    assert "may not be used" in fed_back["content"]
+    text = text_of(refused)
+    assert "**delayed** by 45 minutes" in text
+    assert f"[Source: {FLIGHT_LABEL}]" in text
+    assert "B4T9LM" not in text
+    assert "Tama" not in text
+    assert [e.citation.document_id for e in of_kind(refused, "citation")] == [
+        "tool:get_flight_status"
+    ]
+
+    # No tools offered: the call is refused without a request, the model is asked again
+    # (still without tools) and answers the greeting.
+    [call] = started(chat)
+    assert call.name == "get_flight_status"
+    assert finished(chat)[0].status == pb.TOOL_CALL_STATUS_NOT_ALLOWED
+    assert len(chat_requests) == 2
+    assert all("tools" not in body for body in chat_requests)
+    assert chat_requests[1]["messages"][-1]["role"] == "tool"
+    assert "Kia ora" in text_of(chat)
+    assert "NZ5" not in text_of(chat)
+    for events in (refused, chat):
+        assert len(terminals(events)) == 1
+        assert events[-1].done.finish_reason == pb.FINISH_REASON_STOP
 
 
 async def test_tenants_only_get_their_own_tools(

@@ -50,7 +50,7 @@ from korero.server.storage.history import HistoryStore
 from korero.server.storage.outbox import OutboxWriter
 from korero.server.storage.sessions import SessionStore
 from korero.server.telemetry import Metrics, bound_port, build_tracer_provider, serve_metrics
-from korero.server.tools import ToolExecutor, ToolRegistry
+from korero.server.tools import ToolExecutor, ToolRegistry, ToolResultCache
 from korero.server.transport.agent_service import AgentDeskServicer
 from korero.server.transport.chat_session import StreamRules
 from korero.server.transport.grpc_service import ChatServicer
@@ -147,7 +147,7 @@ class KoreroServer:
         gate, limiter, authenticator = _build_gate(settings, store, metrics)
         if gate.checks_anything:
             interceptors.append(GateInterceptor(gate))
-        tool_executor = ToolExecutor()
+        tool_executor = _build_tool_executor(settings, store)
         recorder = _build_recorder(settings)
         handoff, webhooks = await _build_handoff(settings, store, metrics, recorder)
         engine = _build_engine(
@@ -371,6 +371,13 @@ async def _durability(
         on_state=on_state,
     )
     return history, outbox
+
+
+def _build_tool_executor(settings: Settings, store: SessionStore) -> ToolExecutor:
+    """The tool executor, with the tool result cache unless it is off."""
+    ttl = settings.tools.result_cache_seconds
+    cache = ToolResultCache(store.redis, ttl) if ttl > 0 else None
+    return ToolExecutor(result_cache=cache)
 
 
 def _build_engine(

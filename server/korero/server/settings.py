@@ -885,6 +885,13 @@ class ToolSettings:
         "KORERO_TOOLS_CACHE_SECONDS", 5.0, "seconds a tenant's tool list is kept in-process"
     )
     """Saves a Redis round trip per turn; `korero tools add|remove` applies within this time."""
+    result_cache_seconds: float = _env(
+        "KORERO_TOOLS_RESULT_CACHE_SECONDS",
+        60.0,
+        "seconds a non-personal tool's result is reused (0: off)",
+    )
+    """Same tenant, tool config and arguments within this time: no HTTP call. Personal
+    tools and failed calls are never cached."""
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,12 @@ def _after_last_user(messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[M
 
 
 def tool_results(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The JSON payloads of the tool messages after the last user message, in order."""
+    """The JSON payloads of the tool messages after the last user message, in order.
+
+    Refusals (status ``not_allowed``: a tool this question may not use) are
+    left out: they say nothing about the data, so the model carries on as if
+    it had not asked — with the tools it is offered, or with a plain reply.
+    """
     _, tail = _after_last_user(messages)
     results = []
     for message in tail:
@@ -127,6 +132,8 @@ def tool_results(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             payload = json.loads(text[start:]) if start >= 0 else None
         except ValueError:
             payload = None
+        if isinstance(payload, dict) and payload.get("status") == "not_allowed":
+            continue
         results.append(payload if isinstance(payload, dict) else {"status": "unreadable"})
     return results
 
@@ -177,11 +184,11 @@ def plan_tool_calls(
     """The (tool name, arguments) calls the question needs now; [] to answer instead."""
     if not tools:
         return []
-    question, tail = _after_last_user(messages)
+    question, _ = _after_last_user(messages)
     results = tool_results(messages)
     flight_tool = _flight_tool(tools)
     booking_tool = _booking_tool(tools)
-    if not tail:
+    if not results:  # the first round (or only refusals so far)
         calls: list[tuple[str, dict[str, Any]]] = []
         if flight_tool:
             calls += [(flight_tool[0], {flight_tool[1]: n}) for n in _flight_numbers(question)]

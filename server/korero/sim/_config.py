@@ -13,7 +13,7 @@ MAX_RECORDED_REQUESTS = 10_000
 ECHO_CHARS = 80
 
 Persona = Literal["echo", "assistant"]
-FaultKind = Literal["rate_limit", "server_error", "status", "cut", "stall", "delay"]
+FaultKind = Literal["rate_limit", "server_error", "status", "cut", "stall", "delay", "tool_call"]
 _FAULT_KINDS: frozenset[str] = frozenset(get_args(FaultKind))
 
 
@@ -64,7 +64,10 @@ class Fault:
     * ``stall``: stream ``after_tokens`` tokens, then hang for
       ``stall_seconds`` before carrying on (a non-streaming request hangs
       before its response);
-    * ``delay``: wait ``seconds`` more before the response headers.
+    * ``delay``: wait ``seconds`` more before the response headers;
+    * ``tool_call``: answer with one call to the tool named ``tool`` with
+      ``arguments`` (JSON text), whether or not the request offers it — a
+      model asking for a tool it may not use.
     """
 
     kind: FaultKind
@@ -74,6 +77,8 @@ class Fault:
     after_tokens: int = 3
     stall_seconds: float = 3600.0
     seconds: float = 0.0
+    tool: str = ""
+    arguments: str = "{}"
 
     def __post_init__(self) -> None:
         if self.kind not in _FAULT_KINDS:
@@ -87,6 +92,8 @@ class Fault:
         for name in ("retry_after", "stall_seconds", "seconds"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kind == "tool_call" and not self.tool:
+            raise ValueError("a tool_call fault needs the tool's name")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Fault:
@@ -111,6 +118,12 @@ class Fault:
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise ValueError(f"fault field {name!r} must be a number")
                 kwargs[name] = float(value)
+        for name in ("tool", "arguments"):
+            if name in data:
+                value = data[name]
+                if not isinstance(value, str):
+                    raise ValueError(f"fault field {name!r} must be a string")
+                kwargs[name] = value
         return cls(**kwargs)
 
 

@@ -48,7 +48,9 @@ Tools: when the request offers ``tools`` and the question needs live data (a
 flight number, "my booking", "my flight"), the answer is OpenAI-style
 ``tool_calls`` (streamed deltas, parallel calls, finish reason
 ``tool_calls``); when the messages end with ``tool`` results, the answer is
-built from their figures and cites each result's ``source`` label.
+built from their figures and cites each result's ``source`` label. A
+``tool_call`` fault makes the next answer a call to a named tool whether or
+not it was offered, to test how a server refuses it.
 
 Faults (`Fault`) queue up and are consumed, in order, by the next chat
 completion requests; other endpoints never consume them.
@@ -335,12 +337,15 @@ class UpstreamSim(HTTPService):
 
         messages: list[Any] = body["messages"]
         offered = body.get("tools")
-        calls = plan_tool_calls(messages, offered) if isinstance(offered, list) else []
+        planned = plan_tool_calls(messages, offered) if isinstance(offered, list) else []
+        calls = [(name, json.dumps(arguments)) for name, arguments in planned]
+        if fault is not None and fault.kind == "tool_call":
+            calls = [(fault.tool, fault.arguments)]  # offered or not: a misbehaving model
         tool_calls: list[dict[str, Any]] = [
             {
                 "id": f"call_sim{recorded.id}_{index}",
                 "type": "function",
-                "function": {"name": name, "arguments": json.dumps(arguments)},
+                "function": {"name": name, "arguments": arguments},
             }
             for index, (name, arguments) in enumerate(calls)
         ]

@@ -847,8 +847,8 @@ def _early_starts(
     async def offers_tools(tenant: str, route: RouteDecision, session: SessionRecord) -> bool:
         if tool_loop is None:
             return False
-        offered = await tool_loop.turn(tenant, route.intent, session.metadata, _ignore, None)
-        return offered is not None
+        turn = await tool_loop.turn(tenant, route.intent, session.metadata, _ignore, None)
+        return turn is not None and bool(turn.offered)
 
     def may_hand_off(text: str, route: RouteDecision) -> bool:
         """A message the handoff policy may escalate (the model would not be asked)."""

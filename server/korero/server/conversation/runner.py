@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -398,6 +398,7 @@ class TurnRunner:
                 used_tools=answer.tools is not None and answer.tools.used_tools,
             ),
             cached=answer.cached is not None,
+            tool_calls=answer.tools.records() if answer.tools is not None else (),
         )
         if not _stored_as(outcome, record):
             raise _lease_lost()  # another instance declared this turn failed
@@ -598,6 +599,7 @@ class TurnRunner:
         summary: str = "",
         also: ScriptCall | None = None,
         cached: bool = False,
+        tool_calls: Sequence[Mapping[str, Any]] = (),
     ) -> FinishOutcome:
         """Persist the outcome and log the terminal event (with any events not yet
         logged) before it is sent; with PostgreSQL configured, then commit the turn
@@ -641,6 +643,7 @@ class TurnRunner:
                             also=calls if attempt == 0 else (),
                             cached=cached,
                             timings=timings,
+                            tool_calls=tool_calls,
                         )
                     if self._outbox is not None and outcome.status == "applied":
                         await self._outbox.commit(turn.tenant, turn.session_id)

@@ -15,11 +15,15 @@ text, a finish reason and usage. Inside, per round:
    starts.
 
 At most `max_rounds` rounds offer tools; the round after them offers none,
-so the model must answer. Security rules, enforced here and in the executor:
+so the model must answer (a call it makes anyway is refused and it is asked
+once more). A turn whose intent is offered no tool passes the model's
+stream through, with the same guard. Security rules, enforced here and in the executor:
 only the session tenant's tools can run; a tool the intent does not allow is
 refused; personal tools take session facts (the booking reference) from the
 session, never from the model. Cancellation (cancel, deadline, disconnect)
 cancels the HTTP calls in flight; each reports ``TOOL_CALL_STATUS_CANCELLED``.
+A non-personal tool's successful result may come from the tool result cache
+(``cached`` on its ``tool_call_finished``; see `ToolResultCache`).
 A failing tool is a result the model explains, never a failed turn.
 """
 
@@ -48,7 +52,7 @@ from korero.server.llm.provider import (
 )
 from korero.server.tools import ToolCall, ToolExecutor, ToolRegistry, ToolResult, ToolSpec
 
-__all__ = ["TOOLS_NOTE", "ToolLoop", "ToolTurn"]
+__all__ = ["TOOLS_NOTE", "TOOL_CALL_STATUS", "ToolLoop", "ToolTurn", "tool_call_record_to_pb"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,7 @@ TOOLS_NOTE = (
 
 _MAX_CACHED_TENANTS = 10_000
 
-_STATUS = {
+TOOL_CALL_STATUS: dict[str, pb.ToolCallStatus.ValueType] = {
     "ok": pb.TOOL_CALL_STATUS_OK,
     "not_found": pb.TOOL_CALL_STATUS_NOT_FOUND,
     "error": pb.TOOL_CALL_STATUS_FAILED,
@@ -114,6 +118,19 @@ class ToolTurn:
     def used_personal(self) -> bool:
         """A personal tool ran: the answer is about this customer and must not be cached."""
         return any(r.personal for r in self.results)
+
+    def records(self) -> list[dict[str, Any]]:
+        """What the stored history keeps of each call: never arguments or results."""
+        return [
+            {
+                "name": r.name,
+                "status": r.status,
+                "duration_ms": round(r.duration * 1000, 1),
+                "source": citations.label_text(r.source),
+                "cached": r.cached,
+            }
+            for r in self.results
+        ]
 
     def citations(self, text: str, limit: int = 240) -> list[dict[str, Any]]:
         """Citation dicts (the engine's shape) for the data the answer cites.
@@ -181,11 +198,15 @@ class ToolLoop:
         publish: Callable[..., object],
         deadline: float | None,
     ) -> ToolTurn | None:
-        """The turn's tools, or None when the tenant has none for this intent (no loop)."""
+        """The turn's tools (None when tools are off).
+
+        A turn whose intent the tenant offers no tool for still gets one: its
+        stream is passed through, and a call the model makes anyway is refused.
+        """
         if self._max_rounds <= 0:
             return None
         tools = await self.tools_of(tenant)
-        turn = ToolTurn(
+        return ToolTurn(
             tenant,
             intent,
             tools,
@@ -193,23 +214,34 @@ class ToolLoop:
             publish,
             deadline,
         )
-        return turn if turn.offered else None
 
     async def stream(
         self, llm: LLMProvider, request: LLMRequest, turn: ToolTurn
     ) -> AsyncGenerator[LLMChunk, None]:
-        """Like `llm.stream(request)`, with tool rounds run inside (see the module docstring)."""
-        messages = _with_note(request.messages)
+        """Like `llm.stream(request)`, with tool rounds run inside (see the module docstring).
+
+        The rounds after the last one that offers tools (all of them, when the
+        turn is offered none) send no tools. If the model asks for a tool in
+        such a round anyway, the calls are refused without a request, the
+        refusals go back to it, and it is asked once more; after that, the
+        turn ends with whatever it said.
+        """
         offered = [t.to_openai() for t in turn.offered]
+        rounds = self._max_rounds if offered else 0
+        messages = _with_note(request.messages) if offered else list(request.messages)
         used_in = used_out = 0
         usage_known = True
-        for round_no in range(self._max_rounds + 1):
-            tools = offered if round_no < self._max_rounds else []
+        for round_no in range(rounds + 2):
+            tools = offered if round_no < rounds else []
             calls: dict[int, list[str]] = {}
             text: list[str] = []
             finish: str | None = None
             usage: TokenUsage | None = None
-            stream = llm.stream(dataclasses.replace(request, messages=messages, tools=tools))
+            if round_no == 0 and not offered:
+                # Unchanged (an early upstream request may already be answering it).
+                stream = llm.stream(request)
+            else:
+                stream = llm.stream(dataclasses.replace(request, messages=messages, tools=tools))
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
                     for delta in chunk.tool_calls:
@@ -227,7 +259,7 @@ class ToolLoop:
             else:
                 used_in += usage.input_tokens
                 used_out += usage.output_tokens
-            if not calls or not tools:
+            if not calls or round_no > rounds:
                 total = TokenUsage(used_in, used_out) if usage_known else None
                 yield LLMChunk(finish_reason=finish, usage=total)
                 return
@@ -235,7 +267,7 @@ class ToolLoop:
                 ToolCall(entry[0] or f"call_{round_no}_{index}", entry[1], entry[2])
                 for index, entry in sorted(calls.items())
             ]
-            results = await self._run_calls(batch, turn)
+            results = await self._run_calls(batch, turn, refuse_all=not tools)
             messages = [*messages, _assistant_calls("".join(text), batch)]
             messages += [
                 {"role": "tool", "tool_call_id": r.call_id, "content": r.for_model()}
@@ -248,7 +280,10 @@ class ToolLoop:
                 )
             )
 
-    async def _run_calls(self, calls: Sequence[ToolCall], turn: ToolTurn) -> list[ToolResult]:
+    async def _run_calls(
+        self, calls: Sequence[ToolCall], turn: ToolTurn, *, refuse_all: bool = False
+    ) -> list[ToolResult]:
+        """Run `calls` concurrently; with `refuse_all` (no tools were offered) refuse each."""
         by_name = {t.name: t for t in turn.tools}
         time_left = None if turn.deadline is None else max(0.0, turn.deadline - self._clock())
 
@@ -264,13 +299,25 @@ class ToolLoop:
             )
             started = self._clock()
             try:
-                result = await self._executor.run(
-                    spec,
-                    call,
-                    intent=turn.intent,
-                    session_facts=turn.session_facts,
-                    time_left=time_left,
-                )
+                if refuse_all:
+                    result = ToolResult(
+                        call.call_id,
+                        call.name,
+                        "not_allowed",
+                        self._clock() - started,
+                        error=f"No tool may be used now (asked for {call.name!r}); "
+                        "answer without live data.",
+                        personal=bool(spec and spec.personal),
+                    )
+                else:
+                    result = await self._executor.run(
+                        spec,
+                        call,
+                        intent=turn.intent,
+                        session_facts=turn.session_facts,
+                        time_left=time_left,
+                        tenant=turn.tenant,
+                    )
             except asyncio.CancelledError:
                 turn.publish(
                     tool_call_finished=pb.ToolCallFinished(
@@ -287,16 +334,29 @@ class ToolLoop:
                 tool_call_finished=pb.ToolCallFinished(
                     call_id=call.call_id,
                     name=call.name,
-                    status=_STATUS[result.status],
+                    status=TOOL_CALL_STATUS[result.status],
                     duration=_duration(result.duration),
                     result=json.dumps(result.data, ensure_ascii=False) if shown else "",
                     source=citations.label_text(result.source),
                     error=result.error,
+                    cached=result.cached,
                 )
             )
             return result
 
         return list(await asyncio.gather(*(one(c) for c in calls)))
+
+
+def tool_call_record_to_pb(record: Mapping[str, Any]) -> pb.ToolCallRecord:
+    """A stored call (`ToolTurn.records`) as the API's `ToolCallRecord`."""
+    ms = record.get("duration_ms")
+    return pb.ToolCallRecord(
+        name=str(record.get("name", "")),
+        status=TOOL_CALL_STATUS.get(str(record.get("status")), pb.TOOL_CALL_STATUS_UNSPECIFIED),
+        duration=_duration(float(ms) / 1000 if isinstance(ms, int | float) else 0.0),
+        source=str(record.get("source", "")),
+        cached=bool(record.get("cached")),
+    )
 
 
 def _with_note(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from korero.chat.v1 import chat_pb2 as pb
+from korero.server.conversation.tools_loop import tool_call_record_to_pb
 from korero.server.errors import KoreroError
 from korero.server.llm.provider import TokenUsage
 from korero.server.policy.ratelimit import Admission
@@ -79,6 +80,7 @@ def message_to_pb(message: StoredMessage) -> pb.Message:
         client_message_id=message.client_message_id,
         create_time=timestamp(message.created_at),
         agent_display_name=message.agent,
+        tool_calls=[tool_call_record_to_pb(c) for c in message.tool_calls],
     )
     if message.sentiment is not None:
         out.sentiment.score = message.sentiment

@@ -33,7 +33,7 @@ import asyncpg
 from korero.server.errors import HistoryUnavailableError, KoreroError
 from korero.server.settings import PostgresSettings
 from korero.server.storage.paging import MessageKey
-from korero.server.storage.records import StoredMessage, TurnRecord
+from korero.server.storage.records import StoredMessage, TurnRecord, tool_calls_of
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +158,16 @@ ON CONFLICT (tenant, session_id, client_message_id) WHERE role = 'user' DO NOTHI
 
 _INSERT_ANSWER = """
 INSERT INTO messages (tenant, session_id, turn_no, role, turn_id, client_message_id, text,
-                      model, finish_reason, usage, citations, timings, cached, created_at)
-VALUES ($1, $2, $3, 'assistant', $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11::jsonb, $12, $13)
+                      model, finish_reason, usage, citations, timings, cached, created_at,
+                      tool_calls)
+VALUES ($1, $2, $3, 'assistant', $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11::jsonb, $12, $13,
+        $14::jsonb)
 ON CONFLICT DO NOTHING
 """
 
 _MESSAGE_COLUMNS = (
     "role, text, turn_id, turn_no, client_message_id, intent, created_at, model, finish_reason,"
-    " usage, citations"
+    " usage, citations, tool_calls"
 )
 
 
@@ -411,4 +413,5 @@ def _message(row: asyncpg.Record) -> StoredMessage:
         row["client_message_id"] if user else "",
         row["created_at"].timestamp(),
         row["intent"] or "",
+        tool_calls=tool_calls_of(json.loads(row["tool_calls"])) if row["tool_calls"] else (),
     )

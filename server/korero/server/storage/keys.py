@@ -18,6 +18,8 @@ that one Lua script touches share a Redis Cluster slot:
                                         and response cache (see context/)
     kr:{t:auth}:apikeys                 a tenant's API keys (see policy/)
     kr:{t:tools}                        a tenant's tools (see tools/)
+    kr:{t:tools}:result:<name>:<v>:<a>  a cached result of a non-personal tool
+                                        (v: the tool's config hash, a: its arguments')
     kr:{t}:rl:…                         a tenant's rate-limit buckets
 
 Pub/sub channels follow the same layout (`kr:{t:s}:notify` wakes whoever
@@ -40,6 +42,7 @@ __all__ = [
     "rate_limit_key",
     "session_channel",
     "session_key",
+    "tool_result_key",
     "tools_key",
 ]
 
@@ -110,3 +113,8 @@ def parse_pending_member(member: bytes | str) -> tuple[str, str]:
 def tools_key(tenant: str) -> str:
     """The hash of a tenant's tools (name -> JSON form)."""
     return f"kr:{{{tenant}:tools}}"
+
+
+def tool_result_key(tenant: str, name: str, version: str, arguments_digest: str) -> str:
+    """A cached result of tool `name` at config hash `version` for one set of arguments."""
+    return f"kr:{{{tenant}:tools}}:result:{name}:{version}:{arguments_digest}"

@@ -45,6 +45,7 @@ from korero.server.storage.keys import (
     pending_member,
     session_key,
 )
+from korero.server.storage.records import tool_calls_of
 
 __all__ = ["OutboxWriter", "add_entry"]
 
@@ -146,6 +147,7 @@ def _add_entry(batch: OutboxBatch, tenant: str, session_id: str, entry_id: str, 
                         json.dumps(d.get("timings") if isinstance(d.get("timings"), dict) else {}),
                         bool(d.get("cached")),
                         created,
+                        json.dumps(list(tool_calls_of(d.get("tool_calls")))),
                     ),
                 )
             )

@@ -18,6 +18,7 @@ __all__ = [
     "TurnBegin",
     "TurnRecord",
     "TurnState",
+    "tool_calls_of",
 ]
 
 
@@ -40,6 +41,8 @@ class StoredMessage:
     """The router's confidence for a user message, when routed."""
     agent: str = ""
     """The human agent's display name: an answer written by an agent, not the model."""
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    """An answer's tool calls: `{"name", "status", "duration_ms", "source", "cached"}` each."""
 
     @property
     def turn_number(self) -> int:
@@ -60,7 +63,15 @@ class StoredMessage:
             _number(d.get("trend")),
             _number(d.get("confidence")),
             d.get("agent", ""),
+            tool_calls_of(d.get("tools")),
         )
+
+
+def tool_calls_of(value: Any) -> tuple[dict[str, Any], ...]:
+    """The tool call records in a stored list (anything else: none)."""
+    if not isinstance(value, list):
+        return ()
+    return tuple(c for c in value if isinstance(c, dict) and isinstance(c.get("name"), str))
 
 
 def _number(value: Any) -> float | None:

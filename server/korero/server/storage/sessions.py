@@ -337,6 +337,7 @@ class SessionStore:
         also: Sequence[ScriptCall] = (),
         cached: bool = False,
         timings: Mapping[str, float] | None = None,
+        tool_calls: Sequence[Mapping[str, Any]] = (),
     ) -> FinishOutcome:
         """Persist the outcome, release the lease and hand back unused seqs, in one round trip.
 
@@ -348,11 +349,20 @@ class SessionStore:
         cache) rides in the same pipeline. `cached` and `timings` go to
         PostgreSQL with the answer. `events` (the turn's events not yet logged,
         its terminal one last) go into the event log in the same step.
+        `tool_calls` (name, status, duration, source; never arguments) are kept
+        with the answer, in Redis and PostgreSQL.
         """
         assistant = ""
+        calls = [dict(c) for c in tool_calls]
         if record.status == "done" and record.answer:
             assistant = json.dumps(
-                {"role": "assistant", "text": record.answer, "turn_id": record.turn_id, "cmid": ""}
+                {
+                    "role": "assistant",
+                    "text": record.answer,
+                    "turn_id": record.turn_id,
+                    "cmid": "",
+                    **({"tools": calls} if calls else {}),
+                }
             )
         call = ScriptCall(
             self._finish,
@@ -383,6 +393,7 @@ class SessionStore:
                         "summary": summary,
                         "cached": cached,
                         "timings": dict(timings or {}),
+                        **({"tool_calls": calls} if calls else {}),
                     }
                 ),
                 self._settings.event_log_max_age * 1000,
@@ -465,6 +476,7 @@ class SessionStore:
                     "cmid": m.client_message_id,
                     "ts": int(m.created_at * 1000),
                     **({"intent": m.intent} if m.intent else {}),
+                    **({"tools": list(m.tool_calls)} if m.tool_calls else {}),
                 },
                 ensure_ascii=False,
             )

@@ -23,6 +23,7 @@ import aiohttp
 import jsonschema
 
 from korero.server.context.citations import data_label
+from korero.server.tools._cache import ToolResultCache
 from korero.server.tools._spec import ToolSpec
 
 __all__ = [
@@ -97,6 +98,8 @@ class ToolResult:
     source: str = ""
     """The citation label of the data, when there is data."""
     personal: bool = False
+    cached: bool = False
+    """The data came from the tool result cache; the tool was not called."""
 
     @property
     def ok(self) -> bool:
@@ -126,11 +129,22 @@ def _parse_arguments(text: str) -> dict[str, Any]:
 
 
 class ToolExecutor:
-    """Runs tool calls over one shared aiohttp session."""
+    """Runs tool calls over one shared aiohttp session.
 
-    def __init__(self, session: aiohttp.ClientSession | None = None) -> None:
+    With a `result_cache`, a successful result of a non-personal tool is
+    stored, and a later call with the same tenant, tool configuration and
+    arguments is answered from it without an HTTP request.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession | None = None,
+        *,
+        result_cache: ToolResultCache | None = None,
+    ) -> None:
         self._session = session
         self._owned = session is None
+        self._cache = result_cache
 
     async def close(self) -> None:
         """Close the HTTP session if this executor created it."""
@@ -154,11 +168,13 @@ class ToolExecutor:
         intent: str,
         session_facts: Mapping[str, str],
         time_left: float | None = None,
+        tenant: str | None = None,
     ) -> ToolResult:
         """Validate and execute `call` with `spec` (None: the tenant has no such tool).
 
         `time_left` is what remains of the turn's deadline; the call gets the
-        smaller of it and the tool's own timeout. Cancellation propagates.
+        smaller of it and the tool's own timeout. `tenant` (the session's)
+        enables the result cache for non-personal tools. Cancellation propagates.
         """
         started = time.monotonic()
 
@@ -197,6 +213,41 @@ class ToolExecutor:
         if errors:
             return refused("invalid_arguments", f"Invalid arguments: {errors[0].message}.")
 
+        return await self._execute(spec, call, arguments, started, time_left, tenant)
+
+    async def _execute(
+        self,
+        spec: ToolSpec,
+        call: ToolCall,
+        arguments: dict[str, Any],
+        started: float,
+        time_left: float | None,
+        tenant: str | None,
+    ) -> ToolResult:
+        """Answer validated `arguments` from the result cache, or call the tool over HTTP."""
+        cache = self._cache if tenant is not None and not spec.personal else None
+        if cache is not None and tenant is not None:
+            hit = await cache.get(tenant, spec, arguments)
+            if hit is not None:
+                duration = time.monotonic() - started
+                log.info(
+                    "tool.call tool=%s status=ok cached=true duration_ms=%.1f",
+                    spec.name,
+                    duration * 1000,
+                )
+                return ToolResult(
+                    call.call_id,
+                    call.name,
+                    "ok",
+                    duration,
+                    arguments=arguments,
+                    data=hit.data,
+                    source=hit.source,
+                    personal=False,
+                    cached=True,
+                )
+            if time_left is not None:
+                time_left -= time.monotonic() - started
         timeout = spec.timeout if time_left is None else max(0.0, min(spec.timeout, time_left))
         try:
             status, data, error = await self._fetch(spec, arguments, timeout)
@@ -218,6 +269,8 @@ class ToolExecutor:
         if status == "ok":
             subject = str(arguments.get(spec.subject_argument, "")) if spec.subject_argument else ""
             source = data_label(spec.source_title, subject, _stamp(data, time.time()))
+            if cache is not None and tenant is not None:
+                await cache.put(tenant, spec, arguments, data, source)
         log.info("tool.call tool=%s status=%s duration_ms=%.1f", spec.name, status, duration * 1000)
         return ToolResult(
             call.call_id,

@@ -1323,6 +1323,7 @@ class ToolCallFinished(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The call's id, as in ToolCallStarted."""
     name: _builtins.str
@@ -1337,6 +1338,12 @@ class ToolCallFinished(_message.Message):
     """
     error: _builtins.str
     """Why the call failed, in a sentence; empty on success."""
+    cached: _builtins.bool
+    """True when the result came from the tool result cache (a non-personal
+    tool asked the same thing recently): the tool itself was not called,
+    `duration` is the cache lookup's, and `source` keeps the time the data
+    was fetched.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """Time from the start of the call to its result."""
@@ -1351,10 +1358,11 @@ class ToolCallFinished(_message.Message):
         result: _builtins.str = ...,
         source: _builtins.str = ...,
         error: _builtins.str = ...,
+        cached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "duration", b"duration", "error", b"error", "name", b"name", "result", b"result", "source", b"source", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "call_id", b"call_id", "duration", b"duration", "error", b"error", "name", b"name", "result", b"result", "source", b"source", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1622,6 +1630,7 @@ class Message(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     SENTIMENT_FIELD_NUMBER: _builtins.int
     AGENT_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Who wrote it."""
     text: _builtins.str
@@ -1640,6 +1649,12 @@ class Message(_message.Message):
     def sentiment(self) -> Global___Sentiment:
         """The sentiment of a user message when it was scored (unset otherwise)."""
 
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallRecord]:
+        """The tool calls the answer drew on (`ROLE_ASSISTANT` messages), in the
+        order they finished. Arguments and results are not kept.
+        """
+
     def __init__(
         self,
         *,
@@ -1650,11 +1665,54 @@ class Message(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         sentiment: Global___Sentiment | None = ...,
         agent_display_name: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCallRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "sentiment", b"sentiment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_display_name", b"agent_display_name", "client_message_id", b"client_message_id", "create_time", b"create_time", "role", b"role", "sentiment", b"sentiment", "text", b"text", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_display_name", b"agent_display_name", "client_message_id", b"client_message_id", "create_time", b"create_time", "role", b"role", "sentiment", b"sentiment", "text", b"text", "tool_calls", b"tool_calls", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class ToolCallRecord(_message.Message):
+    """ToolCallRecord is what the stored history keeps of one tool call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The tool's name."""
+    status: Global___ToolCallStatus.ValueType
+    """How the call ended."""
+    source: _builtins.str
+    """The data's citation label, e.g.
+    `Flight status service, NZ101, 2026-11-30 14:05`; empty without data.
+    """
+    cached: _builtins.bool
+    """True when the result came from the tool result cache."""
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Time from the start of the call to its result."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        status: Global___ToolCallStatus.ValueType = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        source: _builtins.str = ...,
+        cached: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "duration", b"duration", "name", b"name", "source", b"source", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallRecord: _TypeAlias = ToolCallRecord  # noqa: Y015
