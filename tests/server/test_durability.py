@@ -5,6 +5,7 @@ deletion removes a session everywhere."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -264,6 +265,11 @@ async def test_list_messages_pages_beyond_the_redis_window(
             with pytest.raises(ChatError) as info:
                 await client.list_messages(conversation.session_id, 3, "b2s6MA==")
             assert info.value.reason == "INVALID_PAGE_TOKEN"
+            for turn in ("2147483648", "99999999999999999999"):  # beyond PostgreSQL's int4
+                absurd = base64.urlsafe_b64encode(f"m:{turn}:0".encode()).decode()
+                with pytest.raises(ChatError) as info:
+                    await client.list_messages(conversation.session_id, 3, absurd)
+                assert info.value.reason == "INVALID_PAGE_TOKEN"
     finally:
         await app.shutdown(grace=0.5)
 

@@ -23,6 +23,8 @@ __all__ = [
     "message_key",
 ]
 
+_MAX_TURN = 2**31 - 1
+
 MessageKey = tuple[int, int]
 """Where a message sits in its session: (turn number, 0 user / 1 answer)."""
 
@@ -44,7 +46,9 @@ def decode_message_cursor(token: str) -> MessageKey | None:
         key = (int(turn), int(order))
     except (ValueError, UnicodeDecodeError):
         kind, key = "", (-1, -1)
-    if kind != "m" or key[0] < 0 or key[1] not in (0, 1):
+    # Turn numbers are int4 in PostgreSQL: a larger one was never issued (and would
+    # fail the query as "history unavailable" instead of as a bad token).
+    if kind != "m" or not 0 <= key[0] <= _MAX_TURN or key[1] not in (0, 1):
         raise InvalidArgumentError("INVALID_PAGE_TOKEN", "page_token was not issued by this server")
     return key
 
