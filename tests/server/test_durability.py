@@ -274,6 +274,14 @@ async def test_list_messages_pages_beyond_the_redis_window(
         await app.shutdown(grace=0.5)
 
 
+_HANDOFF_TABLES = ("handoffs", "handoff_messages")
+
+
+async def _count(pg: asyncpg.Connection, table: str, session_id: str) -> int:
+    query = f"SELECT count(*) FROM {table} WHERE session_id = $1"  # noqa: S608 - our names
+    return int(await pg.fetchval(query, session_id))
+
+
 async def test_delete_session_removes_it_everywhere_and_is_idempotent(
     durable: KoreroServer, redis_proc: RedisProcess, pg: asyncpg.Connection
 ) -> None:
@@ -282,13 +290,29 @@ async def test_delete_session_removes_it_everywhere_and_is_idempotent(
         await run_turn(keep, "keep me", "k1")
         gone = await client.conversation()
         await run_turn(gone, "delete me", "d1")
+        # A handoff (recorded by the server) and a message written to its agent (the
+        # row the recorder writes once an agent has it; no agent here) go too.
+        await run_turn(gone, "I want to talk to a real person", "d2")
+        recorder = durable.recorder
+        assert recorder is not None
+
+        async def recorded() -> bool:
+            await recorder.flush()
+            return await _count(pg, "handoffs", gone.session_id) == 1
+
+        await wait_until(recorded, 10)
+        await pg.execute(
+            "INSERT INTO handoff_messages (tenant, session_id, seq, handoff_id, role, text,"
+            " created_at) SELECT tenant, session_id, 99, handoff_id, 'customer', 'my card',"
+            " now() FROM handoffs WHERE session_id = $1",
+            gone.session_id,
+        )
         await gone.close()
         await client.stub.DeleteSession(pb.DeleteSessionRequest(session_id=gone.session_id))
         assert redis_proc.client().keys(f"kr:{{default:{gone.session_id}}}*") == []
         assert await _rows(pg, gone.session_id) == []
-        assert not await pg.fetchval(
-            "SELECT count(*) FROM sessions WHERE session_id = $1", gone.session_id
-        )
+        for table in ("sessions", *_HANDOFF_TABLES):
+            assert await _count(pg, table, gone.session_id) == 0
         with pytest.raises(ChatError) as info:
             await client.get_session(gone.session_id)
         assert info.value.code == grpc.StatusCode.NOT_FOUND

@@ -645,7 +645,10 @@ class TurnRunner:
                             timings=timings,
                             tool_calls=tool_calls,
                         )
-                    if self._outbox is not None and outcome.status == "applied":
+                    if self._outbox is not None and outcome.status != "lost":
+                        # `settled` too: a resent finish (the first one timed out
+                        # after it was applied) still owes the PostgreSQL commit
+                        # before its `done` goes out.
                         await self._outbox.commit(turn.tenant, turn.session_id)
                     return outcome
                 except (StoreUnavailableError, TimeoutError) as error:

@@ -353,8 +353,9 @@ class HistoryStore:
     # Deletion and retention -------------------------------------------------------------
 
     async def delete_session(self, tenant: str, session_id: str) -> bool:
-        """Delete a session and its messages, leaving a tombstone that refuses late
-        writes of it; False when there was nothing to delete."""
+        """Delete a session, its messages and its handoffs (with what the customer and
+        the agent wrote), leaving a tombstone that refuses late writes of the session;
+        False when there was nothing to delete."""
         async with (
             postgres_boundary(),
             self._pool.acquire(timeout=self._timeout) as conn,
@@ -367,9 +368,12 @@ class HistoryStore:
                 tenant,
                 session_id,
             )
-            await conn.execute(
-                "DELETE FROM messages WHERE tenant = $1 AND session_id = $2", tenant, session_id
-            )
+            for table in ("messages", "handoff_messages", "handoffs"):  # ours: no injection
+                await conn.execute(
+                    f"DELETE FROM {table} WHERE tenant = $1 AND session_id = $2",  # noqa: S608
+                    tenant,
+                    session_id,
+                )
             status = await conn.execute(
                 "DELETE FROM sessions WHERE tenant = $1 AND session_id = $2", tenant, session_id
             )
