@@ -68,7 +68,6 @@ echo "run: sample airline data service at http://127.0.0.1:$AIRLINE_PORT (Aotea 
 "$VENV/bin/korero" tools add --tenant "${KORERO_TENANT:-default}" --file tools/sample.json \
   --endpoint-base "http://127.0.0.1:$AIRLINE_PORT" | sed 's/^/run: /'
 
-# The sample knowledge base (kb/sample), for the default tenant: a new KB version each start.
 # PostgreSQL, the system of record: create the database if missing, apply migrations.
 if [ "${KORERO_POSTGRES_URL:-${POSTGRES_URL:-}}" = "off" ]; then
   echo "run: PostgreSQL off (KORERO_POSTGRES_URL=off): history lives in Redis only"
@@ -77,14 +76,9 @@ elif ! "$VENV/bin/korero" db migrate | sed 's/^/run: postgres: /'; then
   exit 1
 fi
 
+# The sample knowledge base (kb/sample), for the default tenant: a new KB version each start.
 "$VENV/bin/korero" kb ingest "${KORERO_KB_DIR:-kb/sample}" --tenant "${KORERO_TENANT:-default}" \
   | sed 's/^/run: /'
-
-# Handoff records and `korero report` live in PostgreSQL (KORERO_POSTGRES_URL=off: none).
-if [ "${KORERO_POSTGRES_URL:-${POSTGRES_URL:-}}" != "off" ]; then
-  "$VENV/bin/korero" db migrate | sed 's/^/run: /' \
-    || echo "run: PostgreSQL not reachable: handoffs are not recorded (korero report is empty)" >&2
-fi
 
 "$VENV/bin/korero" serve --listen "$LISTEN" &
 pids+=($!)
