@@ -218,3 +218,13 @@ def test_the_compose_envoy_config_is_valid(tool: Callable[[str], Path]) -> None:
     }
     endpoint = clusters["korero_grpc"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
     assert endpoint["endpoint"]["address"]["socket_address"]["address"] == "korero"
+
+
+def test_replicated_servers_run_one_worker_each(services: dict[str, dict[str, Any]]) -> None:
+    # `korero serve` starts one worker per core by default; three replicas on one
+    # host would each start that many and share the same cores.
+    servers = [s for s in services.values() if s.get("command", [None])[0] == "serve"]
+    assert servers
+    for svc in servers:
+        command = svc["command"]
+        assert command[command.index("--workers") + 1] == "1", command
