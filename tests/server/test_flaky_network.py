@@ -51,12 +51,14 @@ async def flaky_sim() -> AsyncIterator[UpstreamSim]:
 
 async def _open(client: ChatClient) -> Conversation:
     last: ChatError | None = None
-    for _ in range(20):
+    # Like RECONNECT: a channel whose connection was just cut fails calls at once while
+    # it reconnects, and on a loaded machine that lasted past 20 tries 0.05 s apart.
+    for attempt in range(RECONNECT.attempts):
         try:
             return await client.conversation()
         except ChatError as error:  # cut before session_started: start another session
             last = error
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(min(RECONNECT.max_backoff, 0.05 * 1.5**attempt))
     assert last is not None
     raise last
 

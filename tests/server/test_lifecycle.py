@@ -42,12 +42,18 @@ async def start_server_process(env: dict[str, str]) -> ServerProcess:
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
-    async with asyncio.timeout(45):  # a process start: imports alone took 15 s on a loaded machine
-        while True:
-            line = (await proc.stderr.readline()).decode()
-            assert line, "server exited before serving"
-            if match := re.search(r"event=serving address=\S+:(\d+)", line):
-                return ServerProcess(proc, int(match.group(1)))
+    try:
+        async with asyncio.timeout(45):  # a process start: imports alone took 15 s when loaded
+            while True:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "server exited before serving"
+                if match := re.search(r"event=serving address=\S+:(\d+)", line):
+                    return ServerProcess(proc, int(match.group(1)))
+    except BaseException:  # never leave a server (and its workers) running behind a failure
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
 
 
 @pytest.fixture
