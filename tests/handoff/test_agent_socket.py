@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 
 import aiohttp
 import pytest
@@ -101,3 +102,34 @@ async def test_the_agent_socket_refuses_what_the_grpc_desk_refuses_and_admits_an
                 while (event := await receive(ws)).WhichOneof("kind") != "offered":
                     pass
                 assert event.offered.context.session_id == conversation.session_id
+
+
+async def test_guessing_keys_on_the_agent_socket_is_throttled_per_address(
+    start_server,
+) -> None:  # type: ignore[no-untyped-def]
+    # As on /ws/chat and over gRPC: after KORERO_AUTH_FAILURES_PER_PEER failed keys from
+    # one address, further guesses are refused before the Redis lookup, and told to wait.
+    app = await start_server(
+        auth__mode="on",
+        auth__failures_per_peer=3,
+        auth__failures_per_tenant=1000,
+        limits__enabled=False,
+    )
+    refusals = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):
+            guess = f"Bearer kr_t1_{secrets.token_urlsafe(32)}"
+            async with http.ws_connect(
+                agent_url(app), protocols=(PROTO_PROTOCOL,), headers={"Authorization": guess}
+            ) as ws:
+                await ws.send_bytes(JOIN.SerializeToString())
+                reason = (await receive(ws)).error.reason
+                msg = await ws.receive(timeout=5)
+                refusals.append((reason, ws.close_code, msg.extra))
+    assert refusals[:3] == [("API_KEY_INVALID", 1008, "UNAUTHENTICATED API_KEY_INVALID")] * 3
+    assert refusals[3:] == [("AUTH_THROTTLED", 1013, "RESOURCE_EXHAUSTED AUTH_THROTTLED")] * 2
+    # The address is throttled on the gRPC desk too: one bucket per address.
+    over_grpc = await grpc_refusal(
+        f"127.0.0.1:{app.port}", f"Bearer kr_t1_{secrets.token_urlsafe(32)}"
+    )
+    assert over_grpc.reason == "AUTH_THROTTLED"
