@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import time
+from datetime import timedelta
+
+import grpc
+import pytest
+
+from korero.agent.v1 import agent_pb2 as apb
+from korero.agent.v1 import agent_pb2_grpc
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient
+from korero.server.settings import Settings
+from tests.handoff.conftest import FAST
 from tests.handoff.desk import Agent
-from tests.helpers import kinds, run_turn, text_of
+from tests.helpers import ingest_sample, kinds, of_kind, run_turn, text_of
 
 COMPLAINT = "This is the third time my bag was lost, I am furious!!"
 
@@ -107,3 +119,70 @@ async def test_complaint_escalates_to_an_agent_and_returns_to_the_bot(start_serv
         assert history.messages[0].sentiment.score < -0.5
     await agent.close()
     await skilled.close()
+
+
+async def test_the_context_packet_carries_citations_sentiment_and_the_wait(
+    start_server, redis_url
+) -> None:  # type: ignore[no-untyped-def]
+    await ingest_sample(redis_url)
+    # No handoff has been answered yet, so the estimate is the configured default.
+    assert Settings.from_env({"KORERO_HANDOFF_DEFAULT_WAIT": "90"}).handoff.default_wait == 90
+    app = await start_server(handoff=dataclasses.replace(FAST, default_wait=90.0))
+    target = f"127.0.0.1:{app.port}"
+    async with ChatClient(target) as client:
+        conversation = await client.conversation(metadata=pb.SessionMetadata(customer_name="Aroha"))
+        answered = await run_turn(conversation, "What's the checked baggage allowance?")
+        cited = list(
+            dict.fromkeys(
+                (e.citation.document_title, e.citation.section)
+                for e in of_kind(answered, "citation")
+            )
+        )
+        assert cited[0] == ("Baggage Policy", "2.1")
+        thanked = await run_turn(conversation, "Thanks, that is really helpful, great!")
+        asked_at = time.time()
+        asked = await run_turn(conversation, "I want to talk to a real person")
+        scores = [t[0].turn_started.sentiment.score for t in (answered, thanked, asked)]
+        assert scores[1] > 0.5  # the history is not flat
+        handoff_id = of_kind(asked, "handoff_requested")[0].handoff_requested.handoff_id
+
+        queued = (await next_kind(conversation, "handoff_queued")).handoff_queued
+        assert queued.position == 1
+        assert queued.estimated_wait.ToTimedelta() == timedelta(seconds=90)
+
+        async with grpc.aio.insecure_channel(target) as channel:
+            listed = (
+                await agent_pb2_grpc.AgentDeskServiceStub(channel).ListQueue(apb.ListQueueRequest())
+            ).conversations
+        assert len(listed) == 1
+        waiting = listed[0]
+        assert (waiting.handoff_id, waiting.session_id) == (handoff_id, conversation.session_id)
+        assert (waiting.position, waiting.queue, waiting.customer_name) == (1, "general", "Aroha")
+        assert waiting.trigger == pb.HANDOFF_TRIGGER_HUMAN_REQUEST
+        assert asked_at - 1 <= waiting.request_time.ToNanoseconds() / 1e9 <= time.time()
+
+        await asyncio.sleep(1.0)  # the customer waits a while before anyone comes
+        agent = Agent(target, "a1", "Mere")
+        await agent.connect()
+        packet = (await agent.expect("offered")).offered.context
+        assert packet.handoff_id == handoff_id
+        assert [(c.document_title, c.section) for c in packet.citations] == cited
+        assert "23 kg" in packet.citations[0].snippet
+        assert list(packet.sentiment_history) == pytest.approx(scores, abs=1e-3)  # stored rounded
+        assert packet.sentiment.score == pytest.approx(scores[-1], abs=1e-3)
+        assert packet.sentiment.window == 3
+        assert packet.sentiment.trend == pytest.approx(sum(scores) / 3, abs=1e-3)
+        intents = [t[0].turn_started.intent for t in (answered, thanked, asked)]
+        assert list(packet.intent_history) == [i for i in intents if i]
+        assert intents[0] == "policy_question"
+        assert intents[-1] == "human_request"
+        assert packet.request_time == waiting.request_time
+        offered_wait = packet.waited.ToTimedelta().total_seconds()
+        assert 1.0 <= offered_wait < 10.0
+
+        await agent.accept(handoff_id)
+        assigned = (await agent.expect("assigned")).assigned.context
+        assert assigned.request_time == waiting.request_time
+        assert offered_wait <= assigned.waited.ToTimedelta().total_seconds() < 10.0
+        assert [(c.document_title, c.section) for c in assigned.citations] == cited
+    await agent.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -132,6 +134,100 @@ async def test_dead_letters_after_max_attempts_and_retry(start_server, redis_url
             assert await dead_letters(client, settings) == []
         finally:
             await client.aclose()
+    finally:
+        await receiver.stop()
+
+
+async def _korero(redis_url: str, settings: WebhookSettings, *args: str) -> tuple[int, str]:
+    """Run the real `korero` command, configured the way an operator's shell would be."""
+    targets = {
+        tenant: [{"url": t.url, "secret": t.secret} for t in endpoints]
+        for tenant, endpoints in settings.targets.items()
+    }
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "KORERO_WEBHOOKS": json.dumps(targets),
+        "KORERO_WEBHOOK_MAX_ATTEMPTS": str(settings.max_attempts),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "korero"),
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return int(proc.returncode or 0), out.decode()
+
+
+def _dead_in(listing: str) -> dict[str, str]:
+    """`korero webhooks list`'s dead letters: event id -> event type."""
+    dead = {}
+    for line in listing.splitlines():
+        words = line.split()
+        if words and words[0].startswith("evt_"):
+            dead[words[0]] = words[1]
+    return dead
+
+
+async def test_webhooks_command_lists_dead_letters_and_retries_one_by_id(
+    start_server, redis_url
+) -> None:  # type: ignore[no-untyped-def]
+    receiver = Receiver(SECRET, always_fail=True)
+    await receiver.start()
+    settings = _webhooks(receiver, max_attempts=3)
+    try:
+        app = await start_server(webhooks=settings)
+        await _full_handoff(f"127.0.0.1:{app.port}", close=True)
+        await _until(lambda: sum(receiver.attempts.values()) >= 9)
+        dead: dict[str, str] = {}
+        for _ in range(100):
+            code, listing = await _korero(redis_url, settings, "webhooks", "list")
+            assert code == 0, listing
+            dead = _dead_in(listing)
+            if len(dead) == 3:
+                break
+            await asyncio.sleep(0.1)
+        assert "dead letters: 3" in listing
+        assert sorted(dead.values()) == [
+            "handoff.agent_joined",
+            "handoff.closed",
+            "handoff.requested",
+        ]
+        assert listing.count("attempts=3") == 3
+        assert "last error: HTTP 500" in listing
+        assert receiver.url in listing  # the endpoint row
+        assert receiver.processed == []
+
+        receiver.always_fail = False
+        joined = next(e for e, kind in dead.items() if kind == "handoff.agent_joined")
+        code, out = await _korero(redis_url, settings, "webhooks", "retry", joined)
+        assert (code, out.strip()) == (0, "1 dead letter queued again")
+        await _until(lambda: len(receiver.processed) == 1)
+        await asyncio.sleep(0.5)  # nothing else arrives, and that one only once
+        assert [e["id"] for e in receiver.processed] == [joined]
+        assert receiver.attempts[joined] == 4  # 3 failed, then the retry
+        assert all(receiver.attempts[e] == 3 for e in dead if e != joined)
+        code, listing = await _korero(redis_url, settings, "webhooks", "list")
+        assert "dead letters: 2" in listing
+        assert set(_dead_in(listing)) == set(dead) - {joined}
+
+        code, out = await _korero(redis_url, settings, "webhooks", "retry", joined)
+        assert (code, out.strip()) == (1, "0 dead letters queued again")  # not dead any more
+        code, out = await _korero(redis_url, settings, "webhooks", "retry", "evt_unknown")
+        assert (code, out.strip()) == (1, "0 dead letters queued again")
+        await asyncio.sleep(0.3)
+        assert receiver.attempts[joined] == 4
+
+        code, out = await _korero(redis_url, settings, "webhooks", "retry")
+        assert (code, out.strip()) == (0, "2 dead letters queued again")
+        await _until(lambda: len(receiver.processed) == 3)
+        await asyncio.sleep(0.3)
+        assert sorted(e["id"] for e in receiver.processed) == sorted(dead)
+        assert receiver.rejected == []
+        code, listing = await _korero(redis_url, settings, "webhooks", "list")
+        assert "dead letters: 0" in listing
     finally:
         await receiver.stop()
 

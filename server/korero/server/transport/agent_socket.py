@@ -8,7 +8,11 @@ WebSocket message is one whole protobuf message, client to server a
 canonical JSON in text frames (`korero.agent.v1+json`). Credentials go
 through the same call gate as the gRPC `Connect` method (an `Authorization`
 header, a `korero.bearer.<base64url token>` subprotocol, or a text frame
-`{"authorization": "Bearer …"}` before `join`); the first frame must be `join`.
+`{"authorization": "Bearer …"}` before `join`), failed keys counting against
+the client's address; the first frame must be `join`. A refusal is said
+in-band (a `DeskError` with the gate's code and reason), then the socket
+closes with the chat route's close code (`websocket.close_code_for`) and
+reason `<CODE_NAME> <REASON>`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Final
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
@@ -57,8 +62,12 @@ class AgentSocket:
         authorization: str | None,
         heartbeat_interval: float,
         first_frame_timeout: float,
+        close_code: Callable[[KoreroError], int],
+        peer: str | None = None,
     ) -> None:
         self._ws = ws
+        self._close_code = close_code
+        self._peer = peer
         self._service = service
         self._gate = gate
         self._authorization = authorization
@@ -103,7 +112,8 @@ class AgentSocket:
         desk: AgentDesk | None = None
         try:
             join = await read_join(self._next_request, self._first_frame)
-            identity = await self._gate.admit(AGENT_METHOD, self._authorization)
+            # `peer`: failed keys count against this address, as on /ws/chat and gRPC.
+            identity = await self._gate.admit(AGENT_METHOD, self._authorization, peer=self._peer)
             desk = AgentDesk(
                 self._service, identity.tenant, agent_subject(identity), self._heartbeat
             )
@@ -121,7 +131,7 @@ class AgentSocket:
                     )
                 )
             await self._ws.close(
-                code=int(WSCloseCode.POLICY_VIOLATION),
+                code=self._close_code(error),
                 message=f"{error.code.name} {error.reason}".encode()[:123],
             )
             if desk is not None:

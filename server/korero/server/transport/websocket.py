@@ -502,6 +502,8 @@ class WebSocketServer:
                 authorization=_authorization_from_handshake(request),
                 heartbeat_interval=self._rules.heartbeat_interval,
                 first_frame_timeout=self._rules.first_frame_timeout,
+                close_code=close_code_for,
+                peer=request.remote,
             ).run()
         except Exception:
             log.exception("event=ws_agent_failed")
