@@ -12,6 +12,8 @@ import grpc
 
 from korero.agent.v1 import agent_pb2 as apb
 from korero.agent.v1 import agent_pb2_grpc
+from korero.chat.v1 import chat_pb2 as pb
+from korero.client import Conversation
 
 
 class Agent:
@@ -145,3 +147,11 @@ class Agent:
             except TimeoutError:
                 self._reader.cancel()
         await self.channel.close(grace=None)
+
+
+async def notification(conversation: Conversation, kind: str, timeout: float = 10.0) -> pb.Event:
+    """The customer's next notification of `kind` (others are skipped)."""
+    while True:
+        event = await conversation.next_notification(timeout)
+        if event.WhichOneof("kind") == kind:
+            return event

@@ -12,22 +12,25 @@ import pytest
 from korero.agent.v1 import agent_pb2 as apb
 from korero.agent.v1 import agent_pb2_grpc
 from korero.chat.v1 import chat_pb2 as pb
-from korero.client import ChatClient
+from korero.client import ChatClient, Conversation
 from korero.server.handoff.actions import AgentProfile
 from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.storage.keys import desk_key
 from tests.handoff.conftest import FAST
-from tests.handoff.desk import Agent
+from tests.handoff.desk import Agent, notification
 from tests.helpers import kinds, redis_client, run_turn
 
 ASK = "I want to talk to a real person"
 
 
-async def notification(conversation, kind: str, timeout: float = 10.0) -> pb.Event:  # type: ignore[no-untyped-def]
-    while True:
-        event = await conversation.next_notification(timeout)
-        if event.WhichOneof("kind") == kind:
-            return event
+async def handed_over(client: ChatClient, agent: Agent) -> tuple[Conversation, str]:
+    """A new conversation that asks for a person, accepted by `agent`: (it, handoff id)."""
+    conversation = await client.conversation()
+    await run_turn(conversation, ASK)
+    handoff_id = (await agent.expect("offered")).offered.context.handoff_id
+    await agent.accept(handoff_id)
+    await agent.expect("assigned")
+    return conversation, handoff_id
 
 
 async def test_customer_and_agent_on_different_instances(start_server, sim) -> None:  # type: ignore[no-untyped-def]
@@ -68,11 +71,7 @@ async def test_agent_disconnect_loses_nothing_and_reconnects_within_grace(start_
     agent = Agent(target, "a1", "Mere")
     await agent.connect()
     async with ChatClient(target) as client:
-        conversation = await client.conversation()
-        await run_turn(conversation, ASK)
-        handoff_id = (await agent.expect("offered")).offered.context.handoff_id
-        await agent.accept(handoff_id)
-        await agent.expect("assigned")
+        conversation, _ = await handed_over(client, agent)
         await agent.drop()
         left = await notification(conversation, "agent_left")
         assert left.agent_left.reason == "disconnected"
@@ -98,11 +97,7 @@ async def test_agent_gone_past_grace_returns_the_conversation_to_the_queue(start
     first = Agent(target, "a1", "Mere")
     await first.connect()
     async with ChatClient(target) as client:
-        conversation = await client.conversation()
-        await run_turn(conversation, ASK)
-        handoff_id = (await first.expect("offered")).offered.context.handoff_id
-        await first.accept(handoff_id)
-        await first.expect("assigned")
+        conversation, handoff_id = await handed_over(client, first)
         await run_turn(conversation, "before the drop")
         await first.drop()
         await notification(conversation, "agent_left")
@@ -132,11 +127,7 @@ async def test_a_heartbeat_that_lands_after_the_agent_left_does_not_cancel_the_g
     first = Agent(target, "a1", "Mere")
     await first.connect()
     async with ChatClient(target) as client:
-        conversation = await client.conversation()
-        await run_turn(conversation, ASK)
-        handoff_id = (await first.expect("offered")).offered.context.handoff_id
-        await first.accept(handoff_id)
-        await first.expect("assigned")
+        conversation, handoff_id = await handed_over(client, first)
         redis = redis_client(redis_url)
         raw = await redis.hget(desk_key("default", "agents"), "a1")
         connection = json.loads(raw)["conn"]

@@ -16,17 +16,10 @@ from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient
 from korero.server.settings import Settings
 from tests.handoff.conftest import FAST
-from tests.handoff.desk import Agent
+from tests.handoff.desk import Agent, notification
 from tests.helpers import ingest_sample, kinds, of_kind, run_turn, text_of
 
 COMPLAINT = "This is the third time my bag was lost, I am furious!!"
-
-
-async def next_kind(conversation, kind: str, timeout: float = 10.0) -> pb.Event:  # type: ignore[no-untyped-def]
-    while True:
-        event = await conversation.next_notification(timeout)
-        if event.WhichOneof("kind") == kind:
-            return event
 
 
 async def test_complaint_escalates_to_an_agent_and_returns_to_the_bot(start_server, sim) -> None:  # type: ignore[no-untyped-def]
@@ -52,7 +45,7 @@ async def test_complaint_escalates_to_an_agent_and_returns_to_the_bot(start_serv
         assert len(sim.requests) == upstream_before  # the bot did not ask the model
         handoff_id = requested[0].handoff_requested.handoff_id
 
-        queued = await next_kind(conversation, "handoff_queued")
+        queued = await notification(conversation, "handoff_queued")
         assert queued.handoff_queued.position == 1
         assert queued.handoff_queued.queue == "complaints"
         assert queued.seq > events[-1].seq
@@ -83,11 +76,11 @@ async def test_complaint_escalates_to_an_agent_and_returns_to_the_bot(start_serv
         assert [m.text for m in assigned.assigned.context.transcript][
             -1
         ] == "Hello? Is anyone there?"
-        joined = await next_kind(conversation, "agent_joined")
+        joined = await notification(conversation, "agent_joined")
         assert joined.agent_joined.agent_display_name == "Tama"
 
         await skilled.say(handoff_id, "Kia ora Aroha, I'm Tama. Let me find your bag.")
-        said = await next_kind(conversation, "agent_message")
+        said = await notification(conversation, "agent_message")
         assert said.agent_message.text.startswith("Kia ora Aroha")
         assert said.seq > joined.seq
         sent = await skilled.expect("message_sent")
@@ -103,9 +96,9 @@ async def test_complaint_escalates_to_an_agent_and_returns_to_the_bot(start_serv
         await skilled.release(handoff_id)
         ended_desk = await skilled.expect("ended")
         assert ended_desk.ended.outcome == pb.HANDOFF_OUTCOME_RETURNED_TO_BOT
-        left = await next_kind(conversation, "agent_left")
+        left = await notification(conversation, "agent_left")
         assert left.agent_left.reason == "handed back"
-        ended = await next_kind(conversation, "handoff_ended")
+        ended = await notification(conversation, "handoff_ended")
         assert ended.handoff_ended.outcome == pb.HANDOFF_OUTCOME_RETURNED_TO_BOT
 
         back = await run_turn(conversation, "How many bags can I check?")
@@ -146,7 +139,7 @@ async def test_the_context_packet_carries_citations_sentiment_and_the_wait(
         assert scores[1] > 0.5  # the history is not flat
         handoff_id = of_kind(asked, "handoff_requested")[0].handoff_requested.handoff_id
 
-        queued = (await next_kind(conversation, "handoff_queued")).handoff_queued
+        queued = (await notification(conversation, "handoff_queued")).handoff_queued
         assert queued.position == 1
         assert queued.estimated_wait.ToTimedelta() == timedelta(seconds=90)
 

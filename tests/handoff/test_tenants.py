@@ -9,15 +9,24 @@ import pytest
 
 from korero.agent.v1 import agent_pb2 as apb
 from korero.agent.v1 import agent_pb2_grpc
-from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient, ChatError
 from korero.server.policy.api_keys import ApiKeyStore
-from tests.handoff.desk import Agent
+from tests.handoff.desk import Agent, notification
 from tests.helpers import kinds, redis_client, run_turn
 
 ASK = "I want to talk to a real person"
 CHAT = ("chat:write", "chat:read")
 DESK = ("agent:write", "agent:read")
+
+
+async def api_keys(redis_url: str, *specs: tuple[str, str, tuple[str, ...]]) -> list[str]:
+    """One new API key per (tenant, name, scopes)."""
+    redis = redis_client(redis_url)
+    try:
+        keys = ApiKeyStore(redis)
+        return [(await keys.create(tenant, name, scopes))[0] for tenant, name, scopes in specs]
+    finally:
+        await redis.aclose()
 
 
 def bearer(key: str) -> list[tuple[str, str]]:
@@ -32,24 +41,14 @@ async def list_queue(target: str, key: str) -> list[apb.QueuedConversation]:
     return list(response.conversations)
 
 
-async def notification(conversation, kind: str, timeout: float = 10.0) -> pb.Event:  # type: ignore[no-untyped-def]
-    while True:
-        event = await conversation.next_notification(timeout)
-        if event.WhichOneof("kind") == kind:
-            return event
-
-
 async def test_an_agent_of_another_tenant_cannot_see_take_or_write_to_a_conversation(
     start_server, redis_url
 ) -> None:  # type: ignore[no-untyped-def]
     app = await start_server(auth__mode="on")
     target = f"127.0.0.1:{app.port}"
-    redis = redis_client(redis_url)
-    keys = ApiKeyStore(redis)
-    t1_chat, _ = await keys.create("t1", "web", CHAT)
-    t1_desk, _ = await keys.create("t1", "desk", DESK)
-    t2_desk, _ = await keys.create("t2", "desk", DESK)
-    await redis.aclose()
+    t1_chat, t1_desk, t2_desk = await api_keys(
+        redis_url, ("t1", "web", CHAT), ("t1", "desk", DESK), ("t2", "desk", DESK)
+    )
 
     # t2's agent is available before t1's customer asks, and stays connected throughout.
     stranger = Agent(target, "", "Stranger", metadata=bearer(t2_desk))
@@ -125,11 +124,7 @@ async def test_a_customer_of_another_tenant_cannot_open_the_conversation(
 ) -> None:  # type: ignore[no-untyped-def]
     app = await start_server(auth__mode="on")
     target = f"127.0.0.1:{app.port}"
-    redis = redis_client(redis_url)
-    keys = ApiKeyStore(redis)
-    t1_chat, _ = await keys.create("t1", "web", CHAT)
-    t2_chat, _ = await keys.create("t2", "web", CHAT)
-    await redis.aclose()
+    t1_chat, t2_chat = await api_keys(redis_url, ("t1", "web", CHAT), ("t2", "web", CHAT))
     async with ChatClient(target, metadata=bearer(t1_chat)) as client:
         conversation = await client.conversation()
         await run_turn(conversation, ASK)
