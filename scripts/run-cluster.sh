@@ -58,6 +58,23 @@ if [ -z "${KORERO_LLM_BASE_URL:-}${OPENAI_BASE_URL:-}" ]; then
   echo "run-cluster: simulated upstream at $KORERO_LLM_BASE_URL"
 fi
 
+# The sample airline data service the sample tools call (as `make run` starts it).
+AIRLINE_PORT=${KORERO_AIRLINE_PORT:-8090}
+"$VENV/bin/korero" airline-api --port "$AIRLINE_PORT" >"$RUN_DIR/airline-api.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do grep -q listening "$RUN_DIR/airline-api.log" 2>/dev/null && break; sleep 0.1; done
+"$VENV/bin/korero" tools add --tenant "${KORERO_TENANT:-default}" --file tools/sample.json \
+  --endpoint-base "http://127.0.0.1:$AIRLINE_PORT" | sed 's/^/run-cluster: /'
+
+# PostgreSQL, the system of record: create the database if missing, apply migrations
+# (once, before the instances start; they all write to it).
+if [ "${KORERO_POSTGRES_URL:-${POSTGRES_URL:-}}" = "off" ]; then
+  echo "run-cluster: PostgreSQL off (KORERO_POSTGRES_URL=off): history lives in Redis only"
+elif ! "$VENV/bin/korero" db migrate | sed 's/^/run-cluster: postgres: /'; then
+  echo "run-cluster: PostgreSQL does not answer; start it, or run with KORERO_POSTGRES_URL=off" >&2
+  exit 1
+fi
+
 "$VENV/bin/korero" kb ingest "${KORERO_KB_DIR:-kb/sample}" --tenant "${KORERO_TENANT:-default}" \
   | sed 's/^/run-cluster: /'
 
