@@ -326,6 +326,7 @@ def _build_gate(
         throttle = AuthFailureThrottle(
             per_peer=settings.auth.failures_per_peer,
             per_tenant=settings.auth.failures_per_tenant,
+            on_throttled=lambda scope: metrics.auth_throttled.labels(scope).inc(),
         )
     limiter = None
     if settings.limits.enabled:
