@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import shutil
 import struct
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient
@@ -142,31 +144,58 @@ async def test_websocket_route_and_page_through_envoy(envoy: EnvoyProcess) -> No
             assert event.WhichOneof("kind") == "session_started"
 
 
+# The bodies of tests/server/test_malformed_requests.py, and the reason each gets there.
+MALFORMED = {
+    "empty": (b"", "REQUEST_MISSING"),
+    "truncated": (b"\x00\x00\x00\x00\x64" + b"\x0a\x02ab", "REQUEST_MISSING"),  # says 100, sends 4
+    # A whole gRPC message whose bytes are not protobuf (wire type 7 does not exist).
+    "undecodable": (b"\x00" + struct.pack(">I", 64) + b"\xff" * 64, "REQUEST_UNDECODABLE"),
+}
+
+
+def _reason(headers: dict[str, str]) -> str:
+    """The ErrorInfo reason in `grpc-status-details-bin` ("" if there is none)."""
+    raw = headers.get("grpc-status-details-bin", "")
+    status = status_pb2.Status.FromString(base64.b64decode(raw + "=" * (-len(raw) % 4)))
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return ""
+
+
 @pytest.mark.parametrize("method", ["GetSession", "SendMessage"])
-async def test_empty_bodies_through_envoy_are_answered_at_once(
-    envoy: EnvoyProcess, method: str
+@pytest.mark.parametrize("body", list(MALFORMED), ids=list(MALFORMED))
+async def test_malformed_bodies_through_envoy_are_answered_at_once(
+    envoy: EnvoyProcess, method: str, body: str
 ) -> None:
     path = f"/korero.chat.v1.ChatService/{method}"
-    # Native gRPC over HTTP/2, frames written by hand: a body that ends before a message.
+    data, reason = MALFORMED[body]
+    # Native gRPC over HTTP/2, frames written by hand.
     async with RawH2Client(envoy.port) as raw:
-        answer = await raw.call(path, b"", timeout=1.0)
-    assert answer is not None, "no answer through Envoy within a second"
+        answer = await raw.call(path, data, timeout=1.0)
+    assert answer is not None, f"{body} body: no answer through Envoy within a second"
     assert answer["grpc-status"] == "3"
+    assert _reason(answer) == reason  # the same as direct: Envoy passes the details on
     # gRPC-Web, as a browser would send it.
     async with (
         aiohttp.ClientSession() as http,
         asyncio.timeout(1.0),
         http.post(
             f"http://{envoy.target}{path}",
-            data=b"",
+            data=data,
             headers={"Content-Type": "application/grpc-web+proto", "X-Grpc-Web": "1"},
         ) as response,
     ):
-        body = await response.read()
-        status = response.headers.get("grpc-status")
-    if status is None:  # trailers in the body: a gRPC-Web frame flagged 0x80
-        assert body[:1] == b"\x80"
-        status = dict(
-            line.split(":", 1) for line in body[5:].decode().split("\r\n") if ":" in line
-        )["grpc-status"].strip()
-    assert status == "3"
+        payload = await response.read()
+        trailers = {k.lower(): v for k, v in response.headers.items()}
+    if "grpc-status" not in trailers:  # trailers in the body: a gRPC-Web frame flagged 0x80
+        assert payload[:1] == b"\x80"
+        trailers = {
+            k.strip().lower(): v.strip()
+            for k, v in (
+                line.split(":", 1) for line in payload[5:].decode().split("\r\n") if ":" in line
+            )
+        }
+    assert trailers["grpc-status"] == "3"
+    assert _reason(trailers) == reason

@@ -10,6 +10,7 @@ import time
 import aiohttp
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient, ChatError
@@ -107,6 +108,70 @@ async def test_guessed_api_keys_are_throttled_before_redis_and_a_real_client_is_
             assert event.error.reason == "AUTH_THROTTLED"
             closing = await ws.receive(timeout=5)
             assert closing.data == 1013
+    finally:
+        await app.shutdown(grace=0)
+
+
+async def _scraped(app: KoreroServer, name: str) -> dict[str, float]:
+    """`name`'s samples on the server's /metrics endpoint, by their `scope` label."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{app.metrics_port}/metrics") as response,
+    ):
+        text = await response.text()
+    return {
+        sample.labels["scope"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+@pytest.mark.parametrize("scope", ["peer", "tenant"])
+async def test_throttled_guesses_are_counted_by_the_budget_that_ran_out(
+    redis_url: str, sim: UpstreamSim, scope: str
+) -> None:
+    settings = make_settings(
+        redis_url,
+        sim.base_url,
+        auth__mode="on",
+        auth__failures_per_peer=5 if scope == "peer" else 1000,
+        auth__failures_per_tenant=5 if scope == "tenant" else 1000,
+        limits__enabled=False,
+    )
+    app = await KoreroServer.start(settings)
+    try:
+        assert await _scraped(app, "korero_auth_throttled_total") == {}
+        reasons = []
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            stub = ChatClient(app.address, channel=channel).stub
+            for _ in range(40):
+                wrong = f"kr_acme_{secrets.token_urlsafe(32)}"
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.GetSession(
+                        pb.GetSessionRequest(session_id="s1"), metadata=_bearer(wrong)
+                    )
+                reasons.append(ChatError.from_rpc_error(info.value).reason)
+        # A guess on the WebSocket route goes through the same gate and is counted too.
+        assert app.websocket is not None
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(
+                f"ws://{app.websocket.address}/ws/chat",
+                headers={"Authorization": f"Bearer kr_acme_{secrets.token_urlsafe(32)}"},
+            ) as ws,
+        ):
+            await ws.send_bytes(pb.ChatRequest(start=pb.StartSession()).SerializeToString())
+            event = pb.ChatResponse.FromString((await ws.receive(timeout=5)).data).event
+            reasons.append(event.error.reason)
+        assert reasons[:5] == ["API_KEY_INVALID"] * 5
+        throttled = reasons.count("AUTH_THROTTLED")
+        assert throttled == len(reasons) - 5
+        # What an operator sees: every refusal counted once, under the budget that ran out.
+        assert await _scraped(app, "korero_auth_throttled_total") == {scope: float(throttled)}
+        assert app.metrics.registry.get_sample_value(
+            "korero_auth_throttled_total", {"scope": scope}
+        ) == float(throttled)
     finally:
         await app.shutdown(grace=0)
 

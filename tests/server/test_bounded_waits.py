@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import os
+import socket
+import struct
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -186,4 +192,167 @@ async def test_a_stream_whose_client_stops_reading_ends_with_resource_exhausted(
             while app.metrics.registry.get_sample_value("korero_active_streams"):
                 await asyncio.sleep(0.05)
     finally:
+        await app.shutdown(grace=0)
+
+
+class _RawWebSocket:
+    """A WebSocket client on a bare socket, so that nothing reads it unless the test
+    does (aiohttp's client reads ahead into its own buffer). Its kernel buffer and
+    segment size are small, as a stalled client's window is: the server's writes
+    block after a few hundred KB instead of megabytes (loopback's defaults)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = b""
+
+    @classmethod
+    async def connect(cls, port: int, path: str) -> _RawWebSocket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        handshake = (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, handshake.encode())
+        ws = cls(sock)
+        while b"\r\n\r\n" not in ws._buffer:
+            await ws._fill()
+        head, _, ws._buffer = ws._buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return ws
+
+    async def _fill(self) -> None:
+        data = await asyncio.get_running_loop().sock_recv(self._sock, 65536)
+        if not data:
+            raise ConnectionError("the server closed the connection without a close frame")
+        self._buffer += data
+
+    async def _take(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            await self._fill()
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
+    async def send(self, request: pb.ChatRequest) -> None:
+        await self._send(0x2, request.SerializeToString())
+
+    async def send_close(self, code: int) -> None:
+        """Answer the server's close frame, as a browser does."""
+        await self._send(0x8, struct.pack("!H", code))
+
+    async def _send(self, opcode: int, payload: bytes) -> None:
+        assert len(payload) < 126
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        frame = bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked  # final, masked
+        await asyncio.get_running_loop().sock_sendall(self._sock, frame)
+
+    async def receive(self) -> pb.Event | tuple[int, str]:
+        """The next event, or a close frame's (code, reason)."""
+        first, second = await self._take(2)
+        n = second & 0x7F
+        if n == 126:
+            (n,) = struct.unpack("!H", await self._take(2))
+        elif n == 127:
+            (n,) = struct.unpack("!Q", await self._take(8))
+        payload = await self._take(n)
+        if first & 0x0F == 0x8:
+            return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+        assert first & 0x0F == 0x2, first
+        return pb.ChatResponse.FromString(payload).event
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _server_connections(port: int) -> int:
+    """TCP connections this process holds on local `port`, the listener aside (the
+    server runs in the test's process; its clients' sockets have other local ports)."""
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                held.add(target[len("socket:[") : -1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            listening = state == "0A"
+            if int(local.rsplit(":", 1)[1], 16) == port and not listening and inode in held:
+                count += 1
+    return count
+
+
+@pytest.mark.parametrize("reads_again", [True, False], ids=["reads-again", "never-reads"])
+async def test_a_socket_whose_client_stops_reading_closes_with_1013(
+    redis_url: str, sim: UpstreamSim, reads_again: bool
+) -> None:
+    sim.config = SimConfig(answer_tokens=100_000)  # ~600 KB, as fast as it goes
+    settings = make_settings(
+        redis_url,
+        sim.base_url,
+        llm__max_tokens=100_000,
+        server__stream_queue_events=16,
+        server__stream_queue_bytes=16 * 1024,
+        limits__enabled=False,
+        cache__enabled=False,
+    )
+    app = await KoreroServer.start(settings)
+    ws: _RawWebSocket | None = None
+    try:
+        assert app.websocket is not None
+        ws = await _RawWebSocket.connect(app.websocket.port, "/ws/chat")
+        await ws.send(pb.ChatRequest(start=pb.StartSession()))
+        started = await ws.receive()
+        assert isinstance(started, pb.Event)
+        session_id = started.session_id
+        message = pb.UserMessage(client_message_id="n1", text="Everything")
+        await ws.send(pb.ChatRequest(message=message))
+        # Then nothing is read: the server gives up on the socket and stops the turn.
+        await sim.wait_for(lambda r: True)
+        async with asyncio.timeout(15):
+            while app.engine.active_turns:
+                await asyncio.sleep(0.05)
+        stopped = time.monotonic()
+        stored = await app.store.turn_state("default", session_id, "n1")
+        assert stored.record is not None
+        assert (stored.record.status, stored.record.finish_reason) == (
+            "failed",
+            "STREAM_QUEUE_FULL",
+        )
+        if reads_again:
+            # The client reads again: the events already on the wire, then the close.
+            received: list[pb.Event] = []
+            async with asyncio.timeout(10):
+                while isinstance(item := await ws.receive(), pb.Event):
+                    received.append(item)
+            assert item == (1013, "RESOURCE_EXHAUSTED STREAM_QUEUE_FULL")
+            await ws.send_close(1013)
+            assert received
+            # No in-band error (it would sit behind what the client is not reading), no done.
+            assert {e.WhichOneof("kind") for e in received} <= {
+                "rate_limit",
+                "turn_started",
+                "text_delta",
+            }
+            seqs = [e.seq for e in received]
+            assert seqs == sorted(set(seqs))  # merged deltas skip numbers, never repeat them
+        # Either way the server lets go of the connection within a bound (the close
+        # frame waits at most a second behind what the client has not read), not when
+        # a client that stopped reading finally goes away.
+        async with asyncio.timeout(5):
+            while _server_connections(app.websocket.port) or app.websocket.open_sockets:
+                await asyncio.sleep(0.1)
+        assert time.monotonic() - stopped < 3
+    finally:
+        if ws is not None:
+            ws.close()
         await app.shutdown(grace=0)

@@ -8,23 +8,26 @@ import asyncio
 import base64
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient, ChatError
-from korero.server.app import KoreroServer
+from korero.server.app import CHAT_SERVICE, HISTORY_HEALTH, KoreroServer
 from korero.server.settings import Settings
 from korero.server.storage.history import OutboxBatch
-from korero.server.storage.migrate import migrate
+from korero.server.storage.migrate import ensure_database, migrate
 from korero.server.storage.outbox import add_entry
 from korero.sim import UpstreamSim
+from korero.testing import free_port
 from tests.conftest import RedisProcess, make_settings
 from tests.helpers import run_turn, text_of
-from tests.pg import drop_database, fresh_database, wait_until
+from tests.pg import PostgresProcess, drop_database, fresh_database, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -376,6 +379,64 @@ async def test_chat_stays_up_and_catches_up_when_postgres_is_unreachable(
         await wait_until(lambda: _async(app.outbox.backlog == 0), timeout=5)  # type: ignore[union-attr]
     finally:
         await app.shutdown(grace=0.5)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_history_health_follows_postgres_with_no_traffic(
+    redis_url: str, sim: UpstreamSim
+) -> None:
+    """`korero.history` follows PostgreSQL within seconds with no chat at all: a server
+    started while it is down, then it comes up, stops, and comes back — the default
+    KORERO_POSTGRES_PROBE_INTERVAL, no message sent. The chat service stays SERVING."""
+    proc = PostgresProcess(free_port())  # initialised, not started: nothing listens yet
+    url = f"{proc.base_url}/korero"
+    seen: list[tuple[int, int, int]] = []  # (history, server "", chat service) per poll
+    try:
+        app = await KoreroServer.start(durable_settings(redis_url, sim, url, postgres__timeout=0.5))
+        try:
+            async with grpc.aio.insecure_channel(app.address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+
+                async def status(service: str) -> int:
+                    request = health_pb2.HealthCheckRequest(service=service)
+                    return int((await health.Check(request, timeout=2)).status)
+
+                async def becomes(wanted: int, within: float) -> float:
+                    started = time.monotonic()
+                    while True:
+                        poll = (
+                            await status(HISTORY_HEALTH),
+                            await status(""),
+                            await status(CHAT_SERVICE),
+                        )
+                        seen.append(poll)
+                        if poll[0] == wanted:
+                            return time.monotonic() - started
+                        assert time.monotonic() - started < within, (
+                            f"korero.history not {wanted} after {within}s: {poll}"
+                        )
+                        await asyncio.sleep(0.1)
+
+                await becomes(NOT_SERVING, within=5)  # started while PostgreSQL is down
+                await asyncio.to_thread(proc.start)
+                await ensure_database(url)
+                await migrate(url)
+                await becomes(SERVING, within=5)
+                await asyncio.to_thread(proc.stop)  # an outage while nobody chats
+                await becomes(NOT_SERVING, within=5)
+                await asyncio.to_thread(proc.start)
+                await becomes(SERVING, within=5)
+            assert app.outbox is not None
+            assert app.outbox.written == 0  # no write ever told the writer anything
+        finally:
+            await app.shutdown(grace=0.5)
+    finally:
+        await asyncio.to_thread(proc.cleanup)
+    # The chat itself was SERVING at every poll, PostgreSQL up or down.
+    assert {(chat, main) for _, main, chat in seen} == {(SERVING, SERVING)}
 
 
 async def _async(value: bool) -> bool:

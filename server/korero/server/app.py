@@ -326,6 +326,7 @@ def _build_gate(
         throttle = AuthFailureThrottle(
             per_peer=settings.auth.failures_per_peer,
             per_tenant=settings.auth.failures_per_tenant,
+            on_throttled=lambda scope: metrics.auth_throttled.labels(scope).inc(),
         )
     limiter = None
     if settings.limits.enabled:
@@ -364,6 +365,7 @@ async def _durability(
         store.redis,
         history,
         drain_interval=settings.postgres.drain_interval,
+        probe_interval=settings.postgres.probe_interval,
         commit_wait=settings.postgres.commit_wait,
         on_backlog=metrics.postgres_outbox_backlog.set,
         on_error=lambda op: metrics.postgres_errors.labels(op).inc(),

@@ -469,6 +469,14 @@ class PostgresSettings:
         "KORERO_OUTBOX_DRAIN_INTERVAL", 0.25, "seconds between outbox sweeps when idle"
     )
     """The writer also wakes at once when a turn begins or ends on this instance."""
+    probe_interval: float = _env(
+        "KORERO_POSTGRES_PROBE_INTERVAL",
+        2.0,
+        "seconds without an outbox write before PostgreSQL is pinged (health `korero.history`)",
+    )
+    """With nothing to write the writer would never learn that PostgreSQL went away (or came
+    back, or was never there at startup): it pings it (`SELECT 1`) this often instead, so
+    `korero.history` follows PostgreSQL within about this time plus `KORERO_POSTGRES_TIMEOUT`."""
     history_retention: int | None = _env(
         "KORERO_HISTORY_RETENTION",
         None,

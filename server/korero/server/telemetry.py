@@ -121,6 +121,13 @@ class Metrics:
             ["why"],
             registry=r,
         )
+        self.auth_throttled = Counter(
+            "korero_auth_throttled",
+            "Calls refused with AUTH_THROTTLED before their key lookup (policy/throttle.py), "
+            "by the budget that was used up: peer (client address), tenant",
+            ["scope"],
+            registry=r,
+        )
         self.rate_limit_fallbacks = Counter(
             "korero_rate_limit_fallbacks",
             "Limit checks decided by the local limiter because Redis was unreachable",

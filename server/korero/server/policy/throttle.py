@@ -7,7 +7,9 @@ checks in process, in token buckets per client address and per tenant named
 by the key (`KORERO_AUTH_FAILURES_PER_PEER`, `KORERO_AUTH_FAILURES_PER_TENANT`
 per minute, refilling evenly). While either bucket is empty, keys that would
 need a lookup are refused before it: RESOURCE_EXHAUSTED `AUTH_THROTTLED` with
-RetryInfo. Keys that verified here before are never throttled (see
+RetryInfo, and each refusal is reported to `on_throttled` with the bucket that
+was empty (`peer` or `tenant`: `korero_auth_throttled_total{scope}`). Keys that
+verified here before are never throttled (see
 `TokenAuthenticator.throttle_key`), so a real client keeps working while its
 tenant or its address is under attack.
 
@@ -104,7 +106,9 @@ class AuthFailureThrottle:
         per_peer: int,
         per_tenant: int,
         clock: Callable[[], float] = time.monotonic,
+        on_throttled: Callable[[str], None] = lambda _scope: None,
     ) -> None:
+        self._on_throttled = on_throttled
         self._peers = _Buckets(per_peer, clock) if per_peer > 0 else None
         self._tenants = _Buckets(per_tenant, clock) if per_tenant > 0 else None
 
@@ -118,6 +122,7 @@ class AuthFailureThrottle:
         if self._tenants is not None and wait == 0:
             wait, limit = self._tenants.wait(tenant), "tenant"
         if wait > 0:
+            self._on_throttled(limit)
             raise KoreroError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "AUTH_THROTTLED",

@@ -13,9 +13,12 @@ whose score grows with every write). This writer drains them:
 so a crash anywhere in a sweep repeats the upserts, never loses or doubles a
 row. While PostgreSQL is down the entries stay in Redis and the backlog
 grows (`korero_postgres_outbox_backlog`); sweeps retry with backoff and the
-chat goes on. `commit()` runs a sweep of one session at once: the runner calls
-it before a turn's `done`, so a turn acknowledged while PostgreSQL answers is
-already in PostgreSQL.
+chat goes on. With nothing to write for `probe_interval` seconds the writer
+pings PostgreSQL instead, so its state (`on_state`: the health service
+`korero.history`) follows PostgreSQL with no traffic too — an outage while
+idle, or a server started while PostgreSQL is down. `commit()` runs a sweep
+of one session at once: the runner calls it before a turn's `done`, so a turn
+acknowledged while PostgreSQL answers is already in PostgreSQL.
 
 Every instance runs a writer; two writers draining the same session write the
 same rows (the upserts make that harmless).
@@ -171,6 +174,7 @@ class OutboxWriter:
         on_error: Callable[[str], None] = lambda _op: None,
         on_commit_wait: Callable[[float], None] = lambda _s: None,
         on_state: Callable[[bool], None] = lambda _up: None,
+        probe_interval: float = 2.0,
     ) -> None:
         self._redis = redis
         self._history = history
@@ -185,6 +189,8 @@ class OutboxWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failed_at = 0.0
+        self._probe_interval = probe_interval
+        self._heard_at = -float("inf")  # the last write or ping that reached PostgreSQL (or not)
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.backlog = 0
         """Outbox entries seen but not yet written at the end of the last sweep."""
@@ -291,7 +297,7 @@ class OutboxWriter:
             try:
                 await self._history.apply(batch)
             except KoreroError:
-                self._failed_at = time.monotonic()
+                self._failed_at = self._heard_at = time.monotonic()
                 self._on_error("write")
                 self._state(up=False)
                 self.backlog = sum(int(n) for n in lengths)
@@ -299,6 +305,7 @@ class OutboxWriter:
                 raise
         self.written += total
         if total:
+            self._heard_at = time.monotonic()
             self._state(up=True)
         try:
             await self._forget(sessions, keys, ranges)
@@ -347,10 +354,26 @@ class OutboxWriter:
             backoff = self._interval
             if written:
                 continue  # more may be waiting: sweep again at once
+            await self._probe_when_idle()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
                     await self._wake.wait()
+
+    async def _probe_when_idle(self) -> None:
+        """Ping PostgreSQL when no write has reached (or failed to reach) it for
+        `probe_interval`: the only way an idle writer sees it go or come back."""
+        if time.monotonic() - self._heard_at < self._probe_interval:
+            return
+        try:
+            await self._history.ping()
+        except KoreroError as error:
+            self._failed_at = self._heard_at = time.monotonic()
+            log.debug("event=postgres_ping_failed reason=%s", error.reason)
+            self._state(up=False)
+            return
+        self._heard_at = time.monotonic()
+        self._state(up=True)
 
 
 def _score(score: float) -> str:

@@ -29,7 +29,8 @@ calls, engine events out become frames. It mirrors `ChatService.Chat`:
   other reason ends the socket the same way (INTERNAL, 1011).
 * Events wait for a client that reads slowly in a bounded queue (see
   `outbound.py`); a client that stops reading altogether has its socket
-  closed with 1013 `RESOURCE_EXHAUSTED STREAM_QUEUE_FULL`.
+  closed with 1013 `RESOURCE_EXHAUSTED STREAM_QUEUE_FULL`, behind the events
+  already queued — or cut, if it does not read them within `_ABANDON_WAIT`.
 * Closing the socket (or losing it) cancels the turn in flight, which closes
   the upstream LLM request. On SIGTERM, new sockets are refused, turns in
   flight finish (or end when the grace period does), then sockets close
@@ -53,6 +54,7 @@ from typing import Final
 
 import grpc
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
+from aiohttp.base_protocol import BaseProtocol
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
@@ -213,6 +215,7 @@ class _Connection:
     ws: web.WebSocketResponse
     codec: _Codec
     transport: asyncio.Transport | None = None
+    protocol: BaseProtocol | None = None
     session: ChatSession | None = None
     ended: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -227,13 +230,31 @@ class _Connection:
             await self.ws.close(code=code, message=_close_reason(reason))
 
     async def abandon(self, error: KoreroError) -> None:
-        """Close for `error` a socket whose client stopped reading (its buffers are full)."""
+        """Close for `error` a socket whose client stopped reading (its buffers are full):
+        the close frame waits behind what is already queued for at most `_ABANDON_WAIT`,
+        then the connection is cut."""
+        self._unpoison_drain()
         try:
             async with asyncio.timeout(_ABANDON_WAIT):
                 await self.close(close_code_for(error), f"{error.code.name} {error.reason}")
         except TimeoutError:
             if self.transport is not None:
                 self.transport.abort()
+
+    def _unpoison_drain(self) -> None:
+        """Forget aiohttp's drain waiter if it was cancelled.
+
+        Every write of a connection that finds the socket full awaits one shared
+        future (`BaseProtocol._drain_waiter`), unshielded. Interrupting the send
+        blocked on it (`StreamWriter.interrupt`) cancels that future, and aiohttp
+        keeps it: the close frame's drain then raised CancelledError at once, so
+        the bounded wait below never ran and the socket was never cut — a client
+        that did not read again kept it open, with its buffers, for good.
+        """
+        protocol = self.protocol
+        waiter = getattr(protocol, "_drain_waiter", None)
+        if protocol is not None and waiter is not None and waiter.cancelled():
+            protocol._drain_waiter = None  # the next drain makes a fresh one
 
     async def fail(self, error: KoreroError) -> None:
         """End the socket for `error`: say it in-band, then close with its code."""
@@ -462,6 +483,7 @@ class WebSocketServer:
             transport=request.transport
             if isinstance(request.transport, asyncio.Transport)
             else None,
+            protocol=request.protocol,
         )
         if self._draining:
             await conn.fail(ShuttingDownError())
