@@ -70,9 +70,10 @@ def _anchors(page: Path) -> set[str]:
 
 
 def _ignored_dirs() -> list[str]:
-    """Build output named in the docs but never committed (directories in .gitignore)."""
+    """Build and run output named in the docs but never committed (directories in
+    .gitignore, e.g. `.run/`, which exists only after `make run`)."""
     lines = (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
-    return [line.strip().rstrip("/") + "/" for line in lines if "/" in line.strip("/")]
+    return [line.strip().rstrip("/") + "/" for line in lines if line.strip().endswith("/")]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
