@@ -223,7 +223,20 @@ class HandoffService(DeskActions):
             session_id,
             "keep",
             handoff_id,
-            [RelayItem("customer_message", ack, body=body, history=history)],
+            [
+                RelayItem(
+                    "customer_message",
+                    ack,
+                    body=body,
+                    history=history,
+                    record={
+                        "role": "customer",
+                        "cmid": message.client_message_id,
+                        "text": message.text,
+                        "sentiment": (signals or {}).get("sentiment"),
+                    },
+                )
+            ],
             client_message_id=message.client_message_id,
         )
         if result.status == "not_owner":
@@ -231,19 +244,6 @@ class HandoffService(DeskActions):
         if result.status == "missing":
             raise InvalidArgumentError("SESSION_NOT_FOUND", f"session {session_id!r} has expired")
         seq = result.seqs[0]
-        if self._recorder is not None and result.status == "ok":
-            self._recorder.handoff_message(
-                tenant,
-                session_id,
-                seq,
-                handoff_id,
-                "customer",
-                "",
-                message.client_message_id,
-                message.text,
-                (signals or {}).get("sentiment"),
-                self._now(),
-            )
         turn = Turn(tenant, session_id, "", message.client_message_id, seq - 1)
         turn.publish(
             message_relayed=pb.MessageRelayed(

@@ -5,8 +5,11 @@ bounded in-memory queue); one task writes whatever is
 queued every `_FLUSH` seconds in one transaction. While PostgreSQL is away,
 records wait (up to `_MAX_PENDING`, then the oldest are dropped and counted);
 a chat never waits for it. The tables are those of migration
-`storage/migrations/0002_handoffs.sql`; the bot's own turns reach PostgreSQL
-through the session outbox (storage/outbox.py).
+`storage/migrations/0002_handoffs.sql`. What is said in a conversation — the
+bot's turns, and the customer's and agent's messages while a person owns it
+(`handoff_messages`) — is not here: it reaches PostgreSQL through the session
+outbox (storage/outbox.py), written in the same Redis step as the message, so
+a process that dies before a flush loses none of it.
 """
 
 from __future__ import annotations
@@ -34,12 +37,6 @@ INSERT INTO handoffs (tenant, handoff_id, session_id, trigger, reason, queue, re
                       turn_id)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (tenant, handoff_id) DO NOTHING
-"""
-_MESSAGE = """
-INSERT INTO handoff_messages (tenant, session_id, seq, handoff_id, role, author,
-                              client_message_id, text, sentiment, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-ON CONFLICT (tenant, session_id, seq) DO NOTHING
 """
 _JOINED = """
 INSERT INTO handoffs (tenant, handoff_id, session_id, trigger, reason, queue, requested_at,
@@ -133,34 +130,6 @@ class Recorder:
 
     def handoff_requested(self, handoff: HandoffFacts, turn_id: str = "") -> None:
         self._add(_REQUESTED, *handoff.args(), turn_id)
-
-    def handoff_message(
-        self,
-        tenant: str,
-        session_id: str,
-        seq: int,
-        handoff_id: str,
-        role: str,
-        author: str,
-        client_message_id: str,
-        text: str,
-        sentiment: float | None,
-        at_ms: int,
-    ) -> None:
-        """A message of the conversation while a person owns it (customer or agent)."""
-        self._add(
-            _MESSAGE,
-            tenant,
-            session_id,
-            seq,
-            handoff_id,
-            role,
-            author,
-            client_message_id,
-            text,
-            sentiment,
-            _at(at_ms),
-        )
 
     def handoff_joined(
         self, handoff: HandoffFacts, joined_ms: int, agent_id: str, agent_name: str
