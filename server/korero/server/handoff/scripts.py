@@ -370,15 +370,17 @@ return {'ok', cjson.encode(rec)}
 """
 )
 
-# ARGV: 3 hid, 4 agent id ('' for anyone: a customer leaving the queue), 5 outcome,
-# 6 disposition, 7.. outbox
+# ARGV: 3 hid, 4 agent id ('' for the customer leaving the queue: only while no agent
+# has joined), 5 outcome, 6 disposition, 7.. outbox
 DESK_RELEASE = (
     _DESK_PRELUDE
     + """
 local hid, id = ARGV[3], ARGV[4]
 local rec = get(hid)
 if not rec then return {'missing'} end
-if id ~= '' and (rec.agent ~= id or (rec.state ~= 'active' and rec.state ~= 'grace')) then
+if id == '' then
+  if rec.state ~= 'queued' and rec.state ~= 'offered' then return {'joined'} end
+elseif rec.agent ~= id or (rec.state ~= 'active' and rec.state ~= 'grace') then
   return {'not_owner'}
 end
 redis.call('HDEL', H, hid)
