@@ -176,11 +176,13 @@ async def test_an_agent_who_joined_keeps_the_conversation_when_the_customer_with
 
 
 async def test_deleting_a_session_waiting_in_the_queue_abandons_its_handoff(
+    pg_url: str,  # noqa: F811 - the fixture
     start_server,  # type: ignore[no-untyped-def]
 ) -> None:
+    await migrate(pg_url)
     receiver = Receiver(SECRET)
     await receiver.start()
-    app = await start_server(webhooks=_webhooks(receiver))
+    app = await start_server(postgres=PostgresSettings(url=pg_url), webhooks=_webhooks(receiver))
     target = f"127.0.0.1:{app.port}"
     agent = Agent(target, "a1", "Mere")
     await agent.connect()
@@ -204,6 +206,19 @@ async def test_deleting_a_session_waiting_in_the_queue_abandons_its_handoff(
         jsonschema.validate(closed, SCHEMA)
         assert closed["handoff"]["outcome"] == "abandoned"
         assert closed["handoff"]["disposition"] == "session_deleted"
+        # and PostgreSQL keeps no trace of it, even after the recorder's next flush
+        assert app.recorder is not None
+        await app.recorder.flush()
+        conn = await asyncpg.connect(pg_url)
+        try:
+            for table in ("sessions", "handoffs", "handoff_messages"):
+                found = await conn.fetchval(
+                    f"SELECT count(*) FROM {table} WHERE session_id = $1",  # noqa: S608
+                    conversation.session_id,
+                )
+                assert found == 0, table
+        finally:
+            await conn.close()
     finally:
         await agent.close()
         await receiver.stop()

@@ -337,7 +337,7 @@ class HandoffService(DeskActions):
         if status != "ok" or record is None:
             return False  # ended meanwhile
         self._announced.pop(draft.id, None)
-        if self._recorder is not None:
+        if self._recorder is not None and not deleted:  # a deleted session leaves no row
             self._recorder.handoff_ended(
                 facts(tenant, record), record.ended or now, "abandoned", disposition, "", ""
             )

@@ -56,6 +56,18 @@ SET ended_at = EXCLUDED.ended_at, outcome = EXCLUDED.outcome,
 """
 
 
+# As the outbox writer does (storage/history.py): the sessions' deletion locks first,
+# in key order, then their tombstones — a row queued before a DeleteSession and
+# flushed after it is dropped, never written back.
+_LOCK_SESSIONS = """
+SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k
+"""
+_TOMBSTONED = """
+SELECT tenant, session_id FROM session_tombstones
+WHERE (tenant, session_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
+
+
 def _at(ms: float) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
@@ -89,6 +101,11 @@ class HandoffFacts:
 class _Row:
     sql: str
     args: tuple[Any, ...]
+    """`handoffs` columns: tenant, handoff id, session id, ..."""
+
+    @property
+    def session(self) -> tuple[str, str]:
+        return (self.args[0], self.args[2])
 
 
 class Recorder:
@@ -182,9 +199,20 @@ class Recorder:
             )
         batch = list(self._pending)
         started = time.monotonic()
+        keys = sorted({row.session for row in batch})
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await conn.execute(
+                _LOCK_SESSIONS, [f"{t}\t{s}" for t, s in keys], timeout=self._timeout
+            )
+            gone = {
+                (r["tenant"], r["session_id"])
+                for r in await conn.fetch(
+                    _TOMBSTONED, [k[0] for k in keys], [k[1] for k in keys], timeout=self._timeout
+                )
+            }
             for row in batch:
-                await conn.execute(row.sql, *row.args, timeout=self._timeout)
+                if row.session not in gone:
+                    await conn.execute(row.sql, *row.args, timeout=self._timeout)
         for _ in batch:
             self._pending.popleft()
         self.written += len(batch)
