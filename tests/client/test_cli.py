@@ -270,3 +270,52 @@ async def test_chat_and_agent_commands_hand_a_complaint_over_and_back(
     assert "[handing over to a person: complaint" in transcript
     assert transcript.index("[Mere joined the chat]") < transcript.index("back with our virtual")
     assert "customer" in "".join(seen["agent"])
+
+
+@pytest.mark.slow
+async def test_chat_bot_command_leaves_the_queue_for_a_person(server: KoreroServer) -> None:
+    """`/human` queues the session (no agent online); `/bot` withdraws it: the handoff
+    ends abandoned and the bot answers the next message."""
+    chat = await asyncio.create_subprocess_exec(
+        KORERO,
+        "chat",
+        "--target",
+        f"127.0.0.1:{server.port}",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert chat.stdin is not None
+    assert chat.stdout is not None
+    seen: list[str] = []
+
+    async def read(stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            seen.append(line.decode())
+
+    reader = asyncio.create_task(read(chat.stdout))
+
+    async def until(text: str) -> None:
+        async with asyncio.timeout(15):
+            while not any(text in line for line in seen):
+                await asyncio.sleep(0.05)
+
+    try:
+        await until("/bot leaves the queue")
+        chat.stdin.write(b"/human\n")
+        await until("[queued for a person: number 1")
+        chat.stdin.write(b"/bot\n")
+        await until("You've left the queue for a person")
+        chat.stdin.write(b"Where is my bag?\n")
+        await until('You asked: "Where is my bag?"')
+    finally:
+        chat.stdin.close()
+        try:
+            await asyncio.wait_for(chat.wait(), 10)
+        except TimeoutError:
+            chat.kill()
+            await chat.wait()
+        reader.cancel()
+    transcript = "".join(seen)
+    assert transcript.index("You've left the queue") < transcript.index("You asked:")

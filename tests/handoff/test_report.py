@@ -15,13 +15,17 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from korero.chat.v1 import chat_pb2 as pb
 from korero.client import ChatClient
 from korero.server.report.queries import build_report, parse_since, render
 from korero.server.settings import DEFAULT_POSTGRES_URL, PostgresSettings
+from korero.server.storage.history import OutboxBatch
 from korero.server.storage.migrate import migrate
+from korero.server.storage.outbox import add_entry
 from korero.testing import free_port
 from tests.handoff.desk import Agent
 from tests.helpers import ingest_sample, run_turn
+from tests.pg import wait_until
 
 KORERO = str(Path(sys.executable).parent / "korero")
 ADMIN = DEFAULT_POSTGRES_URL.rsplit("/", 1)[0] + "/postgres"
@@ -243,3 +247,81 @@ async def test_handoff_messages_are_recorded_and_a_resumed_stream_replays_handof
         ("agent", "Mere", "Kia ora, Mere here."),
         ("customer", "", "hello Mere"),
     ]
+
+
+async def test_handoff_messages_reach_postgresql_through_the_outbox_not_the_recorder(
+    pg_url: str,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    """Customer and agent messages are in `handoff_messages` once the session outbox
+    drains, with the recorder dead from the start (a process that dies before the
+    recorder's flush); DeleteSession removes them and a late outbox write of one
+    cannot bring it back."""
+    await migrate(pg_url)
+    app = await start_server(postgres=PostgresSettings(url=pg_url))
+    assert app.recorder is not None
+    assert app.recorder._task is not None
+    app.recorder._task.cancel()  # it never flushes: only the outbox can write the rows
+    target = f"127.0.0.1:{app.port}"
+    agent = Agent(target, "a1", "Mere")
+    await agent.connect()
+    pg = await asyncpg.connect(pg_url)
+    try:
+        async with ChatClient(target) as client:
+            conversation = await client.conversation()
+            await run_turn(conversation, "I want to talk to a real person")
+            handoff_id = (await agent.expect("offered")).offered.context.handoff_id
+            await agent.accept(handoff_id)
+            await agent.expect("assigned")
+            await agent.say(handoff_id, "Kia ora, Mere here.", "m-1")
+            await agent.expect("message_sent")
+            await run_turn(conversation, "my bag is lost", "c-1")
+            await agent.say(handoff_id, "Found it.", "m-2")
+            await agent.expect("message_sent")
+            session_id = conversation.session_id
+
+            async def rows() -> list[asyncpg.Record]:
+                return await pg.fetch(
+                    "SELECT tenant, seq, handoff_id, role, author, client_message_id, text"
+                    " FROM handoff_messages WHERE session_id = $1 ORDER BY seq",
+                    session_id,
+                )
+
+            async def three() -> bool:
+                return len(await rows()) == 3
+
+            await wait_until(three, 10)
+            found = await rows()
+            assert [
+                (r["tenant"], r["handoff_id"], r["role"], r["author"], r["client_message_id"])
+                for r in found
+            ] == [
+                ("default", handoff_id, "agent", "Mere", "m-1"),
+                ("default", handoff_id, "customer", "", "c-1"),
+                ("default", handoff_id, "agent", "Mere", "m-2"),
+            ]
+            assert [r["text"] for r in found] == [
+                "Kia ora, Mere here.",
+                "my bag is lost",
+                "Found it.",
+            ]
+            seqs = [r["seq"] for r in found]
+            assert seqs == sorted(seqs)
+            assert len(set(seqs)) == 3
+            assert not any("handoff_messages" in row.sql for row in app.recorder._pending)
+            # Applied again (a sweep repeated after a crash): nothing doubles.
+            again = OutboxBatch()
+            entry = {"k": "h", "seq": seqs[1], "hid": handoff_id, "role": "customer",
+                     "cmid": "c-1", "text": "my bag is lost", "ts": 1}  # fmt: skip
+            add_entry(again, "default", session_id, "1-1", json.dumps(entry).encode())
+            assert app.history is not None
+            await app.history.apply(again)
+            assert len(await rows()) == 3
+            await conversation.close()
+            await client.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id))
+            assert await rows() == []
+            await app.history.apply(again)  # a write read before the deletion: refused
+            assert await rows() == []
+    finally:
+        await pg.close()
+        await agent.close()

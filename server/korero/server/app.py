@@ -149,7 +149,7 @@ class KoreroServer:
             interceptors.append(GateInterceptor(gate))
         tool_executor = _build_tool_executor(settings, store)
         recorder = _build_recorder(settings)
-        handoff, webhooks = await _build_handoff(settings, store, metrics, recorder)
+        handoff, webhooks = await _build_handoff(settings, store, metrics, recorder, outbox)
         engine = _build_engine(
             settings, store, llm, limiter, metrics, tracer, tool_executor, handoff
         )
@@ -493,7 +493,11 @@ def _build_grpc_server(
 
 
 async def _build_handoff(
-    settings: Settings, store: SessionStore, metrics: Metrics, recorder: Recorder | None
+    settings: Settings,
+    store: SessionStore,
+    metrics: Metrics,
+    recorder: Recorder | None,
+    outbox: OutboxWriter | None,
 ) -> tuple[HandoffService | None, WebhookDispatcher]:
     """The handoff service (None when off) and the webhook dispatcher, started."""
     handoff = None
@@ -503,6 +507,8 @@ async def _build_handoff(
                 store.redis,
                 ttl_seconds=settings.engine.session_ttl,
                 relay_max=settings.handoff.relay_log_max,
+                outbox=store.outbox,  # relayed messages reach PostgreSQL as the bot's turns do
+                on_outbox=outbox.notify if outbox is not None else lambda: None,
             ),
             # Its own connection, without the pool's read timeout: it idles by design.
             hub=RelayHub(connect_subscriber(settings.redis)),

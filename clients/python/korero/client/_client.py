@@ -214,6 +214,11 @@ class Conversation:
         """Ask for a human agent; what follows arrives in `notifications`."""
         await self._write(pb.ChatRequest(handoff=pb.RequestHandoff(reason=reason)))
 
+    async def withdraw_handoff(self) -> None:
+        """Leave the queue for a person (before an agent joins): `handoff_ended` with
+        outcome ABANDONED follows in `notifications`, and the bot answers again."""
+        await self._write(pb.ChatRequest(handoff=pb.RequestHandoff(withdraw=True)))
+
     async def next_notification(self, within: float | None = None) -> pb.Event:
         """The next handoff event or agent message (TimeoutError after `within` seconds)."""
         return await asyncio.wait_for(self.notifications.get(), within)

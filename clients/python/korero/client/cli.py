@@ -192,7 +192,8 @@ async def _chat(args: argparse.Namespace) -> int:
         print(
             f"session {conversation.session_id} {verb} "
             f"({started.session.message_count} messages). "
-            "Ctrl-C cancels an answer; /human asks for a person; Ctrl-D or /quit leaves."
+            "Ctrl-C cancels an answer; /human asks for a person, /bot leaves the queue; "
+            "Ctrl-D or /quit leaves."
         )
         state = {"human": False}
         printer = asyncio.create_task(_print_notifications(conversation, state))
@@ -208,6 +209,9 @@ async def _chat(args: argparse.Namespace) -> int:
                     continue
                 if line.strip().split(" ", 1)[0] == "/human":
                     await conversation.request_handoff(line.strip()[len("/human") :].strip())
+                    continue
+                if line.strip() == "/bot":  # leave the queue for a person
+                    await conversation.withdraw_handoff()
                     continue
                 if not state["human"]:
                     sys.stdout.write("bot> ")

@@ -20,6 +20,7 @@ in runner.py, the wire format in wire.py, validation in validation.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -405,6 +406,9 @@ class ConversationEngine:
         for key, turn in list(self._turns.items()):
             if key[:2] == (tenant, session_id):
                 turn.cancel()
+        if self._handoff is not None:  # a request waiting in the queue leaves it: abandoned
+            with contextlib.suppress(KoreroError):  # an agent has it: theirs to close
+                await self._handoff.withdraw(tenant, session_id, deleted=True)
         # Redis first: once the outbox is gone nothing can write the session back.
         existed = await self._store.delete_session(tenant, session_id)
         if self._records is not None:

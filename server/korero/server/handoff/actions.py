@@ -391,6 +391,12 @@ class DeskActions:
                         "cmid": message_id,
                         "agent": agent.display_name,
                     },
+                    record={
+                        "role": "agent",
+                        "author": agent.display_name,
+                        "cmid": message_id,
+                        "text": text,
+                    },
                 )
             ],
             client_message_id=f"agent:{message_id}",
@@ -400,19 +406,6 @@ class DeskActions:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "HANDOFF_NOT_YOURS",
                 "this conversation is no longer yours",
-            )
-        if self._recorder is not None and result.status == "ok":
-            self._recorder.handoff_message(
-                tenant,
-                handoff.session,
-                result.seqs[0],
-                handoff.id,
-                "agent",
-                agent.display_name,
-                message_id,
-                text,
-                None,
-                self._now(),
             )
         return result.seqs[0]
 

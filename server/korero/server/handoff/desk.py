@@ -289,7 +289,8 @@ class AgentDesk:
             self._offers.discard(handoff_id)
             if handoff_id not in mine:
                 now = snapshot.by_id(handoff_id)
-                reason = "expired" if now is not None and now.waiting else "taken"
+                # gone before anyone joined: the customer left (or was deleted)
+                reason = "abandoned" if now is None else "expired" if now.waiting else "taken"
                 self._emit(offer_withdrawn=apb.OfferWithdrawn(handoff_id=handoff_id, reason=reason))
         for handoff_id, handoff in mine.items():
             if handoff_id in self._assigned:

@@ -8,7 +8,10 @@ one Redis Cluster slot:
   does not answer), numbers customer-facing events with the session's `seq`
   (above any reservation, never while a bot turn holds the session), appends
   them to the relay log and to the session's event log (so a stream resumed
-  from a cursor replays them), records relayed messages in the history, and
+  from a cursor replays them), records relayed messages in the history,
+  appends each customer and agent message to the session's outbox (KEYS[6],
+  when PostgreSQL is on: `handoff_messages` rows, written by the outbox
+  writer like the bot's turns, never apart from the Redis write), and
   publishes on the session's channel;
 * the tenant desk's (`kr:{t:desk}:…`): every desk script starts with
   `_DESK_PRELUDE` and changes handoff records, queues and agents together,
@@ -37,6 +40,7 @@ __all__ = [
 
 RELAY_APPEND = """
 local meta, hist, relay, turns, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local outbox = KEYS[6]  -- only when PostgreSQL is on
 local mode, hid, ttl, maxlen, channel, cmid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local n = tonumber(ARGV[7])
 local t = redis.call('TIME')
@@ -77,8 +81,10 @@ local turn_id = 't' .. (redis.call('HGET', meta, 'turns') or '0')
 local seq = math.max(tonumber(redis.call('HGET', meta, 'seq') or '0'),  -- seq
                      tonumber(redis.call('HGET', meta, 'seq_top') or '0'))
 local out = {'ok'}
+local epoch = tonumber(redis.call('HGET', meta, 'epoch') or '0')
 for i = 0, n - 1 do
-  local kind, ev, body, msg = ARGV[8 + i*4], ARGV[9 + i*4], ARGV[10 + i*4], ARGV[11 + i*4]
+  local kind, ev, body, msg = ARGV[8 + i*5], ARGV[9 + i*5], ARGV[10 + i*5], ARGV[11 + i*5]
+  local row = ARGV[12 + i*5]
   seq = seq + 1
   redis.call('XADD', relay, 'MAXLEN', '~', maxlen, '*',
              'seq', seq, 'kind', kind, 'hid', hid, 'ev', ev, 'body', body)
@@ -91,6 +97,11 @@ for i = 0, n - 1 do
     m.turn_id = turn_id
     redis.call('RPUSH', hist, cjson.encode(m))
   end
+  if row ~= '' and outbox then  -- outbox: a `handoff_messages` row
+    local r = cjson.decode(row)
+    r.k, r.seq, r.hid, r.ts, r.ep = 'h', seq, hid, now, epoch
+    redis.call('XADD', outbox, '*', 'd', cjson.encode(r))
+  end
   out[#out + 1] = seq
 end
 if n > 0 then redis.call('HSET', meta, 'seq', seq, 'seq_top', seq) end
@@ -99,8 +110,8 @@ if cmid ~= '' then
              cjson.encode({turn_id = '', status = 'relayed', seq = out[2], handoff = hid}))
 end
 redis.call('HSET', meta, 'updated_at', now)
-for _, k in ipairs(KEYS) do
-  if redis.call('EXISTS', k) == 1 then redis.call('PEXPIRE', k, ttl) end
+for i = 1, 5 do  -- not the outbox: it lives until the writer has drained it
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 redis.call('PUBLISH', channel, out[#out] or 0)
 return out
@@ -359,15 +370,17 @@ return {'ok', cjson.encode(rec)}
 """
 )
 
-# ARGV: 3 hid, 4 agent id ('' for anyone: a customer leaving the queue), 5 outcome,
-# 6 disposition, 7.. outbox
+# ARGV: 3 hid, 4 agent id ('' for the customer leaving the queue: only while no agent
+# has joined), 5 outcome, 6 disposition, 7.. outbox
 DESK_RELEASE = (
     _DESK_PRELUDE
     + """
 local hid, id = ARGV[3], ARGV[4]
 local rec = get(hid)
 if not rec then return {'missing'} end
-if id ~= '' and (rec.agent ~= id or (rec.state ~= 'active' and rec.state ~= 'grace')) then
+if id == '' then
+  if rec.state ~= 'queued' and rec.state ~= 'offered' then return {'joined'} end
+elseif rec.agent ~= id or (rec.state ~= 'active' and rec.state ~= 'grace') then
   return {'not_owner'}
 end
 redis.call('HDEL', H, hid)

@@ -223,7 +223,20 @@ class HandoffService(DeskActions):
             session_id,
             "keep",
             handoff_id,
-            [RelayItem("customer_message", ack, body=body, history=history)],
+            [
+                RelayItem(
+                    "customer_message",
+                    ack,
+                    body=body,
+                    history=history,
+                    record={
+                        "role": "customer",
+                        "cmid": message.client_message_id,
+                        "text": message.text,
+                        "sentiment": (signals or {}).get("sentiment"),
+                    },
+                )
+            ],
             client_message_id=message.client_message_id,
         )
         if result.status == "not_owner":
@@ -231,19 +244,6 @@ class HandoffService(DeskActions):
         if result.status == "missing":
             raise InvalidArgumentError("SESSION_NOT_FOUND", f"session {session_id!r} has expired")
         seq = result.seqs[0]
-        if self._recorder is not None and result.status == "ok":
-            self._recorder.handoff_message(
-                tenant,
-                session_id,
-                seq,
-                handoff_id,
-                "customer",
-                "",
-                message.client_message_id,
-                message.text,
-                (signals or {}).get("sentiment"),
-                self._now(),
-            )
         turn = Turn(tenant, session_id, "", message.client_message_id, seq - 1)
         turn.publish(
             message_relayed=pb.MessageRelayed(
@@ -287,6 +287,87 @@ class HandoffService(DeskActions):
             "the customer asked for a person" + (f": {reason[:200]}" if reason else ""),
         )
         await self._open(tenant, session_id, new_id(), escalation, intent="", announce=True)
+
+    async def withdraw(self, tenant: str, session_id: str, *, deleted: bool = False) -> bool:
+        """The customer leaves the queue (`RequestHandoff.withdraw`, or the session is
+        deleted): a handoff no agent has joined ends `abandoned`, the queue and the
+        agent it was offered to drop it, the CRM is told, and the bot answers again.
+
+        False when the session has no open handoff; FAILED_PRECONDITION
+        `HANDOFF_ALREADY_JOINED` when an agent has joined it.
+        """
+        draft = await self._store.open_handoff(tenant, session_id)
+        if draft is None:
+            return False
+        if not draft.waiting:
+            raise KoreroError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "HANDOFF_ALREADY_JOINED",
+                "an agent has joined this conversation; it is theirs to hand back",
+            )
+        now = self._now()
+        disposition = "session_deleted" if deleted else ""
+        status, record = await self._store.release(
+            tenant,
+            now,
+            draft.id,
+            "",
+            "abandoned",
+            disposition,
+            self._outbox.entries(
+                tenant,
+                "handoff.closed",
+                handoff_payload(
+                    draft,
+                    outcome="abandoned",
+                    disposition=disposition,
+                    note="",
+                    closed_at=now,
+                    waited_seconds=round((now - draft.requested) / 1000, 3),
+                ),
+                now,
+            ),
+        )
+        if status == "joined":  # an agent accepted it meanwhile
+            raise KoreroError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "HANDOFF_ALREADY_JOINED",
+                "an agent has joined this conversation; it is theirs to hand back",
+            )
+        if status != "ok" or record is None:
+            return False  # ended meanwhile
+        self._announced.pop(draft.id, None)
+        if self._recorder is not None and not deleted:  # a deleted session leaves no row
+            self._recorder.handoff_ended(
+                facts(tenant, record), record.ended or now, "abandoned", disposition, "", ""
+            )
+        if not deleted:
+            await self._store.append(
+                tenant,
+                session_id,
+                "close",
+                draft.id,
+                [
+                    RelayItem(
+                        "ended",
+                        relay_event(
+                            session_id,
+                            handoff_ended=pb.HandoffEnded(
+                                handoff_id=draft.id,
+                                outcome=pb.HANDOFF_OUTCOME_ABANDONED,
+                                message="You've left the queue for a person. "
+                                "You're back with our virtual assistant.",
+                            ),
+                        ),
+                    )
+                ],
+            )
+        log.info(
+            "event=handoff_abandoned tenant=%s handoff=%s deleted=%s", tenant, draft.id, deleted
+        )
+        await self.tick(tenant)
+        await self.announce_queue(tenant)
+        return True
 
     # Opening and announcing -----------------------------------------------------------
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,9 +31,17 @@ from redis.commands.core import AsyncScript
 from korero.server.errors import StoreUnavailableError
 from korero.server.handoff import scripts as lua
 from korero.server.handoff.records import AgentRecord, DeskSnapshot, HandoffRecord, RelayEntry
+from korero.server.storage import session_scripts as session_lua
 from korero.server.storage.boundary import redis_boundary
-from korero.server.storage.keys import desk_key, session_channel, session_key
+from korero.server.storage.keys import (
+    OUTBOX_PENDING,
+    desk_key,
+    pending_member,
+    session_channel,
+    session_key,
+)
 from korero.server.storage.records import StoredMessage, TurnRecord
+from korero.server.storage.scripts import ScriptCall, run_scripts
 
 __all__ = ["AppendResult", "HandoffStore", "RelayItem", "SessionContext"]
 
@@ -52,6 +60,9 @@ class RelayItem:
     """For the agent's desk."""
     history: dict[str, Any] | None = None
     """A message to store in the session's history (role, text, ...)."""
+    record: dict[str, Any] | None = None
+    """A `handoff_messages` row for PostgreSQL (role, author, cmid, text, sentiment),
+    appended to the session's outbox; the script adds its seq, handoff and time."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +92,22 @@ def _text(value: bytes | str) -> str:
 class HandoffStore:
     """Desk scripts and relay log access over one Redis client."""
 
-    def __init__(self, client: aioredis.Redis, *, ttl_seconds: int, relay_max: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        ttl_seconds: int,
+        relay_max: int,
+        outbox: bool = False,
+        on_outbox: Callable[[], None] = lambda: None,
+    ) -> None:
         self._redis = client
         self._ttl_ms = ttl_seconds * 1000
         self._relay_max = relay_max
+        self._outbox = outbox
+        self._on_outbox = on_outbox
         self._append: AsyncScript = client.register_script(lua.RELAY_APPEND)
+        self._mark: AsyncScript = client.register_script(session_lua.MARK_PENDING)
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(getattr(lua, name))
             for name in (
@@ -122,7 +144,9 @@ class HandoffStore:
         `open` claims the session for the handoff (refused if another owns
         it), `keep` requires the handoff to own it, `close` also releases it,
         `any` checks nothing. A `client_message_id` already relayed returns
-        `duplicate` with its seq.
+        `duplicate` with its seq. With the outbox on, each item's `record` goes to
+        the session's outbox in the same step, and the session is marked pending
+        in the same round trip (the pending index is in another slot).
         """
         args: list[Any] = [
             mode,
@@ -139,14 +163,22 @@ class HandoffStore:
                 item.event,
                 json.dumps(item.body, ensure_ascii=False) if item.body else "",
                 json.dumps(item.history, ensure_ascii=False) if item.history else "",
+                json.dumps(item.record, ensure_ascii=False) if item.record else "",
             ]
-        keys = [
-            session_key(tenant, session_id, p)
-            for p in ("meta", "history", "relay", "turns", "events")
-        ]
+        parts = ("meta", "history", "relay", "turns", "events")
+        durable = self._outbox and any(item.record for item in items)
+        keys = [session_key(tenant, session_id, p) for p in parts]
+        marks: list[ScriptCall] = []
+        if durable:
+            keys.append(session_key(tenant, session_id, "outbox"))
+            marks.append(
+                ScriptCall(self._mark, (OUTBOX_PENDING,), (pending_member(tenant, session_id),))
+            )
         for attempt in range(_BUSY_ATTEMPTS):
             async with redis_boundary():
-                out = await self._append(keys=keys, args=args)
+                out, *_ = await run_scripts(
+                    self._redis, [ScriptCall(self._append, tuple(keys), tuple(args)), *marks]
+                )
             if _text(out[0]) != "busy":
                 break
             # A bot turn still holds the session (its answer is streaming): wait for it.
@@ -157,6 +189,8 @@ class HandoffStore:
             raise StoreUnavailableError("a turn is still holding the session; try again")
         status = _text(out[0])
         if status == "ok":
+            if durable:
+                self._on_outbox()
             return AppendResult("ok", tuple(int(s) for s in out[1:]))
         if status == "duplicate":
             return AppendResult("duplicate", (int(out[1]),))

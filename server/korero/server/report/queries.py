@@ -2,7 +2,9 @@
 
 A *conversation* is a session with at least one message or handoff in the
 period; it was *contained* when no handoff of it was requested in the
-period (the bot resolved it without a person). Read from `messages`
+period (the bot resolved it without a person) — a customer who asked for a
+person and then left the queue (outcome `abandoned`) was not contained
+either: the bot did not resolve it. Read from `messages`
 (migration 0001: the bot's turns, written through the session outbox) and
 `handoffs` (migration 0002, written by report/recorder.py).
 """
@@ -45,6 +47,8 @@ class Report:
     handoffs_by_trigger: dict[str, int] = field(default_factory=dict)
     handoff_rate_by_trigger: dict[str, float] = field(default_factory=dict)
     agent_joined: int = 0
+    abandoned: int = 0
+    """Handoffs that ended before an agent joined (the customer left the queue)."""
     median_agent_wait_seconds: float | None = None
     turns: int = 0
     """The bot's answers (hand-over notices not counted)."""
@@ -97,6 +101,10 @@ SELECT count(*) AS joined,
 FROM handoffs
 WHERE tenant = $1 AND requested_at >= $2 AND requested_at < $3 AND joined_at IS NOT NULL
 """
+_ABANDONED = """
+SELECT count(*) AS n FROM handoffs
+WHERE tenant = $1 AND requested_at >= $2 AND requested_at < $3 AND outcome = 'abandoned'
+"""
 _TURNS = (
     "WITH"
     + _ANSWERS
@@ -145,6 +153,7 @@ async def build_report(
     conv = await _one(conn, _CONVERSATIONS, *args)
     by_trigger = {r["trigger"]: int(r["n"]) for r in await conn.fetch(_BY_TRIGGER, *args)}
     wait = await _one(conn, _WAIT, *args)
+    abandoned = await _one(conn, _ABANDONED, *args)
     turns = await _one(conn, _TURNS, *args)
     intents = [(r["intent"], int(r["n"])) for r in await conn.fetch(_INTENTS, *args, top)]
     conversations = int(conv["conversations"])
@@ -167,6 +176,7 @@ async def build_report(
             t: r for t, n in by_trigger.items() if (r := _rate(n, conversations)) is not None
         },
         agent_joined=int(wait["joined"]),
+        abandoned=int(abandoned["n"]),
         median_agent_wait_seconds=None
         if wait["median_wait"] is None
         else round(float(wait["median_wait"]), 3),
@@ -199,6 +209,10 @@ def render(report: Report) -> str:
         lines.append(
             f"{'  ' + trigger:<30}{n:>8}   {pct(report.handoff_rate_by_trigger.get(trigger))}"
         )
+    lines.append(
+        f"{'  abandoned in the queue':<30}{report.abandoned:>8}   "
+        f"{pct(_rate(report.abandoned, report.conversations))}"
+    )
     wait = report.median_agent_wait_seconds
     lines.append(
         f"{'median wait for an agent':<30}{'—' if wait is None else f'{wait:.1f} s':>8}   "

@@ -5,8 +5,11 @@ bounded in-memory queue); one task writes whatever is
 queued every `_FLUSH` seconds in one transaction. While PostgreSQL is away,
 records wait (up to `_MAX_PENDING`, then the oldest are dropped and counted);
 a chat never waits for it. The tables are those of migration
-`storage/migrations/0002_handoffs.sql`; the bot's own turns reach PostgreSQL
-through the session outbox (storage/outbox.py).
+`storage/migrations/0002_handoffs.sql`. What is said in a conversation — the
+bot's turns, and the customer's and agent's messages while a person owns it
+(`handoff_messages`) — is not here: it reaches PostgreSQL through the session
+outbox (storage/outbox.py), written in the same Redis step as the message, so
+a process that dies before a flush loses none of it.
 """
 
 from __future__ import annotations
@@ -35,12 +38,6 @@ INSERT INTO handoffs (tenant, handoff_id, session_id, trigger, reason, queue, re
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (tenant, handoff_id) DO NOTHING
 """
-_MESSAGE = """
-INSERT INTO handoff_messages (tenant, session_id, seq, handoff_id, role, author,
-                              client_message_id, text, sentiment, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-ON CONFLICT (tenant, session_id, seq) DO NOTHING
-"""
 _JOINED = """
 INSERT INTO handoffs (tenant, handoff_id, session_id, trigger, reason, queue, requested_at,
                       joined_at, agent_id, agent_name)
@@ -56,6 +53,18 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 ON CONFLICT (tenant, handoff_id) DO UPDATE
 SET ended_at = EXCLUDED.ended_at, outcome = EXCLUDED.outcome,
     disposition = EXCLUDED.disposition
+"""
+
+
+# As the outbox writer does (storage/history.py): the sessions' deletion locks first,
+# in key order, then their tombstones — a row queued before a DeleteSession and
+# flushed after it is dropped, never written back.
+_LOCK_SESSIONS = """
+SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k
+"""
+_TOMBSTONED = """
+SELECT tenant, session_id FROM session_tombstones
+WHERE (tenant, session_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
 
 
@@ -92,6 +101,11 @@ class HandoffFacts:
 class _Row:
     sql: str
     args: tuple[Any, ...]
+    """`handoffs` columns: tenant, handoff id, session id, ..."""
+
+    @property
+    def session(self) -> tuple[str, str]:
+        return (self.args[0], self.args[2])
 
 
 class Recorder:
@@ -133,34 +147,6 @@ class Recorder:
 
     def handoff_requested(self, handoff: HandoffFacts, turn_id: str = "") -> None:
         self._add(_REQUESTED, *handoff.args(), turn_id)
-
-    def handoff_message(
-        self,
-        tenant: str,
-        session_id: str,
-        seq: int,
-        handoff_id: str,
-        role: str,
-        author: str,
-        client_message_id: str,
-        text: str,
-        sentiment: float | None,
-        at_ms: int,
-    ) -> None:
-        """A message of the conversation while a person owns it (customer or agent)."""
-        self._add(
-            _MESSAGE,
-            tenant,
-            session_id,
-            seq,
-            handoff_id,
-            role,
-            author,
-            client_message_id,
-            text,
-            sentiment,
-            _at(at_ms),
-        )
 
     def handoff_joined(
         self, handoff: HandoffFacts, joined_ms: int, agent_id: str, agent_name: str
@@ -213,9 +199,20 @@ class Recorder:
             )
         batch = list(self._pending)
         started = time.monotonic()
+        keys = sorted({row.session for row in batch})
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await conn.execute(
+                _LOCK_SESSIONS, [f"{t}\t{s}" for t, s in keys], timeout=self._timeout
+            )
+            gone = {
+                (r["tenant"], r["session_id"])
+                for r in await conn.fetch(
+                    _TOMBSTONED, [k[0] for k in keys], [k[1] for k in keys], timeout=self._timeout
+                )
+            }
             for row in batch:
-                await conn.execute(row.sql, *row.args, timeout=self._timeout)
+                if row.session not in gone:
+                    await conn.execute(row.sql, *row.args, timeout=self._timeout)
         for _ in batch:
             self._pending.popleft()
         self.written += len(batch)

@@ -86,6 +86,8 @@ class OutboxBatch:
     sessions: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     users: list[tuple[int, tuple[Any, ...]]] = field(default_factory=list)
     answers: list[tuple[int, tuple[Any, ...]]] = field(default_factory=list)
+    handoff_messages: list[tuple[int, tuple[Any, ...]]] = field(default_factory=list)
+    """Customer and agent messages while a person owned the session (handoff/)."""
 
     def session(self, tenant: str, session_id: str, ts: float, epoch: int) -> dict[str, Any]:
         row = self.sessions.get((tenant, session_id))
@@ -107,7 +109,7 @@ class OutboxBatch:
         return row
 
     def __len__(self) -> int:
-        return len(self.sessions) + len(self.users) + len(self.answers)
+        return len(self.sessions) + len(self.users) + len(self.answers) + len(self.handoff_messages)
 
 
 def _ts(ms: float) -> datetime:
@@ -135,6 +137,14 @@ WHERE EXCLUDED.epoch >= s.epoch
 # interleave.
 _LOCK_KEYS = """
 SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k
+"""
+
+# A message relayed while a person owned the session; its seq is its key.
+_INSERT_HANDOFF_MESSAGE = """
+INSERT INTO handoff_messages (tenant, session_id, seq, handoff_id, role, author,
+                              client_message_id, text, sentiment, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (tenant, session_id, seq) DO NOTHING
 """
 
 _TOMBSTONED = """
@@ -261,6 +271,9 @@ class HistoryStore:
             answers = [row for epoch, row in batch.answers if fresh(epoch, row)]
             if answers:
                 await conn.executemany(_INSERT_ANSWER, answers)
+            relayed = [row for epoch, row in batch.handoff_messages if fresh(epoch, row)]
+            if relayed:
+                await conn.executemany(_INSERT_HANDOFF_MESSAGE, relayed)
 
     async def claim_epoch(self, tenant: str, session_id: str, seen: int) -> int | None:
         """Start a rehydration: the session's next epoch, or None if another one claimed it."""

@@ -124,6 +124,27 @@ def _add_entry(batch: OutboxBatch, tenant: str, session_id: str, entry_id: str, 
                 ),
             )
         )
+    elif kind == "h":  # a customer's or agent's message while a person owns the session
+        seq = int(d["seq"])
+        row["seq_high"] = max(row["seq_high"], seq)
+        sentiment = d.get("sentiment")
+        batch.handoff_messages.append(
+            (
+                epoch,
+                (
+                    tenant,
+                    session_id,
+                    seq,
+                    d["hid"],
+                    "agent" if d.get("role") == "agent" else "customer",
+                    d.get("author", ""),
+                    d.get("cmid", ""),
+                    d.get("text", ""),
+                    float(sentiment) if isinstance(sentiment, int | float) else None,
+                    created,
+                ),
+            )
+        )
     elif kind == "q":  # a turn's seq reservation moved up: a rehydration numbers above it
         row["seq_high"] = max(row["seq_high"], int(d.get("seq") or 0))
     elif kind == "a":

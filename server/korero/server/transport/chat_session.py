@@ -259,7 +259,8 @@ class ChatSession:
             )
 
     async def _on_handoff(self, request: pb.RequestHandoff) -> None:
-        """The client asks for a person: end the bot's turn in flight, then hand over."""
+        """The client asks for a person (end the bot's turn in flight, then hand over),
+        or withdraws that request while it waits in the queue."""
         handoff = self._engine.handoff
         try:
             if handoff is None:
@@ -268,6 +269,14 @@ class ChatSession:
                     "HANDOFF_UNAVAILABLE",
                     "handing over to a human is not available here",
                 )
+            if request.withdraw:
+                if not await handoff.withdraw(self.tenant, self.session_id):
+                    raise KoreroError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        "HANDOFF_NOT_WAITING",
+                        "no request for a person is waiting in the queue",
+                    )
+                return
             turn = self.turn
             if turn is not None and not turn.done:
                 turn.cancel()

@@ -789,7 +789,9 @@ class OfferWithdrawn(_message.Message):
     handoff_id: _builtins.str
     """The handoff."""
     reason: _builtins.str
-    """Why: `expired`, `declined`, `taken`."""
+    """Why: `expired`, `declined`, `taken`, `abandoned` (the customer left the
+    queue, or the session was deleted).
+    """
     def __init__(
         self,
         *,

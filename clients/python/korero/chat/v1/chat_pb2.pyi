@@ -374,21 +374,29 @@ Global___CancelTurn: _TypeAlias = CancelTurn  # noqa: Y015
 
 @_typing.final
 class RequestHandoff(_message.Message):
-    """RequestHandoff asks for a human agent."""
+    """RequestHandoff asks for a human agent, or withdraws that request."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int
+    WITHDRAW_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Why, in the customer's words (optional); shown to the agent."""
+    withdraw: _builtins.bool
+    """Withdraw the session's handoff while it waits in the queue (no agent has
+    joined yet): it ends with `HANDOFF_OUTCOME_ABANDONED` and the bot answers
+    again. Refused with FAILED_PRECONDITION `HANDOFF_ALREADY_JOINED` once an
+    agent has joined, and `HANDOFF_NOT_WAITING` when none is open.
+    """
     def __init__(
         self,
         *,
         reason: _builtins.str = ...,
+        withdraw: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "withdraw", b"withdraw"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
