@@ -171,6 +171,7 @@ def _dead_in(listing: str) -> dict[str, str]:
     return dead
 
 
+@pytest.mark.slow  # spawns `korero webhooks` several times
 async def test_webhooks_command_lists_dead_letters_and_retries_one_by_id(
     start_server, redis_url
 ) -> None:  # type: ignore[no-untyped-def]

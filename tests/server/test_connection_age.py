@@ -44,6 +44,7 @@ async def _eventually(predicate: Callable[[], bool], within: float) -> bool:
     return True
 
 
+@pytest.mark.slow  # waits out several connection ages
 @pytest.mark.parametrize(("age", "connections"), [(AGE, 2), (None, 1)], ids=["age-0.8s", "age-off"])
 async def test_new_calls_move_to_a_new_connection_and_open_streams_carry_on(
     redis_url: str, slow_sim: UpstreamSim, age: float | None, connections: int

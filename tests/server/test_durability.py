@@ -385,6 +385,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@pytest.mark.slow  # a private PostgreSQL started and stopped twice
 async def test_history_health_follows_postgres_with_no_traffic(
     redis_url: str, sim: UpstreamSim
 ) -> None:
