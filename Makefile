@@ -39,7 +39,7 @@ test-redis-cluster: $(STAMP)    ## tests/server's fast tests again, on a private
 	KORERO_TEST_REDIS=cluster $(BIN)/pytest -m "not slow" -q tests/server
 
 test-fast: $(STAMP)             ## the suite without the process-spawning `slow` tests, on every core (< 60 s)
-	$(BIN)/pytest -m "not slow" -q -n auto
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -m "not slow" -q -n auto  # with bytecode caches: each worker imports the tree
 
 validate-deploy: $(STAMP)       ## Dockerfile, compose, k8s overlays, alert rules, dashboard (offline; part of test)
 	$(BIN)/pytest -q tests/deploy
