@@ -133,6 +133,31 @@ class DeskActions:
             self, tenant: str, snapshot: DeskSnapshot | None = None
         ) -> None: ...
 
+    async def _release(
+        self,
+        tenant: str,
+        now: int,
+        draft: HandoffRecord,
+        agent_id: str,
+        outcome: str,
+        disposition: str,
+        **facts: Any,
+    ) -> tuple[str, HandoffRecord | None]:
+        """End `draft` in the desk ('' agent: only while nobody has joined), with its
+        `handoff.closed` event for the CRM in the same step."""
+        event = handoff_payload(
+            draft, outcome=outcome, disposition=disposition, closed_at=now, **facts
+        )
+        return await self._store.release(
+            tenant,
+            now,
+            draft.id,
+            agent_id,
+            outcome,
+            disposition,
+            self._outbox.entries(tenant, "handoff.closed", event, now),
+        )
+
     async def _draft(
         self,
         tenant: str,
@@ -423,26 +448,15 @@ class DeskActions:
         outcome = "closed" if close else "returned_to_bot"
         draft = await self._open_handoff(tenant, handoff_id)
         now = self._now()
-        status, record = await self._store.release(
+        status, record = await self._release(
             tenant,
             now,
-            handoff_id,
+            draft,
             agent.agent_id,
             outcome,
             disposition,
-            self._outbox.entries(
-                tenant,
-                "handoff.closed",
-                handoff_payload(
-                    draft,
-                    outcome=outcome,
-                    disposition=disposition,
-                    note=note,
-                    closed_at=now,
-                    handled_seconds=round((now - (draft.joined or now)) / 1000, 3),
-                ),
-                now,
-            ),
+            note=note,
+            handled_seconds=round((now - (draft.joined or now)) / 1000, 3),
         )
         if status != "ok" or record is None:
             raise DeskError(

@@ -307,26 +307,15 @@ class HandoffService(DeskActions):
             )
         now = self._now()
         disposition = "session_deleted" if deleted else ""
-        status, record = await self._store.release(
+        status, record = await self._release(
             tenant,
             now,
-            draft.id,
+            draft,
             "",
             "abandoned",
             disposition,
-            self._outbox.entries(
-                tenant,
-                "handoff.closed",
-                handoff_payload(
-                    draft,
-                    outcome="abandoned",
-                    disposition=disposition,
-                    note="",
-                    closed_at=now,
-                    waited_seconds=round((now - draft.requested) / 1000, 3),
-                ),
-                now,
-            ),
+            note="",
+            waited_seconds=round((now - draft.requested) / 1000, 3),
         )
         if status == "joined":  # an agent accepted it meanwhile
             raise KoreroError(
