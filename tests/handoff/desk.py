@@ -13,7 +13,8 @@ import grpc
 from korero.agent.v1 import agent_pb2 as apb
 from korero.agent.v1 import agent_pb2_grpc
 from korero.chat.v1 import chat_pb2 as pb
-from korero.client import Conversation
+from korero.client import ChatClient, Conversation
+from tests.helpers import run_turn
 
 
 class Agent:
@@ -155,3 +156,13 @@ async def notification(conversation: Conversation, kind: str, timeout: float = 1
         event = await conversation.next_notification(timeout)
         if event.WhichOneof("kind") == kind:
             return event
+
+
+async def handed_over(client: ChatClient, agent: Agent) -> tuple[Conversation, str]:
+    """A new conversation that asks for a person, accepted by `agent`: (it, handoff id)."""
+    conversation = await client.conversation()
+    await run_turn(conversation, "I want to talk to a real person")
+    handoff_id = (await agent.expect("offered")).offered.context.handoff_id
+    await agent.accept(handoff_id)
+    await agent.expect("assigned")
+    return conversation, handoff_id

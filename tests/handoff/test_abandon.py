@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import jsonschema
@@ -21,7 +22,7 @@ from korero.client import ChatClient
 from korero.server.report.queries import build_report, parse_since, render
 from korero.server.settings import PostgresSettings, WebhookSettings, WebhookTarget
 from korero.server.storage.migrate import migrate
-from tests.handoff.desk import Agent, notification
+from tests.handoff.desk import Agent, handed_over, notification
 from tests.handoff.receiver import Receiver
 from tests.handoff.test_report import pg_server, pg_url  # noqa: F401 - fixtures
 from tests.handoff.test_webhooks import SCHEMA, SECRET
@@ -47,18 +48,24 @@ def _webhooks(receiver: Receiver) -> WebhookSettings:
     )
 
 
+async def _durable_desk(start_server, url: str) -> tuple[Any, Receiver, Agent]:  # type: ignore[no-untyped-def]
+    """A server with PostgreSQL and a webhook receiver, and an agent connected to it."""
+    await migrate(url)
+    receiver = Receiver(SECRET)
+    await receiver.start()
+    app = await start_server(postgres=PostgresSettings(url=url), webhooks=_webhooks(receiver))
+    agent = Agent(f"127.0.0.1:{app.port}", "a1", "Mere")
+    await agent.connect()
+    return app, receiver, agent
+
+
 async def test_a_customer_who_leaves_the_queue_is_abandoned_and_the_bot_answers_again(
     pg_url: str,  # noqa: F811 - the fixture
     start_server,  # type: ignore[no-untyped-def]
     sim,  # type: ignore[no-untyped-def]
 ) -> None:
-    await migrate(pg_url)
-    receiver = Receiver(SECRET)
-    await receiver.start()
-    app = await start_server(postgres=PostgresSettings(url=pg_url), webhooks=_webhooks(receiver))
+    app, receiver, agent = await _durable_desk(start_server, pg_url)
     target = f"127.0.0.1:{app.port}"
-    agent = Agent(target, "a1", "Mere")
-    await agent.connect()
     try:
         async with ChatClient(target) as client:
             conversation = await client.conversation()
@@ -157,11 +164,7 @@ async def test_an_agent_who_joined_keeps_the_conversation_when_the_customer_with
     await agent.connect()
     try:
         async with ChatClient(target) as client:
-            conversation = await client.conversation()
-            await run_turn(conversation, "I want to talk to a real person")
-            handoff_id = (await agent.expect("offered")).offered.context.handoff_id
-            await agent.accept(handoff_id)
-            await agent.expect("assigned")
+            conversation, _ = await handed_over(client, agent)
             await notification(conversation, "agent_joined")
             await conversation.withdraw_handoff()
             events = await run_turn(conversation, "still there?")
@@ -179,13 +182,8 @@ async def test_deleting_a_session_waiting_in_the_queue_abandons_its_handoff(
     pg_url: str,  # noqa: F811 - the fixture
     start_server,  # type: ignore[no-untyped-def]
 ) -> None:
-    await migrate(pg_url)
-    receiver = Receiver(SECRET)
-    await receiver.start()
-    app = await start_server(postgres=PostgresSettings(url=pg_url), webhooks=_webhooks(receiver))
+    app, receiver, agent = await _durable_desk(start_server, pg_url)
     target = f"127.0.0.1:{app.port}"
-    agent = Agent(target, "a1", "Mere")
-    await agent.connect()
     try:
         async with ChatClient(target) as client:
             conversation = await client.conversation()

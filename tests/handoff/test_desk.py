@@ -12,25 +12,15 @@ import pytest
 from korero.agent.v1 import agent_pb2 as apb
 from korero.agent.v1 import agent_pb2_grpc
 from korero.chat.v1 import chat_pb2 as pb
-from korero.client import ChatClient, Conversation
+from korero.client import ChatClient
 from korero.server.handoff.actions import AgentProfile
 from korero.server.policy.api_keys import ApiKeyStore
 from korero.server.storage.keys import desk_key
 from tests.handoff.conftest import FAST
-from tests.handoff.desk import Agent, notification
+from tests.handoff.desk import Agent, handed_over, notification
 from tests.helpers import kinds, redis_client, run_turn
 
 ASK = "I want to talk to a real person"
-
-
-async def handed_over(client: ChatClient, agent: Agent) -> tuple[Conversation, str]:
-    """A new conversation that asks for a person, accepted by `agent`: (it, handoff id)."""
-    conversation = await client.conversation()
-    await run_turn(conversation, ASK)
-    handoff_id = (await agent.expect("offered")).offered.context.handoff_id
-    await agent.accept(handoff_id)
-    await agent.expect("assigned")
-    return conversation, handoff_id
 
 
 async def test_customer_and_agent_on_different_instances(start_server, sim) -> None:  # type: ignore[no-untyped-def]

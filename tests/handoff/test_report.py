@@ -23,7 +23,7 @@ from korero.server.storage.history import OutboxBatch
 from korero.server.storage.migrate import migrate
 from korero.server.storage.outbox import add_entry
 from korero.testing import free_port
-from tests.handoff.desk import Agent
+from tests.handoff.desk import Agent, handed_over
 from tests.helpers import ingest_sample, run_turn
 from tests.pg import wait_until
 
@@ -268,11 +268,7 @@ async def test_handoff_messages_reach_postgresql_through_the_outbox_not_the_reco
     pg = await asyncpg.connect(pg_url)
     try:
         async with ChatClient(target) as client:
-            conversation = await client.conversation()
-            await run_turn(conversation, "I want to talk to a real person")
-            handoff_id = (await agent.expect("offered")).offered.context.handoff_id
-            await agent.accept(handoff_id)
-            await agent.expect("assigned")
+            conversation, handoff_id = await handed_over(client, agent)
             await agent.say(handoff_id, "Kia ora, Mere here.", "m-1")
             await agent.expect("message_sent")
             await run_turn(conversation, "my bag is lost", "c-1")

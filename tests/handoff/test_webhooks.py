@@ -18,7 +18,7 @@ from korero.client import ChatClient
 from korero.server.handoff.webhooks import dead_letters, retry_dead_letters, sign, verify
 from korero.server.settings import Settings, WebhookSettings, WebhookTarget
 from korero.testing import free_port
-from tests.handoff.desk import Agent
+from tests.handoff.desk import Agent, handed_over
 from tests.handoff.receiver import Receiver
 from tests.helpers import redis_client, run_turn
 
@@ -52,11 +52,7 @@ async def _full_handoff(target: str, *, close: bool = True) -> str:
     agent = Agent(target, "a1", "Mere")
     await agent.connect()
     async with ChatClient(target) as client:
-        conversation = await client.conversation()
-        await run_turn(conversation, "I want to talk to a real person")
-        handoff_id = (await agent.expect("offered")).offered.context.handoff_id
-        await agent.accept(handoff_id)
-        await agent.expect("assigned")
+        _, handoff_id = await handed_over(client, agent)
         await agent.release(handoff_id, close=close, disposition="resolved")
         await agent.expect("ended")
     await agent.close()
