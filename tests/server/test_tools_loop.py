@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jwt
 import pytest
 
@@ -244,6 +245,93 @@ async def test_cancel_during_a_tool_call_stops_it(
         await asyncio.sleep(0.02)
     assert airline.cancelled == 1  # the HTTP request itself was abandoned
     assert len(sim.requests) == 1  # no second round
+
+
+async def _airline_saw_a_cancel(airline: AirlineService, within: float) -> float | None:
+    """When (monotonic) the airline service had seen a request cancelled; None: not within."""
+    begun = time.monotonic()
+    while time.monotonic() - begun < within:
+        if airline.cancelled:
+            return time.monotonic()
+        await asyncio.sleep(0.01)
+    return None
+
+
+async def test_the_turns_deadline_during_a_tool_call_ends_the_turn_in_time(
+    app: KoreroServer, sim: UpstreamSim, airline: AirlineService
+) -> None:
+    # The client gives the call 2 s; the flight service takes 5 s (its own timeout is 3 s).
+    airline.inject(AirlineFault("delay", seconds=5))
+    async with ChatClient(f"127.0.0.1:{app.port}", reconnect=None) as client:
+        conversation = await client.conversation(stream_timeout=2.0)
+        begun = time.monotonic()
+        events = [e async for e in conversation.send("What is the status of flight NZ101?")]
+        elapsed = time.monotonic() - begun
+        cancelled_at = await _airline_saw_a_cancel(airline, within=2.0)
+    # The user is told in band, before the call's own deadline, and only once.
+    assert len(terminals(events)) == 1
+    assert events[-1].WhichOneof("kind") == "error"
+    assert events[-1].error.reason == "TURN_DEADLINE_EXCEEDED"
+    assert events[-1].error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert 1.3 < elapsed < 2.0  # the margin: 0.41 s before the client's 2 s
+    # The tool call was stopped, not left to time out on its own (3 s) or to finish (5 s).
+    [call] = started(events)
+    assert call.name == "get_flight_status"
+    [result] = finished(events)
+    assert result.call_id == call.call_id
+    assert result.status == pb.TOOL_CALL_STATUS_CANCELLED
+    assert result.duration.ToNanoseconds() < 2e9
+    order = kinds(events)
+    assert order.index("tool_call_finished") < order.index("error")
+    assert not text_of(events)
+    # Its HTTP request was abandoned at the service, and no result ever came through.
+    assert cancelled_at is not None
+    assert airline.cancelled == 1
+    assert airline.requests == ["/v1/flights/NZ101"]
+    # No second model round: the only upstream request is the one that asked for the tool.
+    assert len(sim.requests) == 1
+
+
+async def test_a_disconnect_during_a_tool_call_cancels_it_after_the_grace(
+    redis_url: str, sim: UpstreamSim, airline: AirlineService
+) -> None:
+    await add_tools(redis_url, "default", sample_tools(airline.base_url))
+    settings = make_settings(
+        redis_url, sim.base_url, engine__detach_grace=0.5, tools__result_cache_seconds=0.0
+    )
+    server = await KoreroServer.start(settings)
+    try:
+        airline.inject(AirlineFault("delay", seconds=5))
+        client = ChatClient(f"127.0.0.1:{server.port}", reconnect=None)
+        conversation = await client.conversation()
+        events = []
+        async for event in conversation.send("What is the status of flight NZ101?", "d1"):
+            events.append(event)
+            if event.WhichOneof("kind") == "tool_call_started":
+                break
+        async with asyncio.timeout(2):
+            while not airline.in_flight:  # the request has reached the service
+                await asyncio.sleep(0.01)
+        await client.close()  # the channel goes away while the tool call is in flight
+        dropped = time.monotonic()
+        await asyncio.sleep(0.3)
+        assert airline.cancelled == 0  # still within the grace: the call goes on
+        cancelled_at = await _airline_saw_a_cancel(airline, within=3.0)
+        assert cancelled_at is not None
+        assert 0.45 <= cancelled_at - dropped < 0.5 + 1.0  # the grace, plus at most a second
+        async with asyncio.timeout(5):
+            while server.engine.active_turns:
+                await asyncio.sleep(0.02)
+        stored = await server.store.turn_state("default", conversation.session_id, "d1")
+    finally:
+        await server.shutdown(grace=0)
+    assert [c.name for c in started(events)] == ["get_flight_status"]
+    assert airline.cancelled == 1
+    assert airline.requests == ["/v1/flights/NZ101"]
+    assert len(sim.requests) == 1  # no second round
+    assert stored.record is not None
+    assert (stored.record.status, stored.record.finish_reason) == ("cancelled", "cancelled")
+    assert stored.record.answer == ""
 
 
 # -- who may call what -----------------------------------------------------------------
