@@ -316,9 +316,9 @@ async def test_a_disconnect_during_a_tool_call_cancels_it_after_the_grace(
         dropped = time.monotonic()
         await asyncio.sleep(0.3)
         assert airline.cancelled == 0  # still within the grace: the call goes on
-        cancelled_at = await _airline_saw_a_cancel(airline, within=3.0)
+        cancelled_at = await _airline_saw_a_cancel(airline, within=3.5)
         assert cancelled_at is not None
-        assert 0.45 <= cancelled_at - dropped < 0.5 + 1.0  # the grace, plus at most a second
+        assert 0.45 <= cancelled_at - dropped < 0.5 + 2.5  # grace + a loaded machine
         async with asyncio.timeout(5):
             while server.engine.active_turns:
                 await asyncio.sleep(0.02)

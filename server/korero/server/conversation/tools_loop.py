@@ -56,6 +56,8 @@ __all__ = ["TOOLS_NOTE", "TOOL_CALL_STATUS", "ToolLoop", "ToolTurn", "tool_call_
 
 log = logging.getLogger(__name__)
 
+_DEADLINE_BACKSTOP = 0.05  # seconds a call's timeout trails the turn's deadline
+
 TOOLS_NOTE = (
     "Live data: for this message you may call the tools offered to look up live flight "
     "status and the customer's booking; call them rather than guessing. Tool results are "
@@ -285,7 +287,14 @@ class ToolLoop:
     ) -> list[ToolResult]:
         """Run `calls` concurrently; with `refuse_all` (no tools were offered) refuse each."""
         by_name = {t.name: t for t in turn.tools}
-        time_left = None if turn.deadline is None else max(0.0, turn.deadline - self._clock())
+        # The turn's own timer ends the turn at its deadline; a call's timeout is only a
+        # backstop just after it, so a call cut by the deadline ends CANCELLED with the
+        # turn (not TIMEOUT, which would feed a result back and start another round).
+        time_left = (
+            None
+            if turn.deadline is None
+            else max(0.0, turn.deadline - self._clock()) + _DEADLINE_BACKSTOP
+        )
 
         async def one(call: ToolCall) -> ToolResult:
             spec = by_name.get(call.name)
