@@ -1,5 +1,8 @@
 """The agent desk and the session relay in Redis.
 
+(Over 400 lines: one thin method per desk script, each the only caller of its
+script; splitting them by caller would put one Lua contract in two places.)
+
 Layout (see storage/keys.py): per tenant, under the `{t:desk}` hash tag,
 
     handoffs   hash  handoff id -> JSON record (open handoffs only)

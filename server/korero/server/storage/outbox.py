@@ -1,5 +1,8 @@
 """The outbox writer: Redis outbox entries applied to PostgreSQL.
 
+(A little over 400 lines: the entry format, its folding into rows and the
+writer that drains it belong together; the format changes with the writer.)
+
 The session scripts append an entry to the session's outbox stream
 (`kr:{t:s}:outbox`) in the same atomic step that changes the session, and
 mark the session in the pending index (`kr:{outbox}:pending`, a sorted set

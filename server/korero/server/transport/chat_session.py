@@ -1,5 +1,8 @@
 """The Chat rules of one live session, shared by every full-duplex transport.
 
+(A little over 400 lines: these are the rules of one stream, kept in one place
+so that the gRPC and WebSocket transports cannot drift apart.)
+
 The gRPC `Chat` stream and the WebSocket adapter both open a session with the
 engine and then hand each decoded `ChatRequest` to a `ChatSession`; they send
 whatever `outbound()` yields, in their own framing. So the rules live here
