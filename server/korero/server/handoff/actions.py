@@ -198,15 +198,29 @@ class DeskActions:
                 continue
             handoff = (await self._store.snapshot(tenant)).by_id(handoff_id)
             if handoff is not None:
-                await self._tell(
-                    tenant,
-                    handoff,
-                    agent_joined=pb.AgentJoined(
-                        handoff_id=handoff_id, agent_display_name=agent.display_name
-                    ),
-                )
+                await self._tell_joined(tenant, handoff, agent.display_name)
         await self.tick(tenant)
         return conversations
+
+    async def _tell_joined(self, tenant: str, handoff: HandoffRecord, agent_name: str) -> None:
+        """The customer hears that `agent_name` (re)joined the conversation."""
+        await self._tell(
+            tenant,
+            handoff,
+            agent_joined=pb.AgentJoined(handoff_id=handoff.id, agent_display_name=agent_name),
+        )
+
+    async def _tell_disconnected(
+        self, tenant: str, handoff: HandoffRecord, agent_name: str
+    ) -> None:
+        """The customer hears that the agent went away (the grace period has begun)."""
+        await self._tell(
+            tenant,
+            handoff,
+            agent_left=pb.AgentLeft(
+                handoff_id=handoff.id, agent_display_name=agent_name, reason="disconnected"
+            ),
+        )
 
     async def _tell(self, tenant: str, handoff: HandoffRecord, **kind: Any) -> tuple[int, ...]:
         name = next(iter(kind))
@@ -281,13 +295,7 @@ class DeskActions:
             agent.agent_id,
             first,
         )
-        await self._tell(
-            tenant,
-            record,
-            agent_joined=pb.AgentJoined(
-                handoff_id=handoff_id, agent_display_name=agent.display_name
-            ),
-        )
+        await self._tell_joined(tenant, record, agent.display_name)
         await self.announce_queue(tenant)
         return record
 
@@ -372,13 +380,7 @@ class DeskActions:
             self._recorder.handoff_joined(
                 made_facts, made.joined or made.requested, agent.agent_id, agent.display_name
             )
-        await self._tell(
-            tenant,
-            made,
-            agent_joined=pb.AgentJoined(
-                handoff_id=handoff_id, agent_display_name=agent.display_name
-            ),
-        )
+        await self._tell_joined(tenant, made, agent.display_name)
         return made
 
     async def send(
@@ -524,15 +526,7 @@ class DeskActions:
             tenant, self._now(), agent.agent_id, connection, int(self._settings.agent_grace * 1000)
         )
         for handoff in graced:
-            await self._tell(
-                tenant,
-                handoff,
-                agent_left=pb.AgentLeft(
-                    handoff_id=handoff.id,
-                    agent_display_name=agent.display_name,
-                    reason="disconnected",
-                ),
-            )
+            await self._tell_disconnected(tenant, handoff, agent.display_name)
         self._keep_ticking(tenant)
         await self.tick(tenant)
 
@@ -550,13 +544,7 @@ class DeskActions:
             tenant, self._now(), agent.agent_id, connection, status=status, skills=skills
         )
         for handoff in restored or ():
-            await self._tell(
-                tenant,
-                handoff,
-                agent_joined=pb.AgentJoined(
-                    handoff_id=handoff.id, agent_display_name=agent.display_name
-                ),
-            )
+            await self._tell_joined(tenant, handoff, agent.display_name)
         return restored is not None
 
     # The context packet -----------------------------------------------------------------

@@ -482,15 +482,7 @@ class HandoffService(DeskActions):
                 handoff.id,
                 handoff.agent,
             )
-            await self._tell(
-                tenant,
-                handoff,
-                agent_left=pb.AgentLeft(
-                    handoff_id=handoff.id,
-                    agent_display_name=handoff.agent_name,
-                    reason="disconnected",
-                ),
-            )
+            await self._tell_disconnected(tenant, handoff, handoff.agent_name)
         for handoff in requeued:
             self._announced.pop(handoff.id, None)
             log.info("event=handoff_requeued tenant=%s handoff=%s", tenant, handoff.id)
