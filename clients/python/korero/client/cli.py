@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         "chat",
         help="chat with a server in the terminal",
         description="Open a Chat stream and talk. Answers stream in as they are generated; "
-        "Ctrl-C cancels the answer in flight (the session stays), Ctrl-D or /quit leaves.",
+        "Ctrl-C cancels the answer in flight (the session stays), /human [REASON] asks for "
+        "a person, /bot leaves the queue for one, Ctrl-D or /quit leaves.",
     )
     chat.add_argument("--target", default=DEFAULT_TARGET, help="server HOST:PORT [%(default)s]")
     chat.add_argument("--session", help="resume this session id instead of starting a new one")
